@@ -1,0 +1,86 @@
+"""DeepSeek-V3 feed-forward: dense MLP, the group-limited top-k Gate, and the MoE block.
+
+Legend: T tokens, D hidden, E routed experts, G groups, K experts per token, F expert intermediate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from precision import experts
+
+from .config import ModelConfig
+from .layers import Linear
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, dtype)
+        self.up_proj = Linear(dim, inter, dtype)
+        self.down_proj = Linear(inter, dim, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with noaux_tc group-limited top-k.
+
+    Contract (DESIGN.md): fp32 logits; the correction bias steers selection only; weights are the
+    unbiased scores of the chosen experts, normalized if norm_topk_prob, then multiplied by
+    routed_scaling_factor here, once, for every expert backend.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64)."""
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        biased_TE = scores_TE + self.e_score_correction_bias
+        if self.n_group > 1:
+            T, E = biased_TE.shape
+            grouped_TGe = biased_TE.view(T, self.n_group, E // self.n_group)
+            group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            biased_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+        ids_TK = biased_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, ids_TK
+
+
+class Experts(nn.Module):
+    """Routed experts stacked for grouped GEMMs: w13 = [gate; up] per expert, w2 = down."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w13_weight = nn.Parameter(torch.empty(E, 2 * F_, D, dtype=dtype), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(E, D, F_, dtype=dtype), requires_grad=False)
+
+    def forward(self, x_TD, ids_TK, weights_TK):
+        return experts(x_TD, ids_TK, weights_TK, self.w13_weight, self.w2_weight)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gate = Gate(cfg, dtype)
+        self.experts = Experts(cfg, dtype)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weights_TK, ids_TK = self.gate(x_TD)
+        y = self.experts(x_TD, ids_TK, weights_TK)
+        return y + self.shared_experts(x_TD) if self.shared_experts is not None else y

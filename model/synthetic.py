@@ -1,0 +1,126 @@
+"""Seeded random checkpoints in HF DeepseekV3 naming, for tests, demos and benchmarks.
+
+Weights are drawn with std 1/sqrt(fan_in) (activations stay O(1) through depth), norm weights
+near 1, a small random routing bias and a lm_head scaled for logits of std ~2, so greedy
+generation is neither uniform nor stuck on one token. Each tensor has its own generator seeded
+by (seed, name): shards can be produced in any order and large presets stream to disk.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .tokenizer import ByteTokenizer
+
+SHARD_BYTES = 4 << 30
+
+
+def tensor_specs(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(hf_name, shape, kind) for every tensor of the model, in HF naming."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    yield "model.embed_tokens.weight", (cfg.vocab_size, D), "embed"
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (D,), "norm"
+        yield p + "post_attention_layernorm.weight", (D,), "norm"
+        a = p + "self_attn."
+        if cfg.q_lora_rank is None:
+            yield a + "q_proj.weight", (H * cfg.qk_head_dim, D), "linear"
+        else:
+            yield a + "q_a_proj.weight", (cfg.q_lora_rank, D), "linear"
+            yield a + "q_a_layernorm.weight", (cfg.q_lora_rank,), "norm"
+            yield a + "q_b_proj.weight", (H * cfg.qk_head_dim, cfg.q_lora_rank), "linear"
+        yield a + "kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D), "linear"
+        yield a + "kv_a_layernorm.weight", (cfg.kv_lora_rank,), "norm"
+        yield a + "kv_b_proj.weight", (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), "linear"
+        yield a + "o_proj.weight", (D, H * cfg.v_head_dim), "linear"
+        if not cfg.is_moe_layer(i):
+            yield from _mlp(p + "mlp.", D, cfg.intermediate_size)
+            continue
+        F = cfg.moe_intermediate_size
+        yield p + "mlp.gate.weight", (cfg.n_routed_experts, D), "linear"
+        yield p + "mlp.gate.e_score_correction_bias", (cfg.n_routed_experts,), "bias"
+        for e in range(cfg.n_routed_experts):
+            yield from _mlp(f"{p}mlp.experts.{e}.", D, F)
+        if cfg.n_shared_experts:
+            yield from _mlp(p + "mlp.shared_experts.", D, F * cfg.n_shared_experts)
+    yield "model.norm.weight", (D,), "norm"
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", (cfg.vocab_size, D), "lm_head"
+
+
+def _mlp(prefix: str, dim: int, inter: int):
+    yield prefix + "gate_proj.weight", (inter, dim), "linear"
+    yield prefix + "up_proj.weight", (inter, dim), "linear"
+    yield prefix + "down_proj.weight", (dim, inter), "linear"
+
+
+def random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=g, dtype=torch.float32)
+    if kind == "linear":
+        x = x / shape[-1] ** 0.5
+    elif kind == "lm_head":
+        x = x * (2.0 / shape[-1] ** 0.5)
+    elif kind == "norm":
+        x = 1.0 + 0.1 * x
+    elif kind == "bias":
+        return 0.1 * x  # routing bias stays fp32, as trainers keep it
+    return x.to(dtype)
+
+
+def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str | None = None,
+                    progress: bool = True, with_tokenizer: bool | None = None) -> Path:
+    """Write config.json + safetensors (sharded above SHARD_BYTES) with seeded random weights."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = dict(cfg_dict)
+    if dtype is not None:
+        cfg_dict["torch_dtype"] = dtype
+    cfg = ModelConfig.from_dict(cfg_dict)
+    tdtype = getattr(torch, cfg.torch_dtype)
+    specs = list(tensor_specs(cfg))
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = _numel(spec[1]) * (4 if spec[2] == "bias" else tdtype.itemsize)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    bar = tqdm(total=len(specs), desc=f"writing {out.name}", unit="tensor", disable=not progress)
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        tensors = {}
+        for name, shape, kind in shard:
+            tensors[name] = random_tensor(name, shape, kind, seed, tdtype)
+            weight_map[name] = fname
+            bar.update()
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    bar.close()
+    if len(shards) > 1:
+        total = sum(_numel(s[1]) * (4 if s[2] == "bias" else tdtype.itemsize) for s in specs)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+    if with_tokenizer if with_tokenizer is not None else cfg.vocab_size <= 4096:
+        ByteTokenizer.for_config(cfg).save(out)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,74 @@
+"""Tokenizers: a byte-level one for the built-in tiny model, or the checkpoint's HF tokenizer.json."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BYTE_TOKENIZER_FILE = "mxroll_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by `offset`; ids below the offset are special tokens (bos, eos, pad)."""
+
+    def __init__(self, offset: int = 3, bos_token_id: int | None = 0, eos_token_id: int | None = 1):
+        self.offset, self.bos_token_id, self.eos_token_id = offset, bos_token_id, eos_token_id
+        self.vocab_size = offset + 256
+
+    @classmethod
+    def for_config(cls, cfg) -> "ByteTokenizer":
+        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+        specials = [t for t in (cfg.bos_token_id, eos) if t is not None]
+        offset = max(specials, default=-1) + 2  # leave room for a pad id
+        if offset + 256 > cfg.vocab_size:
+            raise ValueError(f"vocab_size {cfg.vocab_size} too small for a byte tokenizer with offset {offset}")
+        return cls(offset, cfg.bos_token_id, eos)
+
+    def encode(self, text: str) -> list[int]:
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
+        return data.decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, BYTE_TOKENIZER_FILE).write_text(json.dumps(
+            {"type": "byte", "offset": self.offset, "bos_token_id": self.bos_token_id,
+             "eos_token_id": self.eos_token_id}) + "\n")
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer.json through the `tokenizers` library (no hub access)."""
+
+    def __init__(self, path: Path, bos_token_id: int | None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError(f"{path} needs the `tokenizers` package: pip install 'mxroll[tokenizers]'") from e
+        self._tok = Tokenizer.from_file(str(path))
+        self.bos_token_id = bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | Path, bos_token_id: int | None = None):
+    """The checkpoint's tokenizer, or None (then only input_ids prompts work)."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory / "tokenizer.json", bos_token_id)
+    path = directory / BYTE_TOKENIZER_FILE
+    if path.is_file():
+        spec = json.loads(path.read_text())
+        if spec.get("type") != "byte":
+            raise ValueError(f"{path}: unknown tokenizer type {spec.get('type')!r}")
+        return ByteTokenizer(int(spec["offset"]), spec.get("bos_token_id"), spec.get("eos_token_id"))
+    log.info("no tokenizer in %s: text prompts are unavailable, pass input_ids", directory)
+    return None

@@ -1,0 +1,38 @@
+"""The grouped-expert seam: `experts(x, topk_ids, topk_weights, w13, w2)`.
+
+Legend: T tokens, D hidden, E experts, F expert intermediate, K experts per token.
+w13_EFD holds [gate; up] stacked along F (2F rows); w2_EDF is the down projection.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+            w13_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t,k] * down(silu(gate(x)) * up(x)) over each token's experts; fp32 combine, x's dtype out.
+    topk_weights already carry the routed scaling factor (fused into top-k by the router)."""
+    T, D = x_TD.shape
+    E = w13_EFD.shape[0]
+    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != T:
+        raise ValueError(f"experts: topk ids {tuple(topk_ids_TK.shape)} / weights {tuple(topk_weights_TK.shape)} "
+                         f"do not match {T} tokens")
+    if w13_EFD.shape[2] != D or w2_EDF.shape[:2] != (E, D) or w2_EDF.shape[2] * 2 != w13_EFD.shape[1]:
+        raise ValueError(f"experts: w13 {tuple(w13_EFD.shape)} / w2 {tuple(w2_EDF.shape)} do not fit hidden {D}")
+    out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
+    flat_ids = topk_ids_TK.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=E).tolist()
+    token_of = order // topk_ids_TK.shape[1]
+    weight_of = topk_weights_TK.reshape(-1)[order].float()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = token_of[start:start + n]
+        gate, up = F.linear(x_TD[tok], w13_EFD[e].to(x_TD.dtype)).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2_EDF[e].to(x_TD.dtype))
+        out_TD.index_add_(0, tok, y.float() * weight_of[start:start + n, None])
+        start += n
+    return out_TD.to(x_TD.dtype)

@@ -1,0 +1,68 @@
+"""`mxroll` command line: make-checkpoint, generate, rollout."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mxroll", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a seeded synthetic checkpoint of a preset (HF layout)")
+    mk.add_argument("--preset", required=True, choices=configs.model_presets())
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="storage dtype (default: the preset's torch_dtype)")
+
+    gen = sub.add_parser("generate", help="generate from one prompt and print the sglang-style output")
+    gen.add_argument("--model-path", default="preset:tiny")
+    gen.add_argument("--prompt", default=None)
+    gen.add_argument("--input-ids", default=None, help="comma-separated token ids")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--dtype", default=None)
+    gen.add_argument("--sampling", default="{}", help='JSON sampling params, e.g. \'{"temperature": 0}\'')
+    gen.add_argument("--logprobs", action="store_true")
+
+    ro = sub.add_parser("rollout", help="run a W&B-logged rollout job (default: configs/rollout/default.yaml)")
+    ro.add_argument("--config", default=None, help="YAML merged over the default job config")
+    ro.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sampling.n=8 engine.device=cpu")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.cmd == "make-checkpoint":
+        from model.synthetic import make_checkpoint
+
+        cfg = json.loads(configs.model_preset_path(args.preset).read_text())
+        out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype)
+        print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+        return 0
+    if args.cmd == "generate":
+        from .engine import Engine
+
+        engine = Engine(model_path=args.model_path, device=args.device, dtype=args.dtype)
+        ids = [int(t) for t in args.input_ids.split(",")] if args.input_ids else None
+        out = engine.generate(prompt=args.prompt, input_ids=ids, sampling_params=json.loads(args.sampling),
+                              return_logprob=args.logprobs)
+        print(json.dumps(out, indent=2))
+        return 0
+    from .config import rollout_config
+    from .job import run_rollout_job
+
+    run_rollout_job(rollout_config(args.config, list(args.overrides)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Engine and rollout-job configs: dataclasses turned into omegaconf structured configs.
+
+Unknown keys and wrongly typed values are errors that name the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import configs
+
+
+@dataclass
+class EngineConfig:
+    # A checkpoint directory, or "preset:NAME" for a seeded synthetic checkpoint of a built-in preset.
+    model_path: str = "preset:tiny"
+    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None = cuda when present
+    dtype: str | None = None  # high-precision parts: "float32" | "bfloat16"; None = float32 on cpu, bfloat16 on cuda
+    quantization: str | None = None  # None keeps the checkpoint's format
+    seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
+    context_length: int | None = None  # None = the model's max_position_embeddings
+    cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
+    progress: bool = True
+    log_level: str = "INFO"
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    n: int = 4
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "mxroll"
+    name: str | None = None
+
+
+@dataclass
+class RolloutJobConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prompts: list[str] = field(default_factory=lambda: ["The quick brown fox"])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    steps: int = 2
+    output_dir: str = "runs/rollout"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _structured(schema: type, *sources: Any):
+    try:
+        cfg = OmegaConf.structured(schema)
+        for src in sources:
+            if src is None:
+                continue
+            if isinstance(src, (str, Path)):
+                src = OmegaConf.load(src)
+            elif isinstance(src, list):
+                src = OmegaConf.from_dotlist(src)
+            cfg = OmegaConf.merge(cfg, src)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid {schema.__name__}: {e}") from None
+
+
+def engine_config(*sources: Any) -> EngineConfig:
+    return _structured(EngineConfig, configs.ROOT / "engine.yaml", *sources)
+
+
+def rollout_config(*sources: Any) -> RolloutJobConfig:
+    """Defaults < configs/rollout/default.yaml < each source (a YAML path, dict or dotlist)."""
+    return _structured(RolloutJobConfig, configs.ROOT / "rollout" / "default.yaml", *sources)
