@@ -1,22 +1,46 @@
-"""Small building blocks: Linear (weight only, GEMM through precision.linear), RMSNorm."""
+"""Small building blocks: Linear (GEMM through precision.linear), RMSNorm.
+
+Weights are preallocated once for the engine's lifetime and loaded in place. A Linear stored
+MXFP8 holds `weight` (float8_e4m3fn [N, K]) and `weight_scale_inv` (uint8 E8M0 [N, K/32]), the
+checkpoint convention's names, so trainer bytes land unchanged.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from precision import linear
+from precision import GemmConfig, MXFP8Tensor, linear
+from precision.mxfp8 import BLOCK
+
+
+def frozen(*shape: int, dtype: torch.dtype, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 class Linear(nn.Module):
-    """y = x @ W.T. The weight is one preallocated tensor for the engine's lifetime (loaded in place)."""
-
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight = frozen(out_features, in_features, dtype=dtype)
+        self.gemm = GemmConfig(backend="torch")
+
+    @property
+    def k_dims(self) -> tuple[int, ...]:
+        return (self.in_features,)
+
+    def use_mxfp8(self, gemm: GemmConfig) -> None:
+        dev = self.weight.device
+        self.weight = frozen(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=dev)
+        self.weight_scale_inv = frozen(self.out_features, self.in_features // BLOCK, dtype=torch.uint8, device=dev)
+        self.gemm = gemm
+
+    @property
+    def qweight(self) -> torch.Tensor | MXFP8Tensor:
+        scale = getattr(self, "weight_scale_inv", None)
+        return self.weight if scale is None else MXFP8Tensor(self.weight, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.qweight, self.gemm)
 
 
 class RMSNorm(nn.Module):

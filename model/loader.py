@@ -1,10 +1,15 @@
 """Streaming checkpoint loading.
 
 `iter_checkpoint(path)` yields `(hf_name, tensor)` from one safetensors file or a sharded set with
-`model.safetensors.index.json`; `load_weights(model, named_tensors)` writes them in place into the
-engine's preallocated parameters. The same `(name, tensor)` interface feeds live weight updates.
-Every problem (unknown, missing, duplicated, mis-shaped or mis-typed tensor) is collected and
-reported in one `CheckpointError`.
+`model.safetensors.index.json`; `load_weights(model, named_tensors, cfg, plan)` writes them in
+place into the engine's preallocated parameters. The same `(name, tensor)` interface feeds live
+weight updates. Per tensor, by the storage plan:
+- MXFP8 parameter <- e4m3 data / E8M0 scale bytes: copied unchanged (no requantization);
+- MXFP8 parameter <- high-precision tensor: quantized by the recipe (only with quantization="mxfp8");
+- high-precision parameter <- e4m3 + its scale (e.g. kv_b_proj): dequantized exactly;
+- high-precision parameter <- bf16/fp16/fp32: cast.
+Every problem (unknown, missing, duplicated, mis-shaped, mis-typed or non-finite tensor) is
+collected and reported in one `CheckpointError`.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from precision import GemmConfig, Recipe, StoragePlan, storage_plan
+from precision.mxfp8 import dequantize, quantize
+
 from .config import ModelConfig
 from .deepseek import DeepseekV3
 from .names import Target, engine_to_hf, hf_to_engine
@@ -25,7 +33,9 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCALE_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
 MAX_LISTED = 25
+SCALE = "_scale_inv"
 
 
 class CheckpointError(ValueError):
@@ -76,9 +86,9 @@ class LoadReport:
 
 def expected_slots(param: str, tensor: torch.Tensor) -> set[tuple]:
     """Which (expert, half) slots fill a parameter completely."""
-    if param.endswith("experts.w13_weight"):
+    if "experts.w13_weight" in param:
         return {(e, h) for e in range(tensor.shape[0]) for h in (0, 1)}
-    if param.endswith("experts.w2_weight"):
+    if "experts.w2_weight" in param:
         return {(e, None) for e in range(tensor.shape[0])}
     return {(None, None)}
 
@@ -92,71 +102,158 @@ def destination(param: torch.Tensor, target: Target) -> torch.Tensor:
     return view
 
 
-def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -> LoadReport:
-    """Copy every tensor into its parameter, then raise one CheckpointError if anything did not fit."""
-    params = dict(model.named_parameters())
-    filled: dict[str, set] = {name: set() for name in params}
-    problems: list[str] = []
-    report = LoadReport()
-    for name, tensor in named_tensors:
+def nonfinite_mxfp8(data: torch.Tensor | None, scale: torch.Tensor | None) -> bool:
+    """NaN/inf blocks: E8M0 bytes 254/255, or e4m3 NaN elements (0x7f / 0xff)."""
+    bad = scale is not None and bool((scale.view(torch.uint8) >= 254).any())
+    return bad or (data is not None and bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()))
+
+
+class _Loader:
+    """One pass of `load_weights`: routes each tensor, pairs data with scales, tracks coverage."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, plan: StoragePlan | None):
+        self.cfg, self.plan = cfg, plan
+        self.params = dict(model.named_parameters())
+        self.filled: dict[str, set] = {name: set() for name in self.params}
+        self.pending: dict[tuple, dict[str, tuple[str, torch.Tensor]]] = {}
+        self.problems: list[str] = []
+        self.report = LoadReport()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         try:
-            target = hf_to_engine(name, cfg)
+            target = hf_to_engine(name, self.cfg)
         except KeyError:
-            problems.append(f"unexpected tensor {name!r} (not part of this {cfg.num_hidden_layers}-layer model)")
-            continue
+            return self.problems.append(f"unexpected tensor {name!r} (not part of this "
+                                        f"{self.cfg.num_hidden_layers}-layer model)")
         if target is None:
-            report.skipped.append(name)
-            continue
-        if target.param not in params:
-            problems.append(f"unexpected tensor {name!r} (this model has no {target.param})")
-            continue
-        if tensor.dtype not in FLOAT_DTYPES:
-            problems.append(f"tensor {name!r} has dtype {tensor.dtype}; expected one of bf16/fp16/fp32")
-            continue
-        param = params[target.param]
+            return self.report.skipped.append(name)
+        is_scale = target.param.endswith(SCALE)
+        data_param = target.param[:-len(SCALE)] if is_scale else target.param
+        if data_param not in self.params or (is_scale and target.param not in self.params
+                                              and self.params[data_param].dtype == torch.float8_e4m3fn):
+            return self.problems.append(f"unexpected tensor {name!r} (this model has no {target.param})")
+        param = self.params[data_param]
         if target.expert is not None and not 0 <= target.expert < param.shape[0]:
-            problems.append(f"unexpected tensor {name!r} (expert {target.expert}; the model has {param.shape[0]})")
-            continue
-        dest = destination(param, target)
+            return self.problems.append(f"unexpected tensor {name!r} (expert {target.expert}; "
+                                        f"the model has {param.shape[0]})")
+        if is_scale and tensor.dtype not in SCALE_DTYPES:
+            return self.problems.append(f"tensor {name!r} has dtype {tensor.dtype}; expected uint8 E8M0 scales")
+        if not is_scale and tensor.dtype not in FLOAT_DTYPES + (torch.float8_e4m3fn,):
+            return self.problems.append(f"tensor {name!r} has dtype {tensor.dtype}; expected bf16/fp16/fp32 "
+                                        "or float8_e4m3fn")
+        if param.dtype == torch.float8_e4m3fn:
+            self._into_mxfp8(name, tensor, target, is_scale)
+        elif tensor.dtype == torch.float8_e4m3fn or is_scale:
+            self._pair_for_dequant(name, tensor, Target(data_param, target.expert, target.half), is_scale)
+        else:
+            self._copy(name, tensor, target)
+
+    def _into_mxfp8(self, name, tensor, target, is_scale):
+        if is_scale or tensor.dtype == torch.float8_e4m3fn:
+            if nonfinite_mxfp8(None if is_scale else tensor, tensor if is_scale else None):
+                return self.problems.append(f"tensor {name!r} holds NaN/inf MXFP8 blocks")
+            return self._copy(name, tensor.view(torch.uint8) if is_scale else tensor, target)
+        if not self.plan or not self.plan.quantize_at_load:
+            return self.problems.append(f"tensor {name!r} is {tensor.dtype} but this engine stores it MXFP8 "
+                                        "(pass quantization='mxfp8' to quantize high-precision weights at load)")
+        data, scale = quantize(tensor, scale_mode=self.plan.recipe.scale_mode)
+        if nonfinite_mxfp8(data, scale):
+            return self.problems.append(f"tensor {name!r} holds NaN/inf values")
+        if self._copy(name, data, target):
+            self._copy(name + SCALE, scale, Target(target.param + SCALE, target.expert, target.half))
+
+    def _pair_for_dequant(self, name, tensor, data_target: Target, is_scale: bool):
+        key = (data_target.param, data_target.slot)
+        entry = self.pending.setdefault(key, {})
+        kind = "scale" if is_scale else "data"
+        if kind in entry:
+            return self.problems.append(f"tensor {name!r} appears twice")
+        entry[kind] = (name, tensor)
+        if len(entry) == 2:
+            del self.pending[key]
+            (dname, data), (_, scale) = entry["data"], entry["scale"]
+            if data.dtype != torch.float8_e4m3fn:
+                return self.problems.append(f"tensor {dname!r} is {data.dtype} but has a weight_scale_inv")
+            if data.shape[:-1] != scale.shape[:-1] or data.shape[-1] != scale.shape[-1] * 32:
+                return self.problems.append(f"tensor {dname!r} {tuple(data.shape)} does not fit its scales "
+                                            f"{tuple(scale.shape)}")
+            if nonfinite_mxfp8(data, scale):
+                return self.problems.append(f"tensor {dname!r} holds NaN/inf MXFP8 blocks")
+            hp = dequantize(data, scale.view(torch.uint8), self.params[data_target.param].dtype)
+            self._copy(dname, hp, data_target)
+
+    def _copy(self, name, tensor, target: Target) -> bool:
+        dest = destination(self.params[target.param], target)
         if tuple(tensor.shape) != tuple(dest.shape):
-            problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {tuple(dest.shape)}")
-            continue
-        slots = {"all"} if target.expert is None and target.half is None else {target.slot}
-        if filled[target.param] & slots or ("all" in filled[target.param]):
-            problems.append(f"tensor {name!r} appears twice")
-            continue
+            self.problems.append(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {tuple(dest.shape)}")
+            return False
+        slots = {"all"} if target.slot == (None, None) else {target.slot}
+        got = self.filled[target.param]
+        if got & slots or "all" in got:
+            self.problems.append(f"tensor {name!r} appears twice")
+            return False
         with torch.no_grad():
             dest.copy_(tensor)
-        filled[target.param] |= slots
-        report.loaded += 1
-    for pname, param in params.items():
-        got = filled[pname]
-        if "all" in got:
-            continue
-        need = expected_slots(pname, param)
-        if need == {(None, None)}:
-            problems.append(f"missing tensor {engine_to_hf(pname)!r}")
-        else:
-            for expert, half in sorted(need - got, key=lambda s: (s[0], s[1] or 0)):
-                problems.append(f"missing tensor {engine_to_hf(pname, expert, half)!r}")
-    if problems:
-        shown = problems[:MAX_LISTED]
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise CheckpointError(f"checkpoint does not match the model ({len(problems)} problems):\n  "
-                              + "\n  ".join(shown) + more)
-    if report.skipped:
-        log.info("skipped %d tensors not used for generation (e.g. %s)", len(report.skipped), report.skipped[0])
-    return report
+        got |= slots
+        self.report.loaded += 1
+        return True
+
+    def finish(self) -> LoadReport:
+        for (param, slot), entry in self.pending.items():
+            have = next(iter(entry.values()))[0]
+            missing = "weight_scale_inv" if "data" in entry else "float8_e4m3fn weight"
+            self.problems.append(f"tensor {have!r} came without its {missing}")
+        for pname, param in self.params.items():
+            got = self.filled[pname]
+            if "all" in got:
+                continue
+            for expert, half in sorted(expected_slots(pname, param) - got, key=lambda s: (s[0] or 0, s[1] or 0)):
+                self.problems.append(f"missing tensor {engine_to_hf(pname, expert, half)!r}")
+        if self.problems:
+            shown = self.problems[:MAX_LISTED]
+            more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
+            raise CheckpointError(f"checkpoint does not match the model ({len(self.problems)} problems):\n  "
+                                  + "\n  ".join(shown) + more)
+        if self.report.skipped:
+            log.info("skipped %d tensors not used for generation (e.g. %s)", len(self.report.skipped),
+                     self.report.skipped[0])
+        return self.report
+
+
+def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig,
+                 plan: StoragePlan | None = None) -> LoadReport:
+    """Copy every tensor into its parameter, then raise one CheckpointError if anything did not fit."""
+    loader = _Loader(model, cfg, plan)
+    for name, tensor in named_tensors:
+        loader.add(name, tensor)
+    return loader.finish()
+
+
+def plan_model(model: DeepseekV3, quantization: str | None, recipe: Recipe, gemm: GemmConfig) -> StoragePlan:
+    """Decide storage from the recipe and checkpoint format; switch chosen modules to MXFP8 storage."""
+    modules = {name: m for name, m in model.named_modules() if hasattr(m, "use_mxfp8")}
+    plan = storage_plan({n: m.k_dims for n, m in modules.items()}, model.cfg.quantization_config,
+                        quantization, recipe)
+    for name in plan.mxfp8_modules:
+        modules[name].use_mxfp8(gemm)
+    return plan
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> DeepseekV3:
-    """Build DeepseekV3 from `path/config.json` directly on `device` and stream the weights into it."""
+               progress: bool = True, quantization: str | None = None, recipe: Recipe | None = None,
+               gemm: GemmConfig | None = None) -> DeepseekV3:
+    """Build DeepseekV3 from `path/config.json` with the storage plan, allocate it once on `device`,
+    and stream the weights into it."""
     cfg = ModelConfig.from_file(path)
-    if cfg.quantization_config is not None:
-        method = cfg.quantization_config.get("quant_method") if isinstance(cfg.quantization_config, dict) else None
-        raise CheckpointError(f"{path}: quantized checkpoints (quant_method={method!r}) are not supported yet")
-    with torch.device(device):
+    recipe = recipe or Recipe()
+    gemm = gemm or GemmConfig(recipe.act_mode, recipe.scale_mode, "torch")
+    with torch.device("meta"):
         model = DeepseekV3(cfg, dtype)
-    load_weights(model, iter_checkpoint(path, progress), cfg)
+    model.plan = plan_model(model, quantization, recipe, gemm)
+    model = model.to_empty(device=device)
+    load_weights(model, iter_checkpoint(path, progress), cfg, model.plan)
+    n8 = len(model.plan.mxfp8_modules)
+    log.info("loaded %s: %d modules MXFP8 (%s, %s scales%s), the rest %s", path, n8, recipe.act_mode,
+             recipe.scale_mode, ", quantized at load" if model.plan.quantize_at_load and n8 else "",
+             str(dtype).removeprefix("torch."))
     return model.eval()

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precision import experts
+from precision import GemmConfig, MXFP8Tensor, experts
+from precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
-from .layers import Linear
+from .layers import Linear, frozen
 
 
 class MLP(nn.Module):
@@ -60,16 +61,34 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked for grouped GEMMs: w13 = [gate; up] per expert, w2 = down."""
+    """Routed experts stacked for grouped GEMMs: w13 = [gate; up] per expert, w2 = down.
+    MXFP8 storage adds `w13_weight_scale_inv` [E, 2F, D/32] and `w2_weight_scale_inv` [E, D, F/32]."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.w13_weight = nn.Parameter(torch.empty(E, 2 * F_, D, dtype=dtype), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(E, D, F_, dtype=dtype), requires_grad=False)
+        self.E, self.D, self.F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w13_weight = frozen(self.E, 2 * self.F, self.D, dtype=dtype)
+        self.w2_weight = frozen(self.E, self.D, self.F, dtype=dtype)
+        self.gemm = GemmConfig(backend="torch")
+
+    @property
+    def k_dims(self) -> tuple[int, ...]:
+        return (self.D, self.F)
+
+    def use_mxfp8(self, gemm: GemmConfig) -> None:
+        dev, f8, u8 = self.w13_weight.device, torch.float8_e4m3fn, torch.uint8
+        self.w13_weight = frozen(self.E, 2 * self.F, self.D, dtype=f8, device=dev)
+        self.w13_weight_scale_inv = frozen(self.E, 2 * self.F, self.D // BLOCK, dtype=u8, device=dev)
+        self.w2_weight = frozen(self.E, self.D, self.F, dtype=f8, device=dev)
+        self.w2_weight_scale_inv = frozen(self.E, self.D, self.F // BLOCK, dtype=u8, device=dev)
+        self.gemm = gemm
+
+    def _q(self, name: str):
+        scale = getattr(self, name + "_scale_inv", None)
+        return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
     def forward(self, x_TD, ids_TK, weights_TK):
-        return experts(x_TD, ids_TK, weights_TK, self.w13_weight, self.w2_weight)
+        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm)
 
 
 class MoE(nn.Module):

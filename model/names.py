@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?")
 _FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj")  # transformers>=5 in-memory
+SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Buffers some exporters write that carry no weights.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -41,11 +42,11 @@ def hf_to_engine(name: str, cfg: ModelConfig) -> Target | None:
         return None  # multi-token-prediction layers: not used for generation
     m = _EXPERT.fullmatch(name)
     if m:
-        layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+        layer, expert, proj, suffix = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4) or ""
         base = f"layers.{layer}.mlp.experts."
         if proj == "down":
-            return Target(base + "w2_weight", expert)
-        return Target(base + "w13_weight", expert, 0 if proj == "gate" else 1)
+            return Target(base + "w2_weight" + suffix, expert)
+        return Target(base + "w13_weight" + suffix, expert, 0 if proj == "gate" else 1)
     m = _FUSED_EXPERTS.fullmatch(name)
     if m:
         return Target(f"layers.{m.group(1)}.mlp.experts.{'w13' if m.group(2) == 'gate_up' else 'w2'}_weight")
@@ -58,10 +59,20 @@ def hf_to_engine(name: str, cfg: ModelConfig) -> Target | None:
 
 def engine_to_hf(param: str, expert: int | None = None, half: int | None = None) -> str:
     """Inverse of `hf_to_engine` (for error messages and weight export)."""
-    if param.endswith("experts.w13_weight") or param.endswith("experts.w2_weight"):
-        base = param.rsplit(".", 1)[0]
+    m = re.fullmatch(r"(.*experts)\.(w13|w2)_weight(_scale_inv)?", param)
+    if m:
+        base, which, suffix = m.group(1), m.group(2), m.group(3) or ""
         if expert is None:
-            return f"model.{base}.{'gate_up_proj' if 'w13' in param else 'down_proj'}"
-        proj = "down" if "w2" in param else ("gate" if half == 0 else "up")
-        return f"model.{base}.{expert}.{proj}_proj.weight"
+            return f"model.{base}.{'gate_up_proj' if which == 'w13' else 'down_proj'}{suffix}"
+        proj = "down" if which == "w2" else ("gate" if half == 0 else "up")
+        return f"model.{base}.{expert}.{proj}_proj.weight{suffix}"
     return param if param == "lm_head.weight" else f"model.{param}"
+
+
+def module_of(param: str) -> str:
+    """Engine module owning a parameter: `layers.1.mlp.experts.w13_weight` -> `layers.1.mlp.experts`."""
+    for suffix in (".w13_weight", ".w2_weight", ".weight"):
+        base = param.removesuffix(SCALE_SUFFIX)
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return param.rsplit(".", 1)[0]

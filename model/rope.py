@@ -14,7 +14,7 @@ from .config import ModelConfig, yarn_mscale
 def inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Per-pair inverse frequencies [R/2] in fp32; YaRN blends interpolated and extrapolated ones."""
     rope, dim = cfg.rope, cfg.qk_rope_head_dim
-    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolated = 1.0 / base
     if not rope.is_yarn:
         return extrapolated
@@ -29,7 +29,7 @@ def inv_freq(cfg: ModelConfig) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 = keep the original (extrapolated) frequency
     return interpolated * (1 - keep) + extrapolated * keep
 
@@ -49,12 +49,15 @@ def attention_factor(cfg: ModelConfig) -> float:
 class Rope(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("inv_freq", inv_freq(cfg), persistent=False)
+        # Computed on the CPU and kept out of the parameters, so a model built on "meta" keeps it.
+        self.inv_freq = inv_freq(cfg)
         self.scale = attention_factor(cfg)
         self.interleave = cfg.rope.interleave
 
     def cos_sin(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = pos_T.float()[:, None] * self.inv_freq.to(pos_T.device)[None, :]
+        if self.inv_freq.device != pos_T.device:
+            self.inv_freq = self.inv_freq.to(pos_T.device)
+        freqs = pos_T.float()[:, None] * self.inv_freq[None, :]
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
     def forward(self, x_THR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

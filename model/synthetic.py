@@ -14,10 +14,23 @@ from pathlib import Path
 
 import torch
 
+from precision import Recipe
+from precision.mxfp8 import BLOCK, quantize
+
 from .config import ModelConfig
+from .names import hf_to_engine, module_of
 from .tokenizer import ByteTokenizer
 
 SHARD_BYTES = 4 << 30
+# What a trainer keeps high precision, in the sglang/miles MXFP8 checkpoint convention.
+MXFP8_NOT_CONVERTED = ["lm_head", "model.embed_tokens", "kv_b_proj", "mlp.gate"]
+
+
+def mxfp8_quantization_config(recipe: Recipe) -> dict:
+    return {"quant_method": "mxfp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, BLOCK],
+            "activation_scheme": "dynamic",
+            "modules_to_not_convert": MXFP8_NOT_CONVERTED + [p for p in recipe.high_precision
+                                                             if p not in MXFP8_NOT_CONVERTED]}
 
 
 def tensor_specs(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
@@ -75,8 +88,11 @@ def random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype
 
 
 def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str | None = None,
-                    progress: bool = True, with_tokenizer: bool | None = None) -> Path:
-    """Write config.json + safetensors (sharded above SHARD_BYTES) with seeded random weights."""
+                    progress: bool = True, with_tokenizer: bool | None = None, mxfp8: bool = False,
+                    recipe: Recipe | None = None) -> Path:
+    """Write config.json + safetensors (sharded above SHARD_BYTES) with seeded random weights.
+    mxfp8=True writes what an MXFP8 trainer exports: the recipe's weights as e4m3 `weight` +
+    E8M0 `weight_scale_inv` (quantized from the same bf16 values, recipe's scale rule)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -85,8 +101,10 @@ def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str |
     cfg_dict = dict(cfg_dict)
     if dtype is not None:
         cfg_dict["torch_dtype"] = dtype
+    cfg_dict.pop("quantization_config", None)
     cfg = ModelConfig.from_dict(cfg_dict)
     tdtype = getattr(torch, cfg.torch_dtype)
+    recipe = recipe or Recipe()
     specs = list(tensor_specs(cfg))
     shards: list[list[tuple]] = [[]]
     size = 0
@@ -101,18 +119,25 @@ def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str |
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     bar = tqdm(total=len(specs), desc=f"writing {out.name}", unit="tensor", disable=not progress)
     weight_map = {}
+    total = 0
     for fname, shard in zip(names, shards):
         tensors = {}
         for name, shape, kind in shard:
             tensors[name] = random_tensor(name, shape, kind, seed, tdtype)
+            target = hf_to_engine(name, cfg)
+            if mxfp8 and kind == "linear" and target and recipe.wants_mxfp8(module_of(target.param)):
+                tensors[name], tensors[name + "_scale_inv"] = quantize(tensors[name], BLOCK, recipe.scale_mode)
+                weight_map[name + "_scale_inv"] = fname
             weight_map[name] = fname
             bar.update()
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
     bar.close()
     if len(shards) > 1:
-        total = sum(_numel(s[1]) * (4 if s[2] == "bias" else tdtype.itemsize) for s in specs)
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if mxfp8:
+        cfg_dict["quantization_config"] = mxfp8_quantization_config(recipe)
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
     if with_tokenizer if with_tokenizer is not None else cfg.vocab_size <= 4096:
         ByteTokenizer.for_config(cfg).save(out)

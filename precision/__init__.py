@@ -1,5 +1,8 @@
-"""Precision: storage formats and the single dispatch points for dense and grouped GEMMs."""
-from .linear import linear
+"""Precision: MXFP8 format, the recipe, and the single dispatch points for dense and grouped GEMMs."""
+from .linear import GemmConfig, linear, select_backend
 from .moe import experts
+from .mxfp8 import MXFP8Tensor, dequantize, quantize
+from .recipe import Recipe, RecipeError, StoragePlan, storage_plan
 
-__all__ = ["linear", "experts"]
+__all__ = ["GemmConfig", "linear", "select_backend", "experts", "MXFP8Tensor", "dequantize", "quantize", "Recipe",
+           "RecipeError", "StoragePlan", "storage_plan"]

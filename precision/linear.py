@@ -1,17 +1,81 @@
-"""`linear(x, w)`: the one dispatch point for every dense GEMM in the model.
+"""`linear(x, w, gemm)`: the one dispatch point for every dense GEMM in the model.
 
-Legend: T tokens, K in_features (contraction), N out_features.
+High-precision weights go to torch (cuBLAS on GPU). MXFP8 weights go to the backend chosen
+once per engine by `select_backend` and logged there:
+- "torch": reference on any device (exact dequantize, then matmul);
+- "triton": sm90 kernel (fp8 weights dequantized in registers, bf16 MMA, fp32 accumulate);
+- "flashinfer": `mm_mxfp8` on sm100+, written to FlashInfer's documented API; not runnable on
+  the Hopper machines this project is tested on.
+Legend: T tokens, K in_features, N out_features.
 """
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .kernels.mxfp8_gemm import check_gemm_args, mxfp8_gemm_ref
+from .mxfp8 import MXFP8Tensor
 
-def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T in x's dtype. High-precision weights only for now; quantized formats dispatch here."""
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "triton", "flashinfer")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    act_mode: str = "w8a8"
+    scale_mode: str = "rceil"
+    backend: str = "torch"
+
+
+REFERENCE = GemmConfig()
+
+
+def select_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
+    """(backend, why). An explicit request that cannot run here is an error, never a silent fallback."""
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"MXFP8 GEMM backend {requested!r}; supported: {BACKENDS}")
+    if device.type != "cuda":
+        if requested not in (None, "torch"):
+            raise ValueError(f"MXFP8 GEMM backend {requested!r} needs a CUDA device, engine is on {device}")
+        return "torch", f"torch reference ({device.type})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if requested == "torch":
+        return "torch", "torch reference (requested)"
+    if major >= 10 and requested in (None, "flashinfer"):
+        return "flashinfer", f"FlashInfer mm_mxfp8 (sm{major}{minor})"
+    if major == 9 and requested in (None, "triton"):
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            if requested == "triton":
+                raise ValueError("MXFP8 GEMM backend 'triton' requested but triton is not importable") from e
+            return "torch", "torch reference (triton not importable on sm90)"
+        return "triton", f"Triton MXFP8 GEMM (sm{major}{minor})"
+    if requested not in (None, "torch"):
+        raise ValueError(f"MXFP8 GEMM backend {requested!r} cannot run on sm{major}{minor}")
+    return "torch", f"torch reference (no MXFP8 kernel for sm{major}{minor})"
+
+
+def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
+    """y = x @ w.T in x's dtype."""
+    if isinstance(w_NK, MXFP8Tensor):
+        check_gemm_args(x_TK, w_NK)
+        lead = x_TK.shape[:-1]
+        x2 = x_TK.reshape(-1, x_TK.shape[-1])
+        if gemm.backend == "triton":
+            from .kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
+            y = mxfp8_gemm_triton(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+        elif gemm.backend == "flashinfer":
+            from .kernels.flashinfer_mxfp8_gemm import mxfp8_gemm_flashinfer
+            y = mxfp8_gemm_flashinfer(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+        else:
+            y = mxfp8_gemm_ref(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+        return y.reshape(*lead, w_NK.shape[0])
     if not isinstance(w_NK, torch.Tensor) or w_NK.dim() != 2:
-        raise TypeError(f"linear: weight must be a 2-D tensor, got {type(w_NK).__name__}")
+        raise TypeError(f"linear: weight must be a 2-D tensor or MXFP8Tensor, got {type(w_NK).__name__}")
     if x_TK.shape[-1] != w_NK.shape[1]:
         raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
     return F.linear(x_TK, w_NK.to(x_TK.dtype))

@@ -8,11 +8,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear import REFERENCE, GemmConfig, linear
+from .mxfp8 import MXFP8Tensor
+
+Weight = torch.Tensor | MXFP8Tensor
+
 
 def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-            w13_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+            w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
     """sum_k w[t,k] * down(silu(gate(x)) * up(x)) over each token's experts; fp32 combine, x's dtype out.
-    topk_weights already carry the routed scaling factor (fused into top-k by the router)."""
+    topk_weights already carry the routed scaling factor (fused into top-k by the router).
+    MXFP8 experts run each GEMM through `linear` (w8a8: activations quantized along K first)."""
     T, D = x_TD.shape
     E = w13_EFD.shape[0]
     if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != T:
@@ -31,8 +37,8 @@ def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torc
         if n == 0:
             continue
         tok = token_of[start:start + n]
-        gate, up = F.linear(x_TD[tok], w13_EFD[e].to(x_TD.dtype)).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2_EDF[e].to(x_TD.dtype))
+        gate, up = linear(x_TD[tok], w13_EFD[e], gemm).chunk(2, dim=-1)
+        y = linear(F.silu(gate) * up, w2_EDF[e], gemm)
         out_TD.index_add_(0, tok, y.float() * weight_of[start:start + n, None])
         start += n
     return out_TD.to(x_TD.dtype)

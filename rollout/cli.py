@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="storage dtype (default: the preset's torch_dtype)")
+    mk.add_argument("--mxfp8", action="store_true",
+                    help="write an MXFP8 checkpoint (e4m3 weight + E8M0 weight_scale_inv, sglang/miles convention)")
+    mk.add_argument("--scale-mode", choices=["rceil", "floor"], default="rceil")
 
     gen = sub.add_parser("generate", help="generate from one prompt and print the sglang-style output")
     gen.add_argument("--model-path", default="preset:tiny")
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--input-ids", default=None, help="comma-separated token ids")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None)
+    gen.add_argument("--quantization", default=None, choices=["mxfp8"])
     gen.add_argument("--sampling", default="{}", help='JSON sampling params, e.g. \'{"temperature": 0}\'')
     gen.add_argument("--logprobs", action="store_true")
 
@@ -44,14 +48,19 @@ def _run(args) -> int:
     if args.cmd == "make-checkpoint":
         from model.synthetic import make_checkpoint
 
+        from precision import Recipe
+
         cfg = json.loads(configs.model_preset_path(args.preset).read_text())
-        out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype)
-        print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+        out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, mxfp8=args.mxfp8,
+                              recipe=Recipe(scale_mode=args.scale_mode))
+        kind = f"MXFP8 ({args.scale_mode}) " if args.mxfp8 else ""
+        print(f"wrote {kind}{args.preset} checkpoint (seed {args.seed}) to {out}")
         return 0
     if args.cmd == "generate":
         from .engine import Engine
 
-        engine = Engine(model_path=args.model_path, device=args.device, dtype=args.dtype)
+        engine = Engine(model_path=args.model_path, device=args.device, dtype=args.dtype,
+                        quantization=args.quantization)
         ids = [int(t) for t in args.input_ids.split(",")] if args.input_ids else None
         out = engine.generate(prompt=args.prompt, input_ids=ids, sampling_params=json.loads(args.sampling),
                               return_logprob=args.logprobs)

@@ -20,7 +20,11 @@ class EngineConfig:
     model_path: str = "preset:tiny"
     device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None = cuda when present
     dtype: str | None = None  # high-precision parts: "float32" | "bfloat16"; None = float32 on cpu, bfloat16 on cuda
-    quantization: str | None = None  # None keeps the checkpoint's format
+    quantization: str | None = None  # None keeps the checkpoint's format; "mxfp8" quantizes by the recipe at load
+    act_mode: str = "w8a8"  # MXFP8 GEMMs: w8a8 quantizes activations along K (as the trainer does) | w8a16
+    scale_mode: str = "rceil"  # E8M0 scale rule for quantizing: rceil | floor
+    high_precision: list[str] = field(default_factory=lambda: ["kv_b_proj"])  # extra modules kept bf16
+    gemm_backend: str | None = None  # MXFP8 GEMM backend: None = best for the device | torch | triton | flashinfer
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll

@@ -11,6 +11,7 @@ import torch
 
 from model import load_model
 from model.tokenizer import load_tokenizer
+from precision import GemmConfig, Recipe, select_backend
 
 from .config import EngineConfig, engine_config
 from .presets import resolve_model_path
@@ -31,9 +32,6 @@ class Engine:
         base = asdict(config) if is_dataclass(config) else config
         self.config = cfg = engine_config(base, explicit, overrides)
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        if cfg.quantization is not None:
-            raise ValueError(f"quantization={cfg.quantization!r} is not available yet; use None to keep "
-                             "the checkpoint's own format")
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={cfg.device!r} but no CUDA device is available")
@@ -41,15 +39,20 @@ class Engine:
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype={dtype_name!r}; supported: {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype_name]
+        self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
+        backend, why = select_backend(self.device, cfg.gemm_backend)
+        self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress)
-        self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress)
+        self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
+                                quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm)
         self.model_config = self.model.cfg
         self.context_length = cfg.context_length or self.model_config.max_position_embeddings
         self.tokenizer = load_tokenizer(self.model_path, self.model_config.bos_token_id)
         self.weight_version = "default"
         self._generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        log.info("engine ready: %s on %s (%s); attention, GEMMs and MoE on the torch reference path",
-                 self.model_path, self.device, dtype_name)
+        mx = "MXFP8 GEMMs: " + why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
+        log.info("engine ready: %s on %s (%s); %s; attention and MoE on the torch reference path",
+                 self.model_path, self.device, dtype_name, mx)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
@@ -118,7 +121,9 @@ class Engine:
     def get_model_info(self) -> dict:
         return {"model_path": str(self.model_path), "is_generation": True, "weight_version": self.weight_version,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "quantization": self.config.quantization, "context_length": self.context_length}
+                "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
+                "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
+                "gemm_backend": self.gemm.backend, "context_length": self.context_length}
 
     def shutdown(self) -> None:
         self.model = None

@@ -26,6 +26,12 @@ HF_CONFIGS = {
         rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7}),
 }
+# All GEMM contraction dims multiples of 32, for MXFP8 end-to-end checks.
+MXFP8_CONFIG = dict(
+    q_lora_rank=32, n_group=2, topk_group=1, norm_topk_prob=True, first_k_dense_replace=1,
+    tie_word_embeddings=False, rope_interleave=True, n_shared_experts=1, num_hidden_layers=3, v_head_dim=16,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
             num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, kv_lora_rank=32, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.5, max_position_embeddings=256,
@@ -53,7 +59,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 def save_hf_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(**BASE, **HF_CONFIGS[name])
+    cfg = DeepseekV3Config(**{**BASE, **(MXFP8_CONFIG if name == "mxfp8" else HF_CONFIGS[name])})
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(cfg).float()
     randomize_(model, seed)

@@ -1,0 +1,1 @@
+"""Kernels, each beside its pure-torch reference. GPU kernels import their toolchain lazily."""

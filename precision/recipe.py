@@ -1,0 +1,101 @@
+"""The precision recipe: which weights are stored MXFP8 and which stay high precision.
+
+MXFP8 (what TransformerEngine quantizes by default): q_proj / q_a_proj / q_b_proj,
+kv_a_proj_with_mqa, o_proj, dense MLP, shared experts, routed experts.
+High precision: kv_b_proj (absorbed MLA contracts it over the nope head dim, across the 1x32
+blocks a trainer makes along kv_lora_rank), the router gate and its correction bias, norms,
+embeddings and lm_head. `high_precision` extends the list (e.g. "shared_experts").
+
+Storage is decided once per engine from the recipe, the checkpoint's own format and the
+`quantization` argument (`storage_plan`); modules are named by their engine paths
+(`layers.3.self_attn.q_proj`, `layers.3.mlp.experts`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .mxfp8 import BLOCK, SCALE_MODES
+
+ACT_MODES = ("w8a8", "w8a16")
+# Modules that may be stored MXFP8 at all; everything else is always high precision.
+# kv_b_proj is absent on purpose: the absorbed MLA path needs it high precision (see above).
+QUANTIZABLE = re.compile(r"layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|o_proj)"
+                         r"|mlp\.(gate_proj|up_proj|down_proj)"
+                         r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj)|mlp\.experts)$")
+
+
+class RecipeError(ValueError):
+    """The recipe, or a checkpoint's quantization_config, cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    act_mode: str = "w8a8"  # w8a8: activations MXFP8 along K before each MXFP8 GEMM, as the trainer does
+    scale_mode: str = "rceil"  # used when quantizing (activations; weights at load for quantization="mxfp8")
+    high_precision: tuple[str, ...] = ("kv_b_proj",)
+
+    def __post_init__(self):
+        if self.act_mode not in ACT_MODES:
+            raise RecipeError(f"recipe act_mode={self.act_mode!r}; supported: {ACT_MODES}")
+        if self.scale_mode not in SCALE_MODES:
+            raise RecipeError(f"recipe scale_mode={self.scale_mode!r}; supported: {SCALE_MODES}")
+
+    def wants_mxfp8(self, module: str) -> bool:
+        return bool(QUANTIZABLE.search(module)) and not any(p in module for p in self.high_precision)
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    """Per-module storage decision for one engine."""
+
+    mxfp8_modules: frozenset[str]
+    source_mxfp8: bool  # the checkpoint itself carries MXFP8 tensors
+    quantize_at_load: bool  # high-precision checkpoint tensors are quantized by the recipe on load
+    recipe: Recipe
+
+    def is_mxfp8(self, module: str) -> bool:
+        return module in self.mxfp8_modules
+
+
+def checkpoint_is_mxfp8(quantization_config: dict | None) -> bool:
+    """Validate a checkpoint's quantization_config; True for the MXFP8 convention, False for none."""
+    if quantization_config is None:
+        return False
+    qc = quantization_config
+    if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp8":
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise RecipeError(f"quantization_config.quant_method={method!r}: only 'mxfp8' checkpoints are supported")
+    expected = {"fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, BLOCK], "activation_scheme": "dynamic"}
+    for key, value in expected.items():
+        if key in qc and qc[key] != value:
+            raise RecipeError(f"quantization_config.{key}={qc[key]!r}; expected {value!r}")
+    return True
+
+
+def _excluded(module: str, not_converted: list[str]) -> bool:
+    hf = f"model.{module}"
+    return any(hf == m or hf.endswith("." + m) or hf.startswith(m + ".") or module == m for m in not_converted)
+
+
+def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict | None,
+                 quantization: str | None, recipe: Recipe) -> StoragePlan:
+    """Decide storage for every module in `k_dims` (module name -> its GEMMs' contraction dims)."""
+    if quantization not in (None, "mxfp8"):
+        raise RecipeError(f"quantization={quantization!r}; supported: None (keep the checkpoint's format), 'mxfp8'")
+    source = checkpoint_is_mxfp8(quantization_config)
+    not_converted = list((quantization_config or {}).get("modules_to_not_convert") or [])
+    chosen = set()
+    for module, ks in k_dims.items():
+        if not QUANTIZABLE.search(module):
+            continue
+        if module.endswith("mlp.experts") and any(m.startswith(f"model.{module}.") for m in not_converted):
+            raise RecipeError(f"modules_to_not_convert excludes single experts of {module}; all experts of a layer "
+                              "must share one format")
+        in_checkpoint_mxfp8 = source and not _excluded(module, not_converted)
+        if recipe.wants_mxfp8(module) and (in_checkpoint_mxfp8 or quantization == "mxfp8"):
+            if any(k % BLOCK for k in ks):
+                raise RecipeError(f"{module}: contraction dim(s) {ks} not a multiple of {BLOCK}; "
+                                  "add it to the recipe's high_precision list")
+            chosen.add(module)
+    return StoragePlan(frozenset(chosen), source, quantization == "mxfp8", recipe)
