@@ -1,0 +1,210 @@
+"""Triton MXFP8 GEMM for Hopper (sm90): y = act(x) @ dequant(W)^T.
+
+W is read from HBM as e4m3 bytes + E8M0 scales and dequantized in registers to bf16 (exact);
+the MMA is bf16 with fp32 accumulation (Hopper has no MX-scaled MMA). For w8a8 the activation
+tile is MXFP8 quantize-dequantized in registers along K with the recipe's rule, bit-exact with
+`precision.mxfp8.quantize` for bf16/fp16 inputs (the scale byte is computed from amax's
+exponent bits, which equals torch's ceil(log2(amax / 448)) for every bf16/fp16 value).
+Small-M shapes split K over several programs; partial sums are reduced in a fixed order, so
+results are deterministic. Reference: `mxfp8_gemm.mxfp8_gemm_ref`.
+Legend: M tokens, N out_features, K in_features; BM/BN/BK tile sizes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mxfp8 import BLOCK, MXFP8Tensor
+from .mxfp8_gemm import check_gemm_args
+
+
+@triton.jit
+def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
+    """MXFP8 quantize-dequantize of an fp32 [BM, BK] tile along K, 32-element blocks."""
+    xb = tl.reshape(x, (BM, BK // 32, 32))
+    amax = tl.max(tl.abs(xb), axis=2)
+    bits = amax.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) & 0xFF
+    if FLOOR:
+        byte = tl.minimum(tl.maximum(exp - 8, 0), 255)
+        qmul = ((254 - tl.maximum(byte, 1)) << 23).to(tl.float32, bitcast=True)  # 1 / max(2^(b-127), 2^-126)
+    else:
+        byte = exp - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # ceil(log2(amax / 448))
+        byte = tl.minimum(tl.maximum(byte, 0), 254)
+        qmul = tl.where(byte == 0, 1.0, ((254 - byte) << 23).to(tl.float32, bitcast=True))
+    q = tl.clamp(xb * qmul[:, :, None], -448.0, 448.0).to(tl.float8e4nv)
+    deq = (byte << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127); byte 0 only holds zeros
+    return tl.reshape(q.to(tl.float32) * deq[:, :, None], (BM, BK))
+
+
+@triton.jit
+def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_ym,
+                       stride_ys, K_PER_SPLIT: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_QUANT: tl.constexpr,
+                       FLOOR: tl.constexpr, GROUP_M: tl.constexpr, GATHER_SCALES: tl.constexpr = False,
+                       MMA_DTYPE: tl.constexpr = tl.bfloat16):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # grouped ordering: programs sharing a W column panel run together (L2 reuse at large M)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    offs_s = tl.arange(0, BK // 32)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BK):
+        k = k_start + k0
+        kk = k + offs_k
+        mask_k = kk < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        if ACT_QUANT:
+            x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
+        x = x.to(MMA_DTYPE)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0)
+        if GATHER_SCALES:  # one scale byte per element, 32 lanes share an address (L1 broadcast)
+            s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + kk[None, :] // 32,
+                        mask=mask_n[:, None] & mask_k[None, :], other=127)
+            scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            wb = (w.to(tl.float32) * scale).to(MMA_DTYPE)
+        else:
+            ss = k // 32 + offs_s
+            s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + ss[None, :],
+                        mask=mask_n[:, None] & (ss[None, :] < k_end // 32), other=127)
+            scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            wf = tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None]
+            wb = tl.reshape(wf, (BN, BK)).to(MMA_DTYPE)
+        acc = tl.dot(x, tl.trans(wb), acc)
+    y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_reduce_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over splits in a fixed order (deterministic), cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLIT):
+        acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_qdq_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_ym, BM: tl.constexpr, BK: tl.constexpr,
+                    FLOOR: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    y = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(ws_ptr + offs_n[:, None] * (K // 32) + offs_k[None, :] // 32, mask=mask, other=127)
+    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], (w.to(tl.float32) * scale).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def act_qdq_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> torch.Tensor:
+    """MXFP8 quantize-dequantize along K (bit-exact with precision.mxfp8 for bf16/fp16 input)."""
+    M, K = x_MK.shape
+    y = torch.empty_like(x_MK)
+    grid = (triton.cdiv(M, 16), triton.cdiv(K, 256))
+    _act_qdq_kernel[grid](x_MK, y, M, K, x_MK.stride(0), y.stride(0), BM=16, BK=256, FLOOR=scale_mode == "floor")
+    return y
+
+
+def dequant_triton(w: MXFP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    N, K = w.shape
+    y = torch.empty(N, K, dtype=dtype, device=w.device)
+    _dequant_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 256))](w.data, w.scale, y, N, K, BN=32, BK=256)
+    return y
+
+
+@functools.lru_cache(maxsize=1)
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+DEQUANT_MIN_M = 512  # from here on: dequantize W once (Triton) and run cuBLAS bf16
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_config(M: int, N: int, K: int) -> dict:
+    """Tile shapes by M regime (callers must not mutate the cached dict)."""
+    if M >= DEQUANT_MIN_M:
+        return dict(PATH="dequant")
+    if M <= 16:
+        cfg = dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
+    cfg.update(PATH="fused", SPLIT_TARGET=2, GATHER_SCALES=False, PRE_QDQ=False)
+    return cfg
+
+
+def _split(M: int, N: int, K: int, cfg: dict) -> tuple[int, int]:
+    """(splits, K per split): enough programs for SPLIT_TARGET waves, each split >= 2 K-blocks."""
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    k_blocks = triton.cdiv(K, cfg["BK"])
+    split = max(1, min(triton.cdiv(cfg["SPLIT_TARGET"] * _num_sms(), tiles), k_blocks // 2))
+    k_per_split = triton.cdiv(k_blocks, split) * cfg["BK"]
+    return triton.cdiv(K, k_per_split), k_per_split
+
+
+def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8", scale_mode: str = "rceil",
+                      config: dict | None = None) -> torch.Tensor:
+    check_gemm_args(x_MK, w)
+    if x_MK.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"triton mxfp8 gemm: x must be bf16/fp16 on the GPU, got {x_MK.dtype}")
+    if not (x_MK.is_cuda and w.data.is_cuda):
+        raise ValueError("triton mxfp8 gemm: tensors must be on a CUDA device")
+    x = x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous()
+    data, scale = w.data.contiguous(), w.scale.contiguous()
+    M, K = x.shape
+    N = data.shape[0]
+    cfg = config or pick_config(M, N, K)
+    quant_x = act_mode == "w8a8"
+    if cfg["PATH"] == "dequant":  # compute-bound: exact dequantization, then cuBLAS bf16 (fp32 accumulate)
+        xq = act_qdq_triton(x, scale_mode) if quant_x else x
+        return torch.nn.functional.linear(xq, dequant_triton(MXFP8Tensor(data, scale), x.dtype))
+    if quant_x and cfg["PRE_QDQ"]:
+        x, quant_x = act_qdq_triton(x, scale_mode), False
+    split, k_per_split = _split(M, N, K, cfg) if cfg["SPLIT_TARGET"] else (1, triton.cdiv(K, cfg["BK"]) * cfg["BK"])
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
+    _mxfp8_gemm_kernel[grid](x, data, scale, out, M, N, K, x.stride(0), data.stride(0), scale.stride(0), N, M * N,
+                             k_per_split, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x,
+                             FLOOR=scale_mode == "floor", GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"],
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _split_reduce_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024)
+    return y
+
+
+assert BLOCK == 32  # the kernel's block arithmetic assumes 32-element MX blocks
