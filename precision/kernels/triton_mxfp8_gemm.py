@@ -5,8 +5,13 @@ the MMA is bf16 with fp32 accumulation (Hopper has no MX-scaled MMA). For w8a8 t
 tile is MXFP8 quantize-dequantized in registers along K with the recipe's rule, bit-exact with
 `precision.mxfp8.quantize` for bf16/fp16 inputs (the scale byte is computed from amax's
 exponent bits, which equals torch's ceil(log2(amax / 448)) for every bf16/fp16 value).
-Small-M shapes split K over several programs; partial sums are reduced in a fixed order, so
-results are deterministic. Reference: `mxfp8_gemm.mxfp8_gemm_ref`.
+Paths, chosen by `pick_config` from measurements (benchmarks/results/mxfp8_gemm*.json):
+- decode / small M: the fused kernel; K is split over several programs when the grid would not
+  fill the GPU, and the last program of each tile sums the partials in split order in the same
+  launch (deterministic); big weights quantize activations in a separate tiny pass first.
+- M >= DEQUANT_MIN_M (compute-bound): W is dequantized once to bf16 (exact), activations are
+  quantize-dequantized by a Triton pass, and cuBLAS runs the bf16 GEMM (fp32 accumulate).
+Reference: `mxfp8_gemm.mxfp8_gemm_ref`.
 Legend: M tokens, N out_features, K in_features; BM/BN/BK tile sizes.
 """
 from __future__ import annotations
@@ -41,8 +46,8 @@ def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
-def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_ym,
-                       stride_ys, K_PER_SPLIT: tl.constexpr,
+def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_wsn,
+                       stride_ym, stride_ys, K_PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_QUANT: tl.constexpr,
                        FLOOR: tl.constexpr, GROUP_M: tl.constexpr, GATHER_SCALES: tl.constexpr = False,
                        MMA_DTYPE: tl.constexpr = tl.bfloat16):
@@ -90,19 +95,24 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_w
             wf = tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None]
             wb = tl.reshape(wf, (BN, BK)).to(MMA_DTYPE)
         acc = tl.dot(x, tl.trans(wb), acc)
-    y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _split_reduce_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum over splits in a fixed order (deterministic), cast to y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(SPLIT):
-        acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if NSPLIT == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    else:
+        # Split-K without a second launch: every split writes its fp32 partial, the last one to
+        # arrive (per-tile counter) sums all partials in split order -- deterministic -- and
+        # resets the counter to 0 for the next call.
+        p_ptrs = p_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * stride_ys, acc, mask=mask_mn)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == NSPLIT - 1:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for i in range(NSPLIT):
+                total += tl.load(p_ptrs + i * stride_ys, mask=mask_mn, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_mn)
+            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -120,28 +130,39 @@ def _act_qdq_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_ym, BM: tl.constexpr, 
 def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_s = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-    s = tl.load(ws_ptr + offs_n[:, None] * (K // 32) + offs_k[None, :] // 32, mask=mask, other=127)
+    s = tl.load(ws_ptr + offs_n[:, None] * (K // 32) + offs_s[None, :],
+                mask=(offs_n[:, None] < N) & (offs_s[None, :] < K // 32), other=127)
     scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], (w.to(tl.float32) * scale).to(y_ptr.dtype.element_ty),
-             mask=mask)
+    y = tl.reshape(tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None], (BN, BK))
+    tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def act_qdq_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> torch.Tensor:
     """MXFP8 quantize-dequantize along K (bit-exact with precision.mxfp8 for bf16/fp16 input)."""
     M, K = x_MK.shape
     y = torch.empty_like(x_MK)
-    grid = (triton.cdiv(M, 16), triton.cdiv(K, 256))
-    _act_qdq_kernel[grid](x_MK, y, M, K, x_MK.stride(0), y.stride(0), BM=16, BK=256, FLOOR=scale_mode == "floor")
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 256))
+    _act_qdq_kernel[grid](x_MK, y, M, K, x_MK.stride(0), y.stride(0), BM=32, BK=256, FLOOR=scale_mode == "floor",
+                          num_warps=8)
     return y
 
 
 def dequant_triton(w: MXFP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     N, K = w.shape
     y = torch.empty(N, K, dtype=dtype, device=w.device)
-    _dequant_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 256))](w.data, w.scale, y, N, K, BN=32, BK=256)
+    _dequant_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 512))](w.data, w.scale, y, N, K, BN=32, BK=512,
+                                                                num_warps=8)
     return y
+
+
+@functools.lru_cache(maxsize=8)
+def _split_locks(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counters for split-K. Every call leaves them at zero again, so one buffer
+    per device serves all GEMMs issued on one stream (the engine's)."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,6 +171,8 @@ def _num_sms() -> int:
 
 
 DEQUANT_MIN_M = 512  # from here on: dequantize W once (Triton) and run cuBLAS bf16
+BIG_WEIGHT = 1 << 24  # elements; larger decode weights take BK=128 and a separate activation-quant pass
+MAX_TILES = 1 << 16
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,14 +180,18 @@ def pick_config(M: int, N: int, K: int) -> dict:
     """Tile shapes by M regime (callers must not mutate the cached dict)."""
     if M >= DEQUANT_MIN_M:
         return dict(PATH="dequant")
-    if M <= 16:
-        cfg = dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=4)
-    elif M <= 64:
+    big = N * K >= BIG_WEIGHT
+    if M <= 16 and big:  # measured (benchmarks/results/mxfp8_gemm_sweep.json): BK=128 streams best
+        return dict(PATH="fused", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, SPLIT_TARGET=2,
+                    GATHER_SCALES=False, PRE_QDQ=True)
+    if M <= 16:  # small weights: launch-bound; narrow tiles, more splits
+        return dict(PATH="fused", BM=16, BN=32, BK=256, num_warps=4, num_stages=4, SPLIT_TARGET=4,
+                    GATHER_SCALES=False, PRE_QDQ=False)
+    if M <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
     else:
         cfg = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
-    cfg.update(PATH="fused", SPLIT_TARGET=2, GATHER_SCALES=False, PRE_QDQ=False)
-    return cfg
+    return dict(cfg, PATH="fused", SPLIT_TARGET=2, GATHER_SCALES=False, PRE_QDQ=big)
 
 
 def _split(M: int, N: int, K: int, cfg: dict) -> tuple[int, int]:
@@ -196,14 +223,16 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
         x, quant_x = act_qdq_triton(x, scale_mode), False
     split, k_per_split = _split(M, N, K, cfg) if cfg["SPLIT_TARGET"] else (1, triton.cdiv(K, cfg["BK"]) * cfg["BK"])
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
-    _mxfp8_gemm_kernel[grid](x, data, scale, out, M, N, K, x.stride(0), data.stride(0), scale.stride(0), N, M * N,
-                             k_per_split, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x,
-                             FLOOR=scale_mode == "floor", GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"],
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        _split_reduce_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024)
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    if split > 1 and tiles > MAX_TILES:
+        split, k_per_split = 1, triton.cdiv(K, cfg["BK"]) * cfg["BK"]
+    partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    locks = _split_locks(x.device) if split > 1 else y
+    _mxfp8_gemm_kernel[(tiles, split)](x, data, scale, y, partial, locks, M, N, K, x.stride(0), data.stride(0),
+                                       scale.stride(0), N, M * N, k_per_split, NSPLIT=split, BM=cfg["BM"],
+                                       BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x, FLOOR=scale_mode == "floor",
+                                       GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"], num_warps=cfg["num_warps"],
+                                       num_stages=cfg["num_stages"])
     return y
 
 
