@@ -40,6 +40,12 @@ class DeepseekV3(nn.Module):
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
         self.lm_head.weight.requires_grad_(False)
 
+    def postprocess(self, layouts) -> None:
+        """Kernel-side weight layouts (cached gathers); run after loading and after each update."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "postprocess"):
+                module.postprocess(layouts)
+
     def new_cache(self, capacity: int, device: torch.device | str | None = None) -> list[LatentCache]:
         device = torch.device(device) if device is not None else self.embed_tokens.weight.device
         return [LatentCache(capacity, self.cfg, self.dtype, device) for _ in self.layers]

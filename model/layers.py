@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from precision import GemmConfig, MXFP8Tensor, linear
+from precision.layout import LayoutCache
 from precision.mxfp8 import BLOCK
 
 
@@ -34,10 +35,18 @@ class Linear(nn.Module):
         self.weight_scale_inv = frozen(self.out_features, self.in_features // BLOCK, dtype=torch.uint8, device=dev)
         self.gemm = gemm
 
+    def postprocess(self, layouts: LayoutCache) -> None:
+        """Derive kernel-side layouts from the stored bytes (after load and after every update)."""
+        if self.gemm.backend == "flashinfer" and hasattr(self, "weight_scale_inv"):
+            self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
+                                                       out=getattr(self, "weight_scale_swizzled", None))
+
     @property
     def qweight(self) -> torch.Tensor | MXFP8Tensor:
         scale = getattr(self, "weight_scale_inv", None)
-        return self.weight if scale is None else MXFP8Tensor(self.weight, scale)
+        if scale is None:
+            return self.weight
+        return MXFP8Tensor(self.weight, scale, swizzled_scale=getattr(self, "weight_scale_swizzled", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.qweight, self.gemm)

@@ -106,6 +106,7 @@ class MXFP8Tensor:
     data: torch.Tensor
     scale: torch.Tensor
     block_size: int = BLOCK
+    swizzled_scale: torch.Tensor | None = None  # kernel-side 128x4 layout, when a backend needs it
 
     def __post_init__(self):
         check_pair(self.data, self.scale, self.block_size)
@@ -127,4 +128,4 @@ class MXFP8Tensor:
 
     def __getitem__(self, idx) -> "MXFP8Tensor":
         """Index leading dims (e.g. one expert of a stacked [E, N, K] weight)."""
-        return MXFP8Tensor(self.data[idx], self.scale[idx], self.block_size)
+        return MXFP8Tensor(self.data[idx], self.scale[idx], self.block_size)  # swizzled layout is per 2-D weight

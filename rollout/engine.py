@@ -12,6 +12,7 @@ import torch
 from model import load_model
 from model.tokenizer import load_tokenizer
 from precision import GemmConfig, Recipe, select_backend
+from precision.layout import LayoutCache
 
 from .config import EngineConfig, engine_config
 from .presets import resolve_model_path
@@ -41,10 +42,16 @@ class Engine:
         self.dtype = DTYPES[dtype_name]
         self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
         backend, why = select_backend(self.device, cfg.gemm_backend)
+        if backend == "triton" and self.dtype == torch.float32:
+            if cfg.gemm_backend == "triton":
+                raise ValueError("gemm_backend='triton' takes bf16 activations; use dtype='bfloat16'")
+            backend, why = "torch", "torch reference (float32 engine; the Triton kernel takes bf16)"
         self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress)
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm)
+        self.layouts = LayoutCache()
+        self.model.postprocess(self.layouts)
         self.model_config = self.model.cfg
         self.context_length = cfg.context_length or self.model_config.max_position_embeddings
         self.tokenizer = load_tokenizer(self.model_path, self.model_config.bos_token_id)
