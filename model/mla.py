@@ -71,7 +71,7 @@ class MLA(nn.Module):
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
 
     def _softmax(self, scores_HTS: torch.Tensor, mask_TS: torch.Tensor) -> torch.Tensor:
-        scores_HTS = scores_HTS.float() * self.scale
+        scores_HTS = (scores_HTS * self.scale).float()  # scale in the model dtype, softmax in fp32 (as HF)
         return scores_HTS.masked_fill(~mask_TS, float("-inf")).softmax(dim=-1)
 
     def _naive(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS):

@@ -61,10 +61,10 @@ class Rope(torch.nn.Module):
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
     def forward(self, x_THR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate x [T, H, R] (fp32 math). Interleaved pairs (x0, x1), (x2, x3) come out de-interleaved
+        """Rotate x [T, H, R] (at least fp32 math). Interleaved pairs (x0, x1), (x2, x3) come out de-interleaved
         as [evens | odds]; q and k get the same layout, so their dot product is unchanged."""
         cos, sin = (t[:, None, :] for t in cos_sin)
-        x = x_THR.float()
+        x = x_THR.to(torch.promote_types(x_THR.dtype, torch.float32))
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:

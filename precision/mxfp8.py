@@ -31,11 +31,12 @@ _F32_MIN_NORMAL = 2.0**-126
 
 
 def quantize(x: torch.Tensor, block_size: int = BLOCK, scale_mode: str = "rceil") -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] (fp32/bf16/fp16) -> (data [..., K] float8_e4m3fn, scale [..., K/32] uint8 E8M0)."""
+    """x [..., K] (fp32/bf16/fp16; fp64 is rounded to fp32 first) -> (data [..., K] float8_e4m3fn,
+    scale [..., K/32] uint8 E8M0)."""
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode={scale_mode!r}; supported: {SCALE_MODES}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"quantize: input dtype {x.dtype} is not fp32/bf16/fp16")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"quantize: input dtype {x.dtype} is not fp32/bf16/fp16/fp64")
     if x.dim() == 0 or x.shape[-1] % block_size:
         raise ValueError(f"quantize: last dim of shape {tuple(x.shape)} must be a multiple of {block_size}")
     shape = x.shape

@@ -21,7 +21,8 @@ from .sampling_params import SamplingParams
 
 log = logging.getLogger("mxroll")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# float64 is a CPU reference dtype (numerical checks); serving uses bfloat16 or float32.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class Engine:

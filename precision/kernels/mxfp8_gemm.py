@@ -31,5 +31,5 @@ def check_gemm_args(x_MK: torch.Tensor, w: MXFP8Tensor) -> None:
         raise ValueError(f"mxfp8 gemm: x has K={x_MK.shape[-1]} but weight is {tuple(w.shape)}")
     if w.shape[1] % BLOCK:
         raise ValueError(f"mxfp8 gemm: K={w.shape[1]} must be a multiple of {BLOCK}")
-    if x_MK.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if x_MK.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise TypeError(f"mxfp8 gemm: x dtype {x_MK.dtype} unsupported")

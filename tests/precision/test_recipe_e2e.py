@@ -29,9 +29,9 @@ def to_mx(x, mode):
 
 
 def qdq(x, mode):
-    """The trainer's emulation: torchao quantize-dequantize along the last dim."""
-    scale, data = mx.to_mx(x.contiguous(), torch.float8_e4m3fn, 32, MODES[mode])
-    return mx.to_dtype(data, scale, torch.float8_e4m3fn, 32, x.dtype)
+    """The trainer's emulation: torchao quantize-dequantize along the last dim (fp64 goes through fp32)."""
+    scale, data = mx.to_mx(x.float().contiguous(), torch.float8_e4m3fn, 32, MODES[mode])
+    return mx.to_dtype(data, scale, torch.float8_e4m3fn, 32, torch.float32).to(x.dtype)
 
 
 def trainer_export(src, dst, mode, recipe=Recipe(), quantize_kv_b=False):
@@ -105,11 +105,13 @@ def test_mxfp8_kv_b_proj_is_dequantized_exactly(tmp_path, bf16_ckpt):
 
 class Emulated:
     """HF DeepseekV3 with the trainer's MXFP8 forward: the recipe's weights and their input
-    activations quantize-dequantized along K by torchao; high-precision layers untouched."""
+    activations quantize-dequantized along K by torchao; high-precision layers untouched.
+    Both sides run in float64 so that no platform's fp32 summation order can move an activation
+    across an e4m3 rounding boundary (which would make the comparison machine-dependent)."""
 
     def __init__(self, path, mode, act=True):
         self.hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
-            path, dtype=torch.float32, experts_implementation="eager").eval()  # eager experts call F.linear
+            path, dtype=torch.float64, experts_implementation="eager").eval()  # eager experts call F.linear
         self.mode, self.act = mode, act
         recipe = Recipe()
         with torch.no_grad():
@@ -145,7 +147,7 @@ class Emulated:
 def test_engine_matches_hf_with_trainer_emulation(tmp_path, bf16_ckpt, mode, act_mode):
     path, _ = trainer_export(bf16_ckpt, tmp_path / "mx", mode)
     ref = Emulated(bf16_ckpt, mode, act=act_mode == "w8a8")
-    engine = Engine(model_path=str(path), device="cpu", dtype="float32", progress=False,
+    engine = Engine(model_path=str(path), device="cpu", dtype="float64", progress=False,
                     act_mode=act_mode, scale_mode=mode)
     assert engine.get_model_info()["mxfp8_modules"] > 10
     ids = torch.randint(2, 300, (12,), generator=torch.Generator().manual_seed(9)).tolist()

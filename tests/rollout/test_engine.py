@@ -79,7 +79,7 @@ def test_engine_config_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         Engine(model_path=str(tiny_checkpoint), bogus=1)
     with pytest.raises(ValueError, match="dtype"):
-        Engine(model_path=str(tiny_checkpoint), dtype="float64")
+        Engine(model_path=str(tiny_checkpoint), dtype="float16")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         Engine(model_path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="unknown model preset"):
