@@ -213,3 +213,21 @@ def test_recipe_decisions():
     assert not Recipe(high_precision=("kv_b_proj", "shared_experts")).wants_mxfp8("layers.3.mlp.shared_experts.up_proj")
     with pytest.raises(RecipeError, match="act_mode"):
         Recipe(act_mode="w4a4")
+
+
+def test_make_checkpoint_mxfp8_cli(tmp_path):
+    from rollout.cli import main
+    assert main(["make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / "a"), "--mxfp8"]) == 0
+    assert main(["make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "mxfp8"
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    w = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert a[w].dtype == torch.float8_e4m3fn and a[w + "_scale_inv"].dtype == torch.uint8
+    ref_data, ref_scale = to_mx(b[w], "rceil")  # same seeded bf16 weights, quantized by torchao
+    assert torch.equal(a[w].view(torch.uint8), ref_data.view(torch.uint8)) and torch.equal(a[w + "_scale_inv"], ref_scale)
+    kvb = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert a[kvb].dtype == torch.bfloat16 and kvb + "_scale_inv" not in a
+    info = Engine(model_path=str(tmp_path / "a"), device="cpu", progress=False).get_model_info()
+    assert info["quantization"] == "mxfp8" and info["mxfp8_modules"] == 3 * 4 + 3 + 2 * (1 + 3)  # attn x4 per layer, dense MLP, experts + shared
