@@ -236,6 +236,9 @@ def plan_model(model: DeepseekV3, quantization: str | None, recipe: Recipe, gemm
                         quantization, recipe)
     for name in plan.mxfp8_modules:
         modules[name].use_mxfp8(gemm)
+    for name, module in modules.items():  # bf16 experts use the fused MoE kernel too
+        if name.endswith("mlp.experts") and name not in plan.mxfp8_modules:
+            module.gemm = gemm
     return plan
 
 

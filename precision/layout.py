@@ -12,10 +12,24 @@ from dataclasses import dataclass, field
 import torch
 
 
-def blocked_128x4_index(rows: int, cols: int) -> torch.Tensor:
-    """cuBLAS/CUTLASS 128x4 block-scaling layout of a [rows, cols] E8M0 scale matrix (rows padded
-    to 128, cols to 4): 128x4 tiles in row-major tile order, each stored as [32][4][4] with
-    offset (r % 32) * 16 + (r // 32) * 4 + c. Returns, per output byte, its source index."""
+def blocked_128x4_index(*shape: int) -> torch.Tensor:
+    """cuBLAS/CUTLASS 128x4 block-scaling layout of [..., rows, cols] E8M0 scales (each matrix's
+    rows padded to 128, cols to 4): 128x4 tiles in row-major tile order, each stored as
+    [32][4][4] with offset (r % 32) * 16 + (r // 32) * 4 + c; leading dims (experts) stack.
+    Returns, per output byte, its source index."""
+    *lead, rows, cols = shape
+    one = _blocked_2d(rows, cols)
+    batch = 1
+    for d in lead:
+        batch *= d
+    if batch == 1:
+        return one
+    total = batch * rows * cols
+    offs = torch.arange(batch)[:, None] * (rows * cols)
+    return torch.where(one[None, :] == rows * cols, total, one[None, :] + offs).reshape(-1)
+
+
+def _blocked_2d(rows: int, cols: int) -> torch.Tensor:
     pr, pc = -(-rows // 128) * 128, -(-cols // 4) * 4
     r = torch.arange(pr)[:, None].expand(pr, pc)
     c = torch.arange(pc)[None, :].expand(pr, pc)

@@ -5,6 +5,8 @@ w13_EFD holds [gate; up] stacked along F (2F rows); w2_EDF is the down projectio
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,15 @@ Weight = torch.Tensor | MXFP8Tensor
 
 def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
             w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
+    """The grouped-expert seam: Triton fused MoE on sm90 (bf16 activations), else the reference."""
+    if gemm.backend == "triton" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
+        from .kernels.triton_moe import fused_moe_triton
+        return fused_moe_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, gemm.act_mode, gemm.scale_mode)
+    return experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, replace(gemm, backend="torch"))
+
+
+def experts_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
     """sum_k w[t,k] * down(silu(gate(x)) * up(x)) over each token's experts; fp32 combine, x's dtype out.
     topk_weights already carry the routed scaling factor (fused into top-k by the router).
     MXFP8 experts run each GEMM through `linear` (w8a8: activations quantized along K first)."""

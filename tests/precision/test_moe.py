@@ -1,0 +1,144 @@
+"""MoE: the router contract against HF's DeepseekV3MoE block, the grouped-expert seam, the
+align-block-size step, and (on sm90) the Triton fused MoE against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import ModelConfig
+from model.moe import MoE
+from precision import GemmConfig, MXFP8Tensor
+from precision.kernels.moe_align import align_block_size, align_block_size_ref
+from precision.moe import experts_ref
+
+transformers = pytest.importorskip("transformers")
+mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                          reason="needs an sm90 GPU")
+
+
+def block_pair(n_group, topk_group, norm, scale, dtype=torch.float32, E=16, K=4, seed=0):
+    from tests.conftest import BASE
+    d = dict(BASE, n_routed_experts=E, num_experts_per_tok=K, n_group=n_group, topk_group=topk_group,
+             norm_topk_prob=norm, routed_scaling_factor=scale, first_k_dense_replace=0, q_lora_rank=None,
+             num_hidden_layers=1, n_shared_experts=1)
+    hf_cfg = transformers.DeepseekV3Config(**d)
+    hf_cfg._experts_implementation = "eager"
+    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(hf_cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        hf.gate.e_score_correction_bias.copy_(0.1 * torch.randn(E, generator=g))
+    ours = MoE(ModelConfig.from_dict(dict(d, model_type="deepseek_v3")), dtype)
+    with torch.no_grad():
+        ours.gate.weight.copy_(hf.gate.weight)
+        ours.gate.e_score_correction_bias.copy_(hf.gate.e_score_correction_bias.float())
+        ours.experts.w13_weight.copy_(hf.experts.gate_up_proj)
+        ours.experts.w2_weight.copy_(hf.experts.down_proj)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_experts, n).weight.copy_(getattr(hf.shared_experts, n).weight)
+    return hf, ours
+
+
+@pytest.mark.parametrize("n_group, topk_group, norm", [(1, 1, True), (4, 2, True), (4, 2, False), (8, 2, True)])
+def test_moe_block_matches_hf(n_group, topk_group, norm):
+    hf, ours = block_pair(n_group, topk_group, norm, 2.446)
+    x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x)[0] if isinstance(hf(x), tuple) else hf(x)
+    got = ours(x[0])
+    assert (got - ref[0]).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_routed_scaling_factor_applied_exactly_once():
+    """Equal to HF's block with the factor, and measurably different from the same block with the
+    factor applied zero times or twice: fails if the factor is dropped or doubled anywhere."""
+    hf, ours = block_pair(4, 2, True, 2.5)
+    x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(2))
+    got = ours(x[0])
+    outs = {}
+    for factor in (1.0, 2.5, 6.25):
+        hf.gate.routed_scaling_factor = factor
+        with torch.no_grad():
+            outs[factor] = hf(x)[0]
+    assert (got - outs[2.5]).abs().max() < 1e-5
+    assert (got - outs[1.0]).abs().max() > 1e-2 and (got - outs[6.25]).abs().max() > 1e-2
+
+
+def qdq(t):
+    scale, data = mx.to_mx(t.float().contiguous(), torch.float8_e4m3fn, 32, ScaleCalculationMode.RCEIL)
+    return mx.to_dtype(data, scale, torch.float8_e4m3fn, 32, torch.float32).to(t.dtype)
+
+
+def test_mxfp8_experts_match_hf_block_with_trainer_emulation():
+    hf, ours = block_pair(4, 2, True, 2.446, dtype=torch.float64, E=16, K=4, seed=3)
+    with torch.no_grad():
+        hf.experts.gate_up_proj.copy_(qdq(hf.experts.gate_up_proj))
+        hf.experts.down_proj.copy_(qdq(hf.experts.down_proj))
+    w13 = MXFP8Tensor.quantize(ours.experts.w13_weight.float())
+    w2 = MXFP8Tensor.quantize(ours.experts.w2_weight.float())
+    x = torch.randn(30, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    weights, ids = ours.gate(x)
+    got = experts_ref(x, ids, weights, w13, w2, GemmConfig("w8a8"))
+    original = torch.nn.functional.linear
+    torch.nn.functional.linear = lambda a, w, b=None: original(qdq(a), w, b)
+    try:
+        with torch.no_grad():
+            ref = hf.experts(x, ids, weights.to(torch.float64))
+    finally:
+        torch.nn.functional.linear = original
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-6  # fp32 combine; a quantization slip is ~1e-2
+
+
+@pytest.mark.parametrize("T, K, E, BM", [(5, 2, 8, 4), (1, 6, 64, 16), (33, 3, 4, 16), (7, 1, 1, 8), (64, 8, 256, 16)])
+def test_align_block_size(T, K, E, BM):
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    if T > 5:
+        ids[:, 0] = 0  # one hot expert; many experts get no token
+    a = align_block_size(ids, E, BM)
+    ref_ids, ref_exp = align_block_size_ref(ids, E, BM)
+    assert a.sorted_ids[:len(ref_ids)].tolist() == ref_ids
+    assert a.block_expert[:len(ref_exp)].tolist() == ref_exp
+    assert (a.block_expert[len(ref_exp):] == E).all() and (a.sorted_ids[len(ref_ids):] == T * K).all()
+
+
+def moe_case(T, E, K, D, F, quant, hot=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
+    if hot:
+        ids[:, 0] = 3
+    w = torch.rand(T, K, device="cuda", generator=g) * 2.5
+    w13 = (torch.randn(E, 2 * F, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, D, F, device="cuda", generator=g) / F ** 0.5).to(torch.bfloat16)
+    if quant:
+        w13, w2 = MXFP8Tensor.quantize(w13), MXFP8Tensor.quantize(w2)
+    return x, ids, w, w13, w2
+
+
+@cuda
+@pytest.mark.parametrize("quant, act_mode", [(False, "w8a8"), (True, "w8a8"), (True, "w8a16")])
+def test_fused_moe_matches_reference(quant, act_mode):
+    from precision.kernels.triton_moe import fused_moe_triton
+    for T, hot in ((1, False), (2, False), (5, True), (16, False), (64, False), (100, True), (1000, False),
+                   (8192, False)):
+        x, ids, w, w13, w2 = moe_case(T, 64, 6, 256, 160, quant, hot, seed=T)
+        y = fused_moe_triton(x, ids, w, w13, w2, act_mode)
+        ref = experts_ref(x, ids, w, w13, w2, GemmConfig(act_mode))
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert y.shape == ref.shape and torch.isfinite(y).all() and err < 1e-2, (T, err)
+
+
+@cuda
+def test_fused_moe_all_tokens_on_one_expert_and_determinism():
+    from precision.kernels.triton_moe import fused_moe_triton
+    x, ids, w, w13, w2 = moe_case(300, 8, 1, 128, 64, True)
+    ids[:] = 5
+    y = fused_moe_triton(x, ids, w, w13, w2)
+    ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert all(torch.equal(fused_moe_triton(x, ids, w, w13, w2), y) for _ in range(10))
