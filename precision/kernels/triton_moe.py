@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 from ..mxfp8 import MXFP8Tensor
-from .moe_align import align_block_size
+from .moe_align import align_block_size, align_pairs
+
+PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one block per pair
 from .triton_mxfp8_gemm import _act_qdq, act_qdq_triton
 
 
@@ -127,7 +129,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     w8a8 = quant and act_mode == "w8a8"
     x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 else x_TD.contiguous()
-    al = align_block_size(topk_ids_TK, E, BM)
+    al = align_pairs(topk_ids_TK, BM) if T * K <= PAIR_BLOCKS_MAX else align_block_size(topk_ids_TK, E, BM)
     R = al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
     s13 = w13.scale.contiguous() if quant else d13
