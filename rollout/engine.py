@@ -59,8 +59,9 @@ class Engine:
         self.weight_version = "default"
         self._generator = torch.Generator(self.device).manual_seed(cfg.seed)
         mx = "MXFP8 GEMMs: " + why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
-        log.info("engine ready: %s on %s (%s); %s; attention and MoE on the torch reference path",
-                 self.model_path, self.device, dtype_name, mx)
+        moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
+        log.info("engine ready: %s on %s (%s); %s; %s; attention on the torch reference path",
+                 self.model_path, self.device, dtype_name, mx, moe)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
