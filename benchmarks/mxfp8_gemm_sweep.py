@@ -48,7 +48,42 @@ def run(w, x, ws, xs, mode, cfg):
     return t, err
 
 
+BIG = dict(PATH="fused", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, SPLIT_TARGET=2, GATHER_SCALES=False,
+           PRE_QDQ=True)
+BIG_VARIANTS = {
+    "big_base": {}, "st3": dict(num_stages=3), "st5": dict(num_stages=5), "st6": dict(num_stages=6),
+    "bn32": dict(BN=32), "bn32_st6": dict(BN=32, num_stages=6), "bn128_w8": dict(BN=128, num_warps=8),
+    "w8": dict(num_warps=8), "bk64_st8": dict(BK=64, num_stages=8), "stream": dict(STREAM_W=True),
+    "stream_st5": dict(STREAM_W=True, num_stages=5), "split1": dict(SPLIT_TARGET=1), "split4": dict(SPLIT_TARGET=4),
+    "bn32_split4": dict(BN=32, SPLIT_TARGET=4),
+}
+BIG_SHAPES = ["dsv3.mlp_gate", "dsv3.mlp_down", "dsv3.o_proj", "dsv3.q_b_proj", "moonlight.mlp_gate"]
+
+
+def big_sweep(bw):
+    """Second round: variants around the chosen config for weights >= 16M elements (M=1, 16)."""
+    rows = []
+    for name in BIG_SHAPES:
+        N, K = SHAPES[name]
+        for M in (1, 16):
+            w, x, ws, xs = setup(N, K, M)
+            floor = (N * K * 33 / 32 + 2 * M * K + 2 * M * N) / bw
+            for vname, over in BIG_VARIANTS.items():
+                t, err = run(w, x, ws, xs, "w8a8", dict(BIG, **over))
+                rows.append(dict(shape=name, M=M, variant=vname, mode="w8a8", us=t * 1e6, roof=floor / t, err=err))
+                print(f"{name:<20}{M:>4} {vname:<12}{t * 1e6:8.1f}us {100 * floor / t:5.0f}% err {err:.1e}", flush=True)
+            del ws, xs
+    return rows
+
+
 def main():
+    if "--big" in sys.argv:
+        env = environment()
+        bw = measure_copy_bandwidth()
+        rows = big_sweep(bw)
+        write_results("mxfp8_gemm_sweep2", {"benchmark": "mxfp8_gemm_sweep2", **env, "copy_GBps": bw / 1e9,
+                                            "rows": rows})
+        return
     env = environment()
     bw = measure_copy_bandwidth()
     rows = []

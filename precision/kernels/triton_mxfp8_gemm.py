@@ -50,6 +50,7 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, st
                        stride_ym, stride_ys, K_PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_QUANT: tl.constexpr,
                        FLOOR: tl.constexpr, GROUP_M: tl.constexpr, GATHER_SCALES: tl.constexpr = False,
+                       STREAM_W: tl.constexpr = False,
                        MMA_DTYPE: tl.constexpr = tl.bfloat16):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -81,7 +82,7 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, st
             x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
         x = x.to(MMA_DTYPE)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0)
+                    other=0.0, eviction_policy="evict_first" if STREAM_W else "")
         if GATHER_SCALES:  # one scale byte per element, 32 lanes share an address (L1 broadcast)
             s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + kk[None, :] // 32,
                         mask=mask_n[:, None] & mask_k[None, :], other=127)
@@ -231,7 +232,8 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     _mxfp8_gemm_kernel[(tiles, split)](x, data, scale, y, partial, locks, M, N, K, x.stride(0), data.stride(0),
                                        scale.stride(0), N, M * N, k_per_split, NSPLIT=split, BM=cfg["BM"],
                                        BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x, FLOOR=scale_mode == "floor",
-                                       GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"], num_warps=cfg["num_warps"],
+                                       GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"],
+                                       STREAM_W=cfg.get("STREAM_W", False), num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
     return y
 
