@@ -55,7 +55,9 @@ BIG_VARIANTS = {
     "bn32": dict(BN=32), "bn32_st6": dict(BN=32, num_stages=6), "bn128_w8": dict(BN=128, num_warps=8),
     "w8": dict(num_warps=8), "bk64_st8": dict(BK=64, num_stages=8), "stream": dict(STREAM_W=True),
     "stream_st5": dict(STREAM_W=True, num_stages=5), "split1": dict(SPLIT_TARGET=1), "split4": dict(SPLIT_TARGET=4),
-    "bn32_split4": dict(BN=32, SPLIT_TARGET=4),
+    "bn32_split4": dict(BN=32, SPLIT_TARGET=4), "tma": dict(USE_TMA=True), "tma_st6": dict(USE_TMA=True, num_stages=6),
+    "tma_bk256": dict(USE_TMA=True, BK=256, num_stages=3), "tma_bn128": dict(USE_TMA=True, BN=128),
+    "tma_w8": dict(USE_TMA=True, num_warps=8),
 }
 BIG_SHAPES = ["dsv3.mlp_gate", "dsv3.mlp_down", "dsv3.o_proj", "dsv3.q_b_proj", "moonlight.mlp_gate"]
 
@@ -80,8 +82,16 @@ def main():
     if "--big" in sys.argv:
         env = environment()
         bw = measure_copy_bandwidth()
+        if "--tma" in sys.argv:
+            BIG_VARIANTS.clear()
+            BIG_VARIANTS.update({"big_base": {}, "tma": dict(USE_TMA=True), "tma_st3": dict(USE_TMA=True, num_stages=3),
+                                 "tma_st6": dict(USE_TMA=True, num_stages=6),
+                                 "tma_bk256": dict(USE_TMA=True, BK=256, num_stages=3),
+                                 "tma_bn128": dict(USE_TMA=True, BN=128), "tma_w8": dict(USE_TMA=True, num_warps=8),
+                                 "tma_bn32": dict(USE_TMA=True, BN=32)})
         rows = big_sweep(bw)
-        write_results("mxfp8_gemm_sweep2", {"benchmark": "mxfp8_gemm_sweep2", **env, "copy_GBps": bw / 1e9,
+        name = "mxfp8_gemm_sweep3" if "--tma" in sys.argv else "mxfp8_gemm_sweep2"
+        write_results(name, {"benchmark": name, **env, "copy_GBps": bw / 1e9,
                                             "rows": rows})
         return
     env = environment()

@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..mxfp8 import BLOCK, MXFP8Tensor
 from .mxfp8_gemm import check_gemm_args
@@ -46,11 +47,11 @@ def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
-def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_wsn,
+def _mxfp8_gemm_kernel(x_ptr, w_ptr, w_desc, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_wsn,
                        stride_ym, stride_ys, K_PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_QUANT: tl.constexpr,
                        FLOOR: tl.constexpr, GROUP_M: tl.constexpr, GATHER_SCALES: tl.constexpr = False,
-                       STREAM_W: tl.constexpr = False,
+                       STREAM_W: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                        MMA_DTYPE: tl.constexpr = tl.bfloat16):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -81,8 +82,12 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, st
         if ACT_QUANT:
             x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
         x = x.to(MMA_DTYPE)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0, eviction_policy="evict_first" if STREAM_W else "")
+        if USE_TMA:  # bulk tensor copy of the fp8 tile; out-of-bounds rows/cols arrive as zeros
+            w = w_desc.load([pid_n * BN, k])
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+                        eviction_policy="evict_first" if STREAM_W else "")
         if GATHER_SCALES:  # one scale byte per element, 32 lanes share an address (L1 broadcast)
             s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + kk[None, :] // 32,
                         mask=mask_n[:, None] & mask_k[None, :], other=127)
@@ -229,11 +234,14 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
         split, k_per_split = 1, triton.cdiv(K, cfg["BK"]) * cfg["BK"]
     partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _split_locks(x.device) if split > 1 else y
-    _mxfp8_gemm_kernel[(tiles, split)](x, data, scale, y, partial, locks, M, N, K, x.stride(0), data.stride(0),
+    use_tma = cfg.get("USE_TMA", False) and K % 16 == 0
+    w_desc = TensorDescriptor.from_tensor(data, [cfg["BN"], cfg["BK"]]) if use_tma else None
+    _mxfp8_gemm_kernel[(tiles, split)](x, data, w_desc, scale, y, partial, locks, M, N, K, x.stride(0), data.stride(0),
                                        scale.stride(0), N, M * N, k_per_split, NSPLIT=split, BM=cfg["BM"],
                                        BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x, FLOOR=scale_mode == "floor",
                                        GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"],
-                                       STREAM_W=cfg.get("STREAM_W", False), num_warps=cfg["num_warps"],
+                                       STREAM_W=cfg.get("STREAM_W", False), USE_TMA=use_tma,
+                                       num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
     return y
 

@@ -72,3 +72,17 @@ def test_helper_kernels_are_exact(scale_mode):
     assert torch.equal(dequant_triton(w), w.dequantize(torch.bfloat16))
     x = (torch.randn(77, 1056, device="cuda", generator=g) * 40).to(torch.bfloat16)
     assert torch.equal(act_qdq_triton(x, scale_mode), fake_quant(x, scale_mode))
+
+
+@cuda
+@pytest.mark.parametrize("tma", [False, True])
+def test_big_weight_decode_configs(tma):
+    from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = MXFP8Tensor.quantize(torch.randn(4160, 4096, device="cuda", generator=g) * 0.02)
+    for M in (1, 5, 16):
+        cfg = dict(pick_config(M, 4160, 4096), USE_TMA=tma)
+        x = torch.randn(M, 4096, device="cuda", generator=g).to(torch.bfloat16)
+        for mode in ("w8a8", "w8a16"):
+            y = mxfp8_gemm_triton(x, w, mode, config=cfg)
+            assert rel(y, mxfp8_gemm_ref(x, w, mode, "rceil")) < 1e-2
