@@ -187,9 +187,9 @@ def pick_config(M: int, N: int, K: int) -> dict:
     if M >= DEQUANT_MIN_M:
         return dict(PATH="dequant")
     big = N * K >= BIG_WEIGHT
-    if M <= 16 and big:  # measured (benchmarks/results/mxfp8_gemm_sweep.json): BK=128 streams best
+    if M <= 16 and big:  # measured (benchmarks/results/mxfp8_gemm_sweep*.json): BK=128, TMA loads stream best
         return dict(PATH="fused", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, SPLIT_TARGET=2,
-                    GATHER_SCALES=False, PRE_QDQ=True)
+                    GATHER_SCALES=False, PRE_QDQ=True, USE_TMA=True)
     if M <= 16:  # small weights: launch-bound; narrow tiles, more splits
         return dict(PATH="fused", BM=16, BN=32, BK=256, num_warps=4, num_stages=4, SPLIT_TARGET=4,
                     GATHER_SCALES=False, PRE_QDQ=False)
