@@ -51,12 +51,3 @@ def align_block_size_ref(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -
         experts += [e] * (len(run) // BM)
     return ids, experts
 
-
-def align_pairs(topk_ids_TK: torch.Tensor, BM: int) -> Alignment:
-    """Decode shortcut: every (token, k) pair is its own block (row 0 valid, BM-1 padding rows).
-    Three tiny ops instead of a sort; right when few pairs share an expert (T*K << E)."""
-    flat = topk_ids_TK.reshape(-1)
-    n = flat.numel()
-    r = torch.arange(n * BM, device=flat.device, dtype=torch.int32)
-    sorted_ids = torch.where(r % BM == 0, r // BM, n)
-    return Alignment(sorted_ids, flat.to(torch.int32), BM)

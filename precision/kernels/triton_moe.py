@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..mxfp8 import MXFP8Tensor
-from .moe_align import align_block_size, align_pairs
+from .moe_align import align_block_size
 
 PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one block per pair
 from .triton_mxfp8_gemm import _act_qdq, act_qdq_triton
@@ -39,16 +39,27 @@ def _load_w(w_ptr, ws_ptr, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: 
 
 
 @triton.jit
+def _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM: tl.constexpr, PAIRS: tl.constexpr):
+    """Rows of block pid_b: (row slots, flat (token, k) ids, valid mask, expert).
+    PAIRS: block b is pair b alone (row 0), its expert read from the top-k ids; no sort needed."""
+    rows = pid_b * BM + tl.arange(0, BM)
+    if PAIRS:
+        rid = tl.where(tl.arange(0, BM) == 0, pid_b, n_rows)
+        e = tl.load(bexp_ptr + pid_b).to(tl.int32)
+    else:
+        rid = tl.load(ids_ptr + rows)
+        e = tl.load(bexp_ptr + pid_b)
+    return rows, rid, rid < n_rows, e
+
+
+@triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, TOPK, D, F, E,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr):
+                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr):
     pid_b = tl.program_id(0)
-    e = tl.load(bexp_ptr + pid_b)
+    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
     if e >= E:
         return
-    rows = pid_b * BM + tl.arange(0, BM)
-    rid = tl.load(ids_ptr + rows)
-    valid = rid < n_rows
     tok = rid // TOPK
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask_n = offs_n < F
@@ -78,14 +89,12 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, 
 
 @triton.jit
 def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, bexp_ptr, topk_w_ptr, n_rows, D, F, E,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
+                     PAIRS: tl.constexpr):
     pid_b = tl.program_id(0)
-    e = tl.load(bexp_ptr + pid_b)
+    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
     if e >= E:
         return
-    rows = pid_b * BM + tl.arange(0, BM)
-    rid = tl.load(ids_ptr + rows)
-    valid = rid < n_rows
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask_n = offs_n < D
     w_e = w_ptr + e.to(tl.int64) * D * F
@@ -129,16 +138,20 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     w8a8 = quant and act_mode == "w8a8"
     x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 else x_TD.contiguous()
-    al = align_pairs(topk_ids_TK, BM) if T * K <= PAIR_BLOCKS_MAX else align_block_size(topk_ids_TK, E, BM)
-    R = al.sorted_ids.numel()
+    pairs = T * K <= PAIR_BLOCKS_MAX
+    if pairs:  # the kernels index pairs directly: sorted ids unused, experts from the top-k ids
+        ids, bexp, R = topk_ids_TK, topk_ids_TK.reshape(-1), T * K * BM
+    else:
+        al = align_block_size(topk_ids_TK, E, BM)
+        ids, bexp, R = al.sorted_ids, al.block_expert, al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
     s13 = w13.scale.contiguous() if quant else d13
     s2 = w2.scale.contiguous() if quant else d2
     _moe_gate_up_kernel[(R // BM, triton.cdiv(F, BN))](
-        x, d13.contiguous(), s13, h, al.sorted_ids, al.block_expert, T * K, K, D, F, E, BM=BM, BN=BN, BK=BK,
-        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", **cfg)
+        x, d13.contiguous(), s13, h, ids, bexp, T * K, K, D, F, E, BM=BM, BN=BN, BK=BK,
+        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, **cfg)
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
     _moe_down_kernel[(R // BM, triton.cdiv(D, BN))](
-        h, d2.contiguous(), s2, out, al.sorted_ids, al.block_expert, topk_weights_TK.float().contiguous(), T * K,
-        D, F, E, BM=BM, BN=BN, BK=BK, QUANT_W=quant, **cfg)
+        h, d2.contiguous(), s2, out, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
+        D, F, E, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, **cfg)
     return out.view(T, K, D).sum(dim=1).to(x_TD.dtype)
