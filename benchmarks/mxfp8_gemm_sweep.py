@@ -62,18 +62,24 @@ BIG_VARIANTS = {
 BIG_SHAPES = ["dsv3.mlp_gate", "dsv3.mlp_down", "dsv3.o_proj", "dsv3.q_b_proj", "moonlight.mlp_gate"]
 
 
-def big_sweep(bw):
-    """Second round: variants around the chosen config for weights >= 16M elements (M=1, 16)."""
+def sweep_decode(shapes, variants, base, bw, modes_for):
+    """Time each variant (config overrides of `base`) at M=1 and 16; mode "w8a8_pre" quantizes x
+    in a separate pass first."""
     rows = []
-    for name in BIG_SHAPES:
+    for name in shapes:
         N, K = SHAPES[name]
         for M in (1, 16):
             w, x, ws, xs = setup(N, K, M)
             floor = (N * K * 33 / 32 + 2 * M * K + 2 * M * N) / bw
-            for vname, over in BIG_VARIANTS.items():
-                t, err = run(w, x, ws, xs, "w8a8", dict(BIG, **over))
-                rows.append(dict(shape=name, M=M, variant=vname, mode="w8a8", us=t * 1e6, roof=floor / t, err=err))
-                print(f"{name:<20}{M:>4} {vname:<12}{t * 1e6:8.1f}us {100 * floor / t:5.0f}% err {err:.1e}", flush=True)
+            for vname, over in variants.items():
+                for mode in modes_for(vname):
+                    cfg = dict(base, **over)
+                    if mode.endswith("_pre"):
+                        cfg["PRE_QDQ"] = True
+                    t, err = run(w, x, ws, xs, mode.removesuffix("_pre"), cfg)
+                    rows.append(dict(shape=name, M=M, variant=vname, mode=mode, us=t * 1e6, roof=floor / t, err=err))
+                    print(f"{name:<20}{M:>4} {vname:<12}{mode:<9}{t * 1e6:8.1f}us {100 * floor / t:5.0f}% err {err:.1e}",
+                          flush=True)
             del ws, xs
     return rows
 
@@ -89,7 +95,7 @@ def main():
                                  "tma_bk256": dict(USE_TMA=True, BK=256, num_stages=3),
                                  "tma_bn128": dict(USE_TMA=True, BN=128), "tma_w8": dict(USE_TMA=True, num_warps=8),
                                  "tma_bn32": dict(USE_TMA=True, BN=32)})
-        rows = big_sweep(bw)
+        rows = sweep_decode(BIG_SHAPES, BIG_VARIANTS, BIG, bw, lambda v: ["w8a8"])
         name = "mxfp8_gemm_sweep3" if "--tma" in sys.argv else "mxfp8_gemm_sweep2"
         write_results(name, {"benchmark": name, **env, "copy_GBps": bw / 1e9,
                                             "rows": rows})
@@ -98,20 +104,8 @@ def main():
     bw = measure_copy_bandwidth()
     rows = []
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s")
-    for name in DECODE_SHAPES:
-        N, K = SHAPES[name]
-        for M in (1, 16):
-            w, x, ws, xs = setup(N, K, M)
-            floor = (N * K * 33 / 32 + 2 * M * K + 2 * M * N) / bw
-            for vname, over in DECODE_VARIANTS.items():
-                modes = ["w8a16", "w8a8", "w8a8_pre"] if vname == "base" else ["w8a16"]
-                for mode in modes:
-                    cfg = dict(BASE, **over, PRE_QDQ=mode == "w8a8_pre")
-                    t, err = run(w, x, ws, xs, mode.removesuffix("_pre"), cfg)
-                    rows.append(dict(shape=name, M=M, variant=vname, mode=mode, us=t * 1e6, roof=floor / t, err=err))
-                    print(f"{name:<20}{M:>4} {vname:<12}{mode:<9}{t * 1e6:8.1f}us {100 * floor / t:5.0f}% err {err:.1e}",
-                          flush=True)
-            del ws, xs
+    rows += sweep_decode(DECODE_SHAPES, DECODE_VARIANTS, BASE, bw,
+                         lambda v: ["w8a16", "w8a8", "w8a8_pre"] if v == "base" else ["w8a16"])
     for name in MID_SHAPES:
         N, K = SHAPES[name]
         for M in (32, 64, 128, 256, 512, 1024, 4096):

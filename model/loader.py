@@ -27,6 +27,7 @@ from precision.mxfp8 import dequantize, quantize
 
 from .config import ModelConfig
 from .deepseek import DeepseekV3
+from .names import SCALE_SUFFIX as SCALE
 from .names import Target, engine_to_hf, hf_to_engine
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
 MAX_LISTED = 25
-SCALE = "_scale_inv"
 
 
 class CheckpointError(ValueError):
@@ -129,8 +129,7 @@ class _Loader:
             return self.report.skipped.append(name)
         is_scale = target.param.endswith(SCALE)
         data_param = target.param[:-len(SCALE)] if is_scale else target.param
-        if data_param not in self.params or (is_scale and target.param not in self.params
-                                              and self.params[data_param].dtype == torch.float8_e4m3fn):
+        if data_param not in self.params:
             return self.problems.append(f"unexpected tensor {name!r} (this model has no {target.param})")
         param = self.params[data_param]
         if target.expert is not None and not 0 <= target.expert < param.shape[0]:

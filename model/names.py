@@ -71,8 +71,8 @@ def engine_to_hf(param: str, expert: int | None = None, half: int | None = None)
 
 def module_of(param: str) -> str:
     """Engine module owning a parameter: `layers.1.mlp.experts.w13_weight` -> `layers.1.mlp.experts`."""
+    base = param.removesuffix(SCALE_SUFFIX)
     for suffix in (".w13_weight", ".w2_weight", ".weight"):
-        base = param.removesuffix(SCALE_SUFFIX)
         if base.endswith(suffix):
             return base[:-len(suffix)]
     return param.rsplit(".", 1)[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_output_format(engine):
         "meta_info"]
 
 
-def test_stop_tokens_and_eos(engine):
+def test_stop_tokens_and_eos(engine, tiny_checkpoint, tmp_path):
     free = engine.generate(input_ids=[0, 40, 41], sampling_params={"temperature": 0, "max_new_tokens": 8,
                                                                    "ignore_eos": True})
     stop = free["output_ids"][2]
@@ -36,12 +37,16 @@ def test_stop_tokens_and_eos(engine):
                                                                   "stop_token_ids": [stop], "ignore_eos": True})
     assert out["output_ids"] == free["output_ids"][:free["output_ids"].index(stop) + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
-    engine.model_config.__dict__["eos_token_ids"] = (stop,)  # frozen dataclass: patch for this test only
-    try:
-        eos = engine.generate(input_ids=[0, 40, 41], sampling_params={"temperature": 0, "max_new_tokens": 8})
-        assert eos["output_ids"] == out["output_ids"]
-    finally:
-        engine.model_config.__dict__["eos_token_ids"] = (1,)
+    # the same weights with that token as the checkpoint's eos: generation stops there unless ignore_eos
+    path = tmp_path / "eos"
+    shutil.copytree(tiny_checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=[1, stop])))
+    eos_engine = Engine(model_path=str(path), device="cpu", progress=False)
+    greedy = {"temperature": 0, "max_new_tokens": 8}
+    assert eos_engine.generate(input_ids=[0, 40, 41], sampling_params=greedy)["output_ids"] == out["output_ids"]
+    ignored = eos_engine.generate(input_ids=[0, 40, 41], sampling_params=dict(greedy, ignore_eos=True))
+    assert ignored["output_ids"] == free["output_ids"]
 
 
 def test_batch_n_and_seeds(engine):
