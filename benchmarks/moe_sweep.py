@@ -1,0 +1,63 @@
+"""Tile sweep for the fused MoE kernels at prefill sizes (feeds `moe_config`).
+
+    python benchmarks/moe_sweep.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, time_graph, write_results  # noqa: E402
+from benchmarks.moe import SHAPES, grouped_mm_moe, quantize_chunked  # noqa: E402
+from precision import GemmConfig  # noqa: E402
+from precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from precision.moe import experts_ref  # noqa: E402
+
+CONFIGS = {
+    "64x64x64": dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
+    "128x64x64": dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=3),
+    "128x64x64_w8": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
+    "64x128x64": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+    "128x128x64_w8": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+    "64x64x128": dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3),
+    "128x64x128_w8": dict(BM=128, BN=64, BK=128, num_warps=8, num_stages=3),
+    "64x64x64_st4": dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4),
+}
+
+
+def main():
+    env = environment()
+    rows = []
+    for name in ("moonlight-16b-a3b", "deepseek-v3"):
+        s = SHAPES[name]
+        E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13b = (torch.randn(E, 2 * F_, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
+        w2b = (torch.randn(E, D, F_, device="cuda", generator=g) / F_ ** 0.5).to(torch.bfloat16)
+        w13q, w2q = quantize_chunked(w13b), quantize_chunked(w2b)
+        for T in (256, 4096):
+            x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+            ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
+            w = torch.rand(T, K, device="cuda", generator=g) * 2.5
+            t_gmm = time_graph([lambda: grouped_mm_moe(x, ids, w, w13b, w2b)] * 2)
+            for quant, (a, b) in (("mxfp8", (w13q, w2q)), ("bf16", (w13b, w2b))):
+                ref = experts_ref(x, ids, w, a, b, GemmConfig("w8a8"))
+                for cname, cfg in CONFIGS.items():
+                    y = fused_moe_triton(x, ids, w, a, b, "w8a8", config=cfg)
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                    t = time_graph([lambda: fused_moe_triton(x, ids, w, a, b, "w8a8", config=cfg)] * 2)
+                    rows.append(dict(shape=name, T=T, experts=quant, config=cname, us=t * 1e6, gmm_us=t_gmm * 1e6,
+                                     err=err))
+                    print(f"{name:<18}{T:>6} {quant:<6}{cname:<15}{t * 1e6:9.1f}us gmm {t_gmm * 1e6:9.1f}us "
+                          f"x{t_gmm / t:5.2f} err {err:.1e}", flush=True)
+        del w13b, w2b, w13q, w2q
+        torch.cuda.empty_cache()
+    write_results("moe_sweep", {"benchmark": "moe_sweep", **env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
