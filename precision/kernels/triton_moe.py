@@ -111,10 +111,15 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, bexp_ptr, topk_w_pt
     tl.store(out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :], y, mask=valid[:, None] & mask_n[None, :])
 
 
-def moe_config(T: int) -> dict:
+def moe_config(T: int, quant: bool) -> dict:
+    """Tiles by token count, from benchmarks/results/moe_sweep.json (H100)."""
     if T <= 64:
         return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
-    return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
+    if T <= 1024:
+        return dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3)
+    if quant:  # register dequantization of two weight tiles per step: narrower N tiles
+        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -134,7 +139,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     if quant and (D % 32 or F % 32):
         raise ValueError(f"fused moe: MXFP8 experts need D ({D}) and F ({F}) multiples of 32")
     T, K = topk_ids_TK.shape
-    cfg = dict(config or moe_config(T))
+    cfg = dict(config or moe_config(T, quant))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     w8a8 = quant and act_mode == "w8a8"
     x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 else x_TD.contiguous()
