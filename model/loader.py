@@ -155,7 +155,8 @@ class _Loader:
         if not self.plan or not self.plan.quantize_at_load:
             return self.problems.append(f"tensor {name!r} is {tensor.dtype} but this engine stores it MXFP8 "
                                         "(pass quantization='mxfp8' to quantize high-precision weights at load)")
-        data, scale = quantize(tensor, scale_mode=self.plan.recipe.scale_mode)
+        dev = self.params[target.param].device  # quantize where the weights live (GPU: seconds, not minutes)
+        data, scale = quantize(tensor.to(dev), scale_mode=self.plan.recipe.scale_mode)
         if nonfinite_mxfp8(data, scale):
             return self.problems.append(f"tensor {name!r} holds NaN/inf values")
         if self._copy(name, data, target):
@@ -178,7 +179,8 @@ class _Loader:
                                             f"{tuple(scale.shape)}")
             if nonfinite_mxfp8(data, scale):
                 return self.problems.append(f"tensor {dname!r} holds NaN/inf MXFP8 blocks")
-            hp = dequantize(data, scale.view(torch.uint8), self.params[data_target.param].dtype)
+            dev = self.params[data_target.param].device
+            hp = dequantize(data.to(dev), scale.view(torch.uint8).to(dev), self.params[data_target.param].dtype)
             self._copy(dname, hp, data_target)
 
     def _copy(self, name, tensor, target: Target) -> bool:
