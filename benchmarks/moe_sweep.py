@@ -54,8 +54,6 @@ def main():
                                      err=err))
                     print(f"{name:<18}{T:>6} {quant:<6}{cname:<15}{t * 1e6:9.1f}us gmm {t_gmm * 1e6:9.1f}us "
                           f"x{t_gmm / t:5.2f} err {err:.1e}", flush=True)
-        del w13b, w2b, w13q, w2q
-        torch.cuda.empty_cache()
     write_results("moe_sweep", {"benchmark": "moe_sweep", **env, "rows": rows})
 
 

@@ -113,7 +113,8 @@ class ModelConfig:
         heads = _int(d, "num_attention_heads")
         kv_heads = d.get("num_key_value_heads", heads)
         if kv_heads != heads:
-            raise ConfigError(f"field 'num_key_value_heads' ({kv_heads}) must equal num_attention_heads ({heads}) for MLA")
+            raise ConfigError(f"field 'num_key_value_heads' ({kv_heads}) must equal num_attention_heads "
+                              f"({heads}) for MLA")
         if d.get("attention_bias"):
             raise ConfigError("field 'attention_bias' = true is not supported (DeepSeek-V3 has no attention bias)")
         q_lora = d.get("q_lora_rank")
@@ -159,7 +160,8 @@ class ModelConfig:
 
     def _check(self) -> None:
         if self.n_routed_experts % self.n_group:
-            raise ConfigError(f"field 'n_routed_experts' ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            raise ConfigError(f"field 'n_routed_experts' ({self.n_routed_experts}) must be divisible by "
+                              f"n_group ({self.n_group})")
         if not 1 <= self.topk_group <= self.n_group:
             raise ConfigError(f"field 'topk_group' ({self.topk_group}) must be in [1, n_group={self.n_group}]")
         per_group = self.n_routed_experts // self.n_group

@@ -26,7 +26,8 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            log.warning("wandb is not installed (pip install 'mxroll[wandb]'); metrics -> %s only", out / "metrics.jsonl")
+            log.warning("wandb is not installed (pip install 'mxroll[wandb]'); metrics -> %s only",
+                        out / "metrics.jsonl")
             return
         self.run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
                               dir=str(out), config=asdict(cfg))

@@ -18,9 +18,9 @@ import triton.language as tl
 
 from ..mxfp8 import MXFP8Tensor
 from .moe_align import align_block_size
+from .triton_mxfp8_gemm import _act_qdq, act_qdq_triton
 
 PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one block per pair
-from .triton_mxfp8_gemm import _act_qdq, act_qdq_triton
 
 
 @triton.jit

@@ -25,22 +25,27 @@ def assert_identical(x: torch.Tensor, mode: str):
 
 
 def adversarial(dtype: torch.dtype) -> torch.Tensor:
-    rows = []
+    def block(base, **at):
+        b = base.clone()
+        for i, v in at.items():
+            b[int(i[1:])] = v
+        return b
+
     z = torch.zeros(32)
-    rows.append(z.clone())                                              # all-zero block
-    one = z.clone(); one[7] = 3.0; rows.append(one)                     # single nonzero
-    neg = z.clone(); neg[0] = -1e-3; rows.append(neg)
-    for k in range(-20, 21, 3):                                         # amax at 448 * 2^k boundaries
+    ramp = torch.linspace(-1, 1, 32)
+    rows = [z.clone(),                                   # all-zero block
+            block(z, i7=3.0),                            # single nonzero
+            block(z, i0=-1e-3)]
+    for k in range(-20, 21, 3):                          # amax at 448 * 2^k boundaries
         for f in (1.0, 1.0 - 2**-9, 1.0 + 2**-7, 1.0 - 2**-24, 1.0 + 2**-23):
-            r = torch.linspace(-1, 1, 32) * 448 * 2.0**k
-            r[3] = 448 * 2.0**k * f
-            rows.append(r)
-    sub = torch.full((32,), 2.0**-130); sub[1] = -(2.0**-133); rows.append(sub)  # subnormals
-    tiny = torch.linspace(-1, 1, 32) * 2.0**-120; rows.append(tiny)
-    huge = torch.linspace(-1, 1, 32) * 3e38; rows.append(huge)           # near fp32/bf16 max
-    mixed = torch.linspace(-1, 1, 32) * 1e-3; mixed[5] = 1e4; rows.append(mixed)
-    halfway = torch.full((32,), 1.0); halfway[:8] = torch.tensor([1.0625, 1.1875, 17.0, 18.0, 0.0029296875,
-                                                                  -1.0625, 208.0, 464.0]); rows.append(halfway)
+            rows.append(block(ramp * 448 * 2.0**k, i3=448 * 2.0**k * f))
+    halfway = torch.full((32,), 1.0)
+    halfway[:8] = torch.tensor([1.0625, 1.1875, 17.0, 18.0, 0.0029296875, -1.0625, 208.0, 464.0])
+    rows += [block(torch.full((32,), 2.0**-130), i1=-(2.0**-133)),   # subnormals
+             ramp * 2.0**-120,                                        # tiny
+             ramp * 3e38,                                             # near fp32/bf16 max
+             block(ramp * 1e-3, i5=1e4),                              # one outlier
+             halfway]                                                 # e4m3 rounding ties
     return torch.stack(rows).to(dtype)
 
 

@@ -2,7 +2,6 @@
 HF transformers' DeepseekV3 under the trainer's MXFP8 emulation (torchao q-dq along K)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 
@@ -226,8 +225,10 @@ def test_make_checkpoint_mxfp8_cli(tmp_path):
     w = "model.layers.1.mlp.experts.3.up_proj.weight"
     assert a[w].dtype == torch.float8_e4m3fn and a[w + "_scale_inv"].dtype == torch.uint8
     ref_data, ref_scale = to_mx(b[w], "rceil")  # same seeded bf16 weights, quantized by torchao
-    assert torch.equal(a[w].view(torch.uint8), ref_data.view(torch.uint8)) and torch.equal(a[w + "_scale_inv"], ref_scale)
+    assert torch.equal(a[w].view(torch.uint8), ref_data.view(torch.uint8))
+    assert torch.equal(a[w + "_scale_inv"], ref_scale)
     kvb = "model.layers.0.self_attn.kv_b_proj.weight"
     assert a[kvb].dtype == torch.bfloat16 and kvb + "_scale_inv" not in a
     info = Engine(model_path=str(tmp_path / "a"), device="cpu", progress=False).get_model_info()
-    assert info["quantization"] == "mxfp8" and info["mxfp8_modules"] == 3 * 4 + 3 + 2 * (1 + 3)  # attn x4 per layer, dense MLP, experts + shared
+    # attention x4 per layer, the dense MLP x3, then experts + 3 shared projections per MoE layer
+    assert info["quantization"] == "mxfp8" and info["mxfp8_modules"] == 3 * 4 + 3 + 2 * (1 + 3)
