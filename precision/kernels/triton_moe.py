@@ -55,7 +55,7 @@ def _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM: tl.constexpr, PAIRS: tl.constex
 @triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, TOPK, D, F, E,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr):
+                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr):
     pid_b = tl.program_id(0)
     rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
     if e >= E:
@@ -71,7 +71,10 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, 
         kk = k + tl.arange(0, BK)
         mask_k = kk < D
         x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.bfloat16)
+                    other=0.0)
+        if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
+            x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
+        x = x.to(tl.bfloat16)
         wg = _load_w(w_e, ws_e, offs_n, mask_n, k, D, QUANT_W, BN, BK)
         wu = _load_w(w_e, ws_e, F + offs_n, mask_n, k, D, QUANT_W, BN, BK)
         acc_g = tl.dot(x, tl.trans(wg), acc_g)
@@ -111,6 +114,18 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, bexp_ptr, topk_w_pt
     tl.store(out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :], y, mask=valid[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _combine_kernel(p_ptr, y_ptr, TOPK, D, BD: tl.constexpr):
+    """y[t] = sum_k p[t * K + k] in k order (deterministic), cast to y's dtype."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    acc = tl.zeros((BD,), dtype=tl.float32)
+    for k in range(TOPK):
+        acc += tl.load(p_ptr + (t * TOPK + k).to(tl.int64) * D + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + t.to(tl.int64) * D + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def moe_config(T: int, quant: bool) -> dict:
     """Tiles by token count, from benchmarks/results/moe_sweep.json (H100)."""
     if T <= 64:
@@ -142,7 +157,8 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     cfg = dict(config or moe_config(T, quant))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     w8a8 = quant and act_mode == "w8a8"
-    x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 else x_TD.contiguous()
+    fuse_x = w8a8 and T <= 64  # prefill keeps one separate pass (the kernel would redo it per N tile)
+    x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 and not fuse_x else x_TD.contiguous()
     pairs = T * K <= PAIR_BLOCKS_MAX
     if pairs:  # the kernels index pairs directly: sorted ids unused, experts from the top-k ids
         ids, bexp, R = topk_ids_TK, topk_ids_TK.reshape(-1), T * K * BM
@@ -154,9 +170,11 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     s2 = w2.scale.contiguous() if quant else d2
     _moe_gate_up_kernel[(R // BM, triton.cdiv(F, BN))](
         x, d13.contiguous(), s13, h, ids, bexp, T * K, K, D, F, E, BM=BM, BN=BN, BK=BK,
-        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, **cfg)
+        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x, **cfg)
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
     _moe_down_kernel[(R // BM, triton.cdiv(D, BN))](
         h, d2.contiguous(), s2, out, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, **cfg)
-    return out.view(T, K, D).sum(dim=1).to(x_TD.dtype)
+    y = torch.empty(T, D, dtype=x_TD.dtype, device=x.device)
+    _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, K, D, BD=1024)
+    return y
