@@ -58,11 +58,7 @@ class Rope(torch.nn.Module):
         if self.inv_freq.device != pos_T.device:
             self.inv_freq = self.inv_freq.to(pos_T.device)
         freqs = pos_T.float()[:, None] * self.inv_freq[None, :]
-        # cos/sin over [freqs | freqs] as HF computes them: vectorized math libraries may round a
-        # tail element differently from a vector lane, so the same layout gives the same bits.
-        emb = torch.cat([freqs, freqs], dim=-1)
-        half = freqs.shape[-1]
-        return (emb.cos() * self.scale)[:, :half], (emb.sin() * self.scale)[:, :half]
+        return freqs.cos() * self.scale, freqs.sin() * self.scale
 
     def forward(self, x_THR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate x [T, H, R] (at least fp32 math). Interleaved pairs (x0, x1), (x2, x3) come out de-interleaved
