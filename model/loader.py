@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from precision import GemmConfig, Recipe, StoragePlan, storage_plan
-from precision.mxfp8 import dequantize, quantize
+from precision.mxfp8 import check_pair, dequantize, has_nonfinite, quantize
 
 from .config import ModelConfig
 from .deepseek import DeepseekV3
@@ -102,12 +102,6 @@ def destination(param: torch.Tensor, target: Target) -> torch.Tensor:
     return view
 
 
-def nonfinite_mxfp8(data: torch.Tensor | None, scale: torch.Tensor | None) -> bool:
-    """NaN/inf blocks: E8M0 bytes 254/255, or e4m3 NaN elements (0x7f / 0xff)."""
-    bad = scale is not None and bool((scale.view(torch.uint8) >= 254).any())
-    return bad or (data is not None and bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()))
-
-
 class _Loader:
     """One pass of `load_weights`: routes each tensor, pairs data with scales, tracks coverage."""
 
@@ -149,7 +143,7 @@ class _Loader:
 
     def _into_mxfp8(self, name, tensor, target, is_scale):
         if is_scale or tensor.dtype == torch.float8_e4m3fn:
-            if nonfinite_mxfp8(None if is_scale else tensor, tensor if is_scale else None):
+            if has_nonfinite(None if is_scale else tensor, tensor if is_scale else None):
                 return self.problems.append(f"tensor {name!r} holds NaN/inf MXFP8 blocks")
             return self._copy(name, tensor.view(torch.uint8) if is_scale else tensor, target)
         if not self.plan or not self.plan.quantize_at_load:
@@ -157,7 +151,7 @@ class _Loader:
                                         "(pass quantization='mxfp8' to quantize high-precision weights at load)")
         dev = self.params[target.param].device  # quantize where the weights live (GPU: seconds, not minutes)
         data, scale = quantize(tensor.to(dev), scale_mode=self.plan.recipe.scale_mode)
-        if nonfinite_mxfp8(data, scale):
+        if has_nonfinite(data, scale):
             return self.problems.append(f"tensor {name!r} holds NaN/inf values")
         if self._copy(name, data, target):
             self._copy(name + SCALE, scale, Target(target.param + SCALE, target.expert, target.half))
@@ -172,15 +166,15 @@ class _Loader:
         if len(entry) == 2:
             del self.pending[key]
             (dname, data), (_, scale) = entry["data"], entry["scale"]
-            if data.dtype != torch.float8_e4m3fn:
-                return self.problems.append(f"tensor {dname!r} is {data.dtype} but has a weight_scale_inv")
-            if data.shape[:-1] != scale.shape[:-1] or data.shape[-1] != scale.shape[-1] * 32:
-                return self.problems.append(f"tensor {dname!r} {tuple(data.shape)} does not fit its scales "
-                                            f"{tuple(scale.shape)}")
-            if nonfinite_mxfp8(data, scale):
+            scale = scale.view(torch.uint8)
+            try:
+                check_pair(data, scale)
+            except (TypeError, ValueError) as e:
+                return self.problems.append(f"tensor {dname!r} with its weight_scale_inv: {e}")
+            if has_nonfinite(data, scale):
                 return self.problems.append(f"tensor {dname!r} holds NaN/inf MXFP8 blocks")
             dev = self.params[data_target.param].device
-            hp = dequantize(data.to(dev), scale.view(torch.uint8).to(dev), self.params[data_target.param].dtype)
+            hp = dequantize(data.to(dev), scale.to(dev), self.params[data_target.param].dtype)
             self._copy(dname, hp, data_target)
 
     def _copy(self, name, tensor, target: Target) -> bool:

@@ -10,7 +10,6 @@ Legend: T tokens, K in_features, N out_features.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 from .kernels.mxfp8_gemm import check_gemm_args, mxfp8_gemm_ref
 from .mxfp8 import MXFP8Tensor
 
-log = logging.getLogger(__name__)
 BACKENDS = ("torch", "triton", "flashinfer")
 
 

@@ -11,7 +11,7 @@ Elements are cast to float8_e4m3fn with round-to-nearest-even.
 Non-finite input (the behaviour is torchao's, kept so bytes stay identical):
 - a block holding NaN gets scale byte 255 (the E8M0 NaN); its NaN elements stay NaN;
 - a block holding +-inf gets byte 254 (rceil) or 247 (floor); inf elements saturate to +-448.
-Weights with such blocks are rejected where weights enter the engine (`has_nonfinite_scale`).
+Weights with such blocks are rejected where weights enter the engine (`has_nonfinite`).
 
 Legend: K the quantized (last, contraction) dim, B = K / 32 blocks.
 """
@@ -95,9 +95,11 @@ def check_pair(data: torch.Tensor, scale: torch.Tensor, block_size: int = BLOCK)
                          f"(expected {expected})")
 
 
-def has_nonfinite_scale(scale: torch.Tensor) -> bool:
-    """True when a block came from NaN/inf input (bytes 255, or 254 which rceil uses for inf)."""
-    return bool((scale >= 254).any())
+def has_nonfinite(data: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> bool:
+    """True when a block came from NaN/inf input: E8M0 bytes 255, or 254 which rceil uses for inf;
+    or e4m3 NaN elements (0x7f / 0xff)."""
+    bad = scale is not None and bool((scale.view(torch.uint8) >= 254).any())
+    return bad or (data is not None and bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()))
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precision.mxfp8 import MXFP8Tensor, dequantize, has_nonfinite_scale, quantize
+from precision.mxfp8 import MXFP8Tensor, dequantize, has_nonfinite, quantize
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
@@ -88,7 +88,8 @@ def test_nonfinite_blocks(mode, inf_byte):
     data, scale = quantize(x, scale_mode=mode)
     assert scale.flatten().tolist() == [255, inf_byte, inf_byte]
     assert torch.isnan(data[0, 4].float()) and float(data[1, 9]) == 448 and float(data[2, 1]) == -448
-    assert has_nonfinite_scale(scale) and not has_nonfinite_scale(quantize(torch.randn(4, 64))[1])
+    assert has_nonfinite(scale=scale) and has_nonfinite(data=data)
+    assert not has_nonfinite(*quantize(torch.randn(4, 64)))
 
 
 @pytest.mark.parametrize("mode", ["rceil", "floor"])
