@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (environment, measure_bf16_peak, measure_copy_bandwidth, time_events,  # noqa: E402
                                time_graph, write_results)
-from precision import GemmConfig, MXFP8Tensor  # noqa: E402
-from precision.kernels.moe_align import align_block_size  # noqa: E402
-from precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
-from precision.layout import LayoutCache  # noqa: E402
-from precision.moe import experts_ref  # noqa: E402
+from mxroll.precision import GemmConfig, MXFP8Tensor  # noqa: E402
+from mxroll.precision.kernels.moe_align import align_block_size  # noqa: E402
+from mxroll.precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from mxroll.precision.layout import LayoutCache  # noqa: E402
+from mxroll.precision.moe import experts_ref  # noqa: E402
 
 SHAPES = {"moonlight-16b-a3b": dict(E=64, K=6, D=2048, F=1408), "deepseek-v3": dict(E=256, K=8, D=7168, F=2048)}
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192]

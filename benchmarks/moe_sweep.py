@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, time_graph, write_results  # noqa: E402
 from benchmarks.moe import SHAPES, grouped_mm_moe, quantize_chunked  # noqa: E402
-from precision import GemmConfig  # noqa: E402
-from precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
-from precision.moe import experts_ref  # noqa: E402
+from mxroll.precision import GemmConfig  # noqa: E402
+from mxroll.precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
+from mxroll.precision.moe import experts_ref  # noqa: E402
 
 CONFIGS = {
     "64x64x64": dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),

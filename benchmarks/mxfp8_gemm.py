@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (copies_for, environment, measure_bf16_peak, measure_copy_bandwidth,  # noqa: E402
                                time_events, time_graph, write_results)
-from precision.kernels.mxfp8_gemm import mxfp8_gemm_ref  # noqa: E402
-from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config  # noqa: E402
-from precision.mxfp8 import MXFP8Tensor  # noqa: E402
+from mxroll.precision.kernels.mxfp8_gemm import mxfp8_gemm_ref  # noqa: E402
+from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config  # noqa: E402
+from mxroll.precision.mxfp8 import MXFP8Tensor  # noqa: E402
 
 SHAPES = {  # name: (N, K) for y[M, N] = x[M, K] @ W[N, K]^T
     "moonlight.q_proj": (3072, 2048),

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import copies_for, environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
 from benchmarks.mxfp8_gemm import SHAPES  # noqa: E402
-from precision.kernels.mxfp8_gemm import mxfp8_gemm_ref  # noqa: E402
-from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config  # noqa: E402
-from precision.mxfp8 import MXFP8Tensor  # noqa: E402
+from mxroll.precision.kernels.mxfp8_gemm import mxfp8_gemm_ref  # noqa: E402
+from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config  # noqa: E402
+from mxroll.precision.mxfp8 import MXFP8Tensor  # noqa: E402
 
 BASE = dict(PATH="fused", BM=16, BN=64, BK=256, num_warps=4, num_stages=4, SPLIT_TARGET=2, GATHER_SCALES=False,
             PRE_QDQ=False)

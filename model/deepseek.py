@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from precision import linear
+from ..precision import linear
 
 from .config import ModelConfig
 from .layers import RMSNorm

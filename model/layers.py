@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from precision import GemmConfig, MXFP8Tensor, linear
-from precision.layout import LayoutCache
-from precision.mxfp8 import BLOCK
+from ..precision import GemmConfig, MXFP8Tensor, linear
+from ..precision.layout import LayoutCache
+from ..precision.mxfp8 import BLOCK
 
 
 def frozen(*shape: int, dtype: torch.dtype, device=None) -> nn.Parameter:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from precision import GemmConfig, Recipe, StoragePlan, storage_plan
-from precision.mxfp8 import check_pair, dequantize, has_nonfinite, quantize
+from ..precision import GemmConfig, Recipe, StoragePlan, storage_plan
+from ..precision.mxfp8 import check_pair, dequantize, has_nonfinite, quantize
 
 from .config import ModelConfig
 from .deepseek import DeepseekV3

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precision import GemmConfig, MXFP8Tensor, experts
-from precision.mxfp8 import BLOCK
+from ..precision import GemmConfig, MXFP8Tensor, experts
+from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
 from .layers import Linear, frozen

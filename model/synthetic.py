@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from precision import Recipe
-from precision.mxfp8 import BLOCK, quantize
+from ..precision import Recipe
+from ..precision.mxfp8 import BLOCK, quantize
 
 from .config import ModelConfig
 from .names import hf_to_engine, module_of

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-import configs
+from .. import configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.cmd == "make-checkpoint":
-        from model.synthetic import make_checkpoint
+        from ..model.synthetic import make_checkpoint
 
-        from precision import Recipe
+        from ..precision import Recipe
 
         cfg = json.loads(configs.model_preset_path(args.preset).read_text())
         out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, mxfp8=args.mxfp8,

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from model import load_model
-from model.tokenizer import load_tokenizer
-from precision import GemmConfig, Recipe, select_backend
-from precision.layout import LayoutCache
+from ..model import load_model
+from ..model.tokenizer import load_tokenizer
+from ..precision import GemmConfig, Recipe, select_backend
+from ..precision.layout import LayoutCache
 
 from .config import EngineConfig, engine_config
 from .presets import resolve_model_path

@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import configs
-from model.synthetic import make_checkpoint
+from .. import configs
+from ..model.synthetic import make_checkpoint
 
 log = logging.getLogger(__name__)
 PREFIX = "preset:"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import DeepseekV3
+from ..model import DeepseekV3
 
 from .sampler import logprobs, sample
 from .sampling_params import SamplingParams

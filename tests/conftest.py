@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import configs
+from mxroll import configs
 
 # Three configs that differ in q_lora, grouping, norm_topk_prob, dense layers, tying, rope flavour.
 HF_CONFIGS = {
@@ -74,7 +74,7 @@ def hf_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from model.synthetic import make_checkpoint
+    from mxroll.model.synthetic import make_checkpoint
 
     cfg = json.loads(configs.model_preset_path("tiny").read_text())
     return make_checkpoint(cfg, tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32", progress=False)

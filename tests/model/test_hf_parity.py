@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import load_model
-from rollout import Engine
+from mxroll.model import load_model
+from mxroll.rollout import Engine
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import configs
-from model import CheckpointError, ConfigError, ModelConfig, load_model
-from model import synthetic
-from model.loader import iter_checkpoint
+from mxroll import configs
+from mxroll.model import CheckpointError, ConfigError, ModelConfig, load_model
+from mxroll.model import synthetic
+from mxroll.model.loader import iter_checkpoint
 
 
 def copy_ckpt(src, dst):

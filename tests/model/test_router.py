@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig
-from model.moe import Gate
+from mxroll.model import ModelConfig
+from mxroll.model.moe import Gate
 
 transformers = pytest.importorskip("transformers")
 

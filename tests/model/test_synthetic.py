@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import configs
-from model import load_model
-from model.synthetic import make_checkpoint, tensor_specs
-from model import ModelConfig
+from mxroll import configs
+from mxroll.model import load_model
+from mxroll.model.synthetic import make_checkpoint, tensor_specs
+from mxroll.model import ModelConfig
 
 
 def test_seeded_and_reproducible(tmp_path):

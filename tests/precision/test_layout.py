@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precision.layout import LayoutCache
+from mxroll.precision.layout import LayoutCache
 
 utils = pytest.importorskip("torchao.prototype.mx_formats.utils")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precision import GemmConfig, MXFP8Tensor, linear, select_backend
+from mxroll.precision import GemmConfig, MXFP8Tensor, linear, select_backend
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402

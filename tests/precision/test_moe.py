@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig
-from model.moe import MoE
-from precision import GemmConfig, MXFP8Tensor
-from precision.kernels.moe_align import align_block_size, align_block_size_ref
-from precision.moe import experts_ref
+from mxroll.model import ModelConfig
+from mxroll.model.moe import MoE
+from mxroll.precision import GemmConfig, MXFP8Tensor
+from mxroll.precision.kernels.moe_align import align_block_size, align_block_size_ref
+from mxroll.precision.moe import experts_ref
 
 transformers = pytest.importorskip("transformers")
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
@@ -123,7 +123,7 @@ def moe_case(T, E, K, D, F, quant, hot=False, seed=0):
 @cuda
 @pytest.mark.parametrize("quant, act_mode", [(False, "w8a8"), (True, "w8a8"), (True, "w8a16")])
 def test_fused_moe_matches_reference(quant, act_mode):
-    from precision.kernels.triton_moe import fused_moe_triton
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
     for T, hot in ((1, False), (2, False), (5, True), (16, False), (64, False), (100, True), (1000, False),
                    (8192, False)):
         x, ids, w, w13, w2 = moe_case(T, 64, 6, 256, 160, quant, hot, seed=T)
@@ -135,7 +135,7 @@ def test_fused_moe_matches_reference(quant, act_mode):
 
 @cuda
 def test_fused_moe_all_tokens_on_one_expert_and_determinism():
-    from precision.kernels.triton_moe import fused_moe_triton
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
     x, ids, w, w13, w2 = moe_case(300, 8, 1, 128, 64, True)
     ids[:] = 5
     y = fused_moe_triton(x, ids, w, w13, w2)

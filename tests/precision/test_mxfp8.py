@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precision.mxfp8 import MXFP8Tensor, dequantize, has_nonfinite, quantize
+from mxroll.precision.mxfp8 import MXFP8Tensor, dequantize, has_nonfinite, quantize
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402

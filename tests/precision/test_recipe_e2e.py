@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, load_model
-from model.names import hf_to_engine, module_of
-from model.synthetic import mxfp8_quantization_config
-from precision import Recipe, RecipeError
-from rollout import Engine
+from mxroll.model import CheckpointError, load_model
+from mxroll.model.names import hf_to_engine, module_of
+from mxroll.model.synthetic import mxfp8_quantization_config
+from mxroll.precision import Recipe, RecipeError
+from mxroll.rollout import Engine
 
 transformers = pytest.importorskip("transformers")
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
@@ -38,7 +38,7 @@ def trainer_export(src, dst, mode, recipe=Recipe(), quantize_kv_b=False):
     shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
     cfg = json.loads((dst / "config.json").read_text())
-    from model import ModelConfig
+    from mxroll.model import ModelConfig
     mcfg = ModelConfig.from_dict(cfg)
     out = {}
     for name, t in tensors.items():
@@ -215,7 +215,7 @@ def test_recipe_decisions():
 
 
 def test_make_checkpoint_mxfp8_cli(tmp_path):
-    from rollout.cli import main
+    from mxroll.rollout.cli import main
     assert main(["make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / "a"), "--mxfp8"]) == 0
     assert main(["make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / "b")]) == 0
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precision.kernels.mxfp8_gemm import fake_quant, mxfp8_gemm_ref
-from precision.mxfp8 import MXFP8Tensor
+from mxroll.precision.kernels.mxfp8_gemm import fake_quant, mxfp8_gemm_ref
+from mxroll.precision.mxfp8 import MXFP8Tensor
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                           reason="needs an sm90+ GPU")
@@ -20,7 +20,7 @@ def rel(a, b):
 @pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
 @pytest.mark.parametrize("N, K", [(576, 2048), (100, 96), (1000, 1504), (256, 32)])
 def test_matches_reference_across_m(mode, scale_mode, N, K):
-    from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
     g = torch.Generator(device="cuda").manual_seed(N + K)
     w = MXFP8Tensor.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, scale_mode)
     for M in (1, 2, 3, 7, 16, 17, 33, 64, 100, 256, 257, 1024, 4096, 16384):
@@ -36,7 +36,7 @@ def test_matches_reference_across_m(mode, scale_mode, N, K):
 def test_fused_activation_quantization_is_bit_exact(scale_mode):
     """With W = identity (exact in MXFP8), y = qdq(x): the kernel's in-register quantization must
     equal precision.mxfp8.quantize bit for bit, on many magnitudes and block maxima at 448*2^k."""
-    from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
     K = 256
     eye = MXFP8Tensor.quantize(torch.eye(K, device="cuda"), scale_mode)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -51,7 +51,7 @@ def test_fused_activation_quantization_is_bit_exact(scale_mode):
 
 @cuda
 def test_deterministic_and_rejects_bad_input():
-    from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
     w = MXFP8Tensor.quantize(torch.randn(576, 7168, device="cuda"))
     x = torch.randn(4, 7168, device="cuda", dtype=torch.bfloat16)
     first = mxfp8_gemm_triton(x, w)  # split-K: the last-arriving program sums partials in split order
@@ -66,7 +66,7 @@ def test_deterministic_and_rejects_bad_input():
 @cuda
 @pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
 def test_helper_kernels_are_exact(scale_mode):
-    from precision.kernels.triton_mxfp8_gemm import act_qdq_triton, dequant_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm import act_qdq_triton, dequant_triton
     g = torch.Generator(device="cuda").manual_seed(1)
     w = MXFP8Tensor.quantize(torch.randn(300, 1056, device="cuda", generator=g), scale_mode)
     assert torch.equal(dequant_triton(w), w.dequantize(torch.bfloat16))
@@ -77,7 +77,7 @@ def test_helper_kernels_are_exact(scale_mode):
 @cuda
 @pytest.mark.parametrize("tma", [False, True])
 def test_big_weight_decode_configs(tma):
-    from precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config
+    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config
     g = torch.Generator(device="cuda").manual_seed(7)
     w = MXFP8Tensor.quantize(torch.randn(4160, 4096, device="cuda", generator=g) * 0.02)
     for M in (1, 5, 16):

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from rollout import Engine
-from rollout.cli import main
+from mxroll.rollout import Engine
+from mxroll.rollout.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-import configs
-from model.synthetic import make_checkpoint
-from rollout import Engine
+from mxroll import configs
+from mxroll.model.synthetic import make_checkpoint
+from mxroll.rollout import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                                 reason="needs an sm90 GPU")

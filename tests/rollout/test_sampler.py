@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rollout.sampler import filtered_probs, logprobs, sample
-from rollout.sampling_params import SamplingParams
+from mxroll.rollout.sampler import filtered_probs, logprobs, sample
+from mxroll.rollout.sampling_params import SamplingParams
 
 LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
 
