@@ -1,44 +1,52 @@
 """DeepSeek-V3: embedding, N blocks (MLA + dense MLP or MoE), final norm, lm_head.
 
-Legend: T tokens, D hidden, V vocab.
+The forward takes the new tokens of any number of sequences as one flat batch (their positions,
+and an attention backend that knows where each sequence's cache pages are).
+Legend: T tokens, D hidden, V vocab, S rows whose logits are computed.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..precision import linear
-
+from ..precision import Precision, linear
+from .attention import SequenceAttention
 from .config import ModelConfig
 from .layers import RMSNorm
-from .mla import MLA, LatentCache
-from .moe import MLP, MoE
+from .mla import MLA, AttentionBackend
+from .moe import MLP, MoE, RouteRecorder
+from .rope import Rope
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, prec: Precision, moe_index: int | None):
         super().__init__()
-        self.self_attn = MLA(cfg, dtype)
-        self.mlp = MoE(cfg, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.self_attn = MLA(cfg, dtype, prec.child("self_attn"), layer)
+        self.mlp = (MoE(cfg, dtype, prec.child("mlp"), moe_index) if moe_index is not None
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, prec.child("mlp")))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x_TD, pos_T, cache: LatentCache, absorbed: bool) -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), pos_T, cache, absorbed)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+    def forward(self, x_TD, cos_sin, attn: AttentionBackend, routes: RouteRecorder | None) -> torch.Tensor:
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_sin, attn)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD), routes)
 
 
 class DeepseekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, prec: Precision = Precision()):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.plan = cfg, dtype, prec.plan
+        self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, i, dtype, prec.child(f"layers.{i}"), self.moe_layers.index(i) if i in self.moe_layers else None)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
         self.lm_head.weight.requires_grad_(False)
+        self.rope = Rope(cfg)
 
     def postprocess(self, layouts) -> None:
         """Kernel-side weight layouts (cached gathers); run after loading and after each update."""
@@ -46,15 +54,26 @@ class DeepseekV3(nn.Module):
             if module is not self and hasattr(module, "postprocess"):
                 module.postprocess(layouts)
 
-    def new_cache(self, capacity: int, device: torch.device | str | None = None) -> list[LatentCache]:
-        device = torch.device(device) if device is not None else self.embed_tokens.weight.device
-        return [LatentCache(capacity, self.cfg, self.dtype, device) for _ in self.layers]
+    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, attn: AttentionBackend,
+                routes: RouteRecorder | None = None) -> torch.Tensor:
+        """Final-normed hidden states [T, D] of a flat batch of new tokens; their latents go into `attn`'s cache."""
+        cos_sin = self.rope.cos_sin(pos_T)
+        x_TD = self.embed_tokens(ids_T)
+        for block in self.layers:
+            x_TD = block(x_TD, cos_sin, attn, routes)
+        return self.norm(x_TD)
+
+    def logits(self, h_SD: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [S, V]: the lm_head GEMM accumulates and outputs fp32 (DESIGN.md, Logits)."""
+        return linear(h_SD, self.lm_head.weight, out_dtype=torch.float32)
+
+    # ---- one sequence through the torch reference (tests, checks) ----
+    def new_cache(self, capacity: int, device: torch.device | str | None = None, mode: str = "auto"):
+        device = device if device is not None else self.embed_tokens.weight.device
+        return SequenceAttention(self.cfg, capacity, self.dtype, device, mode)
 
     @torch.inference_mode()
-    def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, cache: list[LatentCache],
-                absorbed: bool = False) -> torch.Tensor:
-        """Logits [T, V] in fp32 for one sequence's new tokens, appending their latents to `cache`."""
-        x_TD = self.embed_tokens(ids_T)
-        for block, layer_cache in zip(self.layers, cache):
-            x_TD = block(x_TD, pos_T, layer_cache, absorbed)
-        return linear(self.norm(x_TD), self.lm_head.weight).float()
+    def sequence_logits(self, ids_T: torch.Tensor, pos_T: torch.Tensor, cache: SequenceAttention) -> torch.Tensor:
+        """fp32 logits [T, V] of one sequence's new tokens at `pos_T`, appending their latents to `cache`."""
+        cache.begin(pos_T)
+        return self.logits(self.forward(ids_T, pos_T, cache))

@@ -9,44 +9,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..precision import GemmConfig, MXFP8Tensor, linear
+from ..precision import MXFP8Tensor, Precision, linear
 from ..precision.layout import LayoutCache
 from ..precision.mxfp8 import BLOCK
 
 
-def frozen(*shape: int, dtype: torch.dtype, device=None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+    """A GEMM through `precision.linear`; storage (bf16/fp32, or MXFP8 e4m3 + E8M0) is decided by the
+    storage plan and passed in as `prec` at construction."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, prec: Precision = Precision()):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = frozen(out_features, in_features, dtype=dtype)
-        self.gemm = GemmConfig(backend="torch")
+        self.gemm = prec.gemm
+        if prec.mxfp8:
+            self.weight = frozen(out_features, in_features, dtype=torch.float8_e4m3fn)
+            self.weight_scale_inv = frozen(out_features, in_features // BLOCK, dtype=torch.uint8)
+        else:
+            self.weight = frozen(out_features, in_features, dtype=dtype)
+            self.weight_scale_inv = None
 
     @property
     def k_dims(self) -> tuple[int, ...]:
         return (self.in_features,)
 
-    def use_mxfp8(self, gemm: GemmConfig) -> None:
-        dev = self.weight.device
-        self.weight = frozen(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=dev)
-        self.weight_scale_inv = frozen(self.out_features, self.in_features // BLOCK, dtype=torch.uint8, device=dev)
-        self.gemm = gemm
-
     def postprocess(self, layouts: LayoutCache) -> None:
         """Derive kernel-side layouts from the stored bytes (after load and after every update)."""
-        if self.gemm.backend == "flashinfer" and hasattr(self, "weight_scale_inv"):
+        if self.gemm.backend == "flashinfer" and self.weight_scale_inv is not None:
             self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
                                                        out=getattr(self, "weight_scale_swizzled", None))
 
     @property
     def qweight(self) -> torch.Tensor | MXFP8Tensor:
-        scale = getattr(self, "weight_scale_inv", None)
-        if scale is None:
+        if self.weight_scale_inv is None:
             return self.weight
-        return MXFP8Tensor(self.weight, scale, swizzled_scale=getattr(self, "weight_scale_swizzled", None))
+        return MXFP8Tensor(self.weight, self.weight_scale_inv,
+                           swizzled_scale=getattr(self, "weight_scale_swizzled", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.qweight, self.gemm)

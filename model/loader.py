@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..precision import GemmConfig, Recipe, StoragePlan, storage_plan
+from ..precision import GemmConfig, Precision, Recipe, StoragePlan, storage_plan
 from ..precision.mxfp8 import check_pair, dequantize, has_nonfinite, quantize
 
 from .config import ModelConfig
 from .deepseek import DeepseekV3
+from .layers import Linear
+from .moe import Experts
 from .names import SCALE_SUFFIX as SCALE
 from .names import Target, engine_to_hf, hf_to_engine
 
@@ -224,17 +226,15 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
     return loader.finish()
 
 
-def plan_model(model: DeepseekV3, quantization: str | None, recipe: Recipe, gemm: GemmConfig) -> StoragePlan:
-    """Decide storage from the recipe and checkpoint format; switch chosen modules to MXFP8 storage."""
-    modules = {name: m for name, m in model.named_modules() if hasattr(m, "use_mxfp8")}
-    plan = storage_plan({n: m.k_dims for n, m in modules.items()}, model.cfg.quantization_config,
-                        quantization, recipe)
-    for name in plan.mxfp8_modules:
-        modules[name].use_mxfp8(gemm)
-    for name, module in modules.items():  # bf16 experts use the fused MoE kernel too
-        if name.endswith("mlp.experts") and name not in plan.mxfp8_modules:
-            module.gemm = gemm
-    return plan
+def build_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, recipe: Recipe,
+                gemm: GemmConfig) -> DeepseekV3:
+    """DeepseekV3 on the meta device, each module constructed with its storage decided by the plan
+    (recipe + the checkpoint's own format + `quantization`)."""
+    with torch.device("meta"):
+        probe = DeepseekV3(cfg, dtype)
+        k_dims = {name: m.k_dims for name, m in probe.named_modules() if isinstance(m, (Linear, Experts))}
+        plan = storage_plan(k_dims, cfg.quantization_config, quantization, recipe)
+        return DeepseekV3(cfg, dtype, Precision(plan, gemm))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -245,10 +245,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.from_file(path)
     recipe = recipe or Recipe()
     gemm = gemm or GemmConfig(recipe.act_mode, recipe.scale_mode, "torch")
-    with torch.device("meta"):
-        model = DeepseekV3(cfg, dtype)
-    model.plan = plan_model(model, quantization, recipe, gemm)
-    model = model.to_empty(device=device)
+    model = build_model(cfg, dtype, quantization, recipe, gemm).to_empty(device=device)
     load_weights(model, iter_checkpoint(path, progress), cfg, model.plan)
     n8 = len(model.plan.mxfp8_modules)
     log.info("loaded %s: %d modules MXFP8 (%s, %s scales%s), the rest %s", path, n8, recipe.act_mode,

@@ -3,93 +3,111 @@
 Legend: T query tokens, S cached positions, D hidden, H heads, P qk_nope_head_dim,
 R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (the compressed latent that is cached).
 
-Two mathematically equal paths over the same latent cache:
+`MLA.forward` projects q and the latent, then hands them to an attention backend (the torch
+reference or FlashInfer, chosen once per engine), which stores the latent in its cache and attends.
+Two mathematically equal formulations over the same latent cache, used by the backends:
 - naive (prefill): expand the latent through kv_b_proj into per-head K_nope and V, attend.
 - absorbed (decode): fold W_UK into q and W_UV after attention, attend directly over the latent.
   kv_b_proj stays high precision because this path contracts W_UK over P, across the blocks a
   trainer quantizes along C (see DESIGN.md).
+The torch reference keeps scores, softmax and the probability-weighted sum in fp32.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..precision import Precision
+from ..precision.kernels.mxfp8_gemm import fake_quant
 from .config import ModelConfig
 from .layers import Linear, RMSNorm
-from .rope import Rope
+from .rope import rotate
 
 
-class LatentCache:
-    """One sequence's compressed KV for one layer: normalized latent [S, C] and rotated k_pe [S, R]."""
-
-    def __init__(self, capacity: int, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
-        self.kv_SC = torch.empty(capacity, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.pe_SR = torch.empty(capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.length = 0
-
-    def append(self, kv_TC: torch.Tensor, pe_TR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + kv_TC.shape[0]
-        if end > self.kv_SC.shape[0]:
-            raise RuntimeError(f"latent cache full: {end} positions > capacity {self.kv_SC.shape[0]}")
-        self.kv_SC[self.length:end] = kv_TC
-        self.pe_SR[self.length:end] = pe_TR
-        self.length = end
-        return self.kv_SC[:end], self.pe_SR[:end]
+class AttentionBackend(Protocol):
+    def forward(self, mla: "MLA", q_nope_THP: torch.Tensor, q_pe_THR: torch.Tensor, kv_TC: torch.Tensor,
+                k_pe_TR: torch.Tensor) -> torch.Tensor:
+        """Store this step's latents (kv_TC, k_pe_TR) for layer `mla.layer`, attend, return o [T, H, V]."""
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), layer: int = 0):
         super().__init__()
         D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.layer = layer
         self.n_heads, self.nope, self.rope_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
+        self.interleave = cfg.rope.interleave
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype)
+            self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype, prec.child("q_proj"))
         else:
-            self.q_a_proj = Linear(D, cfg.q_lora_rank, dtype)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, dtype, prec.child("q_a_proj"))
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype)
-        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype, prec.child("q_b_proj"))
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype,
+                                         prec.child("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
-        self.o_proj = Linear(H * cfg.v_head_dim, D, dtype)
-        self.rope = Rope(cfg)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype,
+                                prec.child("kv_b_proj"))
+        self.o_proj = Linear(H * cfg.v_head_dim, D, dtype, prec.child("o_proj"))
+        # A trainer that ran kv_b_proj MXFP8 w8a8 quantized the latent going into it: cache the
+        # quantize-dequantized latent, which makes both formulations follow it exactly (absorption
+        # is linear in the latent). Quantized once, here: RCEIL re-quantization is not idempotent.
+        kv_b = prec.child("kv_b_proj")
+        self.quantize_latent = kv_b.quantize_input
+        self.scale_mode = kv_b.gemm.scale_mode
 
-    def forward(self, x_TD: torch.Tensor, pos_T: torch.Tensor, cache: LatentCache, absorbed: bool) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionBackend) -> torch.Tensor:
         T = x_TD.shape[0]
-        cos_sin = self.rope.cos_sin(pos_T)
         q = self.q_proj(x_TD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD)))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
-        q_pe_THR = self.rope(q_pe_THR, cos_sin)
+        q_pe_THR = rotate(q_pe_THR, cos_sin, self.interleave)
         kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe_TR = self.rope(k_pe_TR[:, None, :], cos_sin)[:, 0]
-        kv_SC, k_pe_SR = cache.append(self.kv_a_layernorm(kv_TC), k_pe_TR)
-        mask_TS = torch.arange(kv_SC.shape[0], device=x_TD.device)[None, :] <= pos_T[:, None]
-        attend = self._absorbed if absorbed else self._naive
-        o_THV = attend(q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS)
+        kv_TC = self.kv_a_layernorm(kv_TC)
+        if self.quantize_latent:
+            kv_TC = fake_quant(kv_TC, self.scale_mode)
+        k_pe_TR = rotate(k_pe_TR[:, None, :], cos_sin, self.interleave)[:, 0]
+        o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
 
-    def _softmax(self, scores_HTS: torch.Tensor, mask_TS: torch.Tensor) -> torch.Tensor:
-        scores_HTS = (scores_HTS * self.scale).float()  # scale in the model dtype, softmax in fp32 (as HF)
-        return scores_HTS.masked_fill(~mask_TS, float("-inf")).softmax(dim=-1)
+    # ---- the absorbed weights: W_UK [H, P, C] and W_UV [H, V, C], views of kv_b_proj ----
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w_HXC.split([self.nope, self.v_dim], dim=1)
 
-    def _naive(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS):
+    def absorb(self, q_nope_THP: torch.Tensor) -> torch.Tensor:
+        """q_nope -> q in latent space [T, H, C] (model dtype, for kernels that attend over the latent)."""
+        w_uk_HPC, _ = self.absorbed_weights()
+        return torch.bmm(q_nope_THP.transpose(0, 1), w_uk_HPC.to(q_nope_THP.dtype)).transpose(0, 1)
+
+    def unabsorb(self, o_lat_THC: torch.Tensor) -> torch.Tensor:
+        """Latent-space attention output -> per-head values [T, H, V]."""
+        _, w_uv_HVC = self.absorbed_weights()
+        return torch.bmm(o_lat_THC.transpose(0, 1), w_uv_HVC.to(o_lat_THC.dtype).transpose(1, 2)).transpose(0, 1)
+
+    # ---- the torch reference over one sequence's latents [S, C] / [S, R]; mask_TS: key s visible to query t ----
+    def attend_naive(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS) -> torch.Tensor:
         S = kv_SC.shape[0]
         kv = self.kv_b_proj(kv_SC).view(S, self.n_heads, self.nope + self.v_dim)
         k_nope_SHP, v_SHV = kv.split([self.nope, self.v_dim], dim=-1)
-        scores = (torch.einsum("thp,shp->hts", q_nope_THP, k_nope_SHP)
-                  + torch.einsum("thr,sr->hts", q_pe_THR, k_pe_SR))
-        p_HTS = self._softmax(scores, mask_TS).to(v_SHV.dtype)
-        return torch.einsum("hts,shv->thv", p_HTS, v_SHV)
+        scores_HTS = (torch.einsum("thp,shp->hts", q_nope_THP.float(), k_nope_SHP.float())
+                      + torch.einsum("thr,sr->hts", q_pe_THR.float(), k_pe_SR.float()))
+        p_HTS = self._softmax(scores_HTS, mask_TS)
+        return torch.einsum("hts,shv->thv", p_HTS, v_SHV.float())
 
-    def _absorbed(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS):
-        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk_HPC, w_uv_HVC = w_HXC.to(kv_SC.dtype).split([self.nope, self.v_dim], dim=1)
-        q_lat_THC = torch.einsum("thp,hpc->thc", q_nope_THP, w_uk_HPC)
-        scores = (torch.einsum("thc,sc->hts", q_lat_THC, kv_SC)
-                  + torch.einsum("thr,sr->hts", q_pe_THR, k_pe_SR))
-        p_HTS = self._softmax(scores, mask_TS).to(kv_SC.dtype)
-        o_lat_THC = torch.einsum("hts,sc->thc", p_HTS, kv_SC)
-        return torch.einsum("thc,hvc->thv", o_lat_THC, w_uv_HVC)
+    def attend_absorbed(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS) -> torch.Tensor:
+        w_uk_HPC, w_uv_HVC = self.absorbed_weights()
+        kv_SC = kv_SC.float()
+        q_lat_THC = torch.einsum("thp,hpc->thc", q_nope_THP.float(), w_uk_HPC.float())
+        scores_HTS = (torch.einsum("thc,sc->hts", q_lat_THC, kv_SC)
+                      + torch.einsum("thr,sr->hts", q_pe_THR.float(), k_pe_SR.float()))
+        o_lat_THC = torch.einsum("hts,sc->thc", self._softmax(scores_HTS, mask_TS), kv_SC)
+        return torch.einsum("thc,hvc->thv", o_lat_THC, w_uv_HVC.float())
+
+    def _softmax(self, scores_HTS: torch.Tensor, mask_TS: torch.Tensor) -> torch.Tensor:
+        return (scores_HTS * self.scale).masked_fill(~mask_TS, float("-inf")).softmax(dim=-1)

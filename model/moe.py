@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import GemmConfig, MXFP8Tensor, experts
+from ..precision import MXFP8Tensor, Precision, experts
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
@@ -16,13 +16,13 @@ from .layers import Linear, frozen
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, inter: int, dtype: torch.dtype):
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype, prec: Precision = Precision()):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, dtype)
-        self.up_proj = Linear(dim, inter, dtype)
-        self.down_proj = Linear(inter, dim, dtype)
+        self.gate_proj = Linear(dim, inter, dtype, prec.child("gate_proj"))
+        self.up_proj = Linear(dim, inter, dtype, prec.child("up_proj"))
+        self.down_proj = Linear(inter, dim, dtype, prec.child("down_proj"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routes: RouteRecorder | None = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -64,42 +64,58 @@ class Experts(nn.Module):
     """Routed experts stacked for grouped GEMMs: w13 = [gate; up] per expert, w2 = down.
     MXFP8 storage adds `w13_weight_scale_inv` [E, 2F, D/32] and `w2_weight_scale_inv` [E, D, F/32]."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision()):
         super().__init__()
-        self.E, self.D, self.F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.w13_weight = frozen(self.E, 2 * self.F, self.D, dtype=dtype)
-        self.w2_weight = frozen(self.E, self.D, self.F, dtype=dtype)
-        self.gemm = GemmConfig(backend="torch")
+        self.E, self.D, self.F = E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gemm = prec.gemm  # bf16 experts use the fused MoE kernel too
+        if prec.mxfp8:
+            self.w13_weight = frozen(E, 2 * F_, D, dtype=torch.float8_e4m3fn)
+            self.w13_weight_scale_inv = frozen(E, 2 * F_, D // BLOCK, dtype=torch.uint8)
+            self.w2_weight = frozen(E, D, F_, dtype=torch.float8_e4m3fn)
+            self.w2_weight_scale_inv = frozen(E, D, F_ // BLOCK, dtype=torch.uint8)
+        else:
+            self.w13_weight = frozen(E, 2 * F_, D, dtype=dtype)
+            self.w2_weight = frozen(E, D, F_, dtype=dtype)
+            self.w13_weight_scale_inv = self.w2_weight_scale_inv = None
 
     @property
     def k_dims(self) -> tuple[int, ...]:
         return (self.D, self.F)
 
-    def use_mxfp8(self, gemm: GemmConfig) -> None:
-        dev, f8, u8 = self.w13_weight.device, torch.float8_e4m3fn, torch.uint8
-        self.w13_weight = frozen(self.E, 2 * self.F, self.D, dtype=f8, device=dev)
-        self.w13_weight_scale_inv = frozen(self.E, 2 * self.F, self.D // BLOCK, dtype=u8, device=dev)
-        self.w2_weight = frozen(self.E, self.D, self.F, dtype=f8, device=dev)
-        self.w2_weight_scale_inv = frozen(self.E, self.D, self.F // BLOCK, dtype=u8, device=dev)
-        self.gemm = gemm
-
     def _q(self, name: str):
-        scale = getattr(self, name + "_scale_inv", None)
+        scale = getattr(self, name + "_scale_inv")
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
     def forward(self, x_TD, ids_TK, weights_TK):
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm)
 
 
-class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
-        super().__init__()
-        self.gate = Gate(cfg, dtype)
-        self.experts = Experts(cfg, dtype)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
-                               if cfg.n_shared_experts else None)
+class RouteRecorder:
+    """Collects the router's choices of every MoE layer for one forward (rollout routing replay):
+    ids [moe_layers, T, K] int32 and fp32 weights (routed scaling included), in the router's slot order."""
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def __init__(self, moe_layers: int, max_tokens: int, top_k: int, device: torch.device | str):
+        self.ids = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.int32, device=device)
+        self.weights = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.float32, device=device)
+
+    def record(self, moe_index: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        T = ids_TK.shape[0]
+        self.ids[moe_index, :T].copy_(ids_TK)
+        self.weights[moe_index, :T].copy_(weights_TK)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), moe_index: int = 0):
+        super().__init__()
+        self.moe_index = moe_index  # this layer's row in a RouteRecorder
+        self.gate = Gate(cfg, dtype)
+        self.experts = Experts(cfg, dtype, prec.child("experts"))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
+                                   prec.child("shared_experts")) if cfg.n_shared_experts else None)
+
+    def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None) -> torch.Tensor:
         weights_TK, ids_TK = self.gate(x_TD)
+        if routes is not None:
+            routes.record(self.moe_index, ids_TK, weights_TK)
         y = self.experts(x_TD, ids_TK, weights_TK)
         return y + self.shared_experts(x_TD) if self.shared_experts is not None else y

@@ -47,12 +47,13 @@ def attention_factor(cfg: ModelConfig) -> float:
 
 
 class Rope(torch.nn.Module):
+    """cos/sin of every position, computed once per forward for all layers."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # Computed on the CPU and kept out of the parameters, so a model built on "meta" keeps it.
         self.inv_freq = inv_freq(cfg)
         self.scale = attention_factor(cfg)
-        self.interleave = cfg.rope.interleave
 
     def cos_sin(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != pos_T.device:
@@ -60,13 +61,14 @@ class Rope(torch.nn.Module):
         freqs = pos_T.float()[:, None] * self.inv_freq[None, :]
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
-    def forward(self, x_THR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate x [T, H, R] (at least fp32 math). Interleaved pairs (x0, x1), (x2, x3) come out de-interleaved
-        as [evens | odds]; q and k get the same layout, so their dot product is unchanged."""
-        cos, sin = (t[:, None, :] for t in cos_sin)
-        x = x_THR.to(torch.promote_types(x_THR.dtype, torch.float32))
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_THR.dtype)
+
+def rotate(x_THR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], interleave: bool) -> torch.Tensor:
+    """Rotate x [T, H, R] (at least fp32 math). Interleaved pairs (x0, x1), (x2, x3) come out de-interleaved
+    as [evens | odds]; q and k get the same layout, so their dot product is unchanged."""
+    cos, sin = (t[:, None, :] for t in cos_sin)
+    x = x_THR.to(torch.promote_types(x_THR.dtype, torch.float32))
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_THR.dtype)

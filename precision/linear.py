@@ -57,9 +57,13 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return "torch", f"torch reference (no MXFP8 kernel for sm{major}{minor})"
 
 
-def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
-    """y = x @ w.T in x's dtype."""
+def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfig = REFERENCE,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ w.T in x's dtype, or in `out_dtype` (the lm_head's fp32 logits: fp32 accumulate and fp32
+    output from the bf16 operands, never a bf16 result cast up afterwards)."""
     if isinstance(w_NK, MXFP8Tensor):
+        if out_dtype not in (None, x_TK.dtype):
+            raise ValueError("linear: MXFP8 weights produce x's dtype; out_dtype is for high-precision weights")
         check_gemm_args(x_TK, w_NK)
         lead = x_TK.shape[:-1]
         x2 = x_TK.reshape(-1, x_TK.shape[-1])
@@ -76,4 +80,11 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfi
         raise TypeError(f"linear: weight must be a 2-D tensor or MXFP8Tensor, got {type(w_NK).__name__}")
     if x_TK.shape[-1] != w_NK.shape[1]:
         raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
-    return F.linear(x_TK, w_NK.to(x_TK.dtype))
+    if out_dtype is None or out_dtype == x_TK.dtype:
+        return F.linear(x_TK, w_NK.to(x_TK.dtype))
+    w = w_NK.to(x_TK.dtype)
+    if x_TK.is_cuda and out_dtype == torch.float32 and x_TK.dtype in (torch.bfloat16, torch.float16):
+        x2 = x_TK.reshape(-1, x_TK.shape[-1])
+        return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS, fp32 out
+    # CPU: products of bf16/fp16 operands are exact in fp32, so upcasting first is the same GEMM
+    return F.linear(x_TK.to(out_dtype), w.to(out_dtype))

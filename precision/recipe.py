@@ -13,8 +13,9 @@ Storage is decided once per engine from the recipe, the checkpoint's own format 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .linear import REFERENCE, GemmConfig
 from .mxfp8 import BLOCK, SCALE_MODES
 
 ACT_MODES = ("w8a8", "w8a16")
@@ -53,6 +54,10 @@ class StoragePlan:
     source_mxfp8: bool  # the checkpoint itself carries MXFP8 tensors
     quantize_at_load: bool  # high-precision checkpoint tensors are quantized by the recipe on load
     recipe: Recipe
+    # Modules stored high precision whose GEMM the trainer ran MXFP8 w8a8 (a kv_b_proj the checkpoint
+    # did not exclude): their weight is dequantized exactly at load and their input is MXFP8
+    # quantize-dequantized along K, as the trainer's forward did.
+    quantized_inputs: frozenset[str] = frozenset()
 
     def is_mxfp8(self, module: str) -> bool:
         return module in self.mxfp8_modules
@@ -85,8 +90,12 @@ def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict |
         raise RecipeError(f"quantization={quantization!r}; supported: None (keep the checkpoint's format), 'mxfp8'")
     source = checkpoint_is_mxfp8(quantization_config)
     not_converted = list((quantization_config or {}).get("modules_to_not_convert") or [])
-    chosen = set()
+    chosen, inputs = set(), set()
     for module, ks in k_dims.items():
+        if module.endswith("kv_b_proj") and source and not _excluded(module, not_converted):
+            if recipe.act_mode == "w8a8":
+                inputs.add(module)
+            continue
         if not QUANTIZABLE.search(module):
             continue
         if module.endswith("mlp.experts") and any(m.startswith(f"model.{module}.") for m in not_converted):
@@ -98,4 +107,26 @@ def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict |
                 raise RecipeError(f"{module}: contraction dim(s) {ks} not a multiple of {BLOCK}; "
                                   "add it to the recipe's high_precision list")
             chosen.add(module)
-    return StoragePlan(frozenset(chosen), source, quantization == "mxfp8", recipe)
+    return StoragePlan(frozenset(chosen), source, quantization == "mxfp8", recipe, frozenset(inputs))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the storage plan decided for one module, handed to it at construction (modules never
+    probe or patch each other's storage afterwards). `child("q_proj")` scopes to a submodule."""
+
+    plan: StoragePlan | None = None
+    gemm: GemmConfig = REFERENCE
+    name: str = ""
+
+    def child(self, name: str) -> "Precision":
+        return replace(self, name=f"{self.name}.{name}" if self.name else name)
+
+    @property
+    def mxfp8(self) -> bool:
+        return self.plan is not None and self.plan.is_mxfp8(self.name)
+
+    @property
+    def quantize_input(self) -> bool:
+        """The trainer quantized this high-precision module's input (see StoragePlan.quantized_inputs)."""
+        return self.plan is not None and self.name in self.plan.quantized_inputs

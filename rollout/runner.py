@@ -37,7 +37,7 @@ def generate_sequence(model: DeepseekV3, prompt_ids: list[int], params: Sampling
         return SequenceOutput([], [], {"type": "length", "length": 0})
     cache = model.new_cache(len(prompt_ids) + params.max_new_tokens)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    logits_V = model(ids, torch.arange(len(prompt_ids), device=device), cache)[-1]
+    logits_V = model.sequence_logits(ids, torch.arange(len(prompt_ids), device=device), cache)[-1]
     out_ids: list[int] = []
     out_lp: list[float] = []
     while True:
@@ -49,4 +49,4 @@ def generate_sequence(model: DeepseekV3, prompt_ids: list[int], params: Sampling
         if reason is not None:
             return SequenceOutput(out_ids, out_lp, reason)
         pos = torch.tensor([len(prompt_ids) + len(out_ids) - 1], device=device)
-        logits_V = model(token_t, pos, cache, absorbed=True)[-1]
+        logits_V = model.sequence_logits(token_t, pos, cache)[-1]

@@ -32,7 +32,7 @@ def test_prefill_logits_match_hf(pair):
     ours = load_model(path, progress=False)
     ids = prompt(1, 40)
     ref = hf_logits(hf, ids)
-    got = ours(torch.tensor(ids), torch.arange(len(ids)), ours.new_cache(len(ids)))
+    got = ours.sequence_logits(torch.tensor(ids), torch.arange(len(ids)), ours.new_cache(len(ids)))
     assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
 
 
@@ -40,16 +40,16 @@ def test_absorbed_decode_matches_naive_path(pair):
     _, path, _ = pair
     ours = load_model(path, progress=False)
     ids = torch.tensor(prompt(2, 32))
-    naive = ours(ids, torch.arange(32), ours.new_cache(32))
+    naive = ours.sequence_logits(ids, torch.arange(32), ours.new_cache(32, mode="naive"))
     cache = ours.new_cache(32)
-    ours(ids[:8], torch.arange(8), cache)
-    steps = [ours(ids[i:i + 1], torch.tensor([i]), cache, absorbed=True) for i in range(8, 32)]
+    ours.sequence_logits(ids[:8], torch.arange(8), cache)
+    steps = [ours.sequence_logits(ids[i:i + 1], torch.tensor([i]), cache) for i in range(8, 32)]  # absorbed
     absorbed = torch.cat(steps)
     assert (absorbed - naive[8:]).abs().max() / naive.abs().max() <= 1e-5
     # and the two paths are really different code: a chunk through the absorbed path agrees too
-    cache2 = ours.new_cache(32)
-    chunked = torch.cat([ours(ids[:16], torch.arange(16), cache2, absorbed=True),
-                         ours(ids[16:], torch.arange(16, 32), cache2, absorbed=True)])
+    cache2 = ours.new_cache(32, mode="absorbed")
+    chunked = torch.cat([ours.sequence_logits(ids[:16], torch.arange(16), cache2),
+                         ours.sequence_logits(ids[16:], torch.arange(16, 32), cache2)])
     assert (chunked - naive).abs().max() / naive.abs().max() <= 1e-5
 
 

@@ -46,7 +46,7 @@ def test_hf_loads_synthetic_checkpoint(tiny_checkpoint):
     ids = torch.arange(3, 40)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
-    got = ours(ids, torch.arange(len(ids)), ours.new_cache(len(ids)))
+    got = ours.sequence_logits(ids, torch.arange(len(ids)), ours.new_cache(len(ids)))
     assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
     top = got.argmax(-1)
     assert len(set(top.tolist())) > 5, "random model should not collapse onto one token"

@@ -21,8 +21,8 @@ def test_triton_engine_matches_torch_reference(tmp_path):
     ref = Engine(model_path=str(path), device="cuda", progress=False, gemm_backend="torch")
     assert fast.get_model_info()["gemm_backend"] == "triton" and fast.get_model_info()["dtype"] == "bfloat16"
     ids = torch.arange(3, 60, device="cuda")
-    a = fast.model(ids, torch.arange(len(ids), device="cuda"), fast.model.new_cache(64))
-    b = ref.model(ids, torch.arange(len(ids), device="cuda"), ref.model.new_cache(64))
+    a = fast.model.sequence_logits(ids, torch.arange(len(ids), device="cuda"), fast.model.new_cache(64))
+    b = ref.model.sequence_logits(ids, torch.arange(len(ids), device="cuda"), ref.model.new_cache(64))
     assert ((a - b).norm() / b.norm()).item() < 2e-2
     out = fast.generate(prompt="hello", sampling_params={"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
                         return_logprob=True)
