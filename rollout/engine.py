@@ -126,6 +126,12 @@ class Engine:
             out["text"] = self.tokenizer.decode(seq.output_ids)
         return out
 
+    # ---- engine-loop hooks used by weight sync ---------------------------------------------
+    def _between_steps(self, fn):
+        """Run `fn()` on the engine loop between two scheduler steps and return its result (no forward
+        pass is in flight while it runs). This single-sequence engine has no loop: it runs `fn` now."""
+        return fn()
+
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:
         return {"model_path": str(self.model_path), "is_generation": True, "weight_version": self.weight_version,
