@@ -239,14 +239,20 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool = True, quantization: str | None = None, recipe: Recipe | None = None,
-               gemm: GemmConfig | None = None) -> DeepseekV3:
+               gemm: GemmConfig | None = None, load_format: str = "auto", seed: int = 0) -> DeepseekV3:
     """Build DeepseekV3 from `path/config.json` with the storage plan, allocate it once on `device`,
-    and stream the weights into it."""
+    and stream the weights into it (load_format="dummy": seeded random weights made on the device)."""
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format={load_format!r}; supported: auto, dummy")
     cfg = ModelConfig.from_file(path)
     recipe = recipe or Recipe()
     gemm = gemm or GemmConfig(recipe.act_mode, recipe.scale_mode, "torch")
     model = build_model(cfg, dtype, quantization, recipe, gemm).to_empty(device=device)
-    load_weights(model, iter_checkpoint(path, progress), cfg, model.plan)
+    if load_format == "dummy":
+        from .dummy import init_dummy_weights
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, iter_checkpoint(path, progress), cfg, model.plan)
     n8 = len(model.plan.mxfp8_modules)
     log.info("loaded %s: %d modules MXFP8 (%s, %s scales%s), the rest %s", path, n8, recipe.act_mode,
              recipe.scale_mode, ", quantized at load" if model.plan.quantize_at_load and n8 else "",

@@ -21,12 +21,23 @@ class EngineConfig:
     device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None = cuda when present
     dtype: str | None = None  # high-precision parts: "float32" | "bfloat16"; None = float32 on cpu, bfloat16 on cuda
     quantization: str | None = None  # None keeps the checkpoint's format; "mxfp8" quantizes by the recipe at load
+    load_format: str = "auto"  # "dummy": seeded random weights made on the device (benchmarks; needs only config.json)
     act_mode: str = "w8a8"  # MXFP8 GEMMs: w8a8 quantizes activations along K (as the trainer does) | w8a16
     scale_mode: str = "rceil"  # E8M0 scale rule for quantizing: rceil | floor
     high_precision: list[str] = field(default_factory=lambda: ["kv_b_proj"])  # extra modules kept bf16
     gemm_backend: str | None = None  # MXFP8 GEMM backend: None = best for the device | torch | triton | flashinfer
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
+    # batched engine (sglang names where sglang has one)
+    page_size: int = 16  # tokens per KV-cache page
+    mem_fraction_static: float = 0.85  # GPU: fraction of device memory for weights + KV cache
+    max_total_tokens: int | None = None  # KV-cache capacity cap in tokens (sizes it on CPU; default 65536 there)
+    max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
+    chunked_prefill_size: int = 8192  # token budget of one step: prefill is chunked to fit it
+    attention_backend: str | None = None  # None = flashinfer on CUDA when importable, else torch | torch | flashinfer
+    sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
+    disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
+    cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True
     log_level: str = "INFO"

@@ -1,10 +1,23 @@
-"""`Engine`: the Python API an RL loop calls (sglang-compatible names)."""
+"""`Engine`: the Python API an RL loop calls (sglang-compatible names).
+
+One thread, the engine loop, owns the model, the paged KV cache and the scheduler, and runs
+`step()` while there is work. Public methods are thread-safe: they hand the loop new requests, or
+a command that runs between two steps (weight updates, pause, abort, memory release), and wait.
+Many `generate` / `async_generate` calls in flight are batched together by the scheduler.
+"""
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
+import queue
+import random
+import threading
+import time
 import uuid
-from dataclasses import asdict, is_dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -13,16 +26,58 @@ from ..model import load_model
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
-
+from .attention import TorchPagedAttention, select_attention
 from .config import EngineConfig, engine_config
+from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
+from .intake import PromptRequest, build_requests, prompt_ids
+from .kv_cache import PagedLatentCache, plan_capacity
+from .output import Record, format_output
+from .pages import PagePool
 from .presets import resolve_model_path
-from .runner import generate_sequence
-from .sampling_params import SamplingParams
+from .request import Group, SeqStatus
+from .runner import ModelRunner
+from .sampler import Sampler, SamplingRows, sample_seed
+from .scheduler import Scheduler
+from .step_inputs import StepInputs
 
-log = logging.getLogger("mxroll")
+log = logging.getLogger(__name__)
 
 # float64 is a CPU reference dtype (numerical checks); serving uses bfloat16 or float32.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PAUSE_MODES = ("abort", "retract", "in_place")
+MEMORY_TAGS = ("kv_cache", "weights")
+
+
+STEP_LOG = 100_000
+
+
+@dataclass(frozen=True)
+class StepStat:
+    rows: int  # sequences in the step
+    tokens: int  # tokens computed (prefill chunks + decode tokens)
+    sampled: int  # tokens sampled
+    decode: bool  # every row computed one token
+    seconds: float  # wall time of the step, host work and the device sync included
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine was shut down (or its loop stopped); it serves nothing more."""
+
+
+class _Call:
+    """One generate() call: its groups (one per prompt) with their output records, and how its caller
+    hears back (a future, or `notify` for streams)."""
+
+    def __init__(self, groups: list[Group], records: list[Record], single: bool, notify=None):
+        self.groups, self.records, self.single, self.notify = groups, records, single, notify
+        self.future: Future = Future()
+        self.done_groups: set[int] = set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.notify is not None:
+            self.notify(("error", error))
+        elif not self.future.done():
+            self.future.set_exception(error)
 
 
 class Engine:
@@ -33,7 +88,20 @@ class Engine:
                                             quantization=quantization).items() if v is not None}
         base = asdict(config) if is_dataclass(config) else config
         self.config = cfg = engine_config(base, explicit, overrides)
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self._build(cfg)
+        self.weight_version = "default"
+        self._seeds = random.Random(cfg.seed)  # streams of unseeded requests, in arrival order
+        self._arrivals = itertools.count()
+        self._records: dict[int, Record] = {}
+        self.steps: collections.deque[StepStat] = collections.deque(maxlen=STEP_LOG)  # recent steps, for figures
+        self._calls: dict[str, _Call] = {}
+        self._cv = threading.Condition()
+        self._commands: list[tuple[Any, Future]] = []
+        self._paused = self._released = self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
+        self._thread.start()
+
+    def _build(self, cfg: EngineConfig) -> None:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={cfg.device!r} but no CUDA device is available")
@@ -42,95 +110,412 @@ class Engine:
             raise ValueError(f"dtype={dtype_name!r}; supported: {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype_name]
         self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
-        backend, why = select_backend(self.device, cfg.gemm_backend)
+        backend, gemm_why = select_backend(self.device, cfg.gemm_backend)
         if backend == "triton" and self.dtype == torch.float32:
             if cfg.gemm_backend == "triton":
                 raise ValueError("gemm_backend='triton' takes bf16 activations; use dtype='bfloat16'")
-            backend, why = "torch", "torch reference (float32 engine; the Triton kernel takes bf16)"
+            backend, gemm_why = "torch", "torch reference (float32 engine; the Triton kernel takes bf16)"
         self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend)
-        self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress)
+        self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
+                                             config_only=cfg.load_format == "dummy")
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
-                                quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm)
+                                quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
+                                load_format=cfg.load_format, seed=cfg.seed)
         self.layouts = LayoutCache()
         self.model.postprocess(self.layouts)
-        self.model_config = self.model.cfg
-        self.context_length = cfg.context_length or self.model_config.max_position_embeddings
-        self.tokenizer = load_tokenizer(self.model_path, self.model_config.bos_token_id)
-        self.weight_version = "default"
-        self._generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        mx = "MXFP8 GEMMs: " + why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
+        self.model_config = mcfg = self.model.cfg
+        self.context_length = cfg.context_length or mcfg.max_position_embeddings
+        self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
+
+        attn_name, attn_why = select_attention(cfg.attention_backend, self.device, mcfg)
+        self.page_size = cfg.page_size
+        pages = plan_capacity(mcfg, self.dtype, self.device, cfg.page_size, cfg.mem_fraction_static,
+                              cfg.max_total_tokens)
+        self.cache = PagedLatentCache(mcfg, pages, cfg.page_size, self.dtype, self.device)
+        if attn_name == "flashinfer":
+            from .attention.flashinfer_mla import FlashInferAttention
+            self.attn = FlashInferAttention(self.cache, mcfg.num_attention_heads, mcfg.softmax_scale,
+                                            -(-self.context_length // cfg.page_size) + 1)
+        else:
+            self.attn = TorchPagedAttention(self.cache)
+        graphs_why = self._graphs_decision(cfg)
+        self.runner = ModelRunner(self.model, self.cache, self.attn, cfg.chunked_prefill_size, self._new_graphs())
+        self.sampler = Sampler(self.device, cfg.sampling_backend)
+        self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
+                                   max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
+                                   eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
+        mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
-        log.info("engine ready: %s on %s (%s); %s; %s; attention on the torch reference path",
-                 self.model_path, self.device, dtype_name, mx, moe)
+        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
+                 attn_why, graphs_why)
+        log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,
+                 self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30, self.context_length)
 
-    # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
-                 sampling_params: dict | list[dict] | None = None, return_logprob: bool = False):
-        """One prompt -> a dict (a list of n dicts when n > 1); a batch -> a list (prompt-major, n each)."""
-        prompts, batched = self._prompt_ids(prompt, input_ids)
-        if isinstance(sampling_params, list):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
-            params = [SamplingParams.from_dict(p) for p in sampling_params]
-        else:
-            params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
-        for ids, p in zip(prompts, params):
-            if len(ids) + p.max_new_tokens > self.context_length:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={p.max_new_tokens} exceeds the "
-                                 f"context length {self.context_length}")
-        outputs = []
-        for ids, p in zip(prompts, params):
-            for j in range(p.n):
-                gen = self._generator if p.seed is None else torch.Generator(self.device).manual_seed(p.seed + j)
-                seq = generate_sequence(self.model, ids, p, gen)
-                outputs.append(self._format(ids, seq, return_logprob))
-        if not batched and params[0].n == 1:
-            return outputs[0]
-        return outputs
+    def _graphs_decision(self, cfg: EngineConfig) -> str:
+        self._graph_sizes: tuple[int, ...] = ()
+        if self.device.type != "cuda":
+            return "eager decode (no CUDA device)"
+        if cfg.disable_cuda_graph:
+            return "eager decode (disable_cuda_graph)"
+        if not self.attn.supports_cuda_graphs or self.gemm.backend == "torch":
+            return "eager decode (CUDA graphs need the FlashInfer attention and a Triton/FlashInfer GEMM backend)"
+        self._graph_sizes = tuple(s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs) or (1,)
+        return f"CUDA graphs for decode batches up to {self._graph_sizes[-1]}"
 
-    async def async_generate(self, *args, **kwargs):
-        return await asyncio.to_thread(self.generate, *args, **kwargs)
+    def _new_graphs(self) -> DecodeGraphs | None:
+        if not self._graph_sizes:
+            return None
+        return DecodeGraphs(self.model, self.attn, self._graph_sizes, self.device, record_routes=True)
 
-    def _prompt_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt= or input_ids=")
-        if prompt is not None:
-            if self.tokenizer is None:
-                raise ValueError(f"{self.model_path} has no tokenizer (tokenizer.json); pass input_ids instead")
-            batched = isinstance(prompt, list)
-            texts = prompt if batched else [prompt]
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("prompt must be a string or a list of strings")
-            prompts = [self.tokenizer.encode(t) for t in texts]
-        else:
-            batched = bool(input_ids) and isinstance(input_ids[0], list)
-            prompts = input_ids if batched else [input_ids]
-        if not prompts:
-            raise ValueError("empty batch: no prompts given")
-        V = self.model_config.vocab_size
-        for i, ids in enumerate(prompts):
-            if not isinstance(ids, list) or not ids:
-                raise ValueError(f"prompt {i}: needs at least one token")
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {V})")
-        return prompts, batched
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params: dict | list | None = None,
+                 return_logprob: bool | list = False, top_logprobs_num: int | list | None = None,
+                 return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False):
+        """One prompt -> a dict (a list of n dicts when n > 1); a batch -> a list (prompt-major, n each).
+        stream=True returns an iterator of partial outputs (cumulative), the last one final."""
+        if stream:
+            events: queue.Queue = queue.Queue()
+            call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+                                return_routed_experts, rid, notify=events.put)
+            return self._stream(call, events)
+        call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+                            return_routed_experts, rid)
+        return call.future.result()
 
-    def _format(self, prompt_ids: list[int], seq, return_logprob: bool) -> dict:
-        meta = {"id": uuid.uuid4().hex, "finish_reason": seq.finish_reason, "prompt_tokens": len(prompt_ids),
-                "completion_tokens": len(seq.output_ids), "weight_version": self.weight_version}
-        if return_logprob:
-            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(seq.output_logprobs, seq.output_ids)]
-        out = {"output_ids": seq.output_ids, "meta_info": meta}
-        if self.tokenizer is not None:
-            out["text"] = self.tokenizer.decode(seq.output_ids)
+    async def async_generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob=False,
+                             top_logprobs_num=None, return_routed_experts=False, rid=None, stream: bool = False):
+        """Awaitable generate; concurrent calls are batched together. stream=True -> an async iterator."""
+        if stream:
+            aloop, events = asyncio.get_running_loop(), asyncio.Queue()
+            call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+                                return_routed_experts, rid,
+                                notify=lambda e: aloop.call_soon_threadsafe(events.put_nowait, e))
+            return self._astream(call, events)
+        call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+                            return_routed_experts, rid)
+        return await asyncio.wrap_future(call.future)
+
+    def _submit(self, prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+                return_routed_experts, rid, notify=None) -> _Call:
+        self._check_open()
+        prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self.model_path)
+        requests = build_requests(prompts, sampling_params, return_logprob, top_logprobs_num,
+                                  return_routed_experts, rid, self.model_config.vocab_size, self.context_length)
+        call = _Call([self._group(i, r) for i, r in enumerate(requests)],
+                     [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts) for r in requests],
+                     single=not batched and requests[0].params.n == 1, notify=notify)
+        self._command(lambda: self._admit(call), wait=False)
+        return call
+
+    def _group(self, index: int, req: PromptRequest) -> Group:
+        """A request's group; sample j of prompt `index` draws from its own seeded stream."""
+        p = req.params
+        with self._cv:  # unseeded streams are drawn in arrival order from the engine's seed
+            seeds = ([sample_seed(p.seed, index, j) for j in range(p.n)] if p.seed is not None
+                     else [self._seeds.getrandbits(64) for _ in range(p.n)])
+            arrival = next(self._arrivals)
+        return Group(rid=req.rid or uuid.uuid4().hex, prompt=req.input_ids, params=p, seeds=seeds,
+                     arrival=arrival, seqs=[])
+
+    def _stream(self, call: _Call, events: queue.Queue):
+        while True:
+            kind, payload = events.get()
+            if kind == "error":
+                raise payload
+            yield payload
+            if kind == "final":
+                return
+
+    async def _astream(self, call: _Call, events: asyncio.Queue):
+        while True:
+            kind, payload = await events.get()
+            if kind == "error":
+                raise payload
+            yield payload
+            if kind == "final":
+                return
+
+    # ---- the engine loop -------------------------------------------------------------------
+    def step(self) -> None:
+        """One scheduler step: schedule -> forward -> sample -> update -> outputs."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        step = StepInputs.build(batch.rows, self.page_size, self.device)
+        out = self.runner.forward(step, batch.copies, self._wants_routes(batch))
+        sampled = self.sampler(out.logits_SV, self._sampling_rows(batch))
+        tokens = sampled.tokens.tolist()
+        finished = self.scheduler.update(batch, self._per_row(batch, tokens))
+        self._record(batch, step, sampled, tokens, out.routes)
+        self._complete(finished)
+        self.steps.append(StepStat(step.num_rows, step.num_tokens, len(tokens), step.is_decode,
+                                   time.perf_counter() - t0))
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - a broken loop must not leave callers waiting forever
+            log.exception("engine loop stopped")
+            with self._cv:
+                self._closed = True
+            self._fail_all(EngineShutdownError(f"the engine loop stopped: {e!r}"))
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._commands and (
+                        self._paused or self._released or not self.scheduler.has_work()):
+                    self._cv.wait()
+                commands, self._commands = self._commands, []
+                closed = self._closed
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the caller gets its own error
+                    fut.set_exception(e)
+            if closed:
+                return
+            if not (self._paused or self._released) and self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - fail the requests of this step, keep serving
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_running(e)
+
+    def _command(self, fn, wait: bool = True):
+        """Run `fn()` on the engine loop between two steps; return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        self._check_open()
+        fut: Future = Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        return fut.result() if wait else fut
+
+    def _between_steps(self, fn):
+        """Hook for weight sync: run `fn()` between two scheduler steps (no forward pass in flight)."""
+        return self._command(fn)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineShutdownError("the engine is shut down; create a new Engine")
+
+    # ---- per-step bookkeeping (loop thread) ------------------------------------------------
+    def _admit(self, call: _Call) -> None:
+        added = []
+        try:
+            for group, record in zip(call.groups, call.records):
+                if group.rid in self._calls:
+                    raise ValueError(f"rid {group.rid!r} is already in flight")
+                finished = self.scheduler.add(group)
+                added.append(group)
+                self._calls[group.rid] = call
+                for seq in group.seqs:
+                    self._records[seq.seq_id] = record
+                self._complete(finished)
+        except Exception as e:  # e.g. a request that can never fit the cache: this call's error only
+            for group in added:
+                self.scheduler.abort(group.rid)
+                self._forget(group)
+            call.fail(e)
+
+    def _wants_routes(self, batch) -> bool:
+        return any(self._records[r.seq.seq_id].return_routed_experts for r in batch.rows)
+
+    def _sampling_rows(self, batch) -> SamplingRows:
+        params, seeds, positions, tops = [], [], [], []
+        for row in batch.rows:
+            group, k = row.seq.group, row.num_samples
+            for j in range(k):
+                params.append(group.params)
+                seeds.append(group.seeds[j if k > 1 else row.seq.index])
+                positions.append(row.start + row.length)
+                tops.append(self._records[row.seq.seq_id].top_logprobs_num)
+        return SamplingRows.build(params, seeds, positions, self.device, tops)
+
+    @staticmethod
+    def _per_row(batch, tokens: list[int]) -> list[list[int]]:
+        out, i = [], 0
+        for row in batch.rows:
+            out.append(tokens[i:i + row.num_samples])
+            i += row.num_samples
         return out
 
-    # ---- engine-loop hooks used by weight sync ---------------------------------------------
-    def _between_steps(self, fn):
-        """Run `fn()` on the engine loop between two scheduler steps and return its result (no forward
-        pass is in flight while it runs). This single-sequence engine has no loop: it runs `fn` now."""
-        return fn()
+    def _record(self, batch, step: StepInputs, sampled, tokens: list[int], routes) -> None:
+        if routes is not None and self._wants_routes(batch):
+            T = step.num_tokens
+            ids = routes.ids[:, :T].permute(1, 0, 2).cpu()
+            weights = routes.weights[:, :T].permute(1, 0, 2).cpu()
+            for r, row in enumerate(batch.rows):
+                rec = self._records[row.seq.seq_id]
+                if rec.return_routed_experts:
+                    a, b = step.qo_indptr[r], step.qo_indptr[r + 1]
+                    rec.add_routes(row.start, ids[a:b], weights[a:b])
+        logprobs = sampled.logprobs.tolist()
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        s = 0
+        for row in batch.rows:
+            k = row.num_samples
+            seqs = [row.seq] if k <= 1 else row.seq.group.seqs[:k]
+            leader = self._records[row.seq.seq_id]
+            for j, seq in enumerate(seqs[:k]):
+                rec = self._records.get(seq.seq_id)
+                if rec is None:  # a sibling forked in this step's update
+                    rec = self._records[seq.seq_id] = leader.fork()
+                top = None
+                if rec.top_logprobs_num:
+                    top = [(lp, t, None) for lp, t in zip(top_lps[s + j][:rec.top_logprobs_num],
+                                                          top_ids[s + j][:rec.top_logprobs_num])]
+                rec.add_token(logprobs[s + j], top, self.weight_version, seq.num_outputs - 1)
+            s += k
+        self._stream_updates(batch)
+
+    def _stream_updates(self, batch) -> None:
+        for row in batch.rows:
+            call = self._calls.get(row.seq.group.rid)
+            if call is None or call.notify is None or row.num_samples == 0:
+                continue
+            seqs = [row.seq] if row.num_samples <= 1 else row.seq.group.seqs
+            for seq in seqs:
+                if seq.status == SeqStatus.RUNNING:
+                    out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version)
+                    out["index"] = self._output_index(call, seq)
+                    call.notify(("partial", out))
+
+    @staticmethod
+    def _output_index(call: _Call, seq) -> int:
+        return sum(g.params.n for g in call.groups[:call.groups.index(seq.group)]) + seq.index
+
+    def _complete(self, finished) -> None:
+        for seq in finished:
+            group = seq.group
+            call = self._calls.get(group.rid)
+            if call is None or id(group) in call.done_groups or not _group_done(group):
+                continue
+            call.done_groups.add(id(group))
+            if len(call.done_groups) == len(call.groups):
+                self._resolve(call)
+
+    def _resolve(self, call: _Call) -> None:
+        outputs = []
+        for group in call.groups:
+            seqs = sorted(group.seqs, key=lambda s: s.index)
+            for j in range(group.params.n):  # siblings never forked (aborted early) repeat the leader
+                seq = seqs[j] if j < len(seqs) else seqs[0]
+                out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version)
+                if call.notify is not None:
+                    out["index"] = len(outputs)
+                outputs.append(out)
+            self._forget(group)
+        if call.notify is not None:
+            for out in outputs[:-1]:
+                call.notify(("partial", out))
+            call.notify(("final", outputs[-1]))
+        else:
+            call.future.set_result(outputs[0] if call.single else outputs)
+
+    def _forget(self, group: Group) -> None:
+        self._calls.pop(group.rid, None)
+        for seq in group.seqs:
+            self._records.pop(seq.seq_id, None)
+
+    def _fail_running(self, error: Exception) -> None:
+        """A failed step fails the calls that had sequences in it; queued requests keep their turn."""
+        for seq in list(self.scheduler.running):
+            call = self._calls.get(seq.group.rid)
+            if call is not None:
+                self._drop(call, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for call in {id(c): c for c in self._calls.values()}.values():
+            self._drop(call, error)
+
+    def _drop(self, call: _Call, error: BaseException) -> None:
+        for group in call.groups:
+            self.scheduler.abort(group.rid)
+            self._forget(group)
+        call.fail(error)
+
+    # ---- RL controls (sglang names) --------------------------------------------------------
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Abort one request (all its samples) or, with abort_all, every request in flight; their
+        generate() calls return what was produced so far with finish_reason {"type": "abort"}."""
+        def run():
+            seqs = self.scheduler.abort_all() if abort_all else self.scheduler.abort(rid)
+            self._complete(seqs)
+        self._command(run)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Stop stepping. mode "abort": requests in flight end now (finish_reason abort); "retract": they
+        go back to the queue, their cache freed, and resume by recompute; "in_place": they keep their
+        cache and resume where they were. New requests queue until continue_generation()."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause_generation mode={mode!r}; supported: {PAUSE_MODES}")
+
+        def run():
+            self._paused = True
+            if mode == "abort":
+                self._complete(self.scheduler.abort_all())
+            elif mode == "retract":
+                self.scheduler.retract_all()
+        self._command(run)
+
+    def continue_generation(self) -> None:
+        def run():
+            self._paused = False
+        self._command(run)
+
+    def flush_cache(self) -> bool:
+        """mxroll keeps no prefix cache across requests, so there is nothing stale to drop: True."""
+        self._check_open()
+        return True
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Hand GPU memory to a colocated trainer: "kv_cache" (the paged cache and the CUDA graphs over it)
+        and/or "weights" (moved to host memory). Needs no request holding cache pages (pause first)."""
+        tags = self._tags(tags)
+
+        def run():
+            if self.scheduler.running:
+                raise ValueError(f"release_memory_occupation: {len(self.scheduler.running)} requests hold KV-cache "
+                                 "pages; call pause_generation(mode='abort' or 'retract') first")
+            self._released = True
+            self.runner.graphs = None
+            if "kv_cache" in tags:
+                self.cache.release()
+            if "weights" in tags:
+                for p in self.model.parameters():
+                    p.data = p.data.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._command(run)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        tags = self._tags(tags)
+
+        def run():
+            if "weights" in tags:
+                for p in self.model.parameters():
+                    p.data = p.data.to(self.device)
+                self.model.postprocess(self.layouts)
+            if "kv_cache" in tags and not self.cache.allocated:
+                self.cache.allocate()
+            weights_home = next(self.model.parameters()).device.type == self.device.type
+            self._released = not (self.cache.allocated and weights_home)
+            if not self._released:
+                self.runner.graphs = self._new_graphs()  # new addresses: graphs are captured again
+        self._command(run)
+
+    @staticmethod
+    def _tags(tags) -> list[str]:
+        tags = list(MEMORY_TAGS) if tags is None else list(tags)
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ValueError(f"memory tags {bad}; supported: {MEMORY_TAGS}")
+        return tags
 
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:
@@ -138,10 +523,28 @@ class Engine:
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
-                "gemm_backend": self.gemm.backend, "context_length": self.context_length}
+                "gemm_backend": self.gemm.backend, "attention_backend": self.attn.name,
+                "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
+                "page_size": self.page_size}
+
+    def get_server_info(self) -> dict:
+        """Engine state and recent figures (the last steps' throughput)."""
+        recent = list(self.steps)[-1000:]
+        secs = sum(s.seconds for s in recent)
+        return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
+                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "steps": len(self.steps), "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
+                "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0}
 
     def shutdown(self) -> None:
-        self.model = None
+        if self._closed:
+            return
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        self._fail_all(EngineShutdownError("the engine was shut down before this request finished"))
+        self.model = self.cache = self.runner = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -150,3 +553,9 @@ class Engine:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _group_done(group: Group) -> bool:
+    """Every sample ended; a leader that ended before forking ends its group (no siblings will come)."""
+    ended = (SeqStatus.FINISHED, SeqStatus.ABORTED)
+    return bool(group.seqs) and all(s.status in ended for s in group.seqs)

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 PREFIX = "preset:"
 
 
-def resolve_model_path(model_path: str, seed: int, cache_dir: str | None, progress: bool = True) -> Path:
+def resolve_model_path(model_path: str, seed: int, cache_dir: str | None, progress: bool = True,
+                       config_only: bool = False) -> Path:
+    """A checkpoint directory for `model_path`; `config_only` (random dummy weights) needs just config.json."""
     if not model_path.startswith(PREFIX):
         path = Path(model_path).expanduser()
         if not path.is_dir():
@@ -25,6 +27,11 @@ def resolve_model_path(model_path: str, seed: int, cache_dir: str | None, progre
     name = model_path[len(PREFIX):]
     preset = configs.model_preset_path(name)
     root = Path(cache_dir or os.environ.get("MXROLL_CACHE") or Path.home() / ".cache" / "mxroll")
+    if config_only:
+        out = root / "presets" / f"{name}-config"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(preset.read_text())
+        return out
     out = root / "presets" / f"{name}-seed{seed}"
     if (out / "config.json").is_file():
         return out

@@ -1,52 +1,48 @@
-"""Reference model runner: one sequence at a time, prefill through the naive MLA path, decode
-through the absorbed path over the latent cache. The batched engine reuses its pieces."""
+"""ModelRunner: one forward of the model over a scheduled batch.
+
+Copy-on-write page copies first, then the flat forward (CUDA-graph replay for decode batches that
+fit a captured size, eager otherwise), then fp32 logits of the rows that sample (a group leader
+finishing its prompt appears once per sample). Router choices are recorded when asked.
+Legend: T tokens, S sampled rows, V vocab.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..model import DeepseekV3
+from ..model.moe import RouteRecorder
+from .cuda_graph import DecodeGraphs
+from .kv_cache import PagedLatentCache
+from .step_inputs import StepInputs
 
-from .sampler import logprobs, sample
-from .sampling_params import SamplingParams
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class SequenceOutput:
-    output_ids: list[int]
-    output_logprobs: list[float]
-    finish_reason: dict
+class ForwardOutput:
+    logits_SV: torch.Tensor  # fp32
+    routes: RouteRecorder | None  # ids/weights [moe_layers, >= T, K] of this step's tokens, when recorded
 
 
-def finish_reason(token: int, params: SamplingParams, eos_ids: tuple[int, ...], produced: int) -> dict | None:
-    if token in params.stop_token_ids:
-        return {"type": "stop", "matched": token}
-    if not params.ignore_eos and token in eos_ids:
-        return {"type": "stop", "matched": token}
-    if produced >= params.max_new_tokens:
-        return {"type": "length", "length": produced}
-    return None
+class ModelRunner:
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, attn, max_batch_tokens: int,
+                 graphs: DecodeGraphs | None):
+        self.model, self.cache, self.attn, self.graphs = model, cache, attn, graphs
+        cfg = model.cfg
+        self.routes = (RouteRecorder(len(model.moe_layers), max_batch_tokens, cfg.num_experts_per_tok,
+                                     cache.device) if model.moe_layers else None)
 
-
-@torch.inference_mode()
-def generate_sequence(model: DeepseekV3, prompt_ids: list[int], params: SamplingParams,
-                      generator: torch.Generator | None) -> SequenceOutput:
-    device = model.embed_tokens.weight.device
-    if params.max_new_tokens == 0:
-        return SequenceOutput([], [], {"type": "length", "length": 0})
-    cache = model.new_cache(len(prompt_ids) + params.max_new_tokens)
-    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    logits_V = model.sequence_logits(ids, torch.arange(len(prompt_ids), device=device), cache)[-1]
-    out_ids: list[int] = []
-    out_lp: list[float] = []
-    while True:
-        token_t = sample(logits_V[None], params, generator)
-        token = int(token_t[0])
-        out_ids.append(token)
-        out_lp.append(float(logprobs(logits_V[None], params)[0, token]))
-        reason = finish_reason(token, params, model.cfg.eos_token_ids, len(out_ids))
-        if reason is not None:
-            return SequenceOutput(out_ids, out_lp, reason)
-        pos = torch.tensor([len(prompt_ids) + len(out_ids) - 1], device=device)
-        logits_V = model.sequence_logits(token_t, pos, cache)[-1]
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, copies: list[tuple[int, int]], record_routes: bool) -> ForwardOutput:
+        if copies:
+            self.cache.copy_pages([s for s, _ in copies], [d for _, d in copies])
+        if self.graphs is not None and self.graphs.fits(step) and (not record_routes or self.graphs.routes):
+            logits = self.graphs.run(step)
+            return ForwardOutput(logits.index_select(0, step.sample_T), self.graphs.routes)
+        routes = self.routes if record_routes else None
+        self.attn.begin(step)
+        h_TD = self.model(step.ids_T, step.pos_T, self.attn, routes)
+        return ForwardOutput(self.model.logits(h_TD.index_select(0, step.sample_T)), routes)

@@ -1,0 +1,102 @@
+"""Turning a generate() call into validated per-prompt requests (before anything is queued), so a
+bad request is that request's error and the engine serves the next one normally."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class PromptRequest:
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool
+    top_logprobs_num: int
+    return_routed_experts: bool
+    rid: str | None
+
+
+def _token_list(ids, where: str) -> list[int]:
+    if hasattr(ids, "tolist") and not isinstance(ids, list):  # numpy arrays, torch tensors
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"{where}: token ids must be a sequence of integers, got {type(ids).__name__}")
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"{where}: token ids must be integers, got {t!r} ({type(t).__name__})")
+        out.append(int(t))
+    return out
+
+
+def prompt_ids(prompt, input_ids, tokenizer, model_path) -> tuple[list[list[int]], bool]:
+    """(one token list per prompt, batched?)."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt= or input_ids=")
+    if prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"{model_path} has no tokenizer (tokenizer.json); pass input_ids instead")
+        batched = isinstance(prompt, (list, tuple))
+        texts = list(prompt) if batched else [prompt]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("prompt must be a string or a list of strings")
+        return [tokenizer.encode(t) for t in texts], batched
+    if hasattr(input_ids, "tolist") and not isinstance(input_ids, list):
+        input_ids = input_ids.tolist()
+    if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__iter__"):
+        raise ValueError(f"input_ids must be a list of token ids or a list of such lists, got {type(input_ids).__name__}")
+    input_ids = list(input_ids)
+    batched = bool(input_ids) and not isinstance(input_ids[0], numbers.Integral) and hasattr(input_ids[0], "__iter__")
+    lists = input_ids if batched else [input_ids]
+    return [_token_list(ids, f"input_ids[{i}]" if batched else "input_ids") for i, ids in enumerate(lists)], batched
+
+
+def per_prompt(value, n: int, name: str, default):
+    """A scalar applies to every prompt; a list gives one value per prompt."""
+    if value is None:
+        return [default] * n
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {name} for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def build_requests(prompts: list[list[int]], sampling_params, return_logprob, top_logprobs_num,
+                   return_routed_experts, rid, vocab_size: int, context_length: int) -> list[PromptRequest]:
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("empty batch: no prompts given")
+    if isinstance(sampling_params, (list, tuple)):
+        params = [SamplingParams.from_dict(p) for p in per_prompt(sampling_params, n, "sampling_params", None)]
+    else:
+        params = [SamplingParams.from_dict(sampling_params)] * n
+    logprob = per_prompt(return_logprob, n, "return_logprob values", False)
+    tops = per_prompt(top_logprobs_num, n, "top_logprobs_num values", 0)
+    routed = per_prompt(return_routed_experts, n, "return_routed_experts values", False)
+    rids = per_prompt(rid, n, "rids", None)
+    requests = []
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        where = f"prompt {i}" if n > 1 else "prompt"
+        if not ids:
+            raise ValueError(f"{where}: needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        if len(ids) + p.max_new_tokens > context_length:
+            raise ValueError(f"{where}: {len(ids)} tokens + max_new_tokens={p.max_new_tokens} exceeds the "
+                             f"context length {context_length}")
+        for name, v in (("return_logprob", logprob[i]), ("return_routed_experts", routed[i])):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
+        top = tops[i]
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"top_logprobs_num must be an integer >= 0, got {top!r}")
+        if top > vocab_size:
+            raise ValueError(f"top_logprobs_num={top} exceeds the vocabulary ({vocab_size})")
+        if rids[i] is not None and not isinstance(rids[i], str):
+            raise ValueError(f"rid must be a string, got {rids[i]!r}")
+        requests.append(PromptRequest(ids, p, logprob[i] or top > 0, top, routed[i], rids[i]))
+    return requests

@@ -1,0 +1,77 @@
+"""What a sequence produced besides its tokens (per-token logprobs, top logprobs, routed experts,
+weight versions), and the sglang-shaped output dicts built from it.
+
+Routed experts (rollout routing replay): for every token that passed through the model as input
+(prompt then outputs: prompt_tokens + completion_tokens - 1 of them), per MoE layer, the top-k
+expert ids the router chose, in its slot order, and their fp32 weights (routed scaling included).
+Legend: N tokens, L MoE layers, K experts per token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Record:
+    """Engine-side outputs of one sequence (the scheduler only knows its tokens)."""
+
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    return_routed_experts: bool = False
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32, positions in order
+    route_weights: list[torch.Tensor] = field(default_factory=list)
+    routed_positions: int = 0  # positions recorded so far (a recompute after preemption skips them)
+    versions: list[tuple[int, str]] = field(default_factory=list)  # (output index, weight version) at each change
+    created: float = field(default_factory=time.perf_counter)
+
+    def add_token(self, logprob: float, top: list | None, version: str, index: int) -> None:
+        if self.return_logprob:
+            self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
+        if not self.versions or self.versions[-1][1] != version:
+            self.versions.append((index, version))
+
+    def add_routes(self, start: int, ids_NLK: torch.Tensor, weights_NLK: torch.Tensor) -> None:
+        """Routes of positions [start, start + N); positions already recorded are skipped."""
+        skip = self.routed_positions - start
+        if skip >= ids_NLK.shape[0]:
+            return
+        skip = max(skip, 0)
+        self.routes.append(ids_NLK[skip:])
+        self.route_weights.append(weights_NLK[skip:])
+        self.routed_positions = start + ids_NLK.shape[0]
+
+    def fork(self) -> "Record":
+        """A sibling of a group shares the prompt's routes."""
+        return Record(self.return_logprob, self.top_logprobs_num, self.return_routed_experts,
+                      routes=list(self.routes), route_weights=list(self.route_weights),
+                      routed_positions=self.routed_positions, created=self.created)
+
+
+def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
+    outputs = seq.tokens[seq.num_prompt:]
+    version = rec.versions[-1][1] if rec.versions else current_version
+    meta = {"id": seq.group.rid, "finish_reason": seq.finish_reason, "prompt_tokens": seq.num_prompt,
+            "completion_tokens": len(outputs), "cached_tokens": 0, "weight_version": version,
+            "e2e_latency": time.perf_counter() - rec.created}
+    if len(rec.versions) > 1:
+        meta["weight_version_switches"] = [{"output_index": i, "weight_version": v} for i, v in rec.versions]
+    if rec.return_logprob:
+        meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(rec.logprobs, outputs)]
+    if rec.top_logprobs_num:
+        meta["output_top_logprobs"] = rec.top_logprobs
+    if rec.return_routed_experts:
+        n = max(len(seq.tokens) - 1, 0)
+        ids = torch.cat(rec.routes) if rec.routes else torch.zeros(0, 0, 0, dtype=torch.int32)
+        w = torch.cat(rec.route_weights) if rec.route_weights else torch.zeros(0, 0, 0)
+        meta["routed_experts"], meta["routed_expert_weights"] = ids[:n], w[:n]
+    out = {"output_ids": outputs, "meta_info": meta}
+    if tokenizer is not None:
+        out["text"] = tokenizer.decode(outputs)
+    return out
