@@ -8,11 +8,13 @@ embeddings and lm_head. `high_precision` extends the list (e.g. "shared_experts"
 
 Storage is decided once per engine from the recipe, the checkpoint's own format and the
 `quantization` argument (`storage_plan`); modules are named by their engine paths
-(`layers.3.self_attn.q_proj`, `layers.3.mlp.experts`).
+(`layers.3.self_attn.q_proj`, `layers.3.mlp.experts`). The recipe's `high_precision` list and a
+checkpoint's `modules_to_not_convert` are read by one rule, `in_module_list`.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .mxfp8 import BLOCK, SCALE_MODES
@@ -42,7 +44,33 @@ class Recipe:
             raise RecipeError(f"recipe scale_mode={self.scale_mode!r}; supported: {SCALE_MODES}")
 
     def wants_mxfp8(self, module: str) -> bool:
-        return bool(QUANTIZABLE.search(module)) and not any(p in module for p in self.high_precision)
+        return bool(QUANTIZABLE.search(module)) and not in_module_list(module, self.high_precision)
+
+
+def _components(name: str) -> list[str]:
+    # Engine names are HF names without the `model.` prefix (lm_head has none in either).
+    parts = name.split(".")
+    return parts if parts[0] in ("model", "lm_head") else ["model"] + parts
+
+
+def in_module_list(module: str, entries: Iterable[str]) -> bool:
+    """True when an entry names `module` or one of its parents by whole dotted components, the way
+    checkpoint producers read `modules_to_not_convert`: `shared_experts` and `mlp.shared_experts`
+    match `layers.3.mlp.shared_experts.up_proj`; `layers.1` matches `layers.1.mlp.up_proj` but not
+    `layers.12.mlp.up_proj`. Module and entries may be HF names (`model.`-prefixed) or engine names."""
+    parts = _components(module)
+    for entry in entries:
+        want = entry.split(".")
+        n = len(want)
+        if any(parts[i:i + n] == want for i in range(len(parts) - n + 1)):
+            return True
+    return False
+
+
+def _below(entry: str, module: str) -> bool:
+    """`entry` is a full path strictly inside `module` (e.g. one expert of a layer's experts)."""
+    inner, outer = _components(entry), _components(module)
+    return len(inner) > len(outer) and inner[:len(outer)] == outer
 
 
 @dataclass(frozen=True)
@@ -73,11 +101,6 @@ def checkpoint_is_mxfp8(quantization_config: dict | None) -> bool:
     return True
 
 
-def _excluded(module: str, not_converted: list[str]) -> bool:
-    hf = f"model.{module}"
-    return any(hf == m or hf.endswith("." + m) or hf.startswith(m + ".") or module == m for m in not_converted)
-
-
 def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict | None,
                  quantization: str | None, recipe: Recipe) -> StoragePlan:
     """Decide storage for every module in `k_dims` (module name -> its GEMMs' contraction dims)."""
@@ -89,10 +112,10 @@ def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict |
     for module, ks in k_dims.items():
         if not QUANTIZABLE.search(module):
             continue
-        if module.endswith("mlp.experts") and any(m.startswith(f"model.{module}.") for m in not_converted):
+        if module.endswith("mlp.experts") and any(_below(m, module) for m in not_converted):
             raise RecipeError(f"modules_to_not_convert excludes single experts of {module}; all experts of a layer "
                               "must share one format")
-        in_checkpoint_mxfp8 = source and not _excluded(module, not_converted)
+        in_checkpoint_mxfp8 = source and not in_module_list(module, not_converted)
         if recipe.wants_mxfp8(module) and (in_checkpoint_mxfp8 or quantization == "mxfp8"):
             if any(k % BLOCK for k in ks):
                 raise RecipeError(f"{module}: contraction dim(s) {ks} not a multiple of {BLOCK}; "
