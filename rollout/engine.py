@@ -14,7 +14,7 @@ from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
 
-from .config import EngineConfig, engine_config
+from .config import EngineConfig, check_engine_config, engine_config
 from .presets import resolve_model_path
 from .runner import generate_sequence
 from .sampling_params import SamplingParams
@@ -33,13 +33,10 @@ class Engine:
                                             quantization=quantization).items() if v is not None}
         base = asdict(config) if is_dataclass(config) else config
         self.config = cfg = engine_config(base, explicit, overrides)
+        check_engine_config(cfg)
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but no CUDA device is available")
         dtype_name = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
-        if dtype_name not in DTYPES:
-            raise ValueError(f"dtype={dtype_name!r}; supported: {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype_name]
         self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
         backend, why = select_backend(self.device, cfg.gemm_backend)
