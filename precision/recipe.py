@@ -42,6 +42,9 @@ class Recipe:
             raise RecipeError(f"recipe act_mode={self.act_mode!r}; supported: {ACT_MODES}")
         if self.scale_mode not in SCALE_MODES:
             raise RecipeError(f"recipe scale_mode={self.scale_mode!r}; supported: {SCALE_MODES}")
+        hp = self.high_precision
+        if not isinstance(hp, (tuple, list)) or not all(isinstance(m, str) and m for m in hp):
+            raise RecipeError(f"recipe high_precision={hp!r}: must be a list of module names")
 
     def wants_mxfp8(self, module: str) -> bool:
         return bool(QUANTIZABLE.search(module)) and not in_module_list(module, self.high_precision)
@@ -91,9 +94,15 @@ def checkpoint_is_mxfp8(quantization_config: dict | None) -> bool:
     if quantization_config is None:
         return False
     qc = quantization_config
-    if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp8":
-        method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise RecipeError(f"quantization_config.quant_method={method!r}: only 'mxfp8' checkpoints are supported")
+    if not isinstance(qc, dict):
+        raise RecipeError(f"quantization_config must be an object with quant_method 'mxfp8' and its fields, got "
+                          f"{type(qc).__name__} {qc!r:.80}")
+    if qc.get("quant_method") != "mxfp8":
+        raise RecipeError(f"quantization_config.quant_method={qc.get('quant_method')!r}: only 'mxfp8' checkpoints "
+                          "are supported")
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise RecipeError(f"quantization_config.modules_to_not_convert must be a list of module names, got {skip!r:.80}")
     expected = {"fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, BLOCK], "activation_scheme": "dynamic"}
     for key, value in expected.items():
         if key in qc and qc[key] != value:

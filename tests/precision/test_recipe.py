@@ -76,3 +76,29 @@ def test_checkpoint_with_bf16_shared_experts_loads_with_the_default_recipe(tmp_p
     assert "layers.1.mlp.shared_experts.up_proj" not in engine.model.plan.mxfp8_modules
     out = engine.generate(input_ids=[0, 5, 6], sampling_params={"max_new_tokens": 3, "temperature": 0})
     assert len(out["output_ids"]) == 3
+
+
+@pytest.mark.parametrize("qc, message", [
+    ("mxfp8", "quantization_config must be an object"),
+    (["mxfp8"], "quantization_config must be an object"),
+    ({"quant_method": "fp8"}, "quantization_config.quant_method='fp8'"),
+    ({"quant_method": "mxfp8", "modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
+    ({"quant_method": "mxfp8", "modules_to_not_convert": [3]}, "modules_to_not_convert must be a list"),
+])
+def test_bad_quantization_config(qc, message):
+    with pytest.raises(RecipeError, match=message):
+        storage_plan({"layers.0.mlp.up_proj": (64,)}, qc, None, Recipe())
+
+
+def test_quantization_config_string_in_config_json(tmp_path):
+    cfg = json.loads(configs.model_preset_path("tiny").read_text())
+    path = make_checkpoint(cfg, tmp_path / "ck", progress=False)
+    (path / "config.json").write_text(json.dumps(dict(cfg, quantization_config="mxfp8")))
+    with pytest.raises(RecipeError, match="quantization_config must be an object.*got str 'mxfp8'"):
+        Engine(model_path=str(path), device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("hp", ["shared_experts", ("kv_b_proj", 3), ("",)])
+def test_recipe_high_precision_must_be_names(hp):
+    with pytest.raises(RecipeError, match="high_precision"):
+        Recipe(high_precision=hp)
