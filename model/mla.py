@@ -72,24 +72,30 @@ class MLA(nn.Module):
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
 
     def _softmax(self, scores_HTS: torch.Tensor, mask_TS: torch.Tensor) -> torch.Tensor:
-        scores_HTS = (scores_HTS * self.scale).float()  # scale in the model dtype, softmax in fp32 (as HF)
-        return scores_HTS.masked_fill(~mask_TS, float("-inf")).softmax(dim=-1)
+        return (scores_HTS * self.scale).masked_fill(~mask_TS, float("-inf")).softmax(dim=-1)
 
+    # Scores, their scale and softmax, and probabilities x V run in (at least) fp32 and only the attention
+    # output is cast back: rounding each score term to bf16 before adding them made a bf16 engine noisier
+    # than HF's bf16 eager attention.
     def _naive(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS):
         S = kv_SC.shape[0]
         kv = self.kv_b_proj(kv_SC).view(S, self.n_heads, self.nope + self.v_dim)
-        k_nope_SHP, v_SHV = kv.split([self.nope, self.v_dim], dim=-1)
-        scores = (torch.einsum("thp,shp->hts", q_nope_THP, k_nope_SHP)
-                  + torch.einsum("thr,sr->hts", q_pe_THR, k_pe_SR))
-        p_HTS = self._softmax(scores, mask_TS).to(v_SHV.dtype)
-        return torch.einsum("hts,shv->thv", p_HTS, v_SHV)
+        k_nope_SHP, v_SHV = (_up(t) for t in kv.split([self.nope, self.v_dim], dim=-1))
+        scores = (torch.einsum("thp,shp->hts", _up(q_nope_THP), k_nope_SHP)
+                  + torch.einsum("thr,sr->hts", _up(q_pe_THR), _up(k_pe_SR)))
+        return torch.einsum("hts,shv->thv", self._softmax(scores, mask_TS), v_SHV)
 
     def _absorbed(self, q_nope_THP, q_pe_THR, kv_SC, k_pe_SR, mask_TS):
-        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk_HPC, w_uv_HVC = w_HXC.to(kv_SC.dtype).split([self.nope, self.v_dim], dim=1)
-        q_lat_THC = torch.einsum("thp,hpc->thc", q_nope_THP, w_uk_HPC)
+        w_HXC = _up(self.kv_b_proj.weight).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk_HPC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
+        kv_SC = _up(kv_SC)
+        q_lat_THC = torch.einsum("thp,hpc->thc", _up(q_nope_THP), w_uk_HPC)
         scores = (torch.einsum("thc,sc->hts", q_lat_THC, kv_SC)
-                  + torch.einsum("thr,sr->hts", q_pe_THR, k_pe_SR))
-        p_HTS = self._softmax(scores, mask_TS).to(kv_SC.dtype)
-        o_lat_THC = torch.einsum("hts,sc->thc", p_HTS, kv_SC)
+                  + torch.einsum("thr,sr->hts", _up(q_pe_THR), _up(k_pe_SR)))
+        o_lat_THC = torch.einsum("hts,sc->thc", self._softmax(scores, mask_TS), kv_SC)
         return torch.einsum("thc,hvc->thv", o_lat_THC, w_uv_HVC)
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (a float64 reference engine stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
