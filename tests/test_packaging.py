@@ -68,7 +68,8 @@ def fresh_venv(tmp: Path) -> tuple[Path, Path]:
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    (Path(purelib) / "host_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    host = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")] or site.getsitepackages()
+    (Path(purelib) / "host_packages.pth").write_text("\n".join(dict.fromkeys(host)) + "\n")
     return python, Path(purelib)
 
 
