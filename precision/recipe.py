@@ -102,7 +102,8 @@ def checkpoint_is_mxfp8(quantization_config: dict | None) -> bool:
                           "are supported")
     skip = qc.get("modules_to_not_convert")
     if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
-        raise RecipeError(f"quantization_config.modules_to_not_convert must be a list of module names, got {skip!r:.80}")
+        raise RecipeError(f"quantization_config.modules_to_not_convert must be a list of module names, "
+                          f"got {skip!r:.80}")
     expected = {"fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, BLOCK], "activation_scheme": "dynamic"}
     for key, value in expected.items():
         if key in qc and qc[key] != value:

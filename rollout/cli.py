@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write an MXFP8 checkpoint (e4m3 weight + E8M0 weight_scale_inv, sglang/miles convention)")
     mk.add_argument("--scale-mode", choices=["rceil", "floor"], default="rceil")
 
-    gen = sub.add_parser("generate", parents=[common], help="generate from one prompt and print the sglang-style output")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="generate from one prompt and print the sglang-style output")
     gen.add_argument("--model-path", default="preset:tiny")
     gen.add_argument("--prompt", default=None)
     gen.add_argument("--input-ids", default=None, help="comma-separated token ids")
