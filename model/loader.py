@@ -104,6 +104,14 @@ def destination(param: torch.Tensor, target: Target) -> torch.Tensor:
     return view
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    # min/max propagate NaN and need no tensor-sized temporary (embeddings are GBs)
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class _Loader:
     """One pass of `load_weights`: routes each tensor, pairs data with scales, tracks coverage."""
 
@@ -140,6 +148,8 @@ class _Loader:
             self._into_mxfp8(name, tensor, target, is_scale)
         elif tensor.dtype == torch.float8_e4m3fn or is_scale:
             self._pair_for_dequant(name, tensor, Target(data_param, target.expert, target.half), is_scale)
+        elif not _finite(tensor):
+            self.problems.append(f"tensor {name!r} holds NaN/inf values")
         else:
             self._copy(name, tensor, target)
 

@@ -19,9 +19,12 @@ from ..precision.mxfp8 import BLOCK, quantize
 
 from .config import ModelConfig
 from .names import hf_to_engine, module_of
-from .tokenizer import ByteTokenizer
+from .tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer
 
 SHARD_BYTES = 4 << 30
+INDEX_FILE = "model.safetensors.index.json"
+# What --overwrite removes besides *.safetensors: files of an old checkpoint the new one may not rewrite.
+CHECKPOINT_FILES = (INDEX_FILE, "config.json", BYTE_TOKENIZER_FILE, "tokenizer.json")
 # What a trainer keeps high precision, in the sglang/miles MXFP8 checkpoint convention.
 MXFP8_NOT_CONVERTED = ["lm_head", "model.embed_tokens", "kv_b_proj", "mlp.gate"]
 
@@ -89,20 +92,22 @@ def random_tensor(name: str, shape: tuple[int, ...], kind: str, seed: int, dtype
 
 def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str | None = None,
                     progress: bool = True, with_tokenizer: bool | None = None, mxfp8: bool = False,
-                    recipe: Recipe | None = None) -> Path:
+                    recipe: Recipe | None = None, overwrite: bool = False) -> Path:
     """Write config.json + safetensors (sharded above SHARD_BYTES) with seeded random weights.
     mxfp8=True writes what an MXFP8 trainer exports: the recipe's weights as e4m3 `weight` +
-    E8M0 `weight_scale_inv` (quantized from the same bf16 values, recipe's scale rule)."""
+    E8M0 `weight_scale_inv` (quantized from the same bf16 values, recipe's scale rule).
+    A non-empty `out` is refused unless `overwrite`; then its checkpoint files are removed first, so
+    that no shard of the old checkpoint stays beside the new ones."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg_dict = dict(cfg_dict)
     if dtype is not None:
         cfg_dict["torch_dtype"] = dtype
     cfg_dict.pop("quantization_config", None)
     cfg = ModelConfig.from_dict(cfg_dict)
+    _prepare_dir(out, overwrite)
     tdtype = getattr(torch, cfg.torch_dtype)
     recipe = recipe or Recipe()
     specs = list(tensor_specs(cfg))
@@ -134,7 +139,7 @@ def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str |
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
     bar.close()
     if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(
+        (out / INDEX_FILE).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if mxfp8:
         cfg_dict["quantization_config"] = mxfp8_quantization_config(recipe)
@@ -142,6 +147,18 @@ def make_checkpoint(cfg_dict: dict, out: str | Path, seed: int = 0, dtype: str |
     if with_tokenizer if with_tokenizer is not None else cfg.vocab_size <= 4096:
         ByteTokenizer.for_config(cfg).save(out)
     return out
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} is not empty; pass overwrite=True (CLI: --overwrite) to replace the "
+                             "checkpoint in it")
+        for f in [*out.glob("*.safetensors"), *(out / name for name in CHECKPOINT_FILES)]:
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _numel(shape) -> int:

@@ -48,7 +48,10 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError as e:
             raise ImportError(f"{path} needs the `tokenizers` package: pip install 'mxroll[tokenizers]'") from e
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for any parse error
+            raise ValueError(f"{path}: not a tokenizer file the `tokenizers` library can read ({e})") from None
         self.bos_token_id = bos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -66,9 +69,28 @@ def load_tokenizer(directory: str | Path, bos_token_id: int | None = None):
         return HFTokenizer(directory / "tokenizer.json", bos_token_id)
     path = directory / BYTE_TOKENIZER_FILE
     if path.is_file():
-        spec = json.loads(path.read_text())
-        if spec.get("type") != "byte":
-            raise ValueError(f"{path}: unknown tokenizer type {spec.get('type')!r}")
-        return ByteTokenizer(int(spec["offset"]), spec.get("bos_token_id"), spec.get("eos_token_id"))
+        return _byte_tokenizer(path)
     log.info("no tokenizer in %s: text prompts are unavailable, pass input_ids", directory)
     return None
+
+
+def _byte_tokenizer(path: Path) -> ByteTokenizer:
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(spec).__name__}")
+    if spec.get("type") != "byte":
+        raise ValueError(f"{path}: unknown tokenizer type {spec.get('type')!r}")
+    offset = spec.get("offset")
+    if not _token_id(offset):
+        raise ValueError(f"{path}: 'offset' must be an integer >= 0, got {offset!r}")
+    for key in ("bos_token_id", "eos_token_id"):
+        if spec.get(key) is not None and not _token_id(spec[key]):
+            raise ValueError(f"{path}: {key!r} must be a token id (integer >= 0) or null, got {spec[key]!r}")
+    return ByteTokenizer(offset, spec.get("bos_token_id"), spec.get("eos_token_id"))
+
+
+def _token_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -8,11 +8,13 @@ embeddings and lm_head. `high_precision` extends the list (e.g. "shared_experts"
 
 Storage is decided once per engine from the recipe, the checkpoint's own format and the
 `quantization` argument (`storage_plan`); modules are named by their engine paths
-(`layers.3.self_attn.q_proj`, `layers.3.mlp.experts`).
+(`layers.3.self_attn.q_proj`, `layers.3.mlp.experts`). The recipe's `high_precision` list and a
+checkpoint's `modules_to_not_convert` are read by one rule, `in_module_list`.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from .linear import REFERENCE, GemmConfig
@@ -41,9 +43,38 @@ class Recipe:
             raise RecipeError(f"recipe act_mode={self.act_mode!r}; supported: {ACT_MODES}")
         if self.scale_mode not in SCALE_MODES:
             raise RecipeError(f"recipe scale_mode={self.scale_mode!r}; supported: {SCALE_MODES}")
+        hp = self.high_precision
+        if not isinstance(hp, (tuple, list)) or not all(isinstance(m, str) and m for m in hp):
+            raise RecipeError(f"recipe high_precision={hp!r}: must be a list of module names")
 
     def wants_mxfp8(self, module: str) -> bool:
-        return bool(QUANTIZABLE.search(module)) and not any(p in module for p in self.high_precision)
+        return bool(QUANTIZABLE.search(module)) and not in_module_list(module, self.high_precision)
+
+
+def _components(name: str) -> list[str]:
+    # Engine names are HF names without the `model.` prefix (lm_head has none in either).
+    parts = name.split(".")
+    return parts if parts[0] in ("model", "lm_head") else ["model"] + parts
+
+
+def in_module_list(module: str, entries: Iterable[str]) -> bool:
+    """True when an entry names `module` or one of its parents by whole dotted components, the way
+    checkpoint producers read `modules_to_not_convert`: `shared_experts` and `mlp.shared_experts`
+    match `layers.3.mlp.shared_experts.up_proj`; `layers.1` matches `layers.1.mlp.up_proj` but not
+    `layers.12.mlp.up_proj`. Module and entries may be HF names (`model.`-prefixed) or engine names."""
+    parts = _components(module)
+    for entry in entries:
+        want = entry.split(".")
+        n = len(want)
+        if any(parts[i:i + n] == want for i in range(len(parts) - n + 1)):
+            return True
+    return False
+
+
+def _below(entry: str, module: str) -> bool:
+    """`entry` is a full path strictly inside `module` (e.g. one expert of a layer's experts)."""
+    inner, outer = _components(entry), _components(module)
+    return len(inner) > len(outer) and inner[:len(outer)] == outer
 
 
 @dataclass(frozen=True)
@@ -68,19 +99,21 @@ def checkpoint_is_mxfp8(quantization_config: dict | None) -> bool:
     if quantization_config is None:
         return False
     qc = quantization_config
-    if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp8":
-        method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise RecipeError(f"quantization_config.quant_method={method!r}: only 'mxfp8' checkpoints are supported")
+    if not isinstance(qc, dict):
+        raise RecipeError(f"quantization_config must be an object with quant_method 'mxfp8' and its fields, got "
+                          f"{type(qc).__name__} {qc!r:.80}")
+    if qc.get("quant_method") != "mxfp8":
+        raise RecipeError(f"quantization_config.quant_method={qc.get('quant_method')!r}: only 'mxfp8' checkpoints "
+                          "are supported")
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise RecipeError(f"quantization_config.modules_to_not_convert must be a list of module names, "
+                          f"got {skip!r:.80}")
     expected = {"fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, BLOCK], "activation_scheme": "dynamic"}
     for key, value in expected.items():
         if key in qc and qc[key] != value:
             raise RecipeError(f"quantization_config.{key}={qc[key]!r}; expected {value!r}")
     return True
-
-
-def _excluded(module: str, not_converted: list[str]) -> bool:
-    hf = f"model.{module}"
-    return any(hf == m or hf.endswith("." + m) or hf.startswith(m + ".") or module == m for m in not_converted)
 
 
 def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict | None,
@@ -92,16 +125,16 @@ def storage_plan(k_dims: dict[str, tuple[int, ...]], quantization_config: dict |
     not_converted = list((quantization_config or {}).get("modules_to_not_convert") or [])
     chosen, inputs = set(), set()
     for module, ks in k_dims.items():
-        if module.endswith("kv_b_proj") and source and not _excluded(module, not_converted):
+        if module.endswith("kv_b_proj") and source and not in_module_list(module, not_converted):
             if recipe.act_mode == "w8a8":
                 inputs.add(module)
             continue
         if not QUANTIZABLE.search(module):
             continue
-        if module.endswith("mlp.experts") and any(m.startswith(f"model.{module}.") for m in not_converted):
+        if module.endswith("mlp.experts") and any(_below(m, module) for m in not_converted):
             raise RecipeError(f"modules_to_not_convert excludes single experts of {module}; all experts of a layer "
                               "must share one format")
-        in_checkpoint_mxfp8 = source and not _excluded(module, not_converted)
+        in_checkpoint_mxfp8 = source and not in_module_list(module, not_converted)
         if recipe.wants_mxfp8(module) and (in_checkpoint_mxfp8 or quantization == "mxfp8"):
             if any(k % BLOCK for k in ks):
                 raise RecipeError(f"{module}: contraction dim(s) {ks} not a multiple of {BLOCK}; "

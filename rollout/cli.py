@@ -3,18 +3,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from contextlib import contextmanager
 
 from .. import configs
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                        help="log level of the mxroll loggers (default INFO; rollout: the job's engine.log_level)")
     parser = argparse.ArgumentParser(prog="mxroll", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    mk = sub.add_parser("make-checkpoint", help="write a seeded synthetic checkpoint of a preset (HF layout)")
+    mk = sub.add_parser("make-checkpoint", parents=[common],
+                        help="write a seeded synthetic checkpoint of a preset (HF layout)")
     mk.add_argument("--preset", required=True, choices=configs.model_presets())
     mk.add_argument("--out", required=True)
+    mk.add_argument("--overwrite", action="store_true",
+                    help="replace the checkpoint in a non-empty --out (its *.safetensors, index, config and "
+                         "tokenizer files are removed first)")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="storage dtype (default: the preset's torch_dtype)")
@@ -22,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write an MXFP8 checkpoint (e4m3 weight + E8M0 weight_scale_inv, sglang/miles convention)")
     mk.add_argument("--scale-mode", choices=["rceil", "floor"], default="rceil")
 
-    gen = sub.add_parser("generate", help="generate from one prompt and print the sglang-style output")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="generate from one prompt and print the sglang-style output")
     gen.add_argument("--model-path", default="preset:tiny")
     gen.add_argument("--prompt", default=None)
     gen.add_argument("--input-ids", default=None, help="comma-separated token ids")
@@ -32,16 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampling", default="{}", help='JSON sampling params, e.g. \'{"temperature": 0}\'')
     gen.add_argument("--logprobs", action="store_true")
 
-    ro = sub.add_parser("rollout", help="run a W&B-logged rollout job (default: configs/rollout/default.yaml)")
+    ro = sub.add_parser("rollout", parents=[common],
+                        help="run a W&B-logged rollout job (default: configs/rollout/default.yaml)")
     ro.add_argument("--config", default=None, help="YAML merged over the default job config")
     ro.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sampling.n=8 engine.device=cpu")
 
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    with _log_to_stderr(args.log_level or "INFO"):
+        try:
+            return _run(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
 
 
 def _run(args) -> int:
@@ -52,25 +67,77 @@ def _run(args) -> int:
 
         cfg = json.loads(configs.model_preset_path(args.preset).read_text())
         out = make_checkpoint(cfg, args.out, seed=args.seed, dtype=args.dtype, mxfp8=args.mxfp8,
-                              recipe=Recipe(scale_mode=args.scale_mode))
+                              recipe=Recipe(scale_mode=args.scale_mode), overwrite=args.overwrite)
         kind = f"MXFP8 ({args.scale_mode}) " if args.mxfp8 else ""
         print(f"wrote {kind}{args.preset} checkpoint (seed {args.seed}) to {out}")
         return 0
     if args.cmd == "generate":
+        request = _generate_request(args)  # before the model loads: a typo costs no loading time
         from .engine import Engine
 
         engine = Engine(model_path=args.model_path, device=args.device, dtype=args.dtype,
-                        quantization=args.quantization)
-        ids = [int(t) for t in args.input_ids.split(",")] if args.input_ids else None
-        out = engine.generate(prompt=args.prompt, input_ids=ids, sampling_params=json.loads(args.sampling),
-                              return_logprob=args.logprobs)
-        print(json.dumps(out, indent=2))
+                        quantization=args.quantization, log_level=args.log_level or "INFO")
+        print(json.dumps(engine.generate(**request, return_logprob=args.logprobs), indent=2))
         return 0
     from .config import rollout_config
     from .job import run_rollout_job
 
-    run_rollout_job(rollout_config(args.config, list(args.overrides)))
+    cfg = rollout_config(args.config, list(args.overrides))
+    if args.log_level:
+        cfg.engine.log_level = args.log_level
+    logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
+    run_rollout_job(cfg)
     return 0
+
+
+def _generate_request(args) -> dict:
+    from .sampling_params import SamplingParams
+
+    if (args.prompt is None) == (args.input_ids is None):
+        raise ValueError("pass exactly one of --prompt or --input-ids")
+    ids = None
+    if args.input_ids is not None:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",")]
+        except ValueError:
+            ids = None
+        if not ids or any(t < 0 for t in ids):
+            raise ValueError(f"--input-ids {args.input_ids!r}: expected comma-separated token ids, e.g. 0,5,6")
+    try:
+        sampling = json.loads(args.sampling)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--sampling {args.sampling!r}: not valid JSON ({e})") from None
+    try:
+        SamplingParams.from_dict(sampling)
+    except ValueError as e:
+        raise ValueError(f"--sampling: {e}") from None
+    return {"prompt": args.prompt, "input_ids": ids, "sampling_params": sampling}
+
+
+def _level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"log_level={name!r}; supported: {list(LOG_LEVELS)}")
+    return level
+
+
+@contextmanager
+def _log_to_stderr(level: str):
+    """A stderr handler on the `mxroll` logger tree only, for the command's duration: the application
+    configures logging, the library installs no handler."""
+    logger = logging.getLogger("mxroll")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(_level(level))
+    logger.propagate = False  # not a second time through a root handler someone else installed
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 if __name__ == "__main__":

@@ -4,14 +4,19 @@ Unknown keys and wrongly typed values are errors that name the key.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import configs
+from ..precision.mxfp8 import SCALE_MODES
+from ..precision.recipe import ACT_MODES
 
 
 @dataclass
@@ -73,19 +78,33 @@ class RolloutJobConfig:
 
 
 def _structured(schema: type, *sources: Any):
-    try:
-        cfg = OmegaConf.structured(schema)
-        for src in sources:
-            if src is None:
-                continue
+    cfg = OmegaConf.structured(schema)
+    for src in sources:
+        if src is None:
+            continue
+        where = f"{src}: " if isinstance(src, (str, Path)) else ""
+        try:
             if isinstance(src, (str, Path)):
-                src = OmegaConf.load(src)
+                src = _load_yaml(Path(src))
             elif isinstance(src, list):
                 src = OmegaConf.from_dotlist(src)
             cfg = OmegaConf.merge(cfg, src)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{where}invalid {schema.__name__}: {e}") from None
+    try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ValueError(f"invalid {schema.__name__}: {e}") from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable YAML mapping of config keys ({e})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{path}: the top level must be a mapping of config keys, got a {type(loaded).__name__}")
+    return loaded
 
 
 def engine_config(*sources: Any) -> EngineConfig:
@@ -95,3 +114,64 @@ def engine_config(*sources: Any) -> EngineConfig:
 def rollout_config(*sources: Any) -> RolloutJobConfig:
     """Defaults < configs/rollout/default.yaml < each source (a YAML path, dict or dotlist)."""
     return _structured(RolloutJobConfig, configs.ROOT / "rollout" / "default.yaml", *sources)
+
+
+ENGINE_DTYPES = (None, "float32", "bfloat16", "float64")  # float64: CPU reference (numerical checks)
+QUANTIZATIONS = (None, "mxfp8")
+GEMM_BACKENDS = (None, "torch", "triton", "flashinfer")
+
+
+def check_engine_config(cfg: EngineConfig) -> None:
+    """Validate the fields that need no model; each error names its field."""
+    if cfg.device is not None:
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={cfg.device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={cfg.device!r}: supported device types are cpu and cuda")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={cfg.device!r} but no CUDA device is available")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    for name, allowed in (("dtype", ENGINE_DTYPES), ("quantization", QUANTIZATIONS), ("act_mode", ACT_MODES),
+                          ("scale_mode", SCALE_MODES), ("gemm_backend", GEMM_BACKENDS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}; supported: {list(allowed)}")
+    if cfg.context_length is not None and (not _is_int(cfg.context_length) or cfg.context_length < 1):
+        raise ValueError(f"context_length={cfg.context_length!r}: must be null (the model's maximum) or an "
+                         "integer >= 1")
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**64:
+        raise ValueError(f"seed={cfg.seed!r}: must be an integer in [0, 2**64)")
+    for name, lo in (("page_size", 1), ("max_running_requests", 1), ("chunked_prefill_size", 1),
+                     ("cuda_graph_max_bs", 1)):
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < lo:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: must be an integer >= {lo}")
+    if cfg.max_total_tokens is not None and (not _is_int(cfg.max_total_tokens) or cfg.max_total_tokens < cfg.page_size):
+        raise ValueError(f"max_total_tokens={cfg.max_total_tokens!r}: must be null or an integer >= page_size")
+    if isinstance(cfg.mem_fraction_static, bool) or not 0 < cfg.mem_fraction_static <= 1:
+        raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static!r}: must be in (0, 1]")
+    for name, allowed in (("attention_backend", (None, "torch", "flashinfer")),
+                          ("sampling_backend", (None, "torch", "triton")), ("load_format", ("auto", "dummy"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}; supported: {list(allowed)}")
+    levels = logging.getLevelNamesMapping()
+    if not isinstance(cfg.log_level, str) or cfg.log_level.upper() not in levels:
+        raise ValueError(f"log_level={cfg.log_level!r}; supported: {sorted(set(levels) - {'NOTSET'})}")
+
+
+def resolve_context_length(requested: int | None, max_position_embeddings: int) -> int:
+    """The engine's context length: the model's maximum unless a shorter one is requested."""
+    if requested is None:
+        return max_position_embeddings
+    if not _is_int(requested) or requested < 1:
+        raise ValueError(f"context_length={requested!r}: must be null (the model's maximum) or an integer >= 1")
+    if requested > max_position_embeddings:
+        raise ValueError(f"context_length={requested} exceeds the model's max_position_embeddings "
+                         f"{max_position_embeddings}")
+    return requested
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -27,7 +27,7 @@ from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
 from .attention import TorchPagedAttention, select_attention
-from .config import EngineConfig, engine_config
+from .config import EngineConfig, check_engine_config, engine_config, resolve_context_length
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .intake import PromptRequest, build_requests, prompt_ids
 from .kv_cache import PagedLatentCache, plan_capacity
@@ -88,6 +88,7 @@ class Engine:
                                             quantization=quantization).items() if v is not None}
         base = asdict(config) if is_dataclass(config) else config
         self.config = cfg = engine_config(base, explicit, overrides)
+        check_engine_config(cfg)
         self._build(cfg)
         self.weight_version = "default"
         self._seeds = random.Random(cfg.seed)  # streams of unseeded requests, in arrival order
@@ -103,11 +104,7 @@ class Engine:
 
     def _build(self, cfg: EngineConfig) -> None:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but no CUDA device is available")
         dtype_name = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
-        if dtype_name not in DTYPES:
-            raise ValueError(f"dtype={dtype_name!r}; supported: {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype_name]
         self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
         backend, gemm_why = select_backend(self.device, cfg.gemm_backend)
@@ -124,7 +121,7 @@ class Engine:
         self.layouts = LayoutCache()
         self.model.postprocess(self.layouts)
         self.model_config = mcfg = self.model.cfg
-        self.context_length = cfg.context_length or mcfg.max_position_embeddings
+        self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
         self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
 
         attn_name, attn_why = select_attention(cfg.attention_backend, self.device, mcfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, per_prompt  # noqa: F401 - SamplingParams in annotations
 
 
 @dataclass
@@ -53,7 +53,7 @@ def prompt_ids(prompt, input_ids, tokenizer, model_path) -> tuple[list[list[int]
     return [_token_list(ids, f"input_ids[{i}]" if batched else "input_ids") for i, ids in enumerate(lists)], batched
 
 
-def per_prompt(value, n: int, name: str, default):
+def _each(value, n: int, name: str, default):
     """A scalar applies to every prompt; a list gives one value per prompt."""
     if value is None:
         return [default] * n
@@ -69,14 +69,11 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
     n = len(prompts)
     if n == 0:
         raise ValueError("empty batch: no prompts given")
-    if isinstance(sampling_params, (list, tuple)):
-        params = [SamplingParams.from_dict(p) for p in per_prompt(sampling_params, n, "sampling_params", None)]
-    else:
-        params = [SamplingParams.from_dict(sampling_params)] * n
-    logprob = per_prompt(return_logprob, n, "return_logprob values", False)
-    tops = per_prompt(top_logprobs_num, n, "top_logprobs_num values", 0)
-    routed = per_prompt(return_routed_experts, n, "return_routed_experts values", False)
-    rids = per_prompt(rid, n, "rids", None)
+    params = per_prompt(list(sampling_params) if isinstance(sampling_params, tuple) else sampling_params, n)
+    logprob = _each(return_logprob, n, "return_logprob values", False)
+    tops = _each(top_logprobs_num, n, "top_logprobs_num values", 0)
+    routed = _each(return_routed_experts, n, "return_routed_experts values", False)
+    rids = _each(rid, n, "rids", None)
     requests = []
     for i, (ids, p) in enumerate(zip(prompts, params)):
         where = f"prompt {i}" if n > 1 else "prompt"

@@ -1,13 +1,20 @@
 """Per-request sampling parameters (sglang names), validated with errors naming the field."""
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+
+# Temperatures below this are treated as greedy (argmax), and their logprobs are reported at
+# temperature 1 like greedy ones: dividing logits by ~0 would overflow to inf/NaN.
+GREEDY_EPS = 1e-5
+SEED_LIMIT = 2**64  # seeds are any integer in [0, 2**64), the range of torch.Generator.manual_seed
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (anything below GREEDY_EPS) = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
     min_p: float = 0.0
@@ -19,16 +26,20 @@ class SamplingParams:
     raw_logprob: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SamplingParams":
+    def from_dict(cls, d: Mapping | None) -> "SamplingParams":
+        if d is not None and not isinstance(d, Mapping):
+            raise ValueError(f"sampling_params must be a dict (or a list of dicts, one per prompt), got "
+                             f"{type(d).__name__} {d!r:.80}")
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {unknown}; known: {sorted(known)}")
-        if d.get("stop_token_ids") is not None:
-            d["stop_token_ids"] = tuple(d["stop_token_ids"])
-        else:
-            d.pop("stop_token_ids", None)
+        stop = d.pop("stop_token_ids", None)
+        if stop is not None:
+            if not isinstance(stop, (list, tuple)):
+                raise ValueError(f"sampling_params.stop_token_ids={stop!r}: must be a list of non-negative integers")
+            d["stop_token_ids"] = tuple(stop)
         params = cls(**d)
         params.validate()
         return params
@@ -40,7 +51,7 @@ class SamplingParams:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "must be an integer >= 0")
         if not _is_num(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be a number >= 0 (0 = greedy)")
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
@@ -53,14 +64,27 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of non-negative integers")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "must be true or false")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an integer or null")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
+            bad("seed", "must be null or an integer in [0, 2**64)")
         if not isinstance(self.raw_logprob, bool):
             bad("raw_logprob", "must be true or false")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPS
+
+
+def per_prompt(sampling_params: Mapping | list | None, n_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt from None, a dict shared by all, or a list of dicts (one each)."""
+    if not isinstance(sampling_params, list):
+        return [SamplingParams.from_dict(sampling_params)] * n_prompts
+    odd = next((p for p in sampling_params if not isinstance(p, Mapping)), None)
+    if odd is not None:
+        raise ValueError(f"sampling_params must be a dict or a list of dicts (one per prompt); the list holds "
+                         f"{type(odd).__name__} {odd!r:.80}")
+    if len(sampling_params) != n_prompts:
+        raise ValueError(f"got {len(sampling_params)} sampling_params for {n_prompts} prompts")
+    return [SamplingParams.from_dict(p) for p in sampling_params]
 
 
 def _is_int(v) -> bool:
@@ -68,4 +92,4 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

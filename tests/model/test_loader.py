@@ -124,3 +124,32 @@ def test_mtp_layers_are_skipped(tmp_path, tiny_checkpoint):
     (path / "config.json").write_text(json.dumps(cfg))
     rewrite(path, lambda t: t.update({"model.layers.3.eh_proj.weight": torch.zeros(64, 128)}))
     load_model(path, progress=False)
+
+
+@pytest.mark.parametrize("name", [
+    "model.layers.0.input_layernorm.weight", "model.norm.weight", "model.embed_tokens.weight", "lm_head.weight",
+    "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.gate.weight",
+    "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.mlp.up_proj.weight",
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_high_precision_tensor_is_rejected(tmp_path, tiny_checkpoint, name, bad):
+    path = copy_ckpt(tiny_checkpoint, tmp_path / "bad")
+
+    def damage(t):
+        t[name].view(-1)[t[name].numel() // 2] = bad
+        t.pop("model.layers.2.post_attention_layernorm.weight")
+    rewrite(path, damage)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, progress=False)
+    assert f"tensor {name!r} holds NaN/inf values" in str(e.value)
+    assert "missing tensor 'model.layers.2.post_attention_layernorm.weight'" in str(e.value)  # one error for all
+
+
+def test_nonfinite_bf16_tensor_beside_mxfp8_is_rejected(tmp_path):
+    cfg = json.loads(configs.model_preset_path("tiny").read_text())
+    path = synthetic.make_checkpoint(cfg, tmp_path / "mx", mxfp8=True, progress=False)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    rewrite(path, lambda t: (t[name].__setitem__((3, 4), float("nan")),
+                             t.__setitem__(name, t[name].to(torch.bfloat16))))
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds NaN/inf values"):
+        load_model(path, progress=False)

@@ -74,10 +74,26 @@ def test_greedy_batch_equals_single(engine):
     (dict(input_ids=[1], sampling_params={"max_new_tokens": 5000}), "context length"),
     (dict(prompt=["a", "b"], sampling_params=[{}]), "1 sampling_params for 2 prompts"),
     (dict(prompt=[1, 2]), "string"),
+    (dict(input_ids=[1], sampling_params={"seed": 2**64}), "sampling_params.seed"),
+    (dict(input_ids=[1], sampling_params={"stop_token_ids": 5}), "sampling_params.stop_token_ids"),
+    (dict(input_ids=[1], sampling_params={"temperature": float("inf")}), "sampling_params.temperature"),
+    (dict(input_ids=[1], sampling_params=[5]), "sampling_params must be a dict"),
+    (dict(input_ids=[1], sampling_params="temperature=0"), "sampling_params must be a dict"),
 ])
 def test_bad_requests(engine, kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine.generate(**kwargs)
+
+
+def test_extreme_seed_and_near_zero_temperature(engine):
+    top = engine.generate(input_ids=[0, 7], sampling_params={"seed": 2**64 - 1, "max_new_tokens": 3})
+    assert top["output_ids"] == engine.generate(input_ids=[0, 7], sampling_params={"seed": 2**64 - 1,
+                                                                                   "max_new_tokens": 3})["output_ids"]
+    g = {"max_new_tokens": 6, "ignore_eos": True}
+    greedy = engine.generate(input_ids=[0, 7], sampling_params=dict(g, temperature=0), return_logprob=True)
+    near = engine.generate(input_ids=[0, 7], sampling_params=dict(g, temperature=1e-6), return_logprob=True)
+    assert near["output_ids"] == greedy["output_ids"]
+    assert near["meta_info"]["output_token_logprobs"] == greedy["meta_info"]["output_token_logprobs"]
 
 
 def test_engine_config_errors(tiny_checkpoint, tmp_path):

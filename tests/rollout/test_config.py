@@ -1,0 +1,69 @@
+"""Engine and job configs: bad YAML files, engine fields and the context length, each error naming its source."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mxroll.rollout import Engine
+from mxroll.rollout.config import EngineConfig, check_engine_config, resolve_context_length, rollout_config
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "engine: [1\n", "steps: 1\n  x: 2\n", "3\n", "\t"])
+def test_bad_yaml_file_is_named(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=str(path)):
+        rollout_config(str(path))
+
+
+def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("steps: 1\nbogus_key: 2\n")
+    with pytest.raises(ValueError, match="bogus_key") as e:
+        rollout_config(str(path))
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (dict(device="bogus"), "device"), (dict(device="meta"), "device"), (dict(device="cuda:x"), "device"),
+    (dict(dtype="float16"), "dtype"), (dict(quantization="fp8"), "quantization"),
+    (dict(act_mode="w4a4"), "act_mode"), (dict(scale_mode="even"), "scale_mode"),
+    (dict(gemm_backend="cutlass"), "gemm_backend"), (dict(context_length=0), "context_length"),
+    (dict(context_length=-5), "context_length"), (dict(context_length=True), "context_length"),
+    (dict(log_level="LOUD"), "log_level"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+])
+def test_check_engine_config_names_the_field(edit, field):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        check_engine_config(replace(EngineConfig(), **edit))
+
+
+def test_check_engine_config_accepts_defaults_and_choices():
+    check_engine_config(EngineConfig())
+    for edit in (dict(device="cpu", dtype="bfloat16"), dict(dtype="float64", quantization="mxfp8"),
+                 dict(gemm_backend="torch", context_length=7, log_level="debug", act_mode="w8a16",
+                      scale_mode="floor")):
+        check_engine_config(replace(EngineConfig(), **edit))
+
+
+def test_cuda_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but no CUDA device is available"):
+        check_engine_config(replace(EngineConfig(), device="cuda"))
+
+
+def test_engine_checks_device_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="device='bogus'"):
+        Engine(model_path=str(tmp_path / "not-loaded"), device="bogus")
+
+
+def test_resolve_context_length():
+    assert resolve_context_length(None, 2048) == 2048
+    assert resolve_context_length(100, 2048) == 100
+    assert resolve_context_length(2048, 2048) == 2048
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="context_length"):
+            resolve_context_length(bad, 2048)
+    with pytest.raises(ValueError, match="context_length=4096 exceeds .* 2048"):
+        resolve_context_length(4096, 2048)
