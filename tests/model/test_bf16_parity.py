@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 
 def ours_logits(model, ids: list[int]) -> torch.Tensor:
     """fp32 logits [T, V] of one sequence through the engine's model (prefill, fresh cache)."""
-    return model(torch.tensor(ids), torch.arange(len(ids)), model.new_cache(len(ids)))
+    return model.sequence_logits(torch.tensor(ids), torch.arange(len(ids)), model.new_cache(len(ids)))
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
