@@ -1,0 +1,84 @@
+"""Requests and sequences as the scheduler sees them: pure Python, no tensors.
+
+A request with n samples is a Group of n sequences sharing its prompt. The group's first sequence
+(the leader) prefills the prompt once; the step that finishes that prefill samples n first tokens
+from the same logits, and the n - 1 siblings fork off the leader, sharing its cache pages
+(copy-on-write for a partially filled last page).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued: new, or preempted / retracted (recomputes its tokens when admitted again)
+    RUNNING = "running"  # holds cache pages; prefilling or decoding
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+ENDED = (SeqStatus.FINISHED, SeqStatus.ABORTED)
+
+
+@dataclass(eq=False)
+class Group:
+    """One request: a prompt and its n samples."""
+
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    seeds: list[int]  # one noise stream per sample (len == params.n)
+    arrival: int  # FCFS order
+    seqs: list["Sequence"] = field(default_factory=list)  # the leader first, siblings appended at the fork
+
+    @property
+    def done(self) -> bool:
+        """Every sample ended; a leader that ended before forking ends its group (no siblings will come)."""
+        return bool(self.seqs) and all(s.status in ENDED for s in self.seqs)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    group: Group
+    index: int  # sample index in the group; its noise stream is group.seeds[index]
+    tokens: list[int]  # prompt then outputs
+    num_prompt: int
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0  # leading tokens whose latents are in the cache
+    pages: list[int] = field(default_factory=list)  # cache pages of positions [0, num_computed) (+ this step's)
+    fork: int = 1  # > 1: a leader whose prompt prefill is not done; that step samples `fork` tokens
+    finish_reason: dict | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def rid(self) -> str:
+        return self.group.rid
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.group.params
+
+    @property
+    def arrival_key(self) -> tuple[int, int]:
+        return (self.group.arrival, self.seq_id)
+
+
+def stop_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_context: int | None) -> dict | None:
+    """sglang's finish_reason for a sequence that just appended `token`, or None to go on."""
+    p = seq.params
+    if token in p.stop_token_ids:
+        return {"type": "stop", "matched": token}
+    if not p.ignore_eos and token in eos_ids:
+        return {"type": "stop", "matched": token}
+    if seq.num_outputs >= p.max_new_tokens:
+        return {"type": "length", "length": seq.num_outputs}
+    if max_context is not None and len(seq.tokens) >= max_context:
+        return {"type": "length", "length": seq.num_outputs}
+    return None

@@ -1,0 +1,236 @@
+"""Continuous batching over a paged cache: pure Python, unit-tested on CPU.
+
+Each step: running sequences first, in arrival order (a decode token each, or their next prefill
+chunk), then waiting ones, first come first served, while the token budget, the running-sequence cap
+and free pages allow. Prefill is chunked to fit the budget. When a running sequence needs a page and
+none is free, the newest running sequence not yet in this step is preempted by recompute: its pages
+are freed and it waits again, keeping its tokens, to prefill them all when it is admitted again.
+Copy-on-write: a sequence about to write into a partially filled page it shares (the prompt's last
+page after a group forks) gets its own copy first (recorded in the batch; the runner copies).
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from .pages import PagePool
+from .request import ENDED, Group, Sequence, SeqStatus, stop_reason
+
+
+class RequestError(ValueError):
+    """A request this engine can never serve (it cannot fit the cache or the context)."""
+
+
+@dataclass
+class Row:
+    seq: Sequence
+    start: int  # first position computed this step (== seq.num_computed when scheduled)
+    length: int  # tokens computed this step: seq.tokens[start:start + length]
+    num_samples: int  # tokens sampled from the row's last position: 0, 1, or seq.fork (a group's fork)
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages, copied before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.length for r in self.rows)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(r.num_samples for r in self.rows)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(r.length == 1 for r in self.rows)
+
+
+def _key(seq: Sequence) -> tuple[int, int]:
+    return seq.arrival_key
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, *, page_size: int, max_running: int, max_batch_tokens: int,
+                 eos_ids: tuple[int, ...] = (), max_context: int | None = None):
+        self.pool, self.page_size = pool, page_size
+        self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
+        self.eos_ids, self.max_context = tuple(eos_ids), max_context
+        self.waiting: list[Sequence] = []  # arrival order
+        self.running: list[Sequence] = []  # arrival order
+        self.num_preemptions = 0
+        self._ids = itertools.count()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_pages * self.page_size
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.waiting), "running": len(self.running), "free_pages": self.pool.num_free,
+                "preemptions": self.num_preemptions}
+
+    # ---- requests --------------------------------------------------------------------------
+    def add(self, group: Group) -> list[Sequence]:
+        """Queue a request's leader. Returns the sequences that ended at once (max_new_tokens == 0)."""
+        p, prompt = group.params, group.prompt
+        if self.max_context is not None and len(prompt) >= self.max_context:
+            raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context length {self.max_context}")
+        need = len(prompt) + p.max_new_tokens
+        if self.max_context is not None:
+            need = min(need, self.max_context)
+        if -(-need // self.page_size) > self.pool.num_pages:
+            raise RequestError(f"a sequence of {len(prompt)} prompt tokens + max_new_tokens={p.max_new_tokens} "
+                               f"can never fit the KV cache ({self.capacity_tokens} tokens)")
+        if p.n > self.max_running:
+            raise RequestError(f"n={p.n} samples exceed max_running_requests={self.max_running}")
+        seq = Sequence(next(self._ids), group, 0, list(prompt), len(prompt), fork=p.n)
+        group.seqs.append(seq)
+        if p.max_new_tokens == 0:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, {"type": "length", "length": 0}
+            return [seq]
+        bisect.insort(self.waiting, seq, key=_key)
+        return []
+
+    def abort(self, rid: str) -> list[Sequence]:
+        return self._abort([s for s in self.waiting + self.running if s.rid == rid])
+
+    def abort_all(self) -> list[Sequence]:
+        return self._abort(self.waiting + self.running)
+
+    def _abort(self, seqs: list[Sequence]) -> list[Sequence]:
+        for seq in seqs:
+            self._release(seq)
+            seq.status, seq.finish_reason = SeqStatus.ABORTED, {"type": "abort", "message": "aborted"}
+        return seqs
+
+    def retract_all(self) -> int:
+        """Every running sequence back to the queue, its pages freed (pause mode "retract")."""
+        n = len(self.running)
+        for seq in list(self.running):
+            self._preempt(seq)
+        return n
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        batch, budget = Batch([]), self.max_batch_tokens
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            length = min(len(seq.tokens) - seq.num_computed, budget)
+            if self._reserve(seq, length, batch, scheduled):
+                budget -= self._add_row(batch, seq, length, scheduled)
+        watermark = max(1, self.pool.num_pages // 100) if self.running else 0
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if len(self.running) + seq.fork > self.max_running:
+                break
+            length = min(len(seq.tokens) - seq.num_computed, budget)
+            if -(-(seq.num_computed + length) // self.page_size) - len(seq.pages) + watermark > self.pool.num_free:
+                break  # first come, first served: no overtaking
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_key)
+            self._reserve(seq, length, batch, scheduled, preempt=False)
+            budget -= self._add_row(batch, seq, length, scheduled)
+        return batch if batch.rows else None
+
+    def _add_row(self, batch: Batch, seq: Sequence, length: int, scheduled: set[int]) -> int:
+        end = seq.num_computed + length
+        batch.rows.append(Row(seq, seq.num_computed, length, seq.fork if end == len(seq.tokens) else 0))
+        scheduled.add(seq.seq_id)
+        return length
+
+    def _reserve(self, seq: Sequence, length: int, batch: Batch, scheduled: set[int], preempt: bool = True) -> bool:
+        """Pages for positions [num_computed, num_computed + length), copying a shared partial page first.
+        False when `seq` itself had to be preempted."""
+        G, start = self.page_size, seq.num_computed
+        if start % G and self.pool.refcount(seq.pages[start // G]) > 1:
+            page = self._alloc(seq, scheduled, preempt)
+            if page is None:
+                return False
+            old = seq.pages[start // G]
+            batch.copies.append((old, page))
+            self.pool.free(old)
+            seq.pages[start // G] = page
+        while len(seq.pages) < -(-(start + length) // G):
+            page = self._alloc(seq, scheduled, preempt)
+            if page is None:
+                return False
+            seq.pages.append(page)
+        return True
+
+    def _alloc(self, seq: Sequence, scheduled: set[int], preempt: bool) -> int | None:
+        while True:
+            page = self.pool.alloc()
+            if page is not None or not preempt:
+                return page
+            victims = [s for s in self.running if s.seq_id not in scheduled]
+            victim = max(victims, key=_key) if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.num_computed, seq.status = 0, SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_key)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's pages and take it off both queues."""
+        for page in seq.pages:
+            self.pool.free(page)
+        seq.pages = []
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def update(self, batch: Batch, tokens: list[list[int]]) -> list[Sequence]:
+        """Apply one step: tokens[i] are the ids sampled for batch.rows[i] (row.num_samples of them).
+        Returns the sequences that finished (a group's siblings are forked here)."""
+        finished = []
+        for row, toks in zip(batch.rows, tokens, strict=True):
+            seq = row.seq
+            if seq.status in ENDED:
+                continue
+            seq.num_computed += row.length
+            if row.num_samples == 0:
+                continue
+            if len(toks) != row.num_samples:
+                raise ValueError(f"row of sequence {seq.seq_id} sampled {len(toks)} tokens, expected {row.num_samples}")
+            if seq.fork > 1:
+                finished += self._fork(seq, toks[1:])
+            seq.tokens.append(toks[0])
+            finished += self._check(seq, toks[0])
+        return finished
+
+    def _fork(self, leader: Sequence, tokens: list[int]) -> list[Sequence]:
+        """Siblings of a leader whose prompt prefill just ended: its pages are shared (refcounts)."""
+        group, done = leader.group, []
+        for j, tok in enumerate(tokens, start=1):
+            sib = Sequence(next(self._ids), group, j, leader.tokens + [tok], leader.num_prompt, SeqStatus.RUNNING,
+                           leader.num_computed, list(leader.pages))
+            for page in sib.pages:
+                self.pool.ref(page)
+            group.seqs.append(sib)
+            bisect.insort(self.running, sib, key=_key)
+            done += self._check(sib, tok)
+        leader.fork = 1
+        return done
+
+    def _check(self, seq: Sequence, token: int) -> list[Sequence]:
+        reason = stop_reason(seq, token, self.eos_ids, self.max_context)
+        if reason is None:
+            return []
+        self._release(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        return [seq]

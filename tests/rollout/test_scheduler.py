@@ -1,0 +1,222 @@
+"""Scheduler and page pool (pure Python): chunked prefill, decode batches, group forks with shared
+pages and copy-on-write, preemption by recompute, stops, aborts, retract; and a randomized run that
+checks every page is freed exactly once, every request ends, and every sequence only ever sees its
+own tokens in the cache (a shadow cache written through the scheduled pages and copies)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mxroll.rollout.pages import PagePool
+from mxroll.rollout.request import Group, SeqStatus
+from mxroll.rollout.sampling_params import SamplingParams
+from mxroll.rollout.scheduler import RequestError, Scheduler
+
+
+def group(rid, prompt, arrival, **params) -> Group:
+    p = SamplingParams.from_dict(params)
+    return Group(rid, list(prompt), p, list(range(p.n)), arrival)
+
+
+def make(pages=64, page_size=4, max_running=8, budget=16, **kw) -> Scheduler:
+    return Scheduler(PagePool(pages), page_size=page_size, max_running=max_running, max_batch_tokens=budget, **kw)
+
+
+def step(s: Scheduler, pick=lambda row, j: 100 + j):
+    batch = s.schedule()
+    tokens = [[pick(r, j) for j in range(r.num_samples)] for r in batch.rows]
+    return batch, s.update(batch, tokens)
+
+
+def test_page_pool_refcounts_and_double_free():
+    pool = PagePool(2)
+    a = pool.alloc()
+    pool.ref(a)
+    pool.free(a)
+    assert pool.num_free == 1 and pool.refcount(a) == 1
+    pool.free(a)
+    assert pool.num_free == 2
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free(a)
+    assert pool.alloc() is not None and pool.alloc() is not None and pool.alloc() is None
+
+
+def test_chunked_prefill_then_decode():
+    s = make(budget=8)
+    s.add(group("a", range(1, 21), 0, max_new_tokens=3))
+    rows = []
+    for _ in range(3):
+        batch, _ = step(s)
+        rows.append([(r.start, r.length, r.num_samples) for r in batch.rows])
+    assert rows == [[(0, 8, 0)], [(8, 8, 0)], [(16, 4, 1)]]  # prompt in budget-sized chunks, sampling at the end
+    batch, _ = step(s)
+    assert [(r.start, r.length, r.num_samples) for r in batch.rows] == [(20, 1, 1)] and batch.is_decode
+    batch, done = step(s)
+    assert done and done[0].finish_reason == {"type": "length", "length": 3}
+    assert s.pool.num_free == 64 and not s.has_work()
+
+
+def test_decode_rows_come_first_and_budget_is_shared():
+    s = make(budget=6)
+    s.add(group("a", [1, 2], 0, max_new_tokens=5))
+    step(s)
+    s.add(group("b", range(10), 1, max_new_tokens=5))
+    batch, _ = step(s)
+    assert [(r.seq.rid, r.length) for r in batch.rows] == [("a", 1), ("b", 5)]
+
+
+@pytest.mark.parametrize("prompt_len, copies", [(6, 2), (8, 0)])
+def test_fork_shares_prompt_pages_and_copies_the_partial_page(prompt_len, copies):
+    s = make(page_size=4)
+    g = group("g", range(1, prompt_len + 1), 0, n=3, max_new_tokens=4)
+    s.add(g)
+    batch, _ = step(s)
+    assert batch.rows[0].num_samples == 3
+    leader, *sibs = g.seqs
+    assert len(g.seqs) == 3 and [q.tokens[-1] for q in g.seqs] == [100, 101, 102]
+    full = prompt_len // 4
+    for q in g.seqs:
+        assert q.pages[:full] == leader.pages[:full]
+    assert all(s.pool.refcount(p) == 3 for p in leader.pages)
+    batch, _ = step(s)  # each sample writes its first output position
+    assert len(batch.copies) == copies
+    if copies:  # the shared partial page: two samples got a copy, the last writer keeps the original
+        assert len({q.pages[-1] for q in g.seqs}) == 3
+        assert {src for src, _ in batch.copies} == {leader.pages[-1]} or len({src for src, _ in batch.copies}) == 1
+    assert all(s.pool.refcount(p) == 3 for p in leader.pages[:full])
+
+
+def test_preemption_recomputes_the_newest_sequence():
+    s = make(pages=7, page_size=4, budget=64)
+    s.add(group("old", range(1, 12), 0, max_new_tokens=14, ignore_eos=True))
+    s.add(group("new", range(1, 12), 1, max_new_tokens=14, ignore_eos=True))
+    step(s)  # both prefill: 3 pages each, one page left
+    step(s)  # both write position 11 (their third page)
+    batch, _ = step(s)  # position 12 needs a 4th page each: "old" takes the last one, "new" is preempted
+    assert s.num_preemptions == 1 and [r.seq.rid for r in batch.rows] == ["old"]
+    new = s.waiting[0]
+    assert new.rid == "new" and new.num_computed == 0 and new.pages == [] and new.num_outputs == 2
+    while s.running and s.running[0].rid == "old":
+        step(s)
+        if not s.running:
+            break
+    batch = s.schedule()  # "new" recomputes prompt and outputs so far, then samples its next token
+    row = batch.rows[0]
+    assert row.seq.rid == "new" and row.start == 0 and row.length == 13 and row.num_samples == 1
+
+
+def test_stop_conditions_and_max_new_tokens_zero():
+    s = make(eos_ids=(7,))
+    s.add(group("stop", [1, 2], 0, max_new_tokens=10, stop_token_ids=[9]))
+    s.add(group("eos", [1, 2], 1, max_new_tokens=10))
+    s.add(group("eos-ignored", [1, 2], 2, max_new_tokens=2, ignore_eos=True))
+    _, done = step(s, pick=lambda r, j: {"stop": 9, "eos": 7, "eos-ignored": 7}[r.seq.rid])
+    assert {q.rid: q.finish_reason for q in done} == {"stop": {"type": "stop", "matched": 9},
+                                                    "eos": {"type": "stop", "matched": 7}}
+    _, done = step(s, pick=lambda r, j: 7)
+    assert done[0].finish_reason == {"type": "length", "length": 2}
+    assert s.add(group("zero", [1], 3, max_new_tokens=0))[0].finish_reason == {"type": "length", "length": 0}
+    c = make(max_context=5)
+    c.add(group("ctx", [1, 2, 3], 0, max_new_tokens=10))
+    step(c)
+    _, done = step(c)
+    assert done[0].finish_reason == {"type": "length", "length": 2}
+
+
+def test_abort_and_retract():
+    s = make(budget=4)
+    s.add(group("a", range(1, 10), 0, n=2))  # partially prefilled when aborted
+    s.add(group("b", [1], 1))
+    step(s)
+    aborted = s.abort("a")
+    assert [q.status for q in aborted] == [SeqStatus.ABORTED] and aborted[0].finish_reason["type"] == "abort"
+    assert s.pool.num_free == 64
+    step(s)
+    assert s.retract_all() == 1 and s.pool.num_free == 64 and s.waiting[0].rid == "b"
+    assert s.schedule().rows[0].start == 0
+    assert len(s.abort_all()) == 1 and not s.has_work()
+
+
+def test_requests_that_can_never_fit_are_rejected():
+    s = make(pages=4, page_size=4, max_running=2, max_context=100)
+    with pytest.raises(RequestError, match="never fit the KV cache"):
+        s.add(group("x", range(10), 0, max_new_tokens=10))
+    with pytest.raises(RequestError, match="n=3"):
+        s.add(group("y", [1], 0, n=3, max_new_tokens=4))
+    with pytest.raises(RequestError, match="context length 100"):
+        s.add(group("z", range(100), 0))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_randomized_invariants(seed):
+    _random_run(seed)
+
+
+def test_randomized_runs_exercise_preemption_and_copy_on_write():
+    runs = [_random_run(seed) for seed in range(24)]
+    assert sum(s.num_preemptions for s, _ in runs) > 0 and sum(c for _, c in runs) > 0
+
+
+def _random_run(seed: int) -> tuple[Scheduler, int]:
+    """Random arrivals (n in 1..3), aborts, retracts, stops and a small pool; checks after every step."""
+    rng = random.Random(seed)
+    copies = 0
+    page_size = rng.choice([1, 2, 4, 16])
+    pages = rng.randint(12, 40) * (4 // min(page_size, 4))
+    s = Scheduler(PagePool(pages), page_size=page_size, max_running=rng.randint(3, 10),
+                  max_batch_tokens=rng.randint(4, 40), eos_ids=(1,), max_context=rng.choice([None, 60]))
+    shadow: dict[int, dict[int, tuple]] = {}  # page -> offset -> (seq_id, position, token)
+    groups, arrivals = [], 0
+    for t in range(400):
+        if rng.random() < 0.3 and arrivals < 30:
+            cap = pages * page_size
+            plen = rng.randint(1, min(30, cap // 2))
+            g = group(f"r{arrivals}", [rng.randint(2, 50) for _ in range(plen)], arrivals, n=rng.randint(1, 3),
+                      max_new_tokens=rng.randint(0, min(25, cap - plen)), stop_token_ids=[rng.randint(2, 50)],
+                      ignore_eos=rng.random() < 0.5)
+            arrivals += 1
+            s.add(g)
+            groups.append(g)
+        if rng.random() < 0.05 and groups:
+            s.abort(rng.choice(groups).rid)
+        if rng.random() < 0.02:
+            s.retract_all()
+        batch = s.schedule()
+        if batch is None:
+            continue
+        copies += len(batch.copies)
+        for src, dst in batch.copies:
+            shadow[dst] = dict(shadow.get(src, {}))
+        for row in batch.rows:  # the fake model writes each new token and reads its visible context
+            q = row.seq
+            assert row.start == q.num_computed and row.length > 0
+            for pos in range(row.start, row.start + row.length):
+                shadow.setdefault(q.pages[pos // page_size], {})[pos % page_size] = (q.tokens[pos], pos)
+            for pos in range(row.start + row.length):
+                assert shadow[q.pages[pos // page_size]][pos % page_size] == (q.tokens[pos], pos)
+        s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
+        _check_pages(s, pages, page_size)
+    while s.has_work():
+        batch = s.schedule()
+        s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
+        _check_pages(s, pages, page_size)
+    assert s.pool.num_free == pages
+    for g in groups:
+        assert g.done
+        if g.seqs[0].status == SeqStatus.FINISHED and g.params.max_new_tokens > 0:
+            assert len(g.seqs) == g.params.n
+    return s, copies
+
+
+def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:
+    held: dict[int, int] = {}
+    for q in s.running:
+        assert len(q.pages) == -(-q.num_computed // page_size)
+        for p in q.pages:
+            held[p] = held.get(p, 0) + 1
+    for q in s.waiting:
+        assert q.pages == [] and q.num_computed == 0
+    for p in range(pages):
+        assert s.pool.refcount(p) == held.get(p, 0), p
+    assert s.pool.num_free == pages - len(held)
