@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+# Temperatures below this sample greedily: dividing logits by them would overflow or flush every
+# probability but the top one anyway.
+GREEDY_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_EPS) = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
     min_p: float = 0.0
@@ -60,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPS
 
 
 def _is_int(v) -> bool:
