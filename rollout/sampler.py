@@ -6,12 +6,12 @@ randomness is Gumbel-max with noise from a counter-based hash of (seed, position
 seeded request replays exactly on any device (up to float near-ties) and the samples of a request
 never share a stream (`sample_seed`).
 
-Per row, with x = logits / temperature (IEEE division, fp32):
+Per row, with x = logits / temperature (IEEE fp32 division; exact at T = 1):
   allowed = x >= threshold, the smallest x that top_k, then top_p (over the tempered probabilities
             of the top_k survivors), then min_p keep; every token equal to the threshold is kept,
             so exact ties at a cut are all in (`filtered_probs` does the same).
   token   = argmax over allowed of x + g,  g = -log(E),  E = -log(1 - w) ~ Exp(1),
-            w = (hash32 + 0.5) / 2^32 (the exact fp32 recipe is `gumbel_ref`);
+            w = (hash32 + 0.5) / 2^32 (the exact fp32 recipe is `gumbel_from_hash`);
   greedy rows: argmax of the logits (ties -> lowest id, as torch.argmax).
 Logprobs follow DESIGN.md: log_softmax(logits / logprob_temperature) in fp32 over the full
 vocabulary, before filtering; greedy and raw_logprob rows report temperature-1 logprobs.
@@ -218,7 +218,7 @@ def sample_ref(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S: t
     Rows are processed in chunks only to bound the [rows, V] int64 temporaries; results do not depend on it."""
     S, V = logits_SV.shape
     tokens = torch.empty(S, dtype=torch.int64, device=logits_SV.device)
-    step = rows_per_chunk or max(1, (1 << 18) // V)
+    step = rows_per_chunk or max(1, (1 << (18 if logits_SV.device.type == "cpu" else 24)) // V)  # cache / launches
     for r in range(0, S, step):
         sl = slice(r, min(r + step, S))
         logits, greedy = logits_SV[sl], greedy_S[sl]
@@ -240,6 +240,9 @@ def filter_thresholds(logits_SV: torch.Tensor, rows: SamplingRows) -> torch.Tens
         return None
     plan = rows.filter_plan or _plan_from_tensors(rows)
     idx = plan.rows
+    if len(idx) == logits_SV.shape[0]:  # every row filters: no gather (a copy of the logits)
+        return threshold_rows(logits_SV, rows.temperature, rows.top_k, rows.top_p, rows.min_p, plan.k_max,
+                              plan.any_top_p)
     thr_R = threshold_rows(logits_SV.index_select(0, idx), rows.temperature[idx], rows.top_k[idx],
                            rows.top_p[idx], rows.min_p[idx], plan.k_max, plan.any_top_p)
     thr = torch.full((logits_SV.shape[0],), float("-inf"), dtype=torch.float32, device=logits_SV.device)

@@ -1,9 +1,10 @@
 """Triton sampler: one fused pass over the vocabulary per row for CUDA.
 
 1. chunk kernel, one program per (row, vocab chunk of CHUNK tokens): per block of BLOCK tokens,
-   x = logits / temperature (IEEE division), Gumbel noise from the (seed, position, token) hash,
-   the filter threshold mask, a running per-lane argmax (strict >, so the lowest id wins ties) and
-   a per-lane online logsumexp of logits / logprob_temperature (one exp per token).
+   x = logits / temperature (IEEE division; none at T = 1), Gumbel noise from the (seed, position,
+   token) hash (greedy rows skip it), the filter threshold mask, a running per-lane argmax
+   (strict >, so the lowest id wins ties) and a per-lane online logsumexp of
+   logits / logprob_temperature (one exp per token).
 2. combine kernel, one program per row: reduces the row's chunks in order, then reads the chosen
    token's logit once for its logprob.
 CHUNK and BLOCK are fixed, never derived from S, so every row is reduced in the same order whatever
@@ -19,9 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+# Tuning knobs; `benchmarks/sampler.py --sweep` times variants (on an H100 all tried settings came within
+# ~15% of these, about the run-to-run noise). CHUNK must never depend on S: it fixes each row's sums.
 CHUNK = 16384
 BLOCK = 1024
 NUM_WARPS = 4
+NUM_STAGES = 3
+PREFETCH = False  # load the next block before working on this one
 
 
 @triton.jit
@@ -79,15 +84,10 @@ def _gumbel(h, FAST: tl.constexpr):
 
 
 @triton.jit
-def _finite_or_zero(m):
-    """A running max that may still be -inf (nothing seen yet), made safe to subtract."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
 def _sample_chunk_kernel(logits_ptr, stride, t_ptr, greedy_ptr, thr_ptr, seed_ptr, pos_ptr, lpt_ptr,
                          best_ptr, idx_ptr, m_ptr, s_ptr, V, C,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_THR: tl.constexpr, FAST: tl.constexpr):
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_THR: tl.constexpr, FAST: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     greedy_i8 = tl.load(greedy_ptr + row)
@@ -103,11 +103,19 @@ def _sample_chunk_kernel(logits_ptr, stride, t_ptr, greedy_ptr, thr_ptr, seed_pt
     lo = chunk * CHUNK
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = lo + tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    # running max starts finite so that exp(min - max) below never meets -inf - -inf
+    m = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
+    if PREFETCH:
+        nxt = tl.load(base + best_idx, mask=best_idx < V, other=float("-inf"))
     for start in range(0, CHUNK, BLOCK):  # the last chunk's tail past V is masked
         offs = lo + start + tl.arange(0, BLOCK)
-        logit = tl.load(base + offs, mask=offs < V, other=float("-inf"))
+        if PREFETCH:
+            logit = nxt
+            nxt = tl.load(base + offs + BLOCK, mask=(offs + BLOCK < V) & (start + BLOCK < CHUNK),
+                          other=float("-inf"))
+        else:
+            logit = tl.load(base + offs, mask=offs < V, other=float("-inf"))
         x = logit
         if t != 1.0:  # uniform per program; dividing by 1 is exact, so T = 1 rows skip it
             x = tl.math.div_rn(logit, t)
@@ -123,13 +131,13 @@ def _sample_chunk_kernel(logits_ptr, stride, t_ptr, greedy_ptr, thr_ptr, seed_pt
         if lpt != t:  # raw_logprob rows
             xl = tl.math.div_rn(logit, lpt)
         hi = tl.maximum(m, xl)
-        d = tl.exp(tl.minimum(m, xl) - _finite_or_zero(hi))  # exp(-|xl - m|), 0 when either is -inf
+        d = tl.exp(tl.minimum(m, xl) - hi)  # exp(-|xl - m|)
         s = tl.where(xl > m, s * d + 1.0, s + d)
         m = hi
     cbest = tl.max(best, 0)
     cidx = tl.min(tl.where(best == cbest, best_idx, 2147483647), 0)
     cm = tl.max(m, 0)
-    cs = tl.sum(s * tl.exp(m - _finite_or_zero(cm)), 0)
+    cs = tl.sum(s * tl.exp(m - cm), 0)
     out = row * C + chunk
     tl.store(best_ptr + out, cbest)
     tl.store(idx_ptr + out, cidx)
@@ -150,7 +158,7 @@ def _sample_combine_kernel(logits_ptr, stride, lpt_ptr, best_ptr, idx_ptr, m_ptr
     top = tl.max(best, 0)
     tok = tl.min(tl.where(best == top, idx, 2147483647), 0)
     mm = tl.max(m, 0)
-    lse = mm + tl.log(tl.sum(s * tl.exp(m - _finite_or_zero(mm)), 0))
+    lse = mm + tl.log(tl.sum(s * tl.exp(m - mm), 0))  # a row of -inf: mm finite, sum 0, lse -inf
     logit = tl.load(logits_ptr + row.to(tl.int64) * stride + tok)
     tl.store(tok_ptr + row, tok.to(tl.int64))
     tl.store(lp_ptr + row, tl.math.div_rn(logit, tl.load(lpt_ptr + row)) - lse)
@@ -182,7 +190,8 @@ def sample_triton(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S
         logits_SV, logits_SV.stride(0), temperature_S, greedy_i8,
         threshold_S if threshold_S is not None else temperature_S, seed_S, position_S, lp_temperature_S,
         part[0], part_idx, part[1], part[2], V, C,
-        CHUNK=CHUNK, BLOCK=BLOCK, HAS_THR=threshold_S is not None, FAST=dev.type == "cuda", num_warps=NUM_WARPS)
+        CHUNK=CHUNK, BLOCK=BLOCK, HAS_THR=threshold_S is not None, FAST=dev.type == "cuda", PREFETCH=PREFETCH,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _sample_combine_kernel[(S,)](logits_SV, logits_SV.stride(0), lp_temperature_S, part[0], part_idx, part[1],
                                  part[2], tokens, lps, C, CP=triton.next_power_of_2(C))
     return tokens, lps
