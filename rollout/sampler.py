@@ -223,7 +223,9 @@ def sample_ref(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S: t
         sl = slice(r, min(r + step, S))
         logits, greedy = logits_SV[sl], greedy_S[sl]
         x = logits / torch.where(greedy, 1.0, temperature_S[sl])[:, None]
-        score = torch.where(greedy[:, None], x, x + gumbel_ref(seed_S[sl], position_S[sl], V))
+        score = x
+        if not bool(greedy.all()):
+            score = torch.where(greedy[:, None], x, x + gumbel_ref(seed_S[sl], position_S[sl], V))
         if threshold_S is not None:
             score = score.masked_fill(~greedy[:, None] & (x < threshold_S[sl, None]), float("-inf"))
         tokens[sl] = score.argmax(-1)
