@@ -98,3 +98,13 @@ def test_wheel_runs_beside_a_users_model_py(tmp_path):
         assert Path(result[key]).is_relative_to(purelib / "mxroll"), (key, result[key])
     assert result["user_modules"] == []
     assert len(result["output_ids"]) == 3
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"mxroll." + ".".join(p.parent.relative_to(root).parts)
+             for top in ("configs", "model", "precision", "rollout", "sync") for p in (root / top).rglob("__init__.py")}
+    assert found <= listed, f"missing from pyproject packages: {sorted(found - listed)}"

@@ -42,7 +42,7 @@ def test_cli_logs_through_the_mxroll_loggers_only(tiny_checkpoint, capsys):
             "--sampling", '{"max_new_tokens": 2}']
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert " mxroll.model.loader INFO loaded " in err and " mxroll INFO engine ready" in err
+    assert " mxroll.model.loader INFO loaded " in err and " mxroll.rollout.engine INFO engine ready" in err
     assert err.count("engine ready") == 1  # not again through a root handler
     assert main([*args, "--log-level", "warning"]) == 0
     assert "INFO" not in capsys.readouterr().err
