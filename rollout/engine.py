@@ -343,8 +343,8 @@ class Engine:
     def _record(self, batch, step: StepInputs, sampled, tokens: list[int], routes) -> None:
         if routes is not None and self._wants_routes(batch):
             T = step.num_tokens
-            ids = routes.ids[:, :T].permute(1, 0, 2).cpu()
-            weights = routes.weights[:, :T].permute(1, 0, 2).cpu()
+            ids = routes.ids[:, :T].permute(1, 0, 2).to("cpu", copy=True)  # the recorder is reused next step
+            weights = routes.weights[:, :T].permute(1, 0, 2).to("cpu", copy=True)
             for r, row in enumerate(batch.rows):
                 rec = self._records[row.seq.seq_id]
                 if rec.return_routed_experts:

@@ -1,0 +1,270 @@
+"""The batched engine on CPU: outputs equal the single-sequence reference under chunked prefill,
+small pages and preemption; n > 1 groups share the prompt; RL controls (abort, pause modes, memory
+release), async batching, streaming, routed experts, weight versions, seeds, and bad requests."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from mxroll import Engine
+from mxroll.rollout.engine import EngineShutdownError
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    yield e
+    e.shutdown()
+
+
+def reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and logprobs through the single-sequence torch reference."""
+    cache = model.new_cache(len(prompt) + n)
+    seq, lps = list(prompt), []
+    logits = model.sequence_logits(torch.tensor(prompt), torch.arange(len(prompt)), cache)[-1]
+    for _ in range(n):
+        tok = int(logits.argmax())
+        lps.append(float(torch.log_softmax(logits, -1)[tok]))
+        seq.append(tok)
+        logits = model.sequence_logits(torch.tensor([tok]), torch.tensor([len(seq) - 1]), cache)[-1]
+    return seq[len(prompt):], lps
+
+
+PROMPTS = [[0] + list(range(5, 5 + n)) for n in (1, 3, 7, 16, 30, 45)]
+
+
+@pytest.mark.parametrize("opts", [dict(page_size=16), dict(page_size=1, chunked_prefill_size=7),
+                                  dict(page_size=4, max_total_tokens=96, chunked_prefill_size=20)],
+                         ids=["pages16", "pages1-chunked", "pages4-preempting"])
+def test_batched_greedy_equals_single_sequence_reference(tiny_checkpoint, opts):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, **opts)
+    out = e.generate(input_ids=PROMPTS, sampling_params=dict(GREEDY, max_new_tokens=12), return_logprob=True)
+    for prompt, o in zip(PROMPTS, out):
+        ids, lps = reference(e.model, prompt, 12)
+        assert o["output_ids"] == ids
+        got = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got, lps)) < 1e-4
+    if "max_total_tokens" in opts:
+        assert e.scheduler.num_preemptions > 0, "the small cache should force preemptions"
+    e.shutdown()
+
+
+def test_group_samples_share_the_prompt_and_differ(engine):
+    out = engine.generate(input_ids=PROMPTS[4], sampling_params={"n": 6, "max_new_tokens": 10, "seed": 3,
+                                                                 "ignore_eos": True}, return_logprob=True)
+    assert len(out) == 6 and len({tuple(o["output_ids"]) for o in out}) > 1
+    again = engine.generate(input_ids=PROMPTS[4], sampling_params={"n": 6, "max_new_tokens": 10, "seed": 3,
+                                                                   "ignore_eos": True})
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in again]
+    # the prompt was prefilled once: the samples' first logprobs come from one logits row
+    first = {o["output_ids"][0]: o["meta_info"]["output_token_logprobs"][0][0] for o in out}
+    ref = torch.log_softmax(engine.model.sequence_logits(torch.tensor(PROMPTS[4]), torch.arange(len(PROMPTS[4])),
+                                                         engine.model.new_cache(64))[-1], -1)
+    assert all(abs(lp - float(ref[t])) < 1e-4 for t, lp in first.items())
+
+
+def test_seeded_streams_never_overlap_between_requests(engine):
+    p = {"n": 4, "max_new_tokens": 8, "ignore_eos": True}
+    a = engine.generate(input_ids=PROMPTS[2], sampling_params=dict(p, seed=0))
+    b = engine.generate(input_ids=PROMPTS[2], sampling_params=dict(p, seed=1))
+    assert not {tuple(x["output_ids"]) for x in a} & {tuple(x["output_ids"]) for x in b}
+    batch = engine.generate(input_ids=[PROMPTS[2], PROMPTS[2]], sampling_params=dict(p, seed=0))
+    assert [x["output_ids"] for x in batch[:4]] == [x["output_ids"] for x in a]  # prompt 0 keeps its streams
+    assert not {tuple(x["output_ids"]) for x in batch[:4]} & {tuple(x["output_ids"]) for x in batch[4:]}
+
+
+def test_seeded_tokens_do_not_depend_on_the_batch(engine):
+    """The stream is (seed, prompt index in its call, sample index): other requests stepping in the same
+    engine batch, with or without seeds, change nothing."""
+    p = {"max_new_tokens": 10, "seed": 42, "ignore_eos": True}
+    alone = engine.generate(input_ids=PROMPTS[3], sampling_params=p)["output_ids"]
+    listed = engine.generate(input_ids=[PROMPTS[3]] + PROMPTS[:3],
+                             sampling_params=[p] + [{"max_new_tokens": 10, "ignore_eos": True, "seed": 7}] * 3)
+    assert listed[0]["output_ids"] == alone
+
+    async def crowd():
+        others = [engine.async_generate(input_ids=q, sampling_params={"max_new_tokens": 12, "ignore_eos": True})
+                  for q in PROMPTS]
+        return (await asyncio.gather(engine.async_generate(input_ids=PROMPTS[3], sampling_params=p), *others))[0]
+    assert crowd_out_ids(asyncio.run(crowd())) == alone
+
+
+def crowd_out_ids(out):
+    return out["output_ids"]
+
+
+def test_async_calls_are_batched_together(engine):
+    async def many():
+        return await asyncio.gather(*[engine.async_generate(input_ids=p, sampling_params=dict(GREEDY, max_new_tokens=6))
+                                      for p in PROMPTS])
+    engine.steps.clear()
+    outs = asyncio.run(many())
+    sequential = [engine.generate(input_ids=p, sampling_params=dict(GREEDY, max_new_tokens=6)) for p in PROMPTS]
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in sequential]
+    assert max(s.rows for s in list(engine.steps)[:20]) > 1, "concurrent calls should share steps"
+
+
+def test_streaming_yields_partials_then_final(engine):
+    chunks = list(engine.generate(input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=5), stream=True))
+    assert len(chunks) >= 5 and chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-2]["output_ids"] == chunks[-1]["output_ids"][:len(chunks[-2]["output_ids"])]
+
+    async def collect():
+        it = await engine.async_generate(input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=5),
+                                         stream=True)
+        return [c async for c in it]
+    assert asyncio.run(collect())[-1]["output_ids"] == chunks[-1]["output_ids"]
+
+
+def test_routed_experts_per_input_token(engine):
+    cfg = engine.model_config
+    out = engine.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=7),
+                          return_routed_experts=True)
+    ids, w = out["meta_info"]["routed_experts"], out["meta_info"]["routed_expert_weights"]
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert ids.shape == (len(PROMPTS[3]) + 7 - 1, moe_layers, cfg.num_experts_per_tok) == w.shape
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    # the router's own choices for the same tokens (single-sequence reference forward)
+    from mxroll.model.moe import RouteRecorder
+    seq = PROMPTS[3] + out["output_ids"][:-1]
+    rec = RouteRecorder(moe_layers, len(seq), cfg.num_experts_per_tok, "cpu")
+    cache = engine.model.new_cache(len(seq))
+    cache.begin(torch.arange(len(seq)))
+    with torch.inference_mode():
+        engine.model(torch.tensor(seq), torch.arange(len(seq)), cache, rec)
+    assert torch.equal(ids, rec.ids.permute(1, 0, 2))
+    assert torch.allclose(w, rec.weights.permute(1, 0, 2), atol=1e-5)
+    # n > 1: every sample carries the shared prompt's routes
+    group = engine.generate(input_ids=PROMPTS[2], sampling_params={"n": 3, "max_new_tokens": 4, "seed": 1,
+                                                                   "ignore_eos": True}, return_routed_experts=True)
+    for o in group:
+        r = o["meta_info"]["routed_experts"]
+        assert r.shape[0] == len(PROMPTS[2]) + 3
+        assert torch.equal(r[:len(PROMPTS[2])], group[0]["meta_info"]["routed_experts"][:len(PROMPTS[2])])
+
+
+def test_top_logprobs(engine):
+    out = engine.generate(input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=3), return_logprob=True,
+                          top_logprobs_num=4)
+    tops = out["meta_info"]["output_top_logprobs"]
+    assert len(tops) == 3 and all(len(t) == 4 for t in tops)
+    for (lp, tok, _), top in zip(out["meta_info"]["output_token_logprobs"], tops):
+        assert top[0][1] == tok and abs(top[0][0] - lp) < 1e-6  # greedy: the chosen token is the top one
+        assert [x[0] for x in top] == sorted([x[0] for x in top], reverse=True)
+
+
+def test_abort_request_returns_partial_output(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=e.generate(
+        input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=1500), rid="long")))
+    t.start()
+    while not e.scheduler.running:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    e.abort_request("long")
+    t.join(30)
+    out = result["out"]
+    assert out["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(out["output_ids"]) < 1500
+    assert e.generate(input_ids=[0, 5], sampling_params=dict(GREEDY, max_new_tokens=2))["meta_info"][
+        "completion_tokens"] == 2
+    e.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["abort", "retract", "in_place"])
+def test_pause_modes(tiny_checkpoint, mode):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    expected = e.generate(input_ids=PROMPTS[2], sampling_params=dict(GREEDY, max_new_tokens=40))["output_ids"]
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=e.generate(
+        input_ids=PROMPTS[2], sampling_params=dict(GREEDY, max_new_tokens=40))))
+    t.start()
+    while not e.scheduler.running:
+        time.sleep(0.005)
+    e.pause_generation(mode=mode)
+    frozen = [len(s.tokens) for s in e.scheduler.running]
+    time.sleep(0.2)
+    assert [len(s.tokens) for s in e.scheduler.running] == frozen  # no steps while paused
+    if mode == "retract":
+        assert not e.scheduler.running and e.scheduler.waiting and e.scheduler.pool.num_free == \
+            e.scheduler.pool.num_pages
+    e.continue_generation()
+    t.join(30)
+    out = result["out"]
+    if mode == "abort":
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    else:  # resumed in place or by recompute: the same greedy continuation
+        assert out["output_ids"] == expected
+    with pytest.raises(ValueError, match="mode"):
+        e.pause_generation(mode="bogus")
+    e.shutdown()
+
+
+def test_release_and_resume_memory(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    before = e.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=8))["output_ids"]
+    e.release_memory_occupation()
+    assert not e.cache.allocated and e.get_server_info()["memory_released"]
+    e.resume_memory_occupation()
+    assert e.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=8))["output_ids"] == before
+    with pytest.raises(ValueError, match="memory tags"):
+        e.release_memory_occupation(tags=["bogus"])
+    assert e.flush_cache() is True
+    e.shutdown()
+
+
+def test_weight_version_in_every_output(engine):
+    out = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=2))
+    assert out["meta_info"]["weight_version"] == engine.weight_version
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_ids=[1, 2], sampling_params={"bogus": 1}), "bogus"),
+    (dict(input_ids=[1, 2], sampling_params={"temperature": float("inf")}), "temperature"),
+    (dict(input_ids=[1, 10**6]), "outside the vocabulary"),
+    (dict(input_ids=[]), "at least one token"),
+    (dict(input_ids="12"), "input_ids"),
+    (dict(input_ids=[1.5, 2]), "integers"),
+    (dict(input_ids=[1], sampling_params={"max_new_tokens": 10**6}), "context length"),
+    (dict(input_ids=[1], sampling_params=[1, 2]), "sampling_params"),
+    (dict(input_ids=[1], top_logprobs_num=-1), "top_logprobs_num"),
+    (dict(input_ids=[1], return_logprob="yes"), "return_logprob"),
+])
+def test_bad_requests_then_the_next_one_is_served(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(**kwargs)
+    assert engine.generate(input_ids=[0, 5], sampling_params=dict(GREEDY, max_new_tokens=2))["meta_info"][
+        "completion_tokens"] == 2
+
+
+def test_input_ids_accept_integer_sequences_of_any_kind(engine):
+    np = pytest.importorskip("numpy")
+    ref = engine.generate(input_ids=[0, 5, 6], sampling_params=dict(GREEDY, max_new_tokens=3))["output_ids"]
+    for ids in ((0, 5, 6), np.array([0, 5, 6]), torch.tensor([0, 5, 6]), [np.int64(0), np.int32(5), 6]):
+        assert engine.generate(input_ids=ids, sampling_params=dict(GREEDY, max_new_tokens=3))["output_ids"] == ref
+    batch = engine.generate(input_ids=np.array([[0, 5, 6], [0, 5, 6]]), sampling_params=dict(GREEDY, max_new_tokens=3))
+    assert [b["output_ids"] for b in batch] == [ref, ref]
+
+
+def test_a_request_that_can_never_fit_the_cache(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, max_total_tokens=64, page_size=4)
+    with pytest.raises(ValueError, match="never fit the KV cache"):
+        e.generate(input_ids=[0] * 40, sampling_params={"max_new_tokens": 100})
+    assert e.generate(input_ids=[0, 5], sampling_params=dict(GREEDY, max_new_tokens=2))["meta_info"][
+        "completion_tokens"] == 2
+    e.shutdown()
+
+
+def test_generate_after_shutdown(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    e.shutdown()
+    e.shutdown()  # idempotent
+    with pytest.raises(EngineShutdownError, match="shut down"):
+        e.generate(input_ids=[0, 5])
