@@ -68,11 +68,20 @@ def weight_bytes(cfg: ModelConfig, mxfp8: bool, experts_touched: list[float]) ->
 
 
 def decode_steps(e: Engine, batch: int, context: int, new: int, cfg: ModelConfig, bw: float, mxfp8: bool) -> dict:
+    """Median wall time of decode steps with all `batch` sequences decoding (prefill chunks finish first:
+    every sequence gets enough new tokens to outlast them)."""
     ids = prompts(batch, context, cfg.vocab_size, seed=batch)
+    new += -(-batch * context // e.config.chunked_prefill_size)
+    params = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}
     e.steps.clear()
-    out = e.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True},
-                     return_routed_experts=[True] + [False] * (batch - 1))
+    out = e.generate(input_ids=ids, sampling_params=params, return_routed_experts=[True] + [False] * (batch - 1))
     steps = [s for s in e.steps if s.decode and s.rows == batch][2:]  # skip graph capture / first steps
+    e.config.step_timing = True  # one more short run with per-phase times (device synced between phases)
+    e.steps.clear()
+    e.generate(input_ids=[i[:64] for i in ids], sampling_params=dict(params, max_new_tokens=12))
+    e.config.step_timing = False
+    timed = [s.phases for s in e.steps if s.decode and s.rows == batch][2:]
+    phases = {k: 1e3 * statistics.median(p[k] for p in timed) for k in timed[0]} if timed else None
     step_s = statistics.median(s.seconds for s in steps)
     # experts touched per MoE layer: from the routes of request 0 and the uniform-routing estimate
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -83,18 +92,59 @@ def decode_steps(e: Engine, batch: int, context: int, new: int, cfg: ModelConfig
     routes = out[0]["meta_info"]["routed_experts"]
     return {"batch": batch, "context": context, "step_ms": step_s * 1e3, "floor_ms": floor * 1e3,
             "ratio_to_floor": step_s / floor, "weight_GB": w / 1e9, "kv_GB": kv / 1e9, "decode_steps": len(steps),
-            "tok_per_s": batch / step_s, "routes_shape": list(routes.shape)}
+            "tok_per_s": batch / step_s, "routes_shape": list(routes.shape), "phases_ms": phases}
 
 
-def correctness(mode: str, cfg: ModelConfig) -> dict:
+def guarded(fn, *args):
+    """Run one section; a failure is recorded in the results instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON and the log
+        import traceback
+        traceback.print_exc()
+        return {"error": repr(e)[:800]}
+
+
+def pin_routing(e: Engine) -> None:
+    """Make every token choose experts 0..k-1 (a large selection bias; the weights stay the unbiased
+    scores). Random-weight MoE stacks route near ties everywhere, so bf16 rounding differences between
+    two correct kernels flip expert choices and the paths diverge chaotically; with pinned routes the
+    comparison measures the kernels."""
+    k = e.model_config.num_experts_per_tok
+    for i in e.model.moe_layers:
+        bias = e.model.layers[i].mlp.gate.e_score_correction_bias
+        bias.zero_()
+        bias[:k] = 10.0
+
+
+def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
     """Fast path (FlashInfer + CUDA graphs + Triton) vs the torch reference path on the same weights."""
     fast = engine(mode, max_total_tokens=1 << 14)
     ref = engine(mode, max_total_tokens=1 << 14, attention_backend="torch", gemm_backend="torch",
                  disable_cuda_graph=True)
+    if pinned:
+        pin_routing(fast)
+        pin_routing(ref)
     ids = prompts(4, 64, cfg.vocab_size, seed=7)
     greedy = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
-    a = fast.generate(input_ids=ids, sampling_params=greedy, return_logprob=True)
-    b = ref.generate(input_ids=ids, sampling_params=greedy, return_logprob=True)
+    a = fast.generate(input_ids=ids, sampling_params=greedy, return_logprob=True, top_logprobs_num=3)
+    b = ref.generate(input_ids=ids, sampling_params=greedy, return_logprob=True, top_logprobs_num=3)
+    # the first token's logits three ways: engine fast path, and one sequence through the torch attention
+    # with the fast GEMMs (Triton) and with the reference GEMMs (torch)
+    x = torch.tensor(ids[0], device="cuda")
+    pos = torch.arange(len(ids[0]), device="cuda")
+    seq_fast = fast.model.sequence_logits(x, pos, fast.model.new_cache(128))[-1]
+    seq_ref = ref.model.sequence_logits(x, pos, ref.model.new_cache(128))[-1]
+    diag = {"engine_fast_top3": a[0]["meta_info"]["output_top_logprobs"][0],
+            "engine_ref_top3": b[0]["meta_info"]["output_top_logprobs"][0],
+            "seq_fast_gemm_top3": torch.log_softmax(seq_fast, -1).topk(3).indices.tolist(),
+            "seq_ref_gemm_top3": torch.log_softmax(seq_ref, -1).topk(3).indices.tolist(),
+            "seq_logits_rel_diff": ((seq_fast - seq_ref).norm() / seq_ref.norm()).item(),
+            "logits_std": seq_ref.std().item(), "logits_finite": bool(torch.isfinite(seq_ref).all())}
+    first = {t: lp for lp, t, _ in diag["engine_ref_top3"]}
+    diag["first_token_top3_abs_logprob_diff"] = max(
+        (abs(lp - first[t]) for lp, t, _ in diag["engine_fast_top3"] if t in first), default=float("nan"))
+    print(f"[{mode}{' pinned' if pinned else ''}] first-token diagnostics: {diag}", flush=True)
     ref.shutdown()
     first_div = []
     for x, y in zip(a, b):
@@ -103,25 +153,28 @@ def correctness(mode: str, cfg: ModelConfig) -> dict:
     lp = [abs(p[0] - q[0]) for x, y in zip(a, b)
           for p, q, s, t in zip(x["meta_info"]["output_token_logprobs"], y["meta_info"]["output_token_logprobs"],
                                 x["output_ids"], y["output_ids"]) if s == t]
+    fast.steps.clear()
     alone = fast.generate(input_ids=ids[1], sampling_params=greedy, return_logprob=True)
     crowd = fast.generate(input_ids=[ids[1]] + prompts(63, 64, cfg.vocab_size, seed=8), sampling_params=greedy,
                           return_logprob=True)[0]
     batch_lp = [abs(p[0] - q[0]) for p, q in zip(alone["meta_info"]["output_token_logprobs"],
                                                   crowd["meta_info"]["output_token_logprobs"])]
     fast.shutdown()
-    res = {"greedy_equal_requests": sum(d is None for d in first_div), "requests": len(ids),
+    lp = lp or [float("nan")]
+    res = {"diagnostics": diag, "greedy_equal_requests": sum(d is None for d in first_div), "requests": len(ids),
            "first_divergence": first_div, "max_abs_logprob_diff": max(lp), "mean_abs_logprob_diff": sum(lp) / len(lp),
            "alone_vs_batch64_tokens_equal": alone["output_ids"] == crowd["output_ids"],
            "alone_vs_batch64_max_abs_logprob_diff": max(batch_lp)}
-    print(f"[{mode}] correctness: {res}", flush=True)
+    print(f"[{mode}{' pinned routes' if pinned else ''}] correctness: {res}", flush=True)
     return res
 
 
 def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool) -> dict:
     res = {"mode": mode}
-    res["correctness"] = correctness(mode, cfg)
-    gc.collect()
-    torch.cuda.empty_cache()
+    for pinned in (True, False):
+        res["correctness_pinned_routes" if pinned else "correctness"] = guarded(correctness, mode, cfg, pinned)
+        gc.collect()
+        torch.cuda.empty_cache()
     e = engine(mode)
     info = e.get_model_info()
     res["kv_cache_tokens"] = info["max_total_tokens"]
@@ -130,28 +183,14 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool) -> dict:
     # (c) decode step times
     res["decode"] = []
     for b in (1, 8, 32, 128, 256):
-        r = decode_steps(e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
+        r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
         res["decode"].append(r)
-        print(f"[{mode}] decode B={b}: {r['step_ms']:.2f} ms/step, floor {r['floor_ms']:.2f} ms "
-              f"({r['ratio_to_floor']:.2f}x)", flush=True)
-    # (a) offline
-    n_a = 50 if quick else 200
-    t, out = timed_generate(e, prompts(n_a, 1000, cfg.vocab_size, seed=2),
-                            {"max_new_tokens": 100, "ignore_eos": True, "temperature": 1.0})
-    toks = sum(o["meta_info"]["completion_tokens"] for o in out)
-    res["offline"] = {"requests": n_a, "input": 1000, "output": 100, "seconds": t, "req_per_s": n_a / t,
-                      "output_tok_per_s": toks / t, "total_tok_per_s": (toks + n_a * 1000) / t}
-    print(f"[{mode}] offline: {n_a / t:.2f} req/s, {toks / t:.0f} output tok/s", flush=True)
-    # (b) RL shape
-    n_b, out_len = (16, 256) if quick else (64, 1024)
-    t, out = timed_generate(e, prompts(n_b, 256, cfg.vocab_size, seed=3),
-                            {"max_new_tokens": out_len, "ignore_eos": True, "temperature": 1.0, "n": 16})
-    toks = sum(o["meta_info"]["completion_tokens"] for o in out)
-    res["rl"] = {"prompts": n_b, "n": 16, "input": 256, "output": out_len, "seconds": t, "output_tok_per_s": toks / t,
-                 "samples_per_s": len(out) / t}
-    print(f"[{mode}] RL: {toks / t:.0f} output tok/s, {len(out) / t:.1f} samples/s", flush=True)
-    # (d) the engine on the HF workload
-    ids_d = prompts(8, 256, cfg.vocab_size, seed=4)
+        if "step_ms" in r:
+            print(f"[{mode}] decode B={b}: {r['step_ms']:.2f} ms/step, floor {r['floor_ms']:.2f} ms "
+                  f"({r['ratio_to_floor']:.2f}x); phases (synced, separate run) {r.get('phases_ms')}", flush=True)
+    res["offline"] = guarded(offline, e, cfg, mode, 50 if quick else 200)
+    res["rl"] = guarded(rl_shape, e, cfg, mode, *((16, 256) if quick else (64, 1024)))
+    ids_d = prompts(8, 256, cfg.vocab_size, seed=4)  # (d) the engine on the HF baseline's workload
     t, out = timed_generate(e, ids_d, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
     res["hf_workload"] = {"seconds": t, "output_tok_per_s": 8 * 32 / t}
     e.shutdown()
@@ -159,6 +198,24 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def offline(e: Engine, cfg: ModelConfig, mode: str, n: int) -> dict:
+    t, out = timed_generate(e, prompts(n, 1000, cfg.vocab_size, seed=2),
+                            {"max_new_tokens": 100, "ignore_eos": True, "temperature": 1.0})
+    toks = sum(o["meta_info"]["completion_tokens"] for o in out)
+    print(f"[{mode}] offline: {n / t:.2f} req/s, {toks / t:.0f} output tok/s", flush=True)
+    return {"requests": n, "input": 1000, "output": 100, "seconds": t, "req_per_s": n / t,
+            "output_tok_per_s": toks / t, "total_tok_per_s": (toks + n * 1000) / t}
+
+
+def rl_shape(e: Engine, cfg: ModelConfig, mode: str, n_prompts: int, out_len: int) -> dict:
+    t, out = timed_generate(e, prompts(n_prompts, 256, cfg.vocab_size, seed=3),
+                            {"max_new_tokens": out_len, "ignore_eos": True, "temperature": 1.0, "n": 16})
+    toks = sum(o["meta_info"]["completion_tokens"] for o in out)
+    print(f"[{mode}] RL: {toks / t:.0f} output tok/s, {len(out) / t:.1f} samples/s", flush=True)
+    return {"prompts": n_prompts, "n": 16, "input": 256, "output": out_len, "seconds": t,
+            "output_tok_per_s": toks / t, "samples_per_s": len(out) / t}
 
 
 def hf_baseline(cfg_dict: dict) -> dict:
@@ -206,12 +263,13 @@ def main() -> None:
             results["hf"] = {"error": repr(e)[:500]}
             print("HF baseline failed:", repr(e)[:500], flush=True)
     path = write_results(args.out, results)
-    print(f"\n{'mode':6} {'offline req/s':>13} {'offline out tok/s':>17} {'RL out tok/s':>12} "
-          + " ".join(f"{'B=' + str(r['batch']) + ' ms (x floor)':>18}" for r in results["modes"][next(iter(results['modes']))]["decode"]))
+    print(f"\n{'mode':6} {'offline req/s':>13} {'offline out tok/s':>17} {'RL out tok/s':>12}  decode ms/step (x floor)")
     for mode, r in results["modes"].items():
-        print(f"{mode:6} {r['offline']['req_per_s']:>13.2f} {r['offline']['output_tok_per_s']:>17.0f} "
-              f"{r['rl']['output_tok_per_s']:>12.0f} "
-              + " ".join(f"{d['step_ms']:>9.2f} ({d['ratio_to_floor']:.2f}x)" for d in r["decode"]))
+        get = lambda d, k: d.get(k, float("nan"))  # noqa: E731 - a failed section prints nan
+        print(f"{mode:6} {get(r['offline'], 'req_per_s'):>13.2f} {get(r['offline'], 'output_tok_per_s'):>17.0f} "
+              f"{get(r['rl'], 'output_tok_per_s'):>12.0f}  "
+              + " ".join(f"B={d.get('batch', '?')}: {get(d, 'step_ms'):.2f} ({get(d, 'ratio_to_floor'):.2f}x)"
+                         for d in r["decode"]))
     if "hf" in results and "output_tok_per_s" in results["hf"]:
         for mode, r in results["modes"].items():
             print(f"{mode}: engine {r['hf_workload']['output_tok_per_s']:.0f} tok/s vs HF "

@@ -85,6 +85,6 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfi
     w = w_NK.to(x_TK.dtype)
     if x_TK.is_cuda and out_dtype == torch.float32 and x_TK.dtype in (torch.bfloat16, torch.float16):
         x2 = x_TK.reshape(-1, x_TK.shape[-1])
-        return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS, fp32 out
+        return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS fp32 output
     # CPU: products of bf16/fp16 operands are exact in fp32, so upcasting first is the same GEMM
     return F.linear(x_TK.to(out_dtype), w.to(out_dtype))

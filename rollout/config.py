@@ -43,6 +43,7 @@ class EngineConfig:
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
     cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph
+    step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True
     log_level: str = "INFO"

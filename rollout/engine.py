@@ -58,6 +58,28 @@ class StepStat:
     sampled: int  # tokens sampled
     decode: bool  # every row computed one token
     seconds: float  # wall time of the step, host work and the device sync included
+    phases: dict | None = None  # seconds per phase, with step_timing on (the device is synced between phases)
+
+
+class _PhaseClock:
+    """Wall time of a step and, when asked, of its phases (syncing the device at each mark)."""
+
+    def __init__(self, device: torch.device, detailed: bool):
+        self.sync = detailed and device.type == "cuda"
+        self.phases = {} if detailed else None
+        self.start = self.last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.phases is None:
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class EngineShutdownError(RuntimeError):
@@ -235,19 +257,23 @@ class Engine:
     # ---- the engine loop -------------------------------------------------------------------
     def step(self) -> None:
         """One scheduler step: schedule -> forward -> sample -> update -> outputs."""
-        t0 = time.perf_counter()
+        clock = _PhaseClock(self.device, self.config.step_timing)
         batch = self.scheduler.schedule()
         if batch is None:
             return
         step = StepInputs.build(batch.rows, self.page_size, self.device)
+        clock.mark("schedule")
         out = self.runner.forward(step, batch.copies, self._wants_routes(batch))
+        clock.mark("forward")
         sampled = self.sampler(out.logits_SV, self._sampling_rows(batch))
         tokens = sampled.tokens.tolist()
+        clock.mark("sample")
         finished = self.scheduler.update(batch, self._per_row(batch, tokens))
         self._record(batch, step, sampled, tokens, out.routes)
         self._complete(finished)
-        self.steps.append(StepStat(step.num_rows, step.num_tokens, len(tokens), step.is_decode,
-                                   time.perf_counter() - t0))
+        clock.mark("outputs")
+        self.steps.append(StepStat(step.num_rows, step.num_tokens, len(tokens), step.is_decode, clock.total(),
+                                   clock.phases))
 
     def _loop(self) -> None:
         try:

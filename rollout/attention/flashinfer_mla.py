@@ -48,13 +48,12 @@ class FlashInferAttention:
         self.step = step
         self.wrapper = wrapper or self.eager
         indptr, indices = step.kv_indices()
-        dev, i32 = self.cache.device, torch.int32
+        i32 = torch.int32
+        # Host tensors: FA3 schedules the work on the host, so device metadata would cost a sync per step.
         with warnings.catch_warnings():  # the flat CSR plan form is the one verified on sm90 (deprecated upstream)
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.wrapper.plan(torch.tensor(step.qo_indptr, dtype=i32, device=dev),
-                              torch.tensor(indptr, dtype=i32, device=dev),
-                              torch.tensor(indices, dtype=i32, device=dev),
-                              torch.tensor(step.kv_lens, dtype=i32, device=dev),
+            self.wrapper.plan(torch.tensor(step.qo_indptr, dtype=i32), torch.tensor(indptr, dtype=i32),
+                              torch.tensor(indices, dtype=i32), torch.tensor(step.kv_lens, dtype=i32),
                               self.num_heads, self.cache.cfg.kv_lora_rank, self.cache.cfg.qk_rope_head_dim,
                               self.cache.page_size, True, self.sm_scale, self.cache.dtype, self.cache.dtype)
 

@@ -17,16 +17,27 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def test_triton_engine_matches_torch_reference(tmp_path):
     cfg = json.loads(configs.model_preset_path("tiny").read_text())
     path = make_checkpoint(cfg, tmp_path / "tiny8", seed=0, mxfp8=True, progress=False)
-    fast = Engine(model_path=str(path), device="cuda", progress=False)
-    ref = Engine(model_path=str(path), device="cuda", progress=False, gemm_backend="torch")
+    fast = Engine(model_path=str(path), device="cuda", progress=False, max_total_tokens=4096)
+    ref = Engine(model_path=str(path), device="cuda", progress=False, gemm_backend="torch", max_total_tokens=4096)
     assert fast.get_model_info()["gemm_backend"] == "triton" and fast.get_model_info()["dtype"] == "bfloat16"
-    ids = torch.arange(3, 60, device="cuda")
+    ids = torch.arange(3, 60, device="cuda")  # tiny model (latent 32): torch attention on both
     a = fast.model.sequence_logits(ids, torch.arange(len(ids), device="cuda"), fast.model.new_cache(64))
     b = ref.model.sequence_logits(ids, torch.arange(len(ids), device="cuda"), ref.model.new_cache(64))
     assert ((a - b).norm() / b.norm()).item() < 2e-2
     out = fast.generate(prompt="hello", sampling_params={"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
                         return_logprob=True)
     assert out["meta_info"]["completion_tokens"] == 16
+    fast.shutdown()
+    ref.shutdown()
+
+
+def pin_routing(e: Engine) -> None:
+    """Every token chooses experts 0..k-1 (selection bias only; the weights stay the unbiased scores)."""
+    k = e.model_config.num_experts_per_tok
+    for i in e.model.moe_layers:
+        bias = e.model.layers[i].mlp.gate.e_score_correction_bias
+        bias.zero_()
+        bias[:k] = 10.0
 
 
 def small_moonlight(tmp_path, layers: int = 3):
@@ -48,16 +59,19 @@ def test_fast_engine_matches_reference_engine(tmp_path, quantization):
     info = fast.get_model_info()
     assert info["attention_backend"] == "flashinfer" and fast.runner.graphs is not None
     ref = Engine(**common, attention_backend="torch", gemm_backend="torch", disable_cuda_graph=True)
+    for e in (fast, ref):  # random-weight MoE routes near ties everywhere: pin the routes so that the
+        pin_routing(e)     # comparison measures the kernels, not chaotic expert flips
     prompts = [torch.randint(2, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 33, 64)]
     greedy = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     a = fast.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
     b = ref.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
     same = [x["output_ids"] == y["output_ids"] for x, y in zip(a, b)]
-    diffs = [abs(p[0] - q[0]) for x, y in zip(a, b) for p, q in zip(x["meta_info"]["output_token_logprobs"],
-                                                                     y["meta_info"]["output_token_logprobs"])]
-    print(f"{quantization}: greedy equal {same}, max |logprob diff| {max(diffs):.3e}")
+    diffs = [abs(p[0] - q[0]) for x, y in zip(a, b)
+             for p, q, s_, t_ in zip(x["meta_info"]["output_token_logprobs"], y["meta_info"]["output_token_logprobs"],
+                                     x["output_ids"], y["output_ids"]) if s_ == t_]
+    print(f"{quantization}: greedy equal {same}, max |logprob diff| on equal tokens {max(diffs):.3e}")
     assert sum(same) >= 3, "greedy tokens of the fast path should match the reference (bf16 near-ties aside)"
-    assert max(diffs[:8]) < 0.05
+    assert max(diffs) < 0.05
     # the same request alone and inside a batch of 64 (graph sizes differ): report, and equal tokens expected
     alone = fast.generate(input_ids=prompts[1], sampling_params=greedy)["output_ids"]
     crowd = fast.generate(input_ids=[prompts[1]] + ([p[::-1] for p in prompts] * 16)[:63], sampling_params=greedy)
