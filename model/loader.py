@@ -120,8 +120,9 @@ class _Loader:
     MXFP8-stored parameters with the recipe (updates always may; loading only with quantization='mxfp8')."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, plan: StoragePlan | None,
-                 staged: list | None = None, partial: bool = False, quantize_hp: bool = False):
-        self.cfg, self.plan = cfg, plan
+                 staged: list | None = None, partial: bool = False, quantize_hp: bool = False,
+                 check_finite: bool = True):
+        self.cfg, self.plan, self.check_finite = cfg, plan, check_finite
         self.staged, self.partial, self.quantize_hp = staged, partial, quantize_hp
         self.quantized: list[str] = []
         self.params = dict(model.named_parameters())
@@ -155,14 +156,14 @@ class _Loader:
             self._into_mxfp8(name, tensor, target, is_scale)
         elif tensor.dtype == torch.float8_e4m3fn or is_scale:
             self._pair_for_dequant(name, tensor, Target(data_param, target.expert, target.half), is_scale)
-        elif not _finite(tensor):
+        elif self.check_finite and not _finite(tensor):
             self.problems.append(f"tensor {name!r} holds NaN/inf values")
         else:
             self._copy(name, tensor, target)
 
     def _into_mxfp8(self, name, tensor, target, is_scale):
         if is_scale or tensor.dtype == torch.float8_e4m3fn:
-            if has_nonfinite(None if is_scale else tensor, tensor if is_scale else None):
+            if self.check_finite and has_nonfinite(None if is_scale else tensor, tensor if is_scale else None):
                 return self.problems.append(f"tensor {name!r} holds NaN/inf MXFP8 blocks")
             return self._copy(name, tensor.view(torch.uint8) if is_scale else tensor, target)
         if not (self.quantize_hp or (self.plan and self.plan.quantize_at_load)):
@@ -171,7 +172,7 @@ class _Loader:
         dev = self.params[target.param].device  # quantize where the weights live (GPU: seconds, not minutes)
         data, scale = quantize(tensor.to(dev), scale_mode=self.plan.recipe.scale_mode if self.plan else "rceil")
         self.quantized.append(name)
-        if has_nonfinite(data, scale):
+        if self.check_finite and has_nonfinite(data, scale):
             return self.problems.append(f"tensor {name!r} holds NaN/inf values")
         if self._copy(name, data, target):
             self._copy(name + SCALE, scale, Target(target.param + SCALE, target.expert, target.half))
@@ -191,7 +192,7 @@ class _Loader:
                 check_pair(data, scale)
             except (TypeError, ValueError) as e:
                 return self.problems.append(f"tensor {dname!r} with its weight_scale_inv: {e}")
-            if has_nonfinite(data, scale):
+            if self.check_finite and has_nonfinite(data, scale):
                 return self.problems.append(f"tensor {dname!r} holds NaN/inf MXFP8 blocks")
             dev = self.params[data_target.param].device
             hp = dequantize(data.to(dev), scale.to(dev), self.params[data_target.param].dtype)

@@ -278,6 +278,8 @@ class Engine(WeightUpdateAPI):
                                    clock.phases))
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0; kernels launch on the current one
         try:
             self._serve()
         except BaseException as e:  # noqa: BLE001 - a broken loop must not leave callers waiting forever

@@ -27,7 +27,8 @@ class WeightUpdateAPI:
     weight_version: str
 
     def _init_weight_updates(self) -> None:
-        self.receiver = WeightReceiver(self.model, self.layouts, self.device, self.config.weight_update_timeout)
+        self.receiver = WeightReceiver(self.model, self.layouts, self.device, self.config.weight_update_timeout,
+                                       self.config.weight_update_check_finite)
         self._memory_epoch = 0  # bumped by memory release/resume: staged destinations must be re-derived
         self.last_update: dict = {}
 
@@ -59,12 +60,14 @@ class WeightUpdateAPI:
             try:
                 t0 = time.perf_counter()
                 pending.append(self.receiver.receive(names, dtypes, shapes, group_name, load_format, slot=len(pending)))
-                items = [item for call in pending for item in call]
                 if not commit:
-                    return True, f"staged {len(names)} tensors ({len(items)} pending until a call with commit=True)"
+                    return True, f"staged {len(names)} tensors ({len(pending)} calls pending until commit=True)"
                 t1 = time.perf_counter()
-                return self._apply(lambda: self.receiver.stage(items), weight_version, flush_cache,
-                                   {"source": "distributed", "receive_s": t1 - t0, "tensors": len(items)}, t0)
+                key = (self._memory_epoch,) + tuple(call.key for call in pending)
+                calls = list(pending)
+                return self._apply(lambda: self.receiver.stage(lambda: [x for c in calls for x in c.named()], key=key),
+                                   weight_version, flush_cache,
+                                   {"source": "distributed", "receive_s": t1 - t0, "calls": len(calls)}, t0)
             except BaseException:
                 commit = True  # a failed call drops everything staged with it
                 raise

@@ -39,11 +39,7 @@ def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.
         out = torch.empty(total, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
     elif out.numel() < total:
         raise ValueError(f"bucket buffer of {out.numel()} bytes is smaller than its {total} bytes")
-    offset = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        out[offset:offset + n].copy_(t.contiguous().view(-1).view(torch.uint8))
-        offset += n
+    torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors], out=out[:total])  # a few launches, not one per tensor
     return out[:total]
 
 

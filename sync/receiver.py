@@ -18,7 +18,8 @@ import base64
 import io
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +29,11 @@ from ..model.loader import CheckpointError, _Loader, destination, iter_checkpoin
 from ..model.names import Target, hf_to_engine
 from .bucket import nbytes, parse_dtype, unpack
 from .group import GroupError, UpdateGroup
+from .validate import FiniteCheck
 
 log = logging.getLogger(__name__)
 LOAD_FORMATS = (None, "auto", "flattened_bucket")
+MAX_NAMED = 10
 ALIGN = 256  # bytes: per-tensor staging slices start aligned for any dtype and vectorized copies
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                "num_attention_heads", "n_shared_experts", "n_routed_experts", "num_experts_per_tok", "q_lora_rank",
@@ -43,7 +46,7 @@ class WeightUpdateError(ValueError):
 
 
 class WeightReceiver:
-    def __init__(self, model, layouts, device: torch.device, timeout: float = 300.0):
+    def __init__(self, model, layouts, device: torch.device, timeout: float = 300.0, check_finite: bool = True):
         self.model, self.cfg, self.layouts, self.device = model, model.cfg, layouts, device
         self.timeout = timeout
         self.groups: dict[str, UpdateGroup] = {}
@@ -52,6 +55,8 @@ class WeightReceiver:
         self.staging_allocations = 0  # buffers ever allocated (stays flat after the first update)
         self.lock = threading.Lock()  # one update at a time: updates share the staging arena
         self._quantize_logged = False
+        self.check_finite = check_finite
+        self._plans: dict[tuple, _Plan] = {}
 
     # ---- process groups --------------------------------------------------------------------
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -87,7 +92,7 @@ class WeightReceiver:
         return buf[:nbytes_]
 
     def receive(self, names: list[str], dtypes: list, shapes: list, group_name: str,
-                load_format: str | None, slot: int = 0) -> list[tuple[str, torch.Tensor]]:
+                load_format: str | None, slot: int = 0) -> Received:
         group = self.groups.get(group_name)
         if group is None:
             raise WeightUpdateError(f"no update group {group_name!r}; call init_weights_update_group first")
@@ -104,10 +109,11 @@ class WeightReceiver:
         device = self.device if group.backend == "nccl" else torch.device("cpu")
         sizes = [nbytes(d, s) for d, s in zip(dts, shapes)]
         try:
+            meta = (tuple(names), tuple(dts), tuple(shapes), load_format == "flattened_bucket")
             if load_format == "flattened_bucket":
                 buf = self._arena(sum(sizes), device, slot)
                 group.broadcast(buf)
-                return list(zip(names, unpack(buf, dts, shapes)))
+                return Received(meta + (buf.data_ptr(),), lambda: list(zip(names, unpack(buf, dts, shapes))))
             offsets, total = [], 0  # per-tensor broadcasts into aligned slices of one arena
             for n in sizes:
                 offsets.append(total)
@@ -118,22 +124,34 @@ class WeightReceiver:
                 buf = arena[off:off + n].view(dtype).view(shape)
                 group.broadcast(buf)
                 out.append((name, buf))
-            return out
+            return Received(meta + (arena.data_ptr(),), lambda: out)
         except GroupError as e:
             self.groups.pop(group_name, None)
             group.destroy()
             raise WeightUpdateError(f"{e}; the update group {group_name!r} was closed (init it again)") from e
 
     # ---- validate, stage, commit ----------------------------------------------------------
-    def stage(self, named_tensors: Iterable[tuple[str, torch.Tensor]], full: bool = False) -> list:
+    def stage(self, named_tensors, full: bool = False, key: tuple | None = None) -> list:
         """Validate an update; returns (live destination view, source tensor) pairs. Raises
-        WeightUpdateError naming every problem. `full`: every weight must be present (a checkpoint)."""
-        staged: list = []
-        loader = _Loader(self.model, self.cfg, self.model.plan, staged=staged, partial=not full, quantize_hp=True)
-        for name, tensor in named_tensors:
+        WeightUpdateError naming every problem. `full`: every weight must be present (a checkpoint).
+        `named_tensors`: (name, tensor) pairs or a function returning them. `key` (the update's metadata
+        and staging addresses): an update with the key of the previous one reuses its routing and views
+        (name mapping, shape and dtype checks depend on metadata only); only the NaN/inf check runs again."""
+        plan = self._plans.get(key) if key is not None else None
+        if plan is not None:  # same metadata into the same staging buffers: routing and views are reusable
+            self._reject_nonfinite(plan.finite)
+            return plan.staged
+        items = list(named_tensors() if callable(named_tensors) else named_tensors)
+        for name, tensor in items:
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
                 raise WeightUpdateError(f"an update is (name, tensor) pairs; got ({type(name).__name__}, "
                                         f"{type(tensor).__name__})")
+        finite = FiniteCheck(items) if self.check_finite else None
+        self._reject_nonfinite(finite)
+        staged: list = []
+        loader = _Loader(self.model, self.cfg, self.model.plan, staged=staged, partial=not full, quantize_hp=True,
+                         check_finite=False)
+        for name, tensor in items:
             loader.add(name, tensor)
         loader.finish(error=WeightUpdateError, what="weight update rejected; the engine keeps its weights")
         if not staged:
@@ -143,7 +161,16 @@ class WeightReceiver:
             log.info("weight update: %d high-precision tensors for MXFP8-stored weights were quantized with the "
                      "recipe's %s rule (e.g. %s); send e4m3 + weight_scale_inv to keep the trainer's bytes",
                      len(loader.quantized), self.model.plan.recipe.scale_mode, loader.quantized[0])
+        if key is not None and _reads_only(staged, items):
+            self._plans = {key: _Plan(staged, finite)}  # the latest update shape only: it holds live-weight views
         return staged
+
+    @staticmethod
+    def _reject_nonfinite(finite: FiniteCheck | None) -> None:
+        bad = finite.run() if finite is not None else []
+        if bad:
+            raise WeightUpdateError(f"weight update rejected; the engine keeps its weights: {len(bad)} tensors hold "
+                                    f"NaN/inf values: {bad[:MAX_NAMED]}")
 
     @torch.no_grad()
     def commit(self, staged: list) -> None:
@@ -188,6 +215,27 @@ class WeightReceiver:
             raise WeightUpdateError(f"no weight {name!r} in this model")
         t = destination(params[target.param], Target(target.param, target.expert, target.half))
         return t[:truncate_size].float().tolist() if t.dtype == torch.float8_e4m3fn else t[:truncate_size].tolist()
+
+
+@dataclass
+class Received:
+    """One call's tensors in staging: `key` = its metadata and staging address, `named()` the views."""
+
+    key: tuple
+    named: Callable[[], list]
+
+
+@dataclass
+class _Plan:
+    staged: list  # (live destination view, staging view) pairs
+    finite: FiniteCheck | None
+
+
+def _reads_only(staged: list, items: list) -> bool:
+    """Every staged source is an item's own bytes (no quantization, dequantization or cast happened),
+    so the same pairs stay valid for the next update received into the same buffers."""
+    where = {(t.data_ptr(), t.numel() * t.element_size()) for _, t in items}
+    return all((src.data_ptr(), src.numel() * src.element_size()) in where for _, src in staged)
 
 
 def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:

@@ -35,31 +35,54 @@ DEFAULT_BUCKET_BYTES = 512 << 20
 DEFAULT_GROUP = "weight_update_group"
 
 
-def mxfp8_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, cfg: ModelConfig,
-                        hp_dtype: torch.dtype | None = torch.bfloat16) -> list[tuple[str, torch.Tensor]]:
+def mxfp8_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], recipe: Recipe | None, cfg: ModelConfig,
+                        hp_dtype: torch.dtype | None = torch.bfloat16,
+                        actions: dict | None = None) -> list[tuple[str, torch.Tensor]]:
     """The update as it travels: MXFP8-stored weights as e4m3 data + `_scale_inv` E8M0 bytes (quantized
     here when they are high precision), other tensors cast to `hp_dtype` (None keeps their dtype;
-    the router's correction bias always stays fp32)."""
+    the router's correction bias always stays fp32). recipe=None quantizes nothing. `actions`: a dict
+    the per-name decisions are cached in across calls (a trainer sends the same names every step)."""
     items = list(named_tensors)
-    have = {name for name, _ in items}
-    out = []
+    actions = {} if actions is None else actions
+    out, names = [], None
     for name, t in items:
         t = t.detach()
-        target = hf_to_engine(name, cfg)
-        if target is None:
+        key = (name, t.dtype)
+        action = actions.get(key)
+        if action is None:
+            action = actions[key] = _action(name, t, recipe, cfg, hp_dtype)
+        if action == "skip":
             continue
-        if name.endswith(SCALE_SUFFIX) or t.dtype == torch.float8_e4m3fn:
-            out.append((name, t.view(torch.uint8) if name.endswith(SCALE_SUFFIX) else t))
-        elif recipe.wants_mxfp8(module_of(target.param)):
-            if name + SCALE_SUFFIX in have:
+        if action == "bytes":
+            out.append((name, t.view(torch.uint8)))
+        elif action == "quantize":
+            if names is None:
+                names = {n for n, _ in items}
+            if name + SCALE_SUFFIX in names:
                 raise ValueError(f"{name!r} is {t.dtype} but comes with a weight_scale_inv")
             data, scale = quantize(t, scale_mode=recipe.scale_mode)
             out += [(name, data), (name + SCALE_SUFFIX, scale)]
-        elif hp_dtype is not None and t.is_floating_point() and "e_score_correction_bias" not in name:
+        elif action == "cast":
             out.append((name, t.to(hp_dtype)))
         else:
             out.append((name, t))
     return out
+
+
+def _action(name: str, t: torch.Tensor, recipe: Recipe | None, cfg: ModelConfig, hp_dtype) -> str:
+    target = hf_to_engine(name, cfg)
+    if target is None:
+        return "skip"
+    if name.endswith(SCALE_SUFFIX):
+        return "bytes"
+    if t.dtype == torch.float8_e4m3fn:
+        return "keep"
+    if recipe is not None and t.is_floating_point() and recipe.wants_mxfp8(module_of(target.param)):
+        return "quantize"
+    if hp_dtype is not None and t.is_floating_point() and t.dtype != hp_dtype \
+            and "e_score_correction_bias" not in name:
+        return "cast"
+    return "keep"
 
 
 def buckets(named_tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
@@ -84,7 +107,7 @@ class WeightSender:
                  backend: str | None = None, group_name: str = DEFAULT_GROUP, world_size: int = 2,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, recipe: Recipe | None = None,
                  model_config: ModelConfig | None = None, device: str | torch.device | None = None,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, mxfp8: bool = True):
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes!r}: must be a positive integer")
         self.engine, self.address, self.port = engine, master_address, int(master_port)
@@ -92,10 +115,12 @@ class WeightSender:
         self.device = torch.device(device or ("cuda" if self.backend == "nccl" else "cpu"))
         self.group_name, self.world_size, self.bucket_bytes = group_name, world_size, bucket_bytes
         self.recipe = recipe or Recipe()
+        self.mxfp8 = mxfp8  # False: weights travel in their own dtype (an engine storing bf16)
         self.cfg = model_config
         self.timeout = timeout
         self.group: UpdateGroup | None = None
         self._buffer: torch.Tensor | None = None  # the packing buffer, allocated once
+        self._actions: dict = {}  # per-name recipe decisions, made on the first push
 
     def connect(self) -> None:
         """Form the update group: this process is rank 0; the engine joins as rank 1 (its call runs in
@@ -118,8 +143,8 @@ class WeightSender:
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
         if self.cfg is None:
             raise ValueError("WeightSender needs model_config (the engine's ModelConfig) to apply the recipe")
-        return [(n, t.to(self.device, non_blocking=True)) for n, t in
-                mxfp8_named_tensors([(n, t.to(self.device)) for n, t in items], self.recipe, self.cfg)]
+        return mxfp8_named_tensors([(n, t.to(self.device)) for n, t in items], self.recipe if self.mxfp8 else None,
+                                   self.cfg, actions=self._actions)
 
     def push(self, weights, weight_version: str | None = None, flush_cache: bool = True) -> dict:
         """Send one update; returns timings and bytes. The engine applies it atomically after the last
