@@ -108,7 +108,8 @@ class RemoteEngine:
             call_id = next(self.ids)
             self.waiting[call_id] = slot
             self.conn.send((call_id, method, kwargs))
-        event.wait()
+        if not event.wait(300):
+            raise RuntimeError(f"engine {method}: no answer in 300 s")
         ok, value = slot[1]
         if not ok:
             raise RuntimeError(f"engine {method} failed:\n{value}")
@@ -206,7 +207,7 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
     sender = None
     for b in buckets:
         sender = WeightSender(engine, master_port=port, backend="nccl", bucket_bytes=b * MiB, model_config=cfg,
-                              device="cuda:0", mxfp8=mode == "mxfp8")
+                              device="cuda:0", mxfp8=mode == "mxfp8", timeout=90)
         sender.connect()
         runs = []
         for r in range(repeats):
@@ -236,7 +237,7 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
     out["bytes_equal_checked"], out["bytes_mismatched"] = len(names), mismatched
     # repeated updates: allocations stay flat
     sender = WeightSender(engine, master_port=port, backend="nccl", bucket_bytes=512 * MiB, model_config=cfg,
-                          device="cuda:0", mxfp8=mode == "mxfp8")
+                          device="cuda:0", mxfp8=mode == "mxfp8", timeout=90)
     sender.connect()
     port += 1
     n_repeat = 5 if quick else 20

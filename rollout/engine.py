@@ -128,6 +128,8 @@ class Engine(WeightUpdateAPI):
 
     def _build(self, cfg: EngineConfig) -> None:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:  # the loop thread binds this exact device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         dtype_name = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype = DTYPES[dtype_name]
         self.recipe = Recipe(cfg.act_mode, cfg.scale_mode, tuple(cfg.high_precision))
