@@ -2,14 +2,16 @@
 
 Weights are preallocated once for the engine's lifetime and loaded in place. A Linear stored
 MXFP8 holds `weight` (float8_e4m3fn [N, K]) and `weight_scale_inv` (uint8 E8M0 [N, K/32]), the
-checkpoint convention's names, so trainer bytes land unchanged.
+checkpoint convention's names, so trainer bytes land unchanged. In a trainer's model
+(`model.trainable`) the same module holds a high-precision master `weight` instead, which
+`precision.linear` fake-quantizes (`QATWeight`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..precision import MXFP8Tensor, Precision, linear
+from ..precision import MXFP8Tensor, Precision, QATWeight, linear
 from ..precision.layout import LayoutCache
 from ..precision.mxfp8 import BLOCK
 
@@ -25,8 +27,8 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, prec: Precision = Precision()):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.gemm = prec.gemm
-        if prec.mxfp8:
+        self.gemm, self.qat = prec.gemm, prec.qat
+        if prec.mxfp8 and not prec.qat:
             self.weight = frozen(out_features, in_features, dtype=torch.float8_e4m3fn)
             self.weight_scale_inv = frozen(out_features, in_features // BLOCK, dtype=torch.uint8)
         else:
@@ -44,7 +46,9 @@ class Linear(nn.Module):
                                                        out=getattr(self, "weight_scale_swizzled", None))
 
     @property
-    def qweight(self) -> torch.Tensor | MXFP8Tensor:
+    def qweight(self) -> torch.Tensor | MXFP8Tensor | QATWeight:
+        if self.qat:
+            return QATWeight(self.weight)
         if self.weight_scale_inv is None:
             return self.weight
         return MXFP8Tensor(self.weight, self.weight_scale_inv,

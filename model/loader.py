@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -266,13 +266,14 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, recipe: Recipe,
-                gemm: GemmConfig) -> DeepseekV3:
+                gemm: GemmConfig, qat: bool = False) -> DeepseekV3:
     """DeepseekV3 on the meta device, each module constructed with its storage decided by the plan
-    (recipe + the checkpoint's own format + `quantization`)."""
+    (recipe + the checkpoint's own format + `quantization`). `qat`: the trainer's model of the same
+    plan, MXFP8 modules holding `dtype` master weights that the forward fake-quantizes."""
     with torch.device("meta"):
         probe = DeepseekV3(cfg, dtype)
         k_dims = {name: m.k_dims for name, m in probe.named_modules() if isinstance(m, (Linear, Experts))}
-        plan = storage_plan(k_dims, cfg.quantization_config, quantization, recipe)
+        plan = replace(storage_plan(k_dims, cfg.quantization_config, quantization, recipe), qat=qat)
         return DeepseekV3(cfg, dtype, Precision(plan, gemm))
 
 

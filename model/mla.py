@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..precision import Precision
-from ..precision.kernels.mxfp8_gemm import fake_quant
+from ..precision.qat import fake_quant_mxfp8
 from .config import ModelConfig
 from .layers import Linear, RMSNorm
 from .rope import rotate
@@ -57,6 +57,7 @@ class MLA(nn.Module):
         # A trainer that ran kv_b_proj MXFP8 w8a8 quantized the latent going into it: cache the
         # quantize-dequantized latent, which makes both formulations follow it exactly (absorption
         # is linear in the latent). Quantized once, here: RCEIL re-quantization is not idempotent.
+        # The straight-through fake-quant keeps a trainer's model differentiable (same bytes).
         kv_b = prec.child("kv_b_proj")
         self.quantize_latent = kv_b.quantize_input
         self.scale_mode = kv_b.gemm.scale_mode
@@ -70,7 +71,7 @@ class MLA(nn.Module):
         kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_TC = self.kv_a_layernorm(kv_TC)
         if self.quantize_latent:
-            kv_TC = fake_quant(kv_TC, self.scale_mode)
+            kv_TC = fake_quant_mxfp8(kv_TC, self.scale_mode)
         k_pe_TR = rotate(k_pe_TR[:, None, :], cos_sin, self.interleave)[:, 0]
         o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import MXFP8Tensor, Precision, experts
+from ..precision import MXFP8Tensor, Precision, QATWeight, experts
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
@@ -62,13 +62,15 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """Routed experts stacked for grouped GEMMs: w13 = [gate; up] per expert, w2 = down.
-    MXFP8 storage adds `w13_weight_scale_inv` [E, 2F, D/32] and `w2_weight_scale_inv` [E, D, F/32]."""
+    MXFP8 storage adds `w13_weight_scale_inv` [E, 2F, D/32] and `w2_weight_scale_inv` [E, D, F/32];
+    a trainer's MXFP8 experts hold high-precision masters, fake-quantized per expert in the forward."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision()):
         super().__init__()
         self.E, self.D, self.F = E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gemm = prec.gemm  # bf16 experts use the fused MoE kernel too
-        if prec.mxfp8:
+        self.qat = prec.qat
+        if prec.mxfp8 and not prec.qat:
             self.w13_weight = frozen(E, 2 * F_, D, dtype=torch.float8_e4m3fn)
             self.w13_weight_scale_inv = frozen(E, 2 * F_, D // BLOCK, dtype=torch.uint8)
             self.w2_weight = frozen(E, D, F_, dtype=torch.float8_e4m3fn)
@@ -83,6 +85,8 @@ class Experts(nn.Module):
         return (self.D, self.F)
 
     def _q(self, name: str):
+        if self.qat:
+            return QATWeight(getattr(self, name))
         scale = getattr(self, name + "_scale_inv")
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 

@@ -1,6 +1,7 @@
 """`linear(x, w, gemm)`: the one dispatch point for every dense GEMM in the model.
 
-High-precision weights go to torch (cuBLAS on GPU). MXFP8 weights go to the backend chosen
+High-precision weights go to torch (cuBLAS on GPU). A trainer's MXFP8 master weight (`QATWeight`)
+takes the differentiable fake-quant GEMM of `precision.qat`. MXFP8 weights go to the backend chosen
 once per engine by `select_backend` and logged there:
 - "torch": reference on any device (exact dequantize, then matmul);
 - "triton": sm90 kernel (fp8 weights dequantized in registers, bf16 MMA, fp32 accumulate);
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from .kernels.mxfp8_gemm import check_gemm_args, mxfp8_gemm_ref
 from .mxfp8 import MXFP8Tensor
+from .qat import QATWeight, qat_linear
 
 BACKENDS = ("torch", "triton", "flashinfer")
 
@@ -57,10 +59,14 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return "torch", f"torch reference (no MXFP8 kernel for sm{major}{minor})"
 
 
-def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfig = REFERENCE,
+def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gemm: GemmConfig = REFERENCE,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x @ w.T in x's dtype, or in `out_dtype` (the lm_head's fp32 logits: fp32 accumulate and fp32
     output from the bf16 operands, never a bf16 result cast up afterwards)."""
+    if isinstance(w_NK, QATWeight):
+        if out_dtype not in (None, x_TK.dtype):
+            raise ValueError("linear: MXFP8 weights produce x's dtype; out_dtype is for high-precision weights")
+        return qat_linear(x_TK, w_NK, gemm.act_mode, gemm.scale_mode)
     if isinstance(w_NK, MXFP8Tensor):
         if out_dtype not in (None, x_TK.dtype):
             raise ValueError("linear: MXFP8 weights produce x's dtype; out_dtype is for high-precision weights")
@@ -77,7 +83,7 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, gemm: GemmConfi
             y = mxfp8_gemm_ref(x2, w_NK, gemm.act_mode, gemm.scale_mode)
         return y.reshape(*lead, w_NK.shape[0])
     if not isinstance(w_NK, torch.Tensor) or w_NK.dim() != 2:
-        raise TypeError(f"linear: weight must be a 2-D tensor or MXFP8Tensor, got {type(w_NK).__name__}")
+        raise TypeError(f"linear: weight must be a 2-D tensor, MXFP8Tensor or QATWeight, got {type(w_NK).__name__}")
     if x_TK.shape[-1] != w_NK.shape[1]:
         raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
     if out_dtype is None or out_dtype == x_TK.dtype:

@@ -12,14 +12,17 @@ import torch.nn.functional as F
 
 from .linear import REFERENCE, GemmConfig, linear
 from .mxfp8 import MXFP8Tensor
+from .qat import QATWeight
 
-Weight = torch.Tensor | MXFP8Tensor
+Weight = torch.Tensor | MXFP8Tensor | QATWeight
 
 
 def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
             w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
-    """The grouped-expert seam: Triton fused MoE on sm90 (bf16 activations), else the reference."""
-    if gemm.backend == "triton" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
+    """The grouped-expert seam: Triton fused MoE on sm90 (bf16 activations), else the reference (always
+    for a trainer's master weights: its per-expert `linear` calls are differentiable)."""
+    fused = gemm.backend == "triton" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
+    if fused and not isinstance(w13_EFD, QATWeight):
         from .kernels.triton_moe import fused_moe_triton
         return fused_moe_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, gemm.act_mode, gemm.scale_mode)
     return experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, replace(gemm, backend="torch"))
@@ -29,7 +32,8 @@ def experts_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
                 w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
     """sum_k w[t,k] * down(silu(gate(x)) * up(x)) over each token's experts; fp32 combine, x's dtype out.
     topk_weights already carry the routed scaling factor (fused into top-k by the router).
-    MXFP8 experts run each GEMM through `linear` (w8a8: activations quantized along K first)."""
+    MXFP8 experts run each GEMM through `linear` (w8a8: activations quantized along K first).
+    Differentiable: an index gather of tokens and an index_add_ into a fresh buffer."""
     T, D = x_TD.shape
     E = w13_EFD.shape[0]
     if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != T:

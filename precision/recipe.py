@@ -89,6 +89,9 @@ class StoragePlan:
     # did not exclude): their weight is dequantized exactly at load and their input is MXFP8
     # quantize-dequantized along K, as the trainer's forward did.
     quantized_inputs: frozenset[str] = frozenset()
+    # The trainer's view of the same plan (`model.trainable`): its MXFP8 modules hold a trainable
+    # high-precision master weight that the forward fake-quantizes (precision.qat), not stored bytes.
+    qat: bool = False
 
     def is_mxfp8(self, module: str) -> bool:
         return module in self.mxfp8_modules
@@ -158,6 +161,11 @@ class Precision:
     @property
     def mxfp8(self) -> bool:
         return self.plan is not None and self.plan.is_mxfp8(self.name)
+
+    @property
+    def qat(self) -> bool:
+        """An MXFP8 module of a trainer's model: master weight, fake-quantized in the forward."""
+        return self.mxfp8 and self.plan.qat
 
     @property
     def quantize_input(self) -> bool:
