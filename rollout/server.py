@@ -265,12 +265,18 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         await engine.async_generate(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
         return Response(status_code=200)
 
+    def check_alive() -> None:
+        if not _engine_alive(engine):
+            raise EngineShutdownError("the engine is shut down")
+
     @app.get("/get_model_info", dependencies=[Depends(user)])
     async def get_model_info():
+        check_alive()
         return _json(engine.get_model_info())
 
     @app.get("/get_server_info", dependencies=[Depends(user)])
     async def get_server_info():
+        check_alive()
         return _json({**engine.get_server_info(), "admin_token_set": admin_token is not None,
                       "api_key_set": api_key is not None})
 
@@ -287,21 +293,29 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def init_weights_update_group(req: InitGroupRequest):
         return done(await call(engine.init_weights_update_group, **req.model_dump()))
 
+    async def update(method: Callable, args: dict) -> dict:
+        if args.pop("abort_all_requests"):
+            await call(engine.abort_request, abort_all=True)
+        return done(await call(method, **args), weight_version=engine.weight_version)
+
     @app.post("/update_weights_from_distributed", dependencies=[Depends(admin)])
     async def update_weights_from_distributed(req: UpdateDistributedRequest):
-        result = await call(engine.update_weights_from_distributed, **req.model_dump())
-        return done(result, weight_version=engine.weight_version)
+        return await update(engine.update_weights_from_distributed, req.model_dump())
 
     @app.post("/update_weights_from_tensor", dependencies=[Depends(admin)])
     async def update_weights_from_tensor(req: UpdateTensorRequest):
         args = req.model_dump()
-        result = await call(engine.update_weights_from_tensor, args.pop("serialized_named_tensors"), **args)
-        return done(result, weight_version=engine.weight_version)
+        tensors = args.pop("serialized_named_tensors")
+        if isinstance(tensors, list):
+            if len(tensors) != 1:
+                raise ValueError(f"serialized_named_tensors: got {len(tensors)} payloads (one per tensor-parallel "
+                                 "rank); this engine runs one rank, so send one")
+            tensors = tensors[0]
+        return await update(engine.update_weights_from_tensor, {"named_tensors": tensors, **args})
 
     @app.post("/update_weights_from_disk", dependencies=[Depends(admin)])
     async def update_weights_from_disk(req: UpdateDiskRequest):
-        result = await call(engine.update_weights_from_disk, **req.model_dump())
-        return done(result, weight_version=engine.weight_version)
+        return await update(engine.update_weights_from_disk, req.model_dump())
 
     @app.post("/destroy_weights_update_group", dependencies=[Depends(admin)])
     async def destroy_weights_update_group(req: DestroyGroupRequest | None = None):

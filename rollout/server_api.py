@@ -49,6 +49,7 @@ class UpdateDistributedRequest(_Body):
     flush_cache: bool = True
     weight_version: str | None = None
     load_format: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
 
 
 class UpdateDiskRequest(_Body):
@@ -56,13 +57,16 @@ class UpdateDiskRequest(_Body):
     load_format: str | None = None
     flush_cache: bool = True
     weight_version: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
 
 
 class UpdateTensorRequest(_Body):
-    serialized_named_tensors: str  # base64, from mxroll.sync.receiver.serialize_named_tensors
+    # base64 from mxroll.sync.receiver.serialize_named_tensors; sglang sends a list, one per TP rank (here one)
+    serialized_named_tensors: str | list[str]
     load_format: str | None = None
     flush_cache: bool = True
     weight_version: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
 
 
 class DestroyGroupRequest(_Body):
