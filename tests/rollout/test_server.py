@@ -279,16 +279,27 @@ def test_abort_request_by_rid_and_on_disconnect(engine, url, client):
     worker.join(30)
     assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
 
-    # a streaming client that goes away: its request is aborted, not decoded to the end
-    req = urllib.request.Request(url + "/generate", headers={"Content-Type": "application/json"}, data=json.dumps(
-        {"input_ids": [0, 5], "sampling_params": long, "stream": True}).encode())
-    resp = urllib.request.urlopen(req, timeout=30)
+    # clients that go away, streaming or not: their requests are aborted, not decoded to the end
+    def request(stream: bool):
+        return urllib.request.Request(url + "/generate", headers={"Content-Type": "application/json"}, data=json.dumps(
+            {"input_ids": [0, 5], "sampling_params": long, "stream": stream}).encode())
+
+    def settles() -> bool:
+        deadline = time.monotonic() + 10
+        while client.get_server_info()["num_running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return client.get_server_info()["num_running"] == 0
+
+    resp = urllib.request.urlopen(request(stream=True), timeout=30)
     resp.readline()
     resp.close()
-    deadline = time.monotonic() + 10
-    while client.get_server_info()["num_running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert client.get_server_info()["num_running"] == 0
+    assert settles()
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(request(stream=False), timeout=0.3)
+    assert settles()
+    steps = len(engine.steps)
+    time.sleep(0.3)
+    assert len(engine.steps) == steps, "nothing should still be decoding"
 
 
 def test_memory_release_and_resume(client):
