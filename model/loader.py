@@ -113,10 +113,17 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 class _Loader:
-    """One pass of `load_weights`: routes each tensor, pairs data with scales, tracks coverage."""
+    """One pass of `load_weights`: routes each tensor, pairs data with scales, tracks coverage.
+    With `staged` (a list), nothing is written: each validated (destination view, tensor) pair is
+    appended there for the caller to copy later (live weight updates: atomic, see sync.receiver);
+    `partial` accepts a subset of the weights; `quantize_hp` quantizes high-precision tensors for
+    MXFP8-stored parameters with the recipe (updates always may; loading only with quantization='mxfp8')."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, plan: StoragePlan | None):
+    def __init__(self, model: nn.Module, cfg: ModelConfig, plan: StoragePlan | None,
+                 staged: list | None = None, partial: bool = False, quantize_hp: bool = False):
         self.cfg, self.plan = cfg, plan
+        self.staged, self.partial, self.quantize_hp = staged, partial, quantize_hp
+        self.quantized: list[str] = []
         self.params = dict(model.named_parameters())
         self.filled: dict[str, set] = {name: set() for name in self.params}
         self.pending: dict[tuple, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -158,11 +165,12 @@ class _Loader:
             if has_nonfinite(None if is_scale else tensor, tensor if is_scale else None):
                 return self.problems.append(f"tensor {name!r} holds NaN/inf MXFP8 blocks")
             return self._copy(name, tensor.view(torch.uint8) if is_scale else tensor, target)
-        if not self.plan or not self.plan.quantize_at_load:
+        if not (self.quantize_hp or (self.plan and self.plan.quantize_at_load)):
             return self.problems.append(f"tensor {name!r} is {tensor.dtype} but this engine stores it MXFP8 "
                                         "(pass quantization='mxfp8' to quantize high-precision weights at load)")
         dev = self.params[target.param].device  # quantize where the weights live (GPU: seconds, not minutes)
-        data, scale = quantize(tensor.to(dev), scale_mode=self.plan.recipe.scale_mode)
+        data, scale = quantize(tensor.to(dev), scale_mode=self.plan.recipe.scale_mode if self.plan else "rceil")
+        self.quantized.append(name)
         if has_nonfinite(data, scale):
             return self.problems.append(f"tensor {name!r} holds NaN/inf values")
         if self._copy(name, data, target):
@@ -199,19 +207,26 @@ class _Loader:
         if got & slots or "all" in got:
             self.problems.append(f"tensor {name!r} appears twice")
             return False
-        with torch.no_grad():
-            dest.copy_(tensor)
+        if self.staged is not None:
+            self.staged.append((dest, tensor))
+        else:
+            with torch.no_grad():
+                dest.copy_(tensor)
         got |= slots
         self.report.loaded += 1
         return True
 
-    def finish(self) -> LoadReport:
+    def finish(self, error: type[Exception] = CheckpointError, what: str = "checkpoint does not match the model"
+               ) -> LoadReport:
         for (param, slot), entry in self.pending.items():
             have = next(iter(entry.values()))[0]
             missing = "weight_scale_inv" if "data" in entry else "float8_e4m3fn weight"
             self.problems.append(f"tensor {have!r} came without its {missing}")
+        self._check_scales_paired()
         for pname, param in self.params.items():
             got = self.filled[pname]
+            if self.partial:
+                break
             if "all" in got:
                 continue
             for expert, half in sorted(expected_slots(pname, param) - got, key=lambda s: (s[0] or 0, s[1] or 0)):
@@ -219,12 +234,25 @@ class _Loader:
         if self.problems:
             shown = self.problems[:MAX_LISTED]
             more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
-            raise CheckpointError(f"checkpoint does not match the model ({len(self.problems)} problems):\n  "
-                                  + "\n  ".join(shown) + more)
+            raise error(f"{what} ({len(self.problems)} problems):\n  " + "\n  ".join(shown) + more)
         if self.report.skipped:
             log.info("skipped %d tensors not used for generation (e.g. %s)", len(self.report.skipped),
                      self.report.skipped[0])
         return self.report
+
+
+    def _check_scales_paired(self) -> None:
+        """An MXFP8 weight and its E8M0 scales must arrive together: a partial update may not change one
+        without the other (loading checks this through coverage)."""
+        if not self.partial:
+            return
+        for pname, got in self.filled.items():
+            if pname.endswith(SCALE) or pname + SCALE not in self.filled:
+                continue
+            if got != self.filled[pname + SCALE]:
+                odd = engine_to_hf(pname, *(sorted(got ^ self.filled[pname + SCALE], key=str)[0]
+                                            if "all" not in got ^ self.filled[pname + SCALE] else (None, None)))
+                self.problems.append(f"MXFP8 weight and weight_scale_inv must be updated together ({odd!r})")
 
 
 def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig,

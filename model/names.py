@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from .config import ModelConfig
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?")
-_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj")  # transformers>=5 in-memory
+# transformers>=5 in-memory naming: gate_up_proj [E, 2F, D], down_proj [E, D, F] (+ their E8M0 scales)
+_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_scale_inv)?")
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Buffers some exporters write that carry no weights.
@@ -49,7 +50,8 @@ def hf_to_engine(name: str, cfg: ModelConfig) -> Target | None:
         return Target(base + "w13_weight" + suffix, expert, 0 if proj == "gate" else 1)
     m = _FUSED_EXPERTS.fullmatch(name)
     if m:
-        return Target(f"layers.{m.group(1)}.mlp.experts.{'w13' if m.group(2) == 'gate_up' else 'w2'}_weight")
+        which = "w13" if m.group(2) == "gate_up" else "w2"
+        return Target(f"layers.{m.group(1)}.mlp.experts.{which}_weight{m.group(3) or ''}")
     if name == "lm_head.weight":
         return None if cfg.tie_word_embeddings else Target(name)
     if name.startswith("model."):

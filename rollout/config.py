@@ -43,6 +43,7 @@ class EngineConfig:
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
     cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph
+    weight_update_timeout: float = 300.0  # seconds a weight-update rendezvous or broadcast may wait (then an error)
     step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True
@@ -171,6 +172,8 @@ def check_engine_config(cfg: EngineConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be an integer >= {lo}")
     if cfg.max_total_tokens is not None and (not _is_int(cfg.max_total_tokens) or cfg.max_total_tokens < cfg.page_size):
         raise ValueError(f"max_total_tokens={cfg.max_total_tokens!r}: must be null or an integer >= page_size")
+    if isinstance(cfg.weight_update_timeout, bool) or not cfg.weight_update_timeout > 0:
+        raise ValueError(f"weight_update_timeout={cfg.weight_update_timeout!r}: must be > 0 seconds")
     if isinstance(cfg.mem_fraction_static, bool) or not 0 < cfg.mem_fraction_static <= 1:
         raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static!r}: must be in (0, 1]")
     for name, allowed in (("attention_backend", (None, "torch", "flashinfer")),

@@ -39,6 +39,7 @@ from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, sample_seed
 from .scheduler import Scheduler
 from .step_inputs import StepInputs
+from .weight_api import WeightUpdateAPI
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class _Call:
             self.future.set_exception(error)
 
 
-class Engine:
+class Engine(WeightUpdateAPI):
     def __init__(self, config: EngineConfig | dict | None = None, *, model_path: str | None = None,
                  device: str | None = None, dtype: str | None = None, quantization: str | None = None,
                  **overrides: Any):
@@ -113,6 +114,7 @@ class Engine:
         check_engine_config(cfg)
         self._build(cfg)
         self.weight_version = "default"
+        self._init_weight_updates()
         self._seeds = random.Random(cfg.seed)  # streams of unseeded requests, in arrival order
         self._arrivals = itertools.count()
         self._records: dict[int, Record] = {}
@@ -506,6 +508,7 @@ class Engine:
                 raise ValueError(f"release_memory_occupation: {len(self.scheduler.running)} requests hold KV-cache "
                                  "pages; call pause_generation(mode='abort' or 'retract') first")
             self._released = True
+            self._memory_epoch += 1
             self.runner.graphs = None
             if "kv_cache" in tags:
                 self.cache.release()
@@ -520,6 +523,7 @@ class Engine:
         tags = self._tags(tags)
 
         def run():
+            self._memory_epoch += 1
             if "weights" in tags:
                 for p in self.model.parameters():
                     p.data = p.data.to(self.device)

@@ -1,0 +1,136 @@
+"""The engine's weight-update methods (sglang names): receive in the caller's thread, commit between steps.
+
+Each update: (1) the caller's thread receives the tensors into the receiver's staging arena while the
+engine keeps generating, (2) the whole update is validated (names, dtypes, shapes, NaN/inf, MXFP8 data
+with its scales) — a rejected update raises `WeightUpdateError` and changes nothing, (3) the engine
+loop copies the staged tensors into the live parameters in place between two steps (no forward pass
+sees a mix; CUDA graphs keep their addresses), re-derives kernel layouts from the cached indices and
+moves `weight_version`. Requests in flight continue on the new weights unless the caller paused them
+(`pause_generation(mode=...)`); their meta_info says at which output token the version changed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..sync.receiver import WeightReceiver, WeightUpdateError
+
+log = logging.getLogger("mxroll.rollout.engine")
+DEFAULT_GROUP = "weight_update_group"
+
+
+class WeightUpdateAPI:
+    """Mixed into `Engine`; expects `_command`, `_check_open`, `model`, `layouts`, `device`, `config`."""
+
+    receiver: WeightReceiver
+    weight_version: str
+
+    def _init_weight_updates(self) -> None:
+        self.receiver = WeightReceiver(self.model, self.layouts, self.device, self.config.weight_update_timeout)
+        self._memory_epoch = 0  # bumped by memory release/resume: staged destinations must be re-derived
+        self.last_update: dict = {}
+
+    # ---- process group -----------------------------------------------------------------------
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = DEFAULT_GROUP, backend: str = "nccl") -> tuple[bool, str]:
+        """Join the trainer's update group as rank `rank_offset` (the trainer is rank 0). Blocks until
+        every rank has joined (or the timeout). backend: "nccl" (GPU) or "gloo" (CPU)."""
+        self._check_open()
+        self.receiver.init_group(master_address, master_port, rank_offset, world_size, group_name, backend)
+        return True, f"joined weight update group {group_name!r} as rank {rank_offset} of {world_size} ({backend})"
+
+    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> tuple[bool, str]:
+        self.receiver.destroy_group(group_name)
+        return True, f"destroyed weight update group {group_name!r}"
+
+    # ---- updates -----------------------------------------------------------------------------
+    def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
+                                        group_name: str = DEFAULT_GROUP, flush_cache: bool = True,
+                                        weight_version: str | None = None,
+                                        load_format: str | None = None, commit: bool = True) -> tuple[bool, str]:
+        """Receive tensors broadcast by trainer rank 0: one broadcast per tensor in `names` order, or
+        with load_format="flattened_bucket" one uint8 buffer holding them all back to back.
+        commit=False keeps them staged: the next call with commit=True validates and applies everything
+        staged at once (one update made of several buckets is still atomic)."""
+        self._check_open()
+        with self.receiver.lock:
+            pending = self.receiver.pending.setdefault(group_name, [])
+            try:
+                t0 = time.perf_counter()
+                pending.append(self.receiver.receive(names, dtypes, shapes, group_name, load_format, slot=len(pending)))
+                items = [item for call in pending for item in call]
+                if not commit:
+                    return True, f"staged {len(names)} tensors ({len(items)} pending until a call with commit=True)"
+                t1 = time.perf_counter()
+                return self._apply(lambda: self.receiver.stage(items), weight_version, flush_cache,
+                                   {"source": "distributed", "receive_s": t1 - t0, "tensors": len(items)}, t0)
+            except BaseException:
+                commit = True  # a failed call drops everything staged with it
+                raise
+            finally:
+                if commit:
+                    self.receiver.pending.pop(group_name, None)
+
+    def update_weights_from_tensor(self, named_tensors, load_format: str | None = None, flush_cache: bool = True,
+                                   weight_version: str | None = None) -> tuple[bool, str]:
+        """Tensors from this process (a list of (name, tensor) pairs) or from a colocated trainer
+        (`sync.receiver.serialize_named_tensors`: CUDA IPC handles / shared memory, as base64 text)."""
+        self._check_open()
+        if load_format not in (None, "auto", "direct"):
+            raise WeightUpdateError(f"update_weights_from_tensor load_format={load_format!r}; supported: None")
+        with self.receiver.lock:
+            t0 = time.perf_counter()
+            return self._apply(lambda: self.receiver.from_tensors(named_tensors), weight_version, flush_cache,
+                               {"source": "tensor"}, t0)
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None, flush_cache: bool = True,
+                                 weight_version: str | None = None) -> tuple[bool, str]:
+        """Every weight from a checkpoint of the same architecture (validated before any byte is applied)."""
+        self._check_open()
+        if load_format not in (None, "auto"):
+            raise WeightUpdateError(f"update_weights_from_disk load_format={load_format!r}; supported: auto")
+        with self.receiver.lock:
+            t0 = time.perf_counter()
+            ok, msg = self._apply(lambda: self.receiver.from_disk(model_path), weight_version, flush_cache,
+                                  {"source": "disk"}, t0)
+            self.model_path = Path(model_path)
+            return ok, msg
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """A stored weight's first `truncate_size` rows as nested lists (MXFP8 data as its e4m3 values,
+        `..._scale_inv` as the E8M0 bytes): read between two steps."""
+        if isinstance(truncate_size, bool) or not isinstance(truncate_size, int) or truncate_size < 1:
+            raise ValueError(f"truncate_size={truncate_size!r}: must be an integer >= 1")
+        return self._command(lambda: self.receiver.get(name, truncate_size))
+
+    def _apply(self, stage, weight_version, flush_cache, stats: dict, t0: float) -> tuple[bool, str]:
+        if weight_version is not None and not isinstance(weight_version, (str, int)):
+            raise WeightUpdateError(f"weight_version={weight_version!r}: must be a string")
+        epoch = self._memory_epoch
+        staged = stage()  # validates the whole update; raises before anything is written
+        t1 = time.perf_counter()
+
+        def commit():
+            if self._memory_epoch != epoch:
+                raise WeightUpdateError("weight update rejected: memory was released or resumed while it was "
+                                        "received; send it again")
+            self.receiver.commit(staged)
+            old = self.weight_version
+            self.weight_version = str(weight_version) if weight_version is not None else _next_version(old)
+            if flush_cache:
+                self.flush_cache()
+            return old
+
+        old = self._command(commit)
+        t2 = time.perf_counter()
+        self.last_update = {**stats, "validate_s": t1 - t0 - stats.get("receive_s", 0.0), "commit_s": t2 - t1,
+                            "total_s": t2 - t0, "tensors_applied": len(staged), "weight_version": self.weight_version}
+        log.info("weights updated (%s): %d tensors in %.3f s, weight_version %s -> %s", stats["source"],
+                 len(staged), t2 - t0, old, self.weight_version)
+        return True, f"updated {len(staged)} tensors; weight_version {self.weight_version}"
+
+
+def _next_version(version: str) -> str:
+    """Without an explicit weight_version an update counts up: "default" -> "1" -> "2"."""
+    return str(int(version) + 1) if version.isdigit() else "1"

@@ -1,0 +1,184 @@
+"""Trainer side of live weight updates: recipe -> buckets -> broadcast -> the engine swaps them in.
+
+    sender = WeightSender(engine_or_client, master_port=29600, backend="nccl")   # trainer is rank 0
+    sender.connect()                           # the engine joins as rank 1 (in process or over HTTP)
+    stats = sender.push(model.state_dict())    # after every optimizer step; HF names
+    sender.close()
+
+`engine` is anything with the engine's weight-sync methods: a `rollout.Engine` in this process or a
+`sync.http_client.EngineClient` for a server. The recipe decides what travels MXFP8: a
+high-precision tensor for a weight the recipe stores MXFP8 is quantized here (e4m3 + E8M0
+`weight_scale_inv`, the recipe's scale rule), tensors already in MXFP8 pass through untouched,
+everything else travels in its dtype. Tensors are packed back to back into buckets of `bucket_bytes`
+(a weight and its scales never split); each bucket is one broadcast with
+load_format="flattened_bucket", and the last call commits the whole update at once on the engine.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..model.config import ModelConfig
+from ..model.names import SCALE_SUFFIX, hf_to_engine, module_of
+from ..precision.mxfp8 import quantize
+from ..precision.recipe import Recipe
+from .bucket import dtype_name, pack
+from .group import UpdateGroup
+
+log = logging.getLogger(__name__)
+DEFAULT_BUCKET_BYTES = 512 << 20
+DEFAULT_GROUP = "weight_update_group"
+
+
+def mxfp8_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, cfg: ModelConfig,
+                        hp_dtype: torch.dtype | None = torch.bfloat16) -> list[tuple[str, torch.Tensor]]:
+    """The update as it travels: MXFP8-stored weights as e4m3 data + `_scale_inv` E8M0 bytes (quantized
+    here when they are high precision), other tensors cast to `hp_dtype` (None keeps their dtype;
+    the router's correction bias always stays fp32)."""
+    items = list(named_tensors)
+    have = {name for name, _ in items}
+    out = []
+    for name, t in items:
+        t = t.detach()
+        target = hf_to_engine(name, cfg)
+        if target is None:
+            continue
+        if name.endswith(SCALE_SUFFIX) or t.dtype == torch.float8_e4m3fn:
+            out.append((name, t.view(torch.uint8) if name.endswith(SCALE_SUFFIX) else t))
+        elif recipe.wants_mxfp8(module_of(target.param)):
+            if name + SCALE_SUFFIX in have:
+                raise ValueError(f"{name!r} is {t.dtype} but comes with a weight_scale_inv")
+            data, scale = quantize(t, scale_mode=recipe.scale_mode)
+            out += [(name, data), (name + SCALE_SUFFIX, scale)]
+        elif hp_dtype is not None and t.is_floating_point() and "e_score_correction_bias" not in name:
+            out.append((name, t.to(hp_dtype)))
+        else:
+            out.append((name, t))
+    return out
+
+
+def buckets(named_tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive runs of at most `bucket_bytes` (a larger tensor goes alone); a weight is never
+    separated from the `_scale_inv` that follows it."""
+    out: list[list] = []
+    size = 0
+    for i, (name, t) in enumerate(named_tensors):
+        n = t.numel() * t.element_size()
+        follows_its_weight = name.endswith(SCALE_SUFFIX) and i and named_tensors[i - 1][0] == name[:-len(SCALE_SUFFIX)]
+        if out and (follows_its_weight or size + n <= bucket_bytes):
+            out[-1].append((name, t))
+            size += n
+        else:
+            out.append([(name, t)])
+            size = n
+    return out
+
+
+class WeightSender:
+    def __init__(self, engine, master_address: str = "127.0.0.1", master_port: int = 29600,
+                 backend: str | None = None, group_name: str = DEFAULT_GROUP, world_size: int = 2,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, recipe: Recipe | None = None,
+                 model_config: ModelConfig | None = None, device: str | torch.device | None = None,
+                 timeout: float = 300.0):
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={bucket_bytes!r}: must be a positive integer")
+        self.engine, self.address, self.port = engine, master_address, int(master_port)
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device(device or ("cuda" if self.backend == "nccl" else "cpu"))
+        self.group_name, self.world_size, self.bucket_bytes = group_name, world_size, bucket_bytes
+        self.recipe = recipe or Recipe()
+        self.cfg = model_config
+        self.timeout = timeout
+        self.group: UpdateGroup | None = None
+        self._buffer: torch.Tensor | None = None  # the packing buffer, allocated once
+
+    def connect(self) -> None:
+        """Form the update group: this process is rank 0; the engine joins as rank 1 (its call runs in
+        a thread because the rendezvous needs both sides)."""
+        if self.group is not None:
+            raise RuntimeError("WeightSender is already connected")
+        joined = _Background(self.engine.init_weights_update_group, master_address=self.address,
+                             master_port=self.port, rank_offset=1, world_size=self.world_size,
+                             group_name=self.group_name, backend=self.backend)
+        try:
+            self.group = UpdateGroup(self.group_name, self.backend, self.address, self.port, 0, self.world_size,
+                                     self.timeout)
+        finally:
+            joined.result()
+
+    def prepare(self, weights: nn.Module | Mapping | Iterable) -> list[tuple[str, torch.Tensor]]:
+        """HF-named (name, tensor) pairs on the broadcast device, MXFP8 by the recipe."""
+        if isinstance(weights, nn.Module):
+            weights = weights.state_dict()
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        if self.cfg is None:
+            raise ValueError("WeightSender needs model_config (the engine's ModelConfig) to apply the recipe")
+        return [(n, t.to(self.device, non_blocking=True)) for n, t in
+                mxfp8_named_tensors([(n, t.to(self.device)) for n, t in items], self.recipe, self.cfg)]
+
+    def push(self, weights, weight_version: str | None = None, flush_cache: bool = True) -> dict:
+        """Send one update; returns timings and bytes. The engine applies it atomically after the last
+        bucket (or rejects all of it, keeping its weights)."""
+        if self.group is None:
+            raise RuntimeError("call connect() before push()")
+        t0 = time.perf_counter()
+        prepared = self.prepare(weights)
+        t1 = time.perf_counter()
+        parts = buckets(prepared, self.bucket_bytes)
+        total = sum(t.numel() * t.element_size() for _, t in prepared)
+        need = max(sum(t.numel() * t.element_size() for _, t in part) for part in parts)
+        if self._buffer is None or self._buffer.numel() < need:
+            self._buffer = torch.empty(need, dtype=torch.uint8, device=self.device)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            buf = pack([t for _, t in part], self._buffer)
+            call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in part],
+                               dtypes=[dtype_name(t.dtype) for _, t in part], shapes=[list(t.shape) for _, t in part],
+                               group_name=self.group_name, flush_cache=flush_cache and last,
+                               weight_version=weight_version if last else None, load_format="flattened_bucket",
+                               commit=last)
+            try:
+                self.group.broadcast(buf)
+            finally:
+                call.result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        return {"prepare_s": t1 - t0, "send_s": t2 - t1, "total_s": t2 - t0, "bytes": total,
+                "tensors": len(prepared), "buckets": len(parts)}
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self.engine.destroy_weights_update_group(self.group_name)
+        finally:
+            self.group.destroy()
+            self.group = None
+
+
+class _Background:
+    """Run an engine call in a thread while this one broadcasts; result() re-raises its error."""
+
+    def __init__(self, fn, **kwargs):
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, kwargs):
+        try:
+            self._out.append((True, fn(**kwargs)))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
