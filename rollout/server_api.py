@@ -50,6 +50,7 @@ class UpdateDistributedRequest(_Body):
     weight_version: str | None = None
     load_format: str | None = None
     abort_all_requests: bool = False  # sglang: end every request in flight before updating
+    commit: bool = True  # mxroll: false stages the bucket; the next call with true applies all at once
 
 
 class UpdateDiskRequest(_Body):

@@ -18,11 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-try:
-    from .receiver import WeightUpdateError
-except ImportError:  # until the receiver lands on this branch: the same contract (a ValueError subclass)
-    class WeightUpdateError(ValueError):
-        """The engine rejected a weight update; the message names the problem."""
+from .receiver import WeightUpdateError
 
 DEFAULT_TIMEOUT_S = 600.0  # per blocking socket read: a distributed update waits for the whole broadcast
 
@@ -115,12 +111,14 @@ class EngineClient:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
                                         group_name: str = "weight_update_group", flush_cache: bool = True,
-                                        weight_version: str | None = None,
-                                        load_format: str | None = None) -> tuple[bool, str]:
-        """dtypes as names ("bfloat16") or torch dtypes; shapes as lists, tuples or torch.Size."""
+                                        weight_version: str | None = None, load_format: str | None = None,
+                                        commit: bool = True) -> tuple[bool, str]:
+        """dtypes as names ("bfloat16") or torch dtypes; shapes as lists, tuples or torch.Size. commit=False
+        stages a bucket; the next call with commit=True applies everything staged at once."""
         return self._weights("/update_weights_from_distributed", dict(
             names=list(names), dtypes=[_dtype_name(d) for d in dtypes], shapes=[[int(s) for s in sh] for sh in shapes],
-            group_name=group_name, flush_cache=flush_cache, weight_version=weight_version, load_format=load_format))
+            group_name=group_name, flush_cache=flush_cache, weight_version=weight_version, load_format=load_format,
+            commit=commit))
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None, flush_cache: bool = True,
                                    weight_version: str | None = None) -> tuple[bool, str]:

@@ -1,7 +1,8 @@
 """The HTTP server over real HTTP on localhost (uvicorn on a thread, the tiny model on CPU): /generate
 and /v1/completions equal the engine's own outputs, streams are cumulative and end with [DONE],
 concurrent requests all succeed, tokens are enforced, bad requests are 400s that name the field and
-leave the server serving, controls work, and the stdlib client mirrors the Engine API."""
+leave the server serving, controls work, weight updates driven over HTTP + gloo change the outputs,
+and the stdlib client mirrors the Engine API."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,17 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from mxroll import Engine
+from mxroll.model import ModelConfig
+from mxroll.model.loader import iter_checkpoint
 from mxroll.rollout import cli
 from mxroll.rollout.server import BackgroundServer, check_exposure, create_app
+from mxroll.sync.group import UpdateGroup
 from mxroll.sync.http_client import EngineClient, EngineHTTPError
+from mxroll.sync.receiver import WeightUpdateError
+from mxroll.sync.sender import WeightSender
 
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 6}
 ADMIN, KEY = "admin-secret", "user-key"
@@ -330,6 +337,133 @@ def test_health_is_503_once_the_engine_is_shut_down(tiny_checkpoint):
         status, out = http(server.url, "/generate", {"input_ids": [0, 5]})
         assert status == 503 and "shut down" in out["error"]["message"]
         assert not EngineClient(server.url).health()
+
+
+# ---- weight updates over HTTP + gloo --------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Background(threading.Thread):
+    """A blocking call on a thread; result() returns its value or raises its error."""
+
+    def __init__(self, fn, *args, **kwargs):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.kwargs, self.out = fn, args, kwargs, None
+        self.start()
+
+    def run(self):
+        try:
+            self.out = (True, self.fn(*self.args, **self.kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to result()
+            self.out = (False, e)
+
+    def result(self, timeout: float = 60):
+        self.join(timeout)
+        assert self.out is not None, "the call did not finish"
+        ok, value = self.out
+        if not ok:
+            raise value
+        return value
+
+
+PROMPTS = [[0, 5, 6, 7], [0, 42, 17, 99, 3, 8]]
+
+
+def greedy_ids(client: EngineClient) -> list[list[int]]:
+    return [o["output_ids"] for o in client.generate(input_ids=PROMPTS, sampling_params=dict(GREEDY, max_new_tokens=8))]
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """bf16, as a trainer sends high-precision tensors: an update with the same weights is then exact."""
+    from mxroll import configs
+    from mxroll.model.synthetic import make_checkpoint
+
+    cfg = json.loads(configs.model_preset_path("tiny").read_text())
+    return make_checkpoint(cfg, tmp_path_factory.mktemp("tiny-bf16"), seed=0, dtype="bfloat16", progress=False)
+
+
+@pytest.fixture(scope="module")
+def mx_served(bf16_checkpoint):
+    """An MXFP8 engine (as the trainer's weights arrive) behind an admin-token server, and its first outputs."""
+    e = Engine(model_path=str(bf16_checkpoint), device="cpu", quantization="mxfp8", progress=False,
+               weight_update_timeout=30)
+    with BackgroundServer(create_app(e, admin_token=ADMIN)) as server:
+        client = EngineClient(server.url, admin_token=ADMIN)
+        yield e, client, greedy_ids(client)
+    e.shutdown()
+
+
+def test_weight_update_over_http_and_gloo(mx_served, bf16_checkpoint):
+    """sglang's protocol: the engine joins the trainer's group (POST, blocking until the trainer is there;
+    generation keeps being served meanwhile), then one broadcast per tensor while the update POST waits."""
+    engine, client, _ = mx_served
+    before = greedy_ids(client)
+    old_version = client.get_weight_version()
+    ckpt = dict(iter_checkpoint(bf16_checkpoint, progress=False))
+    new = [(name, ckpt[name] * 1.5) for name in ("model.embed_tokens.weight", "lm_head.weight")]
+
+    port = free_port()
+    joining = Background(client.init_weights_update_group, "127.0.0.1", port, 1, 2, "weight_update_group", "gloo")
+    assert greedy_ids(client) == before  # the server answers while the engine waits for the trainer
+    trainer = UpdateGroup("weight_update_group", "gloo", "127.0.0.1", port, rank=0, world_size=2, timeout=30)
+    assert joining.result()[0] is True
+
+    updating = Background(client.update_weights_from_distributed, [n for n, _ in new],
+                          [str(t.dtype).removeprefix("torch.") for _, t in new], [list(t.shape) for _, t in new],
+                          weight_version="step-1")
+    for _, t in new:
+        trainer.broadcast(t.contiguous())
+    ok, message = updating.result()
+    assert ok and "step-1" in message
+    assert client.get_weight_version() == engine.weight_version == "step-1" != old_version
+    after = client.generate(input_ids=PROMPTS, sampling_params=dict(GREEDY, max_new_tokens=8))
+    assert [o["output_ids"] for o in after] != before
+    assert {o["meta_info"]["weight_version"] for o in after} == {"step-1"}
+    got = torch.tensor(client.get_weights_by_name("lm_head.weight", truncate_size=3))
+    assert torch.equal(got, new[1][1][:3].float())
+
+    # a rejected update: 400 over HTTP, WeightUpdateError from the client, nothing changes
+    status, out = http(client.base_url, "/update_weights_from_distributed",
+                       {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[64]], "group_name": "nope"},
+                       token=ADMIN)
+    assert status == 400 and out["success"] is False and "no update group" in out["message"]
+    with pytest.raises(WeightUpdateError, match="no weight"):
+        client.get_weights_by_name("model.layers.0.nope.weight")
+    assert client.get_weight_version() == "step-1"
+
+    ok, _ = client.destroy_weights_update_group()
+    assert ok
+    trainer.destroy()
+
+
+def test_weight_sender_drives_the_server(mx_served, bf16_checkpoint):
+    """mxroll's trainer side (recipe -> MXFP8 buckets, one atomic commit after the last) through
+    EngineClient: pushing the original checkpoint back restores the original outputs exactly."""
+    engine, client, initial = mx_served
+    original = list(iter_checkpoint(bf16_checkpoint, progress=False))
+    client.update_weights_from_tensor([(n, t * 2) for n, t in original if n == "lm_head.weight"],
+                                      weight_version="doubled")
+    changed = greedy_ids(client)
+    assert changed != initial and client.get_weight_version() == "doubled"
+    sender = WeightSender(client, master_port=free_port(), backend="gloo", bucket_bytes=1 << 16,
+                          model_config=ModelConfig.from_file(bf16_checkpoint), timeout=30)
+    sender.connect()
+    stats = sender.push(original, weight_version="restored")
+    sender.close()
+    assert stats["buckets"] > 1
+    assert client.get_weight_version() == "restored" and greedy_ids(client) == initial
+
+    client.update_weights_from_tensor([(n, t * 2) for n, t in original if n == "lm_head.weight"])
+    with pytest.raises(WeightUpdateError):
+        client.update_weights_from_disk(str(bf16_checkpoint / "missing"))
+    ok, _ = client.update_weights_from_disk(str(bf16_checkpoint), weight_version="disk")
+    assert ok and client.get_weight_version() == "disk" and greedy_ids(client) == initial
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
