@@ -1,4 +1,4 @@
-"""`mxroll` command line: make-checkpoint, generate, rollout."""
+"""`mxroll` command line: make-checkpoint, generate, rollout, serve."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     ro.add_argument("--config", default=None, help="YAML merged over the default job config")
     ro.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sampling.n=8 engine.device=cpu")
 
+    sv = sub.add_parser("serve", parents=[common],
+                        help="serve the engine over HTTP (sglang endpoints, /v1/completions, weight sync)",
+                        description="Serve the engine over HTTP. Settings, lowest precedence first: defaults, "
+                                    "the MXROLL_ADMIN_TOKEN / MXROLL_API_KEY environment variables, --config, "
+                                    "dotlist overrides, the flags below.")
+    sv.add_argument("--config", default=None,
+                    help="YAML with `server:` (host, port, admin_token, api_key) and `engine:` (EngineConfig) keys")
+    sv.add_argument("--model-path", default=None, help="checkpoint directory or preset:NAME (= engine.model_path)")
+    sv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; any other host needs an "
+                                                 "admin token)")
+    sv.add_argument("--port", type=int, default=None, help="port to bind (default 30000)")
+    sv.add_argument("--admin-token", default=None,
+                    help="bearer token required by the weight-sync and control endpoints (default: "
+                         "$MXROLL_ADMIN_TOKEN; the environment keeps it out of the process list)")
+    sv.add_argument("--api-key", default=None,
+                    help="bearer token required by the generation and info endpoints (default: $MXROLL_API_KEY)")
+    sv.add_argument("overrides", nargs="*",
+                    help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
+                         "server.port=8000")
+
     args = parser.parse_args(argv)
     with _log_to_stderr(args.log_level or "INFO"):
         try:
@@ -79,6 +99,8 @@ def _run(args) -> int:
                         quantization=args.quantization, log_level=args.log_level or "INFO")
         print(json.dumps(engine.generate(**request, return_logprob=args.logprobs), indent=2))
         return 0
+    if args.cmd == "serve":
+        return _serve(args)
     from .config import rollout_config
     from .job import run_rollout_job
 
@@ -87,6 +109,27 @@ def _run(args) -> int:
         cfg.engine.log_level = args.log_level
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
     run_rollout_job(cfg)
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from .config import serve_config
+    from .server import run_server
+
+    env = {key: os.environ[var] for key, var in (("admin_token", "MXROLL_ADMIN_TOKEN"), ("api_key", "MXROLL_API_KEY"))
+           if os.environ.get(var)}
+    flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key")
+             if getattr(args, key) is not None}
+    engine = {"model_path": args.model_path} if args.model_path is not None else {}
+    if args.log_level:
+        engine["log_level"] = args.log_level
+    cfg = serve_config({"server": env}, args.config, list(args.overrides), {"server": flags, "engine": engine})
+    logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
+    s = cfg.server
+    run_server(cfg.engine, host=s.host, port=s.port, admin_token=s.admin_token, api_key=s.api_key,
+               log_level=cfg.engine.log_level)
     return 0
 
 

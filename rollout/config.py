@@ -80,6 +80,21 @@ class RolloutJobConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # a non-loopback host needs an admin token
+    port: int = 30000
+    admin_token: str | None = None  # bearer token of the weight-sync and control endpoints; env MXROLL_ADMIN_TOKEN
+    api_key: str | None = None  # bearer token of the generation and info endpoints; env MXROLL_API_KEY
+
+
+@dataclass
+class ServeConfig:
+    """`mxroll serve`: the HTTP server and the engine behind it."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
 def _structured(schema: type, *sources: Any):
     cfg = OmegaConf.structured(schema)
     for src in sources:
@@ -117,6 +132,11 @@ def engine_config(*sources: Any) -> EngineConfig:
 def rollout_config(*sources: Any) -> RolloutJobConfig:
     """Defaults < configs/rollout/default.yaml < each source (a YAML path, dict or dotlist)."""
     return _structured(RolloutJobConfig, configs.ROOT / "rollout" / "default.yaml", *sources)
+
+
+def serve_config(*sources: Any) -> ServeConfig:
+    """Defaults < configs/engine.yaml (as `engine`) < each source (a YAML path, dict or dotlist)."""
+    return _structured(ServeConfig, {"engine": OmegaConf.load(configs.ROOT / "engine.yaml")}, *sources)
 
 
 ENGINE_DTYPES = (None, "float32", "bfloat16", "float64")  # float64: CPU reference (numerical checks)

@@ -1,0 +1,239 @@
+"""Request bodies of the HTTP server (sglang and OpenAI names) and the OpenAI completion shapes.
+
+Bodies are strict: a field of the wrong JSON type, or a field the server does not know, is a 400
+that names it, rather than a value silently coerced or ignored. Sampling params pass through to
+the engine, which checks them (and names the bad one) itself.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Json = dict[str, Any]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---- sglang-style endpoints ----------------------------------------------------------------
+class GenerateRequest(_Body):
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: Json | list[Json] | None = None
+    return_logprob: bool | list[bool] = False
+    top_logprobs_num: int | list[int] | None = None
+    return_routed_experts: bool | list[bool] = False
+    rid: str | list[str] | None = None
+    stream: bool = False
+
+
+class InitGroupRequest(_Body):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateDistributedRequest(_Body):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    weight_version: str | None = None
+    load_format: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
+    commit: bool = True  # mxroll: false stages the bucket; the next call with true applies all at once
+
+
+class UpdateDiskRequest(_Body):
+    model_path: str
+    load_format: str | None = None
+    flush_cache: bool = True
+    weight_version: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
+
+
+class UpdateTensorRequest(_Body):
+    # base64 from mxroll.sync.receiver.serialize_named_tensors; sglang sends a list, one per TP rank (here one)
+    serialized_named_tensors: str | list[str]
+    load_format: str | None = None
+    flush_cache: bool = True
+    weight_version: str | None = None
+    abort_all_requests: bool = False  # sglang: end every request in flight before updating
+
+
+class DestroyGroupRequest(_Body):
+    group_name: str = "weight_update_group"
+
+
+class GetWeightsRequest(_Body):
+    name: str
+    truncate_size: int = 100
+
+
+class PauseRequest(_Body):
+    mode: str = "abort"
+
+
+class AbortRequest(_Body):
+    rid: str = ""
+    abort_all: bool = False
+
+
+class MemoryRequest(_Body):
+    tags: list[str] | None = None
+
+
+# ---- OpenAI /v1/completions ----------------------------------------------------------------
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Body):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None  # refused when given: stop strings are not supported
+    seed: int | None = None
+    logprobs: int | None = None  # top logprobs per token (0: only the sampled token's)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False  # only false
+    user: str | None = None
+    # extensions (sglang/vLLM names)
+    top_k: int = -1
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    rid: str | None = Field(default=None, description="request id, for /abort_request")
+
+    def engine_args(self) -> Json:
+        """Keyword arguments of `Engine.async_generate` (ValueError names an unsupported field)."""
+        if self.stop:
+            raise ValueError("stop: stop strings are not supported; pass stop_token_ids (a list of token ids)")
+        if self.echo:
+            raise ValueError("echo: only false is supported")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be an integer >= 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs={self.logprobs}: must be an integer >= 0")
+        sampling = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                    "top_k": self.top_k, "min_p": self.min_p, "n": self.n, "ignore_eos": self.ignore_eos,
+                    "seed": self.seed}
+        if self.stop_token_ids:
+            sampling["stop_token_ids"] = self.stop_token_ids
+        args: Json = {"sampling_params": sampling, "return_logprob": self.logprobs is not None,
+                      "top_logprobs_num": self.logprobs or 0}
+        p = self.prompt
+        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, str) for x in p)):
+            args["prompt"] = p
+        elif isinstance(p, list) and p:
+            args["input_ids"] = p
+        else:
+            raise ValueError("prompt: empty; give a string, a list of strings, or token ids")
+        if self.rid is not None:
+            args["rid"] = self.rid
+        return args
+
+
+def finish_reason(reason: dict | None) -> str | None:
+    """sglang's {"type": "length", ...} -> OpenAI's "length" / "stop" ("abort" stays "abort")."""
+    return None if reason is None else reason.get("type")
+
+
+class CompletionFormatter:
+    """Engine outputs -> OpenAI `text_completion` objects, whole or as streamed deltas.
+
+    Streams carry cumulative outputs; each chunk holds what is new since the last one of its index.
+    Text that ends inside a multi-byte character (decoded as U+FFFD) is held back until it completes.
+    """
+
+    def __init__(self, model: str, tokenizer, logprobs: int | None):
+        self.id = "cmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model, self.tokenizer, self.logprobs = model, tokenizer, logprobs
+        self._sent_text: dict[int, str] = {}
+        self._sent_tokens: dict[int, int] = {}
+
+    def _envelope(self, choices: list[Json]) -> Json:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def _logprobs(self, out: Json, start: int, text_offset: int) -> Json | None:
+        if self.logprobs is None:
+            return None
+        meta = out["meta_info"]
+        sampled = meta.get("output_token_logprobs", [])[start:]
+        tops = meta.get("output_top_logprobs", [])[start:]
+        tokens = [self._token_str(t) for _, t, _ in sampled]
+        offsets = []
+        for s in tokens:
+            offsets.append(text_offset)
+            text_offset += len(s)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in sampled],
+                "top_logprobs": [{self._token_str(t): lp for lp, t, _ in top} for top in tops] if self.logprobs
+                else None, "text_offset": offsets}
+
+    def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int) -> Json:
+        choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, text_offset),
+                  "finish_reason": finish_reason(out["meta_info"]["finish_reason"])}
+        if "text" not in out:  # no tokenizer: the ids are the completion
+            choice["token_ids"] = out["output_ids"][start:]
+        return choice
+
+    def response(self, outputs: list[Json]) -> Json:
+        choices = [self._choice(i, o, o.get("text", ""), 0, 0) for i, o in enumerate(outputs)]
+        return {**self._envelope(choices), "usage": usage(outputs)}
+
+    def chunk(self, out: Json) -> Json:
+        """The delta of one cumulative streamed output (its "index" says which choice)."""
+        i = out.get("index", 0)
+        final = out["meta_info"]["finish_reason"] is not None
+        text = out.get("text", "")
+        sent = self._sent_text.get(i, "")
+        stable = text if final else text.rstrip("\ufffd")
+        delta = stable[len(sent):] if stable.startswith(sent) else stable
+        if len(stable) >= len(sent):
+            self._sent_text[i] = stable
+        start = self._sent_tokens.get(i, 0)
+        self._sent_tokens[i] = len(out["output_ids"])
+        return self._envelope([self._choice(i, out, delta, start, len(sent))])
+
+    def usage_chunk(self, outputs: list[Json]) -> Json:
+        return {**self._envelope([]), "usage": usage(outputs)}
+
+
+def usage(outputs: list[Json]) -> Json:
+    """Prompt tokens count once per prompt (its n samples share it), completion tokens per sample."""
+    prompts = {o["meta_info"]["id"]: o["meta_info"]["prompt_tokens"] for o in outputs}
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompts.values()) + completion}
+
+
+def jsonable(value: Any) -> Any:
+    """Engine outputs -> JSON values: tensors become (nested) lists, tuples lists, and non-finite
+    floats null (strict JSON has no inf/NaN)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return jsonable(value.tolist())
+    return value
