@@ -7,6 +7,8 @@ import logging
 import sys
 from contextlib import contextmanager
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .. import configs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -20,16 +22,6 @@ reward function is given, and write to output_dir:
                   (with return_routed_experts=true)
   metrics.jsonl   one line per step, also logged to W&B (offline unless wandb.mode=online)
 Both replace the previous run's files only when the job completes. `rollout` is an alias."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with _log_to_stderr(args.log_level or "INFO"):
-        try:
-            return _run(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
-            return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _log_to_stderr(args.log_level or "INFO"):
+        try:
+            return _run(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose epilog may be a function, called only when help is shown (a config's key
     listing imports the config module, which the other commands need not pay for)."""
@@ -135,8 +137,6 @@ def _run(args) -> int:
                         quantization=args.quantization, log_level=args.log_level or "INFO")
         print(json.dumps(engine.generate(**request, return_logprob=args.logprobs), indent=2))
         return 0
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from .config import rollout_config
     from .job import run_rollout_job
 
