@@ -1,4 +1,4 @@
-"""`mxroll` command line: make-checkpoint, generate, rollout, serve."""
+"""`mxroll` command line: make-checkpoint, generate, job (alias rollout), serve, rl."""
 from __future__ import annotations
 
 import argparse
@@ -7,48 +7,72 @@ import logging
 import sys
 from contextlib import contextmanager
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .. import configs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+JOB_DESCRIPTION = """\
+Generate n samples per prompt for a number of steps with the engine, compute rewards when a
+reward function is given, and write to output_dir:
+  rollouts.jsonl  one line per sample: step, prompt_index, sample_index, prompt, input_ids,
+                  output_ids, text, logprobs, finish_reason, weight_version, reward, extra
+                  (the prompt record's other fields), routed_experts + routed_expert_weights
+                  (with return_routed_experts=true)
+  metrics.jsonl   one line per step, also logged to W&B (offline unless wandb.mode=online)
+Both replace the previous run's files only when the job completes. `rollout` is an alias."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
     common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
-                        help="log level of the mxroll loggers (default INFO; rollout: the job's engine.log_level)")
-    parser = argparse.ArgumentParser(prog="mxroll", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+                        help="log level of the mxroll loggers (default INFO; job: the job's engine.log_level)")
+    parser = Parser(prog="mxroll", description=__doc__, epilog="Run `mxroll COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
 
     mk = sub.add_parser("make-checkpoint", parents=[common],
-                        help="write a seeded synthetic checkpoint of a preset (HF layout)")
-    mk.add_argument("--preset", required=True, choices=configs.model_presets())
-    mk.add_argument("--out", required=True)
+                        help="write a seeded synthetic checkpoint of a preset (HF layout)",
+                        description="Write a checkpoint of a built-in model preset with seeded random weights "
+                                    "(config.json, safetensors and, for small vocabularies, a byte tokenizer), "
+                                    "high precision or MXFP8.")
+    mk.add_argument("--preset", required=True, choices=configs.model_presets(),
+                    help="the model preset (configs/models/NAME.json)")
+    mk.add_argument("--out", required=True, help="directory to write (must be empty or new unless --overwrite)")
     mk.add_argument("--overwrite", action="store_true",
                     help="replace the checkpoint in a non-empty --out (its *.safetensors, index, config and "
                          "tokenizer files are removed first)")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     mk.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="storage dtype (default: the preset's torch_dtype)")
     mk.add_argument("--mxfp8", action="store_true",
                     help="write an MXFP8 checkpoint (e4m3 weight + E8M0 weight_scale_inv, sglang/miles convention)")
-    mk.add_argument("--scale-mode", choices=["rceil", "floor"], default="rceil")
+    mk.add_argument("--scale-mode", choices=["rceil", "floor"], default="rceil",
+                    help="E8M0 scale rule for --mxfp8 (default rceil, as TransformerEngine and torchao)")
 
     gen = sub.add_parser("generate", parents=[common],
-                         help="generate from one prompt and print the sglang-style output")
-    gen.add_argument("--model-path", default="preset:tiny")
-    gen.add_argument("--prompt", default=None)
+                         help="generate from one prompt and print the sglang-style output",
+                         description="Load a model, generate from one prompt and print the output dict "
+                                     "(output_ids, text, meta_info) as JSON.")
+    gen.add_argument("--model-path", default="preset:tiny",
+                     help="checkpoint directory or preset:NAME (default preset:tiny)")
+    gen.add_argument("--prompt", default=None, help="prompt text (needs a tokenizer; or use --input-ids)")
     gen.add_argument("--input-ids", default=None, help="comma-separated token ids")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", default=None)
-    gen.add_argument("--quantization", default=None, choices=["mxfp8"])
+    gen.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+    gen.add_argument("--dtype", default=None,
+                     help="high-precision dtype: float32 | bfloat16 (default float32 on cpu, bfloat16 on cuda)")
+    gen.add_argument("--quantization", default=None, choices=["mxfp8"],
+                     help="quantize a high-precision checkpoint to MXFP8 at load (default: keep its format)")
     gen.add_argument("--sampling", default="{}", help='JSON sampling params, e.g. \'{"temperature": 0}\'')
-    gen.add_argument("--logprobs", action="store_true")
+    gen.add_argument("--logprobs", action="store_true", help="include per-token logprobs in meta_info")
 
-    ro = sub.add_parser("rollout", parents=[common],
-                        help="run a W&B-logged rollout job (default: configs/rollout/default.yaml)")
-    ro.add_argument("--config", default=None, help="YAML merged over the default job config")
-    ro.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sampling.n=8 engine.device=cpu")
+    job = sub.add_parser("job", aliases=["rollout"], parents=[common],
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help="run a W&B-logged rollout job (default: configs/rollout/default.yaml)",
+                         description=JOB_DESCRIPTION, epilog_fn=_job_epilog)
+    job.add_argument("--config", default=None, help="YAML merged over the default job config")
+    job.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotlist overrides of job config keys (listed below), e.g. sampling.n=8 engine.device=cpu")
 
     sv = sub.add_parser("serve", parents=[common],
                         help="serve the engine over HTTP (sglang endpoints, /v1/completions, weight sync)",
@@ -69,14 +93,48 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("overrides", nargs="*",
                     help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
                          "server.port=8000")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with _log_to_stderr(args.log_level or "INFO"):
         try:
             return _run(args)
         except (ValueError, FileNotFoundError) as e:
             print(f"mxroll {args.cmd}: error: {e}", file=sys.stderr)
             return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is shown (a config's key
+    listing imports the config module, which the other commands need not pay for)."""
+
+    def __init__(self, *args, epilog_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+
+def config_epilog(what: str, defaults) -> str:
+    """The help epilog of a command configured by a structured config (`defaults`: the dataclass with the
+    packaged YAML merged in): how overrides work, then every key with its type, default and description."""
+    from .config_help import format_config_keys
+
+    return (f"{what} config, lowest precedence first: defaults, --config YAML, KEY=VALUE dotlist overrides\n"
+            "(omegaconf: nested keys with dots, lists as [a,b], null for none). Unknown keys and wrongly\n"
+            "typed values are errors naming the key.\n\n"
+            f"{what} config keys ({type(defaults).__name__}; defaults as packaged):\n{format_config_keys(defaults)}")
+
+
+def _job_epilog() -> str:
+    from .config import rollout_config
+
+    return config_epilog("job", rollout_config())
 
 
 def _run(args) -> int:
@@ -108,7 +166,8 @@ def _run(args) -> int:
     if args.log_level:
         cfg.engine.log_level = args.log_level
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
-    run_rollout_job(cfg)
+    with logging_redirect_tqdm([logging.getLogger("mxroll")]):  # log lines print above the job's progress bar
+        run_rollout_job(cfg)
     return 0
 
 

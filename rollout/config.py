@@ -47,37 +47,59 @@ class EngineConfig:
     weight_update_check_finite: bool = True  # reject updates holding NaN/inf (one batched check per update)
     step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
-    progress: bool = True
-    log_level: str = "INFO"
+    progress: bool = True  # progress bars while writing or loading checkpoints
+    log_level: str = "INFO"  # level of the mxroll loggers
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    n: int = 4
-    ignore_eos: bool = False
-    seed: int | None = None
+    max_new_tokens: int = 32  # tokens generated per sample at most
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    top_k: int = -1  # keep the k most likely tokens (-1 = off)
+    min_p: float = 0.0  # drop tokens below min_p times the top probability (0 = off)
+    n: int = 4  # samples per prompt (one group sharing the prompt's KV cache)
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    seed: int | None = None  # seeded job: step i samples with seed + 1000 * i; null = the engine's RNG
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
-    project: str = "mxroll"
-    name: str | None = None
+    mode: str = "offline"  # online | offline (`wandb sync` uploads later) | disabled
+    project: str = "mxroll"  # W&B project
+    entity: str | None = None  # W&B team or user; null = your default entity
+    name: str | None = None  # run name; null = W&B picks one
+    group: str | None = None  # W&B run group
+    tags: list[str] = field(default_factory=list)  # W&B run tags
+
+
+@dataclass
+class SyncConfig:
+    # Checkpoints hot-swapped into the engine between steps (engine.update_weights_from_disk): entry i is
+    # loaded before step i, null keeps the current weights; steps past the list's end keep the last ones.
+    model_paths: list[str | None] = field(default_factory=list)
 
 
 @dataclass
 class RolloutJobConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the engine (keys as in configs/engine.yaml)
+    # inline prompts, used unless prompts_file or prompts_preset is set
     prompts: list[str] = field(default_factory=lambda: ["The quick brown fox"])
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    steps: int = 2
-    output_dir: str = "runs/rollout"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # jsonl, one object per line: {"prompt": "..."} or {"input_ids": [...]}; other fields (e.g. "answer")
+    # are kept and passed to the reward function
+    prompts_file: str | None = None
+    prompts_preset: str | None = None  # a built-in prompt set, configs/prompts/NAME.jsonl (arithmetic | basic)
+    max_prompts: int | None = None  # use only the first N prompts; null = all
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # sampling params of every request
+    steps: int = 2  # generate calls, each over every prompt
+    return_routed_experts: bool = False  # store per-token routed expert ids and weights in rollouts.jsonl
+    # "module.path:function" or "path/to/file.py:function": fn(prompt_record, output, **reward_args) -> float
+    reward: str | None = None
+    reward_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the reward function
+    sync: SyncConfig = field(default_factory=SyncConfig)  # optional weight hot-swaps between steps
+    output_dir: str = "runs/rollout"  # rollouts.jsonl and metrics.jsonl go here (replaced when the job completes)
+    progress: bool = True  # progress bar on a terminal (false also silences the engine's loading bars)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # W&B logging
 
 
 @dataclass

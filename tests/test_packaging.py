@@ -79,6 +79,7 @@ def test_wheel_runs_beside_a_users_model_py(tmp_path):
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     assert {n.split("/")[0] for n in names} == {"mxroll", dist_info}  # nothing at the top level but mxroll
     assert "mxroll/configs/models/tiny.json" in names and "mxroll/rollout/engine.py" in names
+    assert "mxroll/configs/prompts/arithmetic.jsonl" in names
 
     python, purelib = fresh_venv(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q",

@@ -1,6 +1,8 @@
-"""CLI: flags checked before the model loads, logging set up by the CLI alone, make-checkpoint never clobbers."""
+"""CLI: flags checked before the model loads, logging set up by the CLI alone, make-checkpoint never clobbers,
+every option of every command documented in --help."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 
@@ -9,7 +11,9 @@ import pytest
 from mxroll import configs
 from mxroll.model import synthetic
 from mxroll.rollout import engine as engine_module
-from mxroll.rollout.cli import main
+from mxroll.rollout.cli import build_parser, main
+from mxroll.rollout.config import rollout_config
+from mxroll.rollout.config_help import config_keys, field_docs
 
 
 @pytest.fixture
@@ -80,3 +84,76 @@ def test_rollout_log_level_follows_the_job_unless_given(tiny_checkpoint, tmp_pat
     assert "INFO" not in capsys.readouterr().err
     assert main(["rollout", "--log-level", "info", *job[1:]]) == 0
     assert " mxroll.job INFO step 0: " in capsys.readouterr().err
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand parser (aliases included), however many commands the CLI grows."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_option_of_every_command_has_help():
+    parser = build_parser()
+    commands = subcommands(parser)
+    assert {"make-checkpoint", "generate", "job", "rollout"} <= set(commands)
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = {c.dest for c in action._choices_actions}
+    assert listed == {name for name, p in commands.items() if p.prog.endswith(f" {name}")}  # aliases share a line
+    assert all(c.help for c in action._choices_actions)
+    for name, sub in [("mxroll", parser), *commands.items()]:
+        for a in sub._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, f"{name} {'/'.join(a.option_strings) or a.dest}: no help"
+        sub.format_help()  # renders (lazy epilogs included)
+
+
+def test_help_exits_cleanly_for_every_command(capsys):
+    for name in ["--help", *(f"{c} --help" for c in subcommands(build_parser()))]:
+        with pytest.raises(SystemExit) as e:
+            main(name.split())
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: mxroll")
+
+
+def test_job_help_lists_every_config_key_with_a_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["job", "--help"])
+    text = capsys.readouterr().out
+    assert "KEY=VALUE" in text and "dotlist" in text and "rollouts.jsonl" in text
+    keys = config_keys(rollout_config())
+    assert {k for k, *_ in keys} >= {"prompts_file", "prompts_preset", "reward", "return_routed_experts",
+                                     "sync.model_paths", "wandb.mode", "sampling.n", "engine.model_path"}
+    for key, typ, _, doc in keys:
+        assert doc, f"job config key {key} has no comment in its dataclass"
+        assert f"  {key}: {typ} = " in text
+    with pytest.raises(SystemExit):
+        main(["rollout", "--help"])
+    assert capsys.readouterr().out.replace("mxroll rollout", "mxroll job") == text
+
+
+def test_field_docs_trailing_comment_wins_and_section_headings_are_not_docs():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Example:
+        # the first field
+        # on two lines
+        a: int = 1
+        b: str = "#not a comment"  # b's own
+
+        # a section heading
+
+        c: int = 3
+        # above
+        d: int = 4  # beside
+    assert field_docs(Example) == {"a": "the first field on two lines", "b": "b's own", "d": "beside"}
+
+
+def test_unknown_and_mistyped_job_keys_name_the_key(capsys, tmp_path):
+    for override, named in (("bogus=1", "bogus"), ("sampling.tempreature=0", "tempreature"),
+                            ("steps=two", "steps"), ("return_routed_experts=maybe", "return_routed_experts")):
+        assert main(["job", f"output_dir={tmp_path}", override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mxroll job: error: ") and named in err
+    assert list(tmp_path.iterdir()) == []

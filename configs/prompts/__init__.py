@@ -1,0 +1,1 @@
+"""Built-in prompt sets for rollout jobs (`prompts_preset: NAME`), one jsonl file each."""
