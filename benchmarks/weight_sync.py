@@ -41,7 +41,7 @@ def engine_main(conn, mode: str) -> None:
     try:
         engine = Engine(model_path=f"preset:{PRESET}", load_format="dummy", device="cuda", dtype="bfloat16",
                         quantization="mxfp8" if mode == "mxfp8" else None, max_total_tokens=65536,
-                        progress=False, seed=0)
+                        progress=False, seed=0, disable_cuda_graph=True)  # graphs do not matter to a sync
         conn.send(("ready", True, None))
     except BaseException:  # noqa: BLE001
         conn.send(("ready", False, traceback.format_exc()))
@@ -186,7 +186,7 @@ def nccl_floor(nbytes: int, port: int) -> dict:
     return {"bytes": nbytes, "median_s": best, "GBps": nbytes / best / 1e9}
 
 
-def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool) -> dict:
+def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool, partial=None) -> dict:
     from mxroll import configs
     from mxroll.model import ModelConfig
     from mxroll.sync.sender import WeightSender
@@ -200,6 +200,7 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
         raise RuntimeError(f"engine start failed:\n{err}")
     engine = RemoteEngine(parent)
     cfg = ModelConfig.from_file(configs.model_preset_path(PRESET))
+    print(f"[{mode}] engine up at {time.perf_counter() - T0:.0f} s", flush=True)
     weights = trainer_weights(mode)
     total_bytes = sum(t.numel() * t.element_size() for _, t in weights)
     print(f"[{mode}] {len(weights)} tensors, {total_bytes / 2**30:.2f} GiB", flush=True)
@@ -222,6 +223,8 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
                "buckets": best["buckets"], "staging_allocations": [x["staging_allocations"] for x in runs],
                "engine_allocated_GiB": [round(x["allocated_GiB"], 3) for x in runs]}
         out["buckets"].append(row)
+        if partial is not None:
+            partial(out)
         print(f"[{mode}] bucket {b:5d} MiB: first {row['first_s']:.3f} s, best {row['total_s']:.3f} s "
               f"(prepare {row['prepare_s']:.3f}, engine validate {best['engine'].get('validate_s', 0):.3f}, "
               f"commit {best['engine'].get('commit_s', 0):.3f}), {row['buckets']} buckets", flush=True)
@@ -270,6 +273,19 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
     return out
 
 
+T0 = time.perf_counter()
+
+
+def save(results: dict, name: str, mode: str, partial: dict) -> None:
+    """Write what is measured so far (and a copy under $OUT when the device runner provides one)."""
+    from benchmarks.common import write_results
+
+    results["modes"][mode] = partial
+    path = write_results(name, results)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], path.name).write_text(path.read_text())
+
+
 def main() -> None:
     from benchmarks.common import environment, write_results
 
@@ -290,11 +306,12 @@ def main() -> None:
     buckets = [int(b) for b in args.buckets.split(",")]
     for i, mode in enumerate(args.modes.split(",")):
         try:
-            results["modes"][mode] = run_mode(mode, buckets, args.repeats, port + 10 + 100 * i, args.quick)
+            results["modes"][mode] = run_mode(mode, buckets, args.repeats, port + 10 + 100 * i, args.quick,
+                                              partial=lambda r, m=mode: save(results, args.out, m, r))
         except Exception as e:  # noqa: BLE001 - keep the other mode's figures
             traceback.print_exc()
             results["modes"][mode] = {"error": repr(e)[:1000]}
-        write_results(args.out, results)
+        save(results, args.out, mode, results["modes"][mode])
     print(f"\n{'mode':6} {'GiB':>6} {'floor s':>8} {'bucket MiB':>10} {'update s':>9} {'x floor':>8} {'first s':>8}")
     for mode, r in results["modes"].items():
         if "error" in r:
@@ -307,6 +324,8 @@ def main() -> None:
             print(f"{mode:6} {r['bytes'] / 2**30:6.2f} {wire:8.3f} {row['bucket_MiB']:>10} {row['total_s']:9.3f} "
                   f"{row['ratio_to_floor']:8.2f} {row['first_s']:8.3f}")
     path = write_results(args.out, results)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], path.name).write_text(path.read_text())
     print(json.dumps({m: r.get("repeated") for m, r in results["modes"].items()}))
     print(f"results -> {path}")
 
