@@ -205,11 +205,12 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
     total_bytes = sum(t.numel() * t.element_size() for _, t in weights)
     print(f"[{mode}] {len(weights)} tensors, {total_bytes / 2**30:.2f} GiB", flush=True)
     out = {"tensors": len(weights), "bytes": total_bytes, "buckets": []}
-    sender = None
+    # one update group for the whole run (bucket size is the sender's packing choice, not the group's)
+    sender = WeightSender(engine, master_port=port, backend="nccl", bucket_bytes=buckets[0] * MiB, model_config=cfg,
+                          device="cuda:0", mxfp8=mode == "mxfp8", timeout=90)
+    sender.connect()
     for b in buckets:
-        sender = WeightSender(engine, master_port=port, backend="nccl", bucket_bytes=b * MiB, model_config=cfg,
-                              device="cuda:0", mxfp8=mode == "mxfp8", timeout=90)
-        sender.connect()
+        sender.bucket_bytes = b * MiB
         runs = []
         for r in range(repeats):
             stats = sender.push(weights, weight_version=f"{mode}-{b}-{r}")
@@ -228,8 +229,6 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
         print(f"[{mode}] bucket {b:5d} MiB: first {row['first_s']:.3f} s, best {row['total_s']:.3f} s "
               f"(prepare {row['prepare_s']:.3f}, engine validate {best['engine'].get('validate_s', 0):.3f}, "
               f"commit {best['engine'].get('commit_s', 0):.3f}), {row['buckets']} buckets", flush=True)
-        sender.close()
-        port += 1
     # correctness: sampled tensors equal the trainer's bytes
     names = [n for n, _ in weights[:: max(1, len(weights) // 40)]]
     got = engine.weights(names=names)
@@ -239,10 +238,7 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
                                                            torch.float32))]
     out["bytes_equal_checked"], out["bytes_mismatched"] = len(names), mismatched
     # repeated updates: allocations stay flat
-    sender = WeightSender(engine, master_port=port, backend="nccl", bucket_bytes=512 * MiB, model_config=cfg,
-                          device="cuda:0", mxfp8=mode == "mxfp8", timeout=90)
-    sender.connect()
-    port += 1
+    sender.bucket_bytes = 512 * MiB
     n_repeat = 5 if quick else 20
     allocs, mem = [], []
     for i in range(n_repeat):

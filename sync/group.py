@@ -83,7 +83,9 @@ class UpdateGroup:
 
     def destroy(self) -> None:
         for impl in {id(i): i for i in self.devices.values()}.values():
-            shutdown = getattr(impl, "shutdown", None) or getattr(impl, "abort", None)
+            # abort, not shutdown: NCCL's shutdown may wait on the peer (a trainer and an engine that both
+            # tear down while waiting for each other's reply would deadlock); abort is local and immediate
+            shutdown = getattr(impl, "abort", None) or getattr(impl, "shutdown", None)
             if shutdown is not None:
                 try:
                     shutdown()

@@ -46,7 +46,8 @@ def mxfp8_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], recip
     actions = {} if actions is None else actions
     out, names = [], None
     for name, t in items:
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         key = (name, t.dtype)
         action = actions.get(key)
         if action is None:
@@ -54,7 +55,7 @@ def mxfp8_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], recip
         if action == "skip":
             continue
         if action == "bytes":
-            out.append((name, t.view(torch.uint8)))
+            out.append((name, t if t.dtype == torch.uint8 else t.view(torch.uint8)))
         elif action == "quantize":
             if names is None:
                 names = {n for n, _ in items}
@@ -143,7 +144,9 @@ class WeightSender:
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
         if self.cfg is None:
             raise ValueError("WeightSender needs model_config (the engine's ModelConfig) to apply the recipe")
-        return mxfp8_named_tensors([(n, t.to(self.device)) for n, t in items], self.recipe if self.mxfp8 else None,
+        dev = self.device
+        on_device = [(n, t if t.device == dev else t.to(dev)) for n, t in items]
+        return mxfp8_named_tensors(on_device, self.recipe if self.mxfp8 else None,
                                    self.cfg, actions=self._actions)
 
     def push(self, weights, weight_version: str | None = None, flush_cache: bool = True) -> dict:
@@ -180,11 +183,12 @@ class WeightSender:
     def close(self) -> None:
         if self.group is None:
             return
+        remote = _Background(self.engine.destroy_weights_update_group, group_name=self.group_name)
         try:
-            self.engine.destroy_weights_update_group(self.group_name)
+            self.group.destroy()  # at the same time as the engine's side: neither waits on the other
         finally:
-            self.group.destroy()
             self.group = None
+            remote.result()
 
 
 class _Background:

@@ -286,3 +286,14 @@ def test_buckets_keep_scales_with_their_weight():
          ("b.weight", torch.zeros(50, dtype=torch.uint8))]
     assert [[n for n, _ in b] for b in buckets(t, 105)] == [["a.weight", "a.weight_scale_inv"], ["b.weight"]]
     assert [[n for n, _ in b] for b in buckets(t, 1000)] == [["a.weight", "a.weight_scale_inv", "b.weight"]]
+
+
+def test_group_can_be_destroyed_and_formed_again(engine, ckpts, fresh_outputs):
+    """Closing tears both sides down at once (neither waits on the other); a new group then works."""
+    for name in ("new", "old"):
+        sender = WeightSender(engine, master_port=free_port(), backend="gloo", model_config=engine.model_config)
+        sender.connect()
+        sender.push(list(iter_checkpoint(ckpts[name], progress=False)))
+        sender.close()
+        assert not engine.receiver.groups
+        assert greedy(engine) == fresh_outputs[name]
