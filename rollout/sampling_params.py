@@ -9,6 +9,11 @@ from dataclasses import dataclass, field, fields
 # temperature 1 like greedy ones: dividing logits by ~0 would overflow to inf/NaN.
 GREEDY_EPS = 1e-5
 SEED_LIMIT = 2**64  # seeds are any integer in [0, 2**64), the range of torch.Generator.manual_seed
+# sglang keys RL frameworks send with every request: accepted, and ignored, when they do not change the
+# tokens. Text-only formatting keys take any bool; the others only their neutral value.
+TEXT_ONLY = ("skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_new_tokens": 0,
+           "stop": None, "regex": None, "json_schema": None, "ebnf": None}
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,15 @@ class SamplingParams:
             raise ValueError(f"sampling_params must be a dict (or a list of dicts, one per prompt), got "
                              f"{type(d).__name__} {d!r:.80}")
         d = dict(d or {})
+        for key in TEXT_ONLY:
+            if key in d and not isinstance(d.pop(key), bool):
+                raise ValueError(f"sampling_params.{key} must be true or false")
+        for key, neutral in NEUTRAL.items():
+            if key in d:
+                value = d.pop(key)
+                if value != neutral and not (neutral is None and value in ([], "", ())):
+                    raise ValueError(f"sampling_params.{key}={value!r} is not supported (only {neutral!r}); "
+                                     "mxroll samples from the model's own distribution, which the trainer recomputes")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known, key=str)
         if unknown:
