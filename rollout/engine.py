@@ -567,6 +567,10 @@ class Engine(WeightUpdateAPI):
                 "steps": len(self.steps), "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
                 "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0}
 
+    def is_alive(self) -> bool:
+        """The engine loop runs and accepts requests (False after shutdown or a crashed loop)."""
+        return not self._closed and self._thread.is_alive()
+
     def shutdown(self) -> None:
         if self._closed:
             return

@@ -110,8 +110,7 @@ def _batch_size(args: dict) -> int | None:
 
 
 def _engine_alive(engine: Engine) -> bool:
-    thread = getattr(engine, "_thread", None)
-    return not getattr(engine, "_closed", True) and thread is not None and thread.is_alive()
+    return engine.is_alive()
 
 
 def create_app(engine: Engine, admin_token: str | None = None, api_key: str | None = None, *,
