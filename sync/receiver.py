@@ -174,12 +174,14 @@ class WeightReceiver:
 
     @torch.no_grad()
     def commit(self, staged: list) -> None:
-        """In-place copies into the live parameters (one fused launch per device pair), then layouts."""
+        """In-place copies into the live parameters (multi-tensor copies per dtype), then kernel layouts."""
         groups: dict[tuple, tuple[list, list]] = {}
         for dest, src in staged:
             if src.dtype != dest.dtype:
                 src = src.to(dest.dtype)
-            dests, srcs = groups.setdefault((dest.device, src.device), ([], []))
+            # one dtype and device pair per list: foreach's multi-tensor kernels (a launch per ~100
+            # tensors) only take uniform lists; a mixed list falls back to a copy kernel per tensor
+            dests, srcs = groups.setdefault((dest.device, src.device, dest.dtype), ([], []))
             dests.append(dest)
             srcs.append(src)
         for dests, srcs in groups.values():
