@@ -216,6 +216,9 @@ def _rl(args) -> int:
         except EngineStartError as e:
             print(f"mxroll rl: error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # the engine process was stopped on the way out
+            print("mxroll rl: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -88,6 +88,7 @@ def check_rl_config(cfg: RLConfig) -> None:
     if cfg.control_prompts > cfg.prompts_per_step:
         raise ValueError(f"control_prompts={cfg.control_prompts}: at most prompts_per_step={cfg.prompts_per_step} "
                          "(the control samples the first prompts of each step)")
+    check_engine_config(replace(cfg.engine, device=cfg.device))  # the trainer's device, by the engine's rules
     if cfg.sync_backend not in SYNC_BACKENDS:
         raise ValueError(f"sync_backend={cfg.sync_backend!r}; supported: {list(SYNC_BACKENDS)}")
     if cfg.control_dtype not in CONTROL_DTYPES:
