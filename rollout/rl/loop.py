@@ -110,8 +110,8 @@ def run_rl(cfg: RLConfig) -> RLResult:
         _check_control(clients)
         senders = [WeightSender(c, master_port=free_port(), backend=where.backend, bucket_bytes=cfg.bucket_bytes,
                                 model_config=model_cfg, device=where.trainer if where.backend == "nccl" else "cpu",
-                                timeout=e.weight_update_timeout, hp_dtype=DTYPES[cfg_.dtype])
-                   for c, cfg_ in zip(clients, engines)]
+                                timeout=e.weight_update_timeout, hp_dtype=DTYPES[ec.dtype])
+                   for c, ec in zip(clients, engines)]
         try:
             for s in senders:
                 s.connect()
