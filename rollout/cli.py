@@ -22,12 +22,30 @@ reward function is given, and write to output_dir:
                   (with return_routed_experts=true)
   metrics.jsonl   one line per step, also logged to W&B (offline unless wandb.mode=online)
 Both replace the previous run's files only when the job completes. `rollout` is an alias."""
+RL_DESCRIPTION = """\
+Run an RL loop that learns, on the built-in tiny model by default. The trainer (this process) and the
+rollout engine (a child process serving HTTP, storing MXFP8 weights) are connected by a weight update
+group (gloo on CPU, NCCL between two GPUs). Each step: the engine samples n outputs per prompt with
+their logprobs -> the task scores them (the fraction of output tokens in the prompt's character set,
+lowercase or uppercase letters) -> the trainer recomputes the logprobs with its own MXFP8 w8a8 forward
+and takes one GRPO step (group-normalised advantages, PPO-clipped ratio to the rollout logprobs, Adam)
+-> the new MXFP8 weights are pushed and swapped in (weight version = step). A bf16 control engine holding
+the same weights samples a few prompts per step, to show the mismatch without matched precision.
+The engine.* keys configure the engine process (engine.quantization stays mxfp8: the engine stores
+the trainer's bytes; engine.log_level is that process's log level).
+
+Per step, to the terminal, W&B and output_dir/metrics.jsonl: reward_mean/std, mismatch_mean/max/frac
+(|engine - trainer| logprob over the step's tokens; frac = share above 1e-4), control_mismatch_*,
+sync_time_s (export + push + swap), sync_bytes, tokens_per_s (rollout), loss, grad_norm,
+clip_fraction, phase times. At the end: a table of the steps, the reward trend (first vs last fifth
+of the run), and output_dir/rl.png (reward and mismatch over steps) and output_dir/summary.json."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
-                        help="log level of the mxroll loggers (default INFO; job: the job's engine.log_level)")
+                        help="log level of the mxroll loggers (default INFO; job: the job's engine.log_level; rl: "
+                             "the trainer's, the engine process logs at engine.log_level)")
     parser = Parser(prog="mxroll", description=__doc__, epilog="Run `mxroll COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
 
@@ -73,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--config", default=None, help="YAML merged over the default job config")
     job.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="dotlist overrides of job config keys (listed below), e.g. sampling.n=8 engine.device=cpu")
+
+    rl = sub.add_parser("rl", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help="run the RL loop: GRPO with live MXFP8 weight sync (default: configs/rl/default.yaml)",
+                        description=RL_DESCRIPTION, epilog_fn=_rl_epilog)
+    rl.add_argument("--config", default=None, help="YAML merged over the default RL config")
+    rl.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotlist overrides of RL config keys (listed below), e.g. steps=20 lr=3e-3 control=false")
 
     sv = sub.add_parser("serve", parents=[common],
                         help="serve the engine over HTTP (sglang endpoints, /v1/completions, weight sync)",
@@ -137,6 +162,12 @@ def _job_epilog() -> str:
     return config_epilog("job", rollout_config())
 
 
+def _rl_epilog() -> str:
+    from .rl.config import rl_config
+
+    return config_epilog("rl", rl_config())
+
+
 def _run(args) -> int:
     if args.cmd == "make-checkpoint":
         from ..model.synthetic import make_checkpoint
@@ -159,6 +190,8 @@ def _run(args) -> int:
         return 0
     if args.cmd == "serve":
         return _serve(args)
+    if args.cmd == "rl":
+        return _rl(args)
     from .config import rollout_config
     from .job import run_rollout_job
 
@@ -168,6 +201,24 @@ def _run(args) -> int:
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
     with logging_redirect_tqdm([logging.getLogger("mxroll")]):  # log lines print above the job's progress bar
         run_rollout_job(cfg)
+    return 0
+
+
+def _rl(args) -> int:
+    from .rl.config import rl_config
+    from .rl.engines import EngineStartError
+    from .rl.loop import run_rl
+
+    cfg = rl_config(args.config, list(args.overrides))
+    with logging_redirect_tqdm([logging.getLogger("mxroll")]):
+        try:
+            run_rl(cfg)
+        except EngineStartError as e:
+            print(f"mxroll rl: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # the engine process was stopped on the way out
+            print("mxroll rl: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -108,7 +108,7 @@ class WeightSender:
                  backend: str | None = None, group_name: str = DEFAULT_GROUP, world_size: int = 2,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, recipe: Recipe | None = None,
                  model_config: ModelConfig | None = None, device: str | torch.device | None = None,
-                 timeout: float = 300.0, mxfp8: bool = True):
+                 timeout: float = 300.0, mxfp8: bool = True, hp_dtype: torch.dtype | None = torch.bfloat16):
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes!r}: must be a positive integer")
         self.engine, self.address, self.port = engine, master_address, int(master_port)
@@ -117,6 +117,9 @@ class WeightSender:
         self.group_name, self.world_size, self.bucket_bytes = group_name, world_size, bucket_bytes
         self.recipe = recipe or Recipe()
         self.mxfp8 = mxfp8  # False: weights travel in their own dtype (an engine storing bf16)
+        # High-precision tensors travel as hp_dtype (None: their own dtype, e.g. fp32 masters into an fp32
+        # engine, which then holds exactly what the trainer's forward reads).
+        self.hp_dtype = hp_dtype
         self.cfg = model_config
         self.timeout = timeout
         self.group: UpdateGroup | None = None
@@ -147,7 +150,7 @@ class WeightSender:
         dev = self.device
         on_device = [(n, t if t.device == dev else t.to(dev)) for n, t in items]
         return mxfp8_named_tensors(on_device, self.recipe if self.mxfp8 else None,
-                                   self.cfg, actions=self._actions)
+                                   self.cfg, hp_dtype=self.hp_dtype, actions=self._actions)
 
     def push(self, weights, weight_version: str | None = None, flush_cache: bool = True) -> dict:
         """Send one update; returns timings and bytes. The engine applies it atomically after the last
