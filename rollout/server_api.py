@@ -51,6 +51,7 @@ class UpdateDistributedRequest(_Body):
     load_format: str | None = None
     abort_all_requests: bool = False  # sglang: end every request in flight before updating
     commit: bool = True  # mxroll: false stages the bucket; the next call with true applies all at once
+    bucket_sizes: list[int] | None = None  # mxroll: consecutive flattened buckets of these counts, one request
 
 
 class UpdateDiskRequest(_Body):

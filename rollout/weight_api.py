@@ -49,17 +49,23 @@ class WeightUpdateAPI:
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
                                         group_name: str = DEFAULT_GROUP, flush_cache: bool = True,
                                         weight_version: str | None = None,
-                                        load_format: str | None = None, commit: bool = True) -> tuple[bool, str]:
+                                        load_format: str | None = None, commit: bool = True,
+                                        bucket_sizes: list[int] | None = None) -> tuple[bool, str]:
         """Receive tensors broadcast by trainer rank 0: one broadcast per tensor in `names` order, or
         with load_format="flattened_bucket" one uint8 buffer holding them all back to back.
         commit=False keeps them staged: the next call with commit=True validates and applies everything
-        staged at once (one update made of several buckets is still atomic)."""
+        staged at once (one update made of several buckets is still atomic). bucket_sizes (flattened
+        buckets only): the tensors of `names` form consecutive buckets of these counts, broadcast one
+        after another within this one call (a whole update in one request, no round trip per bucket)."""
         self._check_open()
+        groups = _split(names, dtypes, shapes, bucket_sizes, load_format)
         with self.receiver.lock:
             pending = self.receiver.pending.setdefault(group_name, [])
             try:
                 t0 = time.perf_counter()
-                pending.append(self.receiver.receive(names, dtypes, shapes, group_name, load_format, slot=len(pending)))
+                for g_names, g_dtypes, g_shapes in groups:
+                    pending.append(self.receiver.receive(g_names, g_dtypes, g_shapes, group_name, load_format,
+                                                         slot=len(pending)))
                 if not commit:
                     return True, f"staged {len(names)} tensors ({len(pending)} calls pending until commit=True)"
                 t1 = time.perf_counter()
@@ -132,6 +138,24 @@ class WeightUpdateAPI:
         log.info("weights updated (%s): %d tensors in %.3f s, weight_version %s -> %s", stats["source"],
                  len(staged), t2 - t0, old, self.weight_version)
         return True, f"updated {len(staged)} tensors; weight_version {self.weight_version}"
+
+
+def _split(names, dtypes, shapes, bucket_sizes, load_format) -> list[tuple[list, list, list]]:
+    if bucket_sizes is None:
+        return [(names, dtypes, shapes)]
+    if load_format != "flattened_bucket":
+        raise WeightUpdateError("bucket_sizes needs load_format='flattened_bucket'")
+    if not isinstance(bucket_sizes, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                               and n >= 1 for n in bucket_sizes):
+        raise WeightUpdateError(f"bucket_sizes={bucket_sizes!r:.80}: must be a list of tensor counts >= 1")
+    if sum(bucket_sizes) != len(names) or not (len(names) == len(dtypes) == len(shapes)):
+        raise WeightUpdateError(f"bucket_sizes add up to {sum(bucket_sizes)} tensors; names/dtypes/shapes have "
+                                f"{len(names)}/{len(dtypes)}/{len(shapes)}")
+    out, start = [], 0
+    for n in bucket_sizes:
+        out.append((names[start:start + n], dtypes[start:start + n], shapes[start:start + n]))
+        start += n
+    return out
 
 
 def _next_version(version: str) -> str:

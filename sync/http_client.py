@@ -112,13 +112,14 @@ class EngineClient:
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
                                         group_name: str = "weight_update_group", flush_cache: bool = True,
                                         weight_version: str | None = None, load_format: str | None = None,
-                                        commit: bool = True) -> tuple[bool, str]:
+                                        commit: bool = True, bucket_sizes: list[int] | None = None) -> tuple[bool, str]:
         """dtypes as names ("bfloat16") or torch dtypes; shapes as lists, tuples or torch.Size. commit=False
-        stages a bucket; the next call with commit=True applies everything staged at once."""
+        stages a bucket; the next call with commit=True applies everything staged at once. bucket_sizes:
+        the tensors form consecutive flattened buckets of these counts, all received in this one call."""
         return self._weights("/update_weights_from_distributed", dict(
             names=list(names), dtypes=[_dtype_name(d) for d in dtypes], shapes=[[int(s) for s in sh] for sh in shapes],
             group_name=group_name, flush_cache=flush_cache, weight_version=weight_version, load_format=load_format,
-            commit=commit))
+            commit=commit, bucket_sizes=None if bucket_sizes is None else [int(n) for n in bucket_sizes]))
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None, flush_cache: bool = True,
                                    weight_version: str | None = None) -> tuple[bool, str]:

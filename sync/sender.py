@@ -10,8 +10,9 @@
 high-precision tensor for a weight the recipe stores MXFP8 is quantized here (e4m3 + E8M0
 `weight_scale_inv`, the recipe's scale rule), tensors already in MXFP8 pass through untouched,
 everything else travels in its dtype. Tensors are packed back to back into buckets of `bucket_bytes`
-(a weight and its scales never split); each bucket is one broadcast with
-load_format="flattened_bucket", and the last call commits the whole update at once on the engine.
+(a weight and its scales never split); each bucket is one broadcast (load_format="flattened_bucket").
+One engine call carries the whole update's metadata (`bucket_sizes`) and the engine applies it at once
+after the last bucket; `one_call=False` makes one call per bucket instead (commit=False until the last).
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class WeightSender:
                  backend: str | None = None, group_name: str = DEFAULT_GROUP, world_size: int = 2,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, recipe: Recipe | None = None,
                  model_config: ModelConfig | None = None, device: str | torch.device | None = None,
-                 timeout: float = 300.0, mxfp8: bool = True, hp_dtype: torch.dtype | None = torch.bfloat16):
+                 timeout: float = 300.0, mxfp8: bool = True, hp_dtype: torch.dtype | None = torch.bfloat16,
+                 one_call: bool = True):
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes!r}: must be a positive integer")
         self.engine, self.address, self.port = engine, master_address, int(master_port)
@@ -120,6 +122,9 @@ class WeightSender:
         # High-precision tensors travel as hp_dtype (None: their own dtype, e.g. fp32 masters into an fp32
         # engine, which then holds exactly what the trainer's forward reads).
         self.hp_dtype = hp_dtype
+        # True: one engine call per update carrying every bucket's metadata (bucket_sizes); False: one
+        # call per bucket with commit=False until the last (sglang-style engines)
+        self.one_call = one_call
         self.cfg = model_config
         self.timeout = timeout
         self.group: UpdateGroup | None = None
@@ -165,18 +170,31 @@ class WeightSender:
         need = max(sum(t.numel() * t.element_size() for _, t in part) for part in parts)
         if self._buffer is None or self._buffer.numel() < need:
             self._buffer = torch.empty(need, dtype=torch.uint8, device=self.device)
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            buf = pack([t for _, t in part], self._buffer)
-            call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in part],
-                               dtypes=[dtype_name(t.dtype) for _, t in part], shapes=[list(t.shape) for _, t in part],
-                               group_name=self.group_name, flush_cache=flush_cache and last,
-                               weight_version=weight_version if last else None, load_format="flattened_bucket",
-                               commit=last)
+        meta = dict(group_name=self.group_name, flush_cache=flush_cache, weight_version=weight_version,
+                    load_format="flattened_bucket")
+        if self.one_call:  # the whole update in one engine call: no round trip per bucket
+            call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in prepared],
+                               dtypes=[dtype_name(t.dtype) for _, t in prepared],
+                               shapes=[list(t.shape) for _, t in prepared], bucket_sizes=[len(p) for p in parts],
+                               **meta)
             try:
-                self.group.broadcast(buf)
+                for part in parts:
+                    self.group.broadcast(pack([t for _, t in part], self._buffer))
             finally:
                 call.result()
+        else:  # one call per bucket (commit=False until the last), for engines without bucket_sizes
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                buf = pack([t for _, t in part], self._buffer)
+                call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in part],
+                                   dtypes=[dtype_name(t.dtype) for _, t in part],
+                                   shapes=[list(t.shape) for _, t in part], commit=last,
+                                   **{**meta, "flush_cache": flush_cache and last,
+                                      "weight_version": weight_version if last else None})
+                try:
+                    self.group.broadcast(buf)
+                finally:
+                    call.result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()

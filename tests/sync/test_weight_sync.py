@@ -189,9 +189,10 @@ def test_rejected_distributed_update_changes_nothing(engine, fresh_outputs):
     assert greedy(engine) == fresh_outputs["old"]
 
 
-def test_hundred_updates_allocate_nothing_new(engine, ckpts, fresh_outputs):
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "call-per-bucket"])
+def test_hundred_updates_allocate_nothing_new(engine, ckpts, fresh_outputs, one_call):
     sender = WeightSender(engine, master_port=free_port(), backend="gloo", bucket_bytes=1 << 16,
-                          model_config=engine.model_config)
+                          model_config=engine.model_config, one_call=one_call)
     sender.connect()
     new = list(iter_checkpoint(ckpts["new"], progress=False))
     old = list(iter_checkpoint(ckpts["old"], progress=False))
@@ -297,3 +298,11 @@ def test_group_can_be_destroyed_and_formed_again(engine, ckpts, fresh_outputs):
         sender.close()
         assert not engine.receiver.groups
         assert greedy(engine) == fresh_outputs[name]
+
+
+def test_bucket_sizes_must_cover_the_names(engine):
+    with pytest.raises(WeightUpdateError, match="bucket_sizes add up"):
+        engine.update_weights_from_distributed(["model.norm.weight"] * 2, ["bfloat16"] * 2, [[64]] * 2,
+                                               load_format="flattened_bucket", bucket_sizes=[1])
+    with pytest.raises(WeightUpdateError, match="flattened_bucket"):
+        engine.update_weights_from_distributed(["model.norm.weight"], ["bfloat16"], [[64]], bucket_sizes=[1])
