@@ -17,6 +17,7 @@ from mxroll.model import ModelConfig
 from mxroll.model.loader import iter_checkpoint
 from mxroll.model.synthetic import make_checkpoint
 from mxroll.precision import Recipe
+from mxroll.precision.mxfp8 import quantize
 from mxroll.sync.bucket import dtype_name
 from mxroll.sync.receiver import WeightUpdateError
 from mxroll.sync.sender import WeightSender, buckets, mxfp8_named_tensors
@@ -306,3 +307,18 @@ def test_bucket_sizes_must_cover_the_names(engine):
                                                load_format="flattened_bucket", bucket_sizes=[1])
     with pytest.raises(WeightUpdateError, match="flattened_bucket"):
         engine.update_weights_from_distributed(["model.norm.weight"], ["bfloat16"], [[64]], bucket_sizes=[1])
+
+
+def test_high_precision_update_for_mxfp8_weights_is_quantized_and_logged_once(engine, ckpts, fresh_outputs, caplog):
+    """bf16 tensors for weights the engine stores MXFP8: quantized by the recipe (the bytes a fresh load
+    makes), and said once per engine, not once per update."""
+    bf16 = list(iter_checkpoint(ckpts["new"], progress=False))
+    with caplog.at_level("INFO", logger="mxroll.sync.receiver"):
+        engine.update_weights_from_tensor(bf16)
+        engine.update_weights_from_tensor(bf16)
+    said = [r for r in caplog.records if "were quantized with the recipe" in r.getMessage()]
+    assert len(said) == 1 and "rceil" in said[0].getMessage()
+    assert greedy(engine) == fresh_outputs["new"]
+    want, _ = quantize(dict(bf16)["model.layers.0.self_attn.o_proj.weight"], scale_mode="rceil")
+    got = stored(engine, "model.layers.0.self_attn.o_proj.weight")
+    assert torch.equal(got, want.float())
