@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "$MXROLL_ADMIN_TOKEN; the environment keeps it out of the process list)")
     sv.add_argument("--api-key", default=None,
                     help="bearer token required by the generation and info endpoints (default: $MXROLL_API_KEY)")
+    _engine_flags(sv)
     sv.add_argument("overrides", nargs="*",
                     help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
                          "server.port=8000")
@@ -222,6 +224,22 @@ def _rl(args) -> int:
     return 0
 
 
+ENGINE_FLAG_PREFIX = "engine_flag_"
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    """sglang-style flags for every engine option (--mem-fraction-static 0.8, --device cpu, ...), read
+    from configs/engine.yaml (key, default, comment) so that building the parser imports no torch."""
+    group = parser.add_argument_group("engine options (each = the dotlist key engine.NAME; configs/engine.yaml)")
+    for line in (configs.ROOT / "engine.yaml").read_text().splitlines():
+        m = re.match(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if not m or m.group(1) in ("model_path", "log_level"):  # --model-path and --log-level exist already
+            continue
+        name, default, doc = m.groups()
+        group.add_argument(f"--{name.replace('_', '-')}", dest=ENGINE_FLAG_PREFIX + name, default=None,
+                           metavar="VALUE", help=f"{doc or name} (default {default})".replace("%", "%%"))
+
+
 def _serve(args) -> int:
     import os
 
@@ -235,7 +253,10 @@ def _serve(args) -> int:
     engine = {"model_path": args.model_path} if args.model_path is not None else {}
     if args.log_level:
         engine["log_level"] = args.log_level
-    cfg = serve_config({"server": env}, args.config, list(args.overrides), {"server": flags, "engine": engine})
+    engine_flags = [f"engine.{key[len(ENGINE_FLAG_PREFIX):]}={value}" for key, value in vars(args).items()
+                    if key.startswith(ENGINE_FLAG_PREFIX) and value is not None]
+    cfg = serve_config({"server": env}, args.config, list(args.overrides) + engine_flags,
+                       {"server": flags, "engine": engine})
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
     s = cfg.server
     run_server(cfg.engine, host=s.host, port=s.port, admin_token=s.admin_token, api_key=s.api_key,

@@ -487,6 +487,21 @@ def test_serve_cli_settings(captured_run, monkeypatch, tmp_path):
     assert kw == {"host": "::1", "port": 8001, "admin_token": "from-env", "api_key": "k", "log_level": "INFO"}
 
 
+def test_serve_cli_takes_every_engine_option_as_a_flag(captured_run, capsys):
+    assert cli.main(["serve", "--device", "cpu", "--page-size", "8", "--mem-fraction-static", "0.5",
+                     "--high-precision", "[kv_b_proj,shared_experts]", "--disable-cuda-graph", "true",
+                     "engine.page_size=4"]) == 0
+    (cfg, _), = captured_run
+    assert (cfg.device, cfg.page_size, cfg.mem_fraction_static) == ("cpu", 8, 0.5)  # flags beat the dotlist
+    assert cfg.high_precision == ["kv_b_proj", "shared_experts"] and cfg.disable_cuda_graph is True
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--mem-fraction-static" in text and "--weight-update-timeout" in text and "--chunked-prefill-size" in text
+    assert cli.main(["serve", "--page-size", "many"]) == 2
+    assert "page_size" in capsys.readouterr().err
+
+
 def test_serve_cli_refuses_open_admin_on_a_public_host(capsys, monkeypatch):
     from mxroll.rollout import engine as engine_module
 
