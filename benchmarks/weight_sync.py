@@ -158,15 +158,12 @@ def nccl_floor(nbytes: int, port: int) -> dict:
     """Same-run NCCL broadcast bandwidth GPU0 -> GPU1 of one large buffer, via the project's update group."""
     from mxroll.sync.group import UpdateGroup
 
-    results = {}
-
     def peer():
         g = UpdateGroup("floor", "nccl", "127.0.0.1", port, 1, 2)
         buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
         for _ in range(6):
             g.broadcast(buf)
         torch.cuda.synchronize(1)
-        results["peer_ok"] = True
         g.destroy()
 
     t = threading.Thread(target=peer)
@@ -233,9 +230,7 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
     names = [n for n, _ in weights[:: max(1, len(weights) // 40)]]
     got = engine.weights(names=names)
     want = dict(weights)
-    mismatched = [n for n in names if not torch.equal(
-        got[n].to(torch.float32), want[n][:4].to("cpu").to(torch.float32 if want[n].dtype != torch.uint8 else
-                                                           torch.float32))]
+    mismatched = [n for n in names if not torch.equal(got[n].to(torch.float32), want[n][:4].cpu().to(torch.float32))]
     out["bytes_equal_checked"], out["bytes_mismatched"] = len(names), mismatched
     # repeated updates: allocations stay flat
     sender.bucket_bytes = 512 * MiB

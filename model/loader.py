@@ -241,7 +241,6 @@ class _Loader:
                      self.report.skipped[0])
         return self.report
 
-
     def _check_scales_paired(self) -> None:
         """An MXFP8 weight and its E8M0 scales must arrive together: a partial update may not change one
         without the other (loading checks this through coverage)."""
@@ -250,9 +249,10 @@ class _Loader:
         for pname, got in self.filled.items():
             if pname.endswith(SCALE) or pname + SCALE not in self.filled:
                 continue
-            if got != self.filled[pname + SCALE]:
-                odd = engine_to_hf(pname, *(sorted(got ^ self.filled[pname + SCALE], key=str)[0]
-                                            if "all" not in got ^ self.filled[pname + SCALE] else (None, None)))
+            differ = got ^ self.filled[pname + SCALE]
+            if differ:
+                slot = (None, None) if "all" in differ else sorted(differ, key=str)[0]
+                odd = engine_to_hf(pname, *slot)
                 self.problems.append(f"MXFP8 weight and weight_scale_inv must be updated together ({odd!r})")
 
 

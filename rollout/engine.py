@@ -323,10 +323,6 @@ class Engine(WeightUpdateAPI):
             self._cv.notify()
         return fut.result() if wait else fut
 
-    def _between_steps(self, fn):
-        """Hook for weight sync: run `fn()` between two scheduler steps (no forward pass in flight)."""
-        return self._command(fn)
-
     def _check_open(self) -> None:
         if self._closed:
             raise EngineShutdownError("the engine is shut down; create a new Engine")

@@ -87,7 +87,8 @@ class WeightUpdateAPI:
         (`sync.receiver.serialize_named_tensors`: CUDA IPC handles / shared memory, as base64 text)."""
         self._check_open()
         if load_format not in (None, "auto", "direct"):
-            raise WeightUpdateError(f"update_weights_from_tensor load_format={load_format!r}; supported: None")
+            raise WeightUpdateError(f"update_weights_from_tensor load_format={load_format!r}; supported: None, "
+                                    "'auto', 'direct'")
         with self.receiver.lock:
             t0 = time.perf_counter()
             return self._apply(lambda: self.receiver.from_tensors(named_tensors), weight_version, flush_cache,

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from .bucket import dtype_name
 from .receiver import WeightUpdateError
 
 DEFAULT_TIMEOUT_S = 600.0  # per blocking socket read: a distributed update waits for the whole broadcast
@@ -117,7 +118,7 @@ class EngineClient:
         stages a bucket; the next call with commit=True applies everything staged at once. bucket_sizes:
         the tensors form consecutive flattened buckets of these counts, all received in this one call."""
         return self._weights("/update_weights_from_distributed", dict(
-            names=list(names), dtypes=[_dtype_name(d) for d in dtypes], shapes=[[int(s) for s in sh] for sh in shapes],
+            names=list(names), dtypes=[dtype_name(d) for d in dtypes], shapes=[[int(s) for s in sh] for sh in shapes],
             group_name=group_name, flush_cache=flush_cache, weight_version=weight_version, load_format=load_format,
             commit=commit, bucket_sizes=None if bucket_sizes is None else [int(n) for n in bucket_sizes]))
 
@@ -229,5 +230,3 @@ def _plain(ids):
     return ids.tolist() if hasattr(ids, "tolist") else ids
 
 
-def _dtype_name(dtype) -> str:
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")

@@ -64,6 +64,3 @@ class FiniteCheck:
         return [name for (kind, part), b in zip(self.chunks, bad.tolist(), strict=True) if b
                 for name, flat in part if bool(_bad(kind, flat).any())]
 
-
-def nonfinite_names(named_tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES) -> list[str]:
-    return FiniteCheck(named_tensors, chunk_bytes).run()
