@@ -218,13 +218,14 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
         best = min(runs[1:] or runs, key=lambda x: x["total_s"])
         row = {"bucket_MiB": b, "first_s": runs[0]["total_s"], "total_s": best["total_s"],
                "prepare_s": best["prepare_s"], "send_s": best["send_s"], "engine": best["engine"],
+               "plan_reused": best.get("plan_reused"), "all_s": [round(x["total_s"], 4) for x in runs],
                "buckets": best["buckets"], "staging_allocations": [x["staging_allocations"] for x in runs],
                "engine_allocated_GiB": [round(x["allocated_GiB"], 3) for x in runs]}
         out["buckets"].append(row)
         if partial is not None:
             partial(out)
         print(f"[{mode}] bucket {b:5d} MiB: first {row['first_s']:.3f} s, best {row['total_s']:.3f} s "
-              f"(prepare {row['prepare_s']:.3f}, engine validate {best['engine'].get('validate_s', 0):.3f}, "
+              f"(prepare {row['prepare_s']:.3f}, engine receive {best['engine'].get('receive_s', 0):.3f}, validate {best['engine'].get('validate_s', 0):.3f}, "
               f"commit {best['engine'].get('commit_s', 0):.3f}), {row['buckets']} buckets", flush=True)
     # correctness: sampled tensors equal the trainer's bytes
     names = [n for n, _ in weights[:: max(1, len(weights) // 40)]]

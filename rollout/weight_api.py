@@ -63,9 +63,12 @@ class WeightUpdateAPI:
             pending = self.receiver.pending.setdefault(group_name, [])
             try:
                 t0 = time.perf_counter()
+                posted = []  # every bucket's broadcast is posted back to back, then one wait for all
                 for g_names, g_dtypes, g_shapes in groups:
-                    pending.append(self.receiver.receive(g_names, g_dtypes, g_shapes, group_name, load_format,
-                                                         slot=len(pending)))
+                    posted.append(self.receiver.receive(g_names, g_dtypes, g_shapes, group_name, load_format,
+                                                        slot=len(pending) + len(posted)))
+                self.receiver.finish(group_name, posted)
+                pending += posted
                 if not commit:
                     return True, f"staged {len(names)} tensors ({len(pending)} calls pending until commit=True)"
                 t1 = time.perf_counter()

@@ -55,7 +55,9 @@ class UpdateGroup:
                     made = dist.ProcessGroupGloo(prefixed, rank, world_size, self.timeout)
                 else:
                     opts = dist.ProcessGroupNCCL.Options()
-                    opts._timeout = self.timeout
+                    # the watchdog's limit lies beyond ours: our timed wait reports a dead trainer and aborts
+                    # the group first (the watchdog would tear the whole engine process down)
+                    opts._timeout = self.timeout * 2 + timedelta(seconds=60)
                     made = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
             except Exception as e:  # noqa: BLE001
                 raise GroupError(f"update group {name!r}: {backend} rendezvous failed: {e}") from e
@@ -67,15 +69,30 @@ class UpdateGroup:
                  master_address, master_port)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """One broadcast, waited for on the host (at most `timeout`)."""
+        self.wait([self.post(tensor, src)])
+
+    def post(self, tensor: torch.Tensor, src: int = 0):
+        """Enqueue a broadcast without waiting: NCCL runs it after the work already queued on the current
+        stream. Before the current stream reads the data or reuses the buffer, `work.wait()` (a stream
+        wait, the host does not block) or `wait(works)`."""
         impl = self.devices.get(tensor.device.type)
         if impl is None:
             raise GroupError(f"update group {self.name!r} ({self.backend}) cannot carry {tensor.device.type} tensors")
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
         try:
-            work = impl.broadcast([tensor], opts)
-            if not work.wait(self.timeout):
-                raise GroupError(f"broadcast in group {self.name!r} timed out after {self.timeout}")
+            return impl.broadcast([tensor], opts)
+        except Exception as e:  # noqa: BLE001 - gloo/nccl report a dead peer this way
+            raise GroupError(f"broadcast in group {self.name!r} failed (trainer gone or timed out): {e}") from e
+
+    def wait(self, works: list) -> None:
+        """Block the host until every posted broadcast has completed, at most `timeout` in all (one host
+        wait per update, not one per broadcast: a timed wait polls, and NCCL runs posted work in order)."""
+        try:
+            for work in works[::-1]:  # the last one first: when it is done, an in-order backend is done
+                if not work.wait(self.timeout):
+                    raise GroupError(f"broadcast in group {self.name!r} timed out after {self.timeout}")
         except GroupError:
             raise
         except Exception as e:  # noqa: BLE001 - gloo/nccl report a dead peer or a timeout this way

@@ -19,7 +19,7 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from ..model.loader import CheckpointError, _Loader, destination, iter_checkpoin
 from ..model.names import Target, hf_to_engine
 from .bucket import nbytes, parse_dtype, unpack
 from .group import GroupError, UpdateGroup
+from .runs import merge_pairs
 from .validate import FiniteCheck
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WeightReceiver:
         self._quantize_logged = False
         self.check_finite = check_finite
         self._plans: dict[tuple, _Plan] = {}
+        self._layouts: dict[tuple, _Layout] = {}  # (device, slot) -> the last call's parsed metadata
 
     # ---- process groups --------------------------------------------------------------------
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -93,6 +95,8 @@ class WeightReceiver:
 
     def receive(self, names: list[str], dtypes: list, shapes: list, group_name: str,
                 load_format: str | None, slot: int = 0) -> Received:
+        """Post this call's broadcasts into staging (slot: the call's place in a multi-call update);
+        `finish()` waits for them. Returns the tensors' key (metadata + staging address) and views."""
         group = self.groups.get(group_name)
         if group is None:
             raise WeightUpdateError(f"no update group {group_name!r}; call init_weights_update_group first")
@@ -101,34 +105,64 @@ class WeightReceiver:
         if not (len(names) == len(dtypes) == len(shapes)) or not names:
             raise WeightUpdateError(f"names/dtypes/shapes must be non-empty lists of one length, got "
                                     f"{len(names)}/{len(dtypes)}/{len(shapes)}")
+        device = self.device if group.backend == "nccl" else torch.device("cpu")
+        layout = self._layout(names, dtypes, shapes, load_format, device, slot)
+        arena = self._arena(layout.nbytes, device, slot)
+        try:
+            if layout.offsets is None:  # one flattened bucket
+                works = [group.post(arena)]
+                views = None
+            else:  # per-tensor broadcasts into aligned slices of one arena
+                views = [arena[off:off + nbytes(d, s)].view(d).view(s)
+                         for d, s, off in zip(layout.dtypes, layout.shapes, layout.offsets)]
+                works = [group.post(v) for v in views]
+        except GroupError as e:
+            raise self._broken(group_name, group, e) from e
+        key = layout.key + (arena.data_ptr(),)
+        if views is None:
+            return Received(key, lambda: list(zip(names, unpack(arena, layout.dtypes, layout.shapes))), works)
+        return Received(key, lambda: list(zip(names, views)), works)
+
+    def finish(self, group_name: str, received: list[Received]) -> None:
+        """Wait (on the host, at most the timeout in all) for every broadcast posted by `received`."""
+        group = self.groups.get(group_name)
+        if group is None:
+            raise WeightUpdateError(f"update group {group_name!r} was closed during the update")
+        try:
+            group.wait([w for r in received for w in r.works])
+        except GroupError as e:
+            raise self._broken(group_name, group, e) from e
+
+    def _broken(self, group_name: str, group: UpdateGroup, e: Exception) -> WeightUpdateError:
+        self.groups.pop(group_name, None)
+        group.destroy()
+        return WeightUpdateError(f"{e}; the update group {group_name!r} was closed (init it again)")
+
+    def _layout(self, names, dtypes, shapes, load_format, device, slot) -> _Layout:
+        """Parsed metadata of one call, reused when the same call (same names, dtypes, shapes) comes again:
+        a trainer sends the same metadata every step."""
+        cached = self._layouts.get((str(device), slot))
+        if cached is not None and cached.load_format == load_format and cached.names == names \
+                and cached.raw_dtypes == dtypes and cached.raw_shapes == shapes:
+            return cached
         try:  # unreadable metadata cannot be drained: the trainer's broadcast then times out on its side
             dts = [parse_dtype(d) for d in dtypes]
-            shapes = [tuple(int(s) for s in shape) for shape in shapes]
+            shapes_ = [tuple(int(x) for x in shape) for shape in shapes]
         except (ValueError, TypeError) as e:
             raise WeightUpdateError(f"update metadata: {e}") from e
-        device = self.device if group.backend == "nccl" else torch.device("cpu")
-        sizes = [nbytes(d, s) for d, s in zip(dts, shapes)]
-        try:
-            meta = (tuple(names), tuple(dts), tuple(shapes), load_format == "flattened_bucket")
-            if load_format == "flattened_bucket":
-                buf = self._arena(sum(sizes), device, slot)
-                group.broadcast(buf)
-                return Received(meta + (buf.data_ptr(),), lambda: list(zip(names, unpack(buf, dts, shapes))))
-            offsets, total = [], 0  # per-tensor broadcasts into aligned slices of one arena
+        sizes = [nbytes(d, s) for d, s in zip(dts, shapes_)]
+        offsets = None
+        if load_format == "flattened_bucket":
+            total = sum(sizes)
+        else:
+            offsets, total = [], 0
             for n in sizes:
                 offsets.append(total)
                 total += -(-n // ALIGN) * ALIGN
-            arena = self._arena(total, device, slot)
-            out = []
-            for name, dtype, shape, off, n in zip(names, dts, shapes, offsets, sizes):
-                buf = arena[off:off + n].view(dtype).view(shape)
-                group.broadcast(buf)
-                out.append((name, buf))
-            return Received(meta + (arena.data_ptr(),), lambda: out)
-        except GroupError as e:
-            self.groups.pop(group_name, None)
-            group.destroy()
-            raise WeightUpdateError(f"{e}; the update group {group_name!r} was closed (init it again)") from e
+        layout = _Layout(list(names), list(dtypes), list(shapes), load_format, dts, shapes_, offsets,
+                         total, (tuple(names), tuple(dts), tuple(shapes_), load_format == "flattened_bucket"))
+        self._layouts[(str(device), slot)] = layout
+        return layout
 
     # ---- validate, stage, commit ----------------------------------------------------------
     def stage(self, named_tensors, full: bool = False, key: tuple | None = None) -> list:
@@ -174,9 +208,17 @@ class WeightReceiver:
 
     @torch.no_grad()
     def commit(self, staged: list) -> None:
-        """In-place copies into the live parameters (multi-tensor copies per dtype), then kernel layouts."""
+        """In-place copies into the live parameters, then kernel layouts. Pairs that are neighbours on both
+        sides (a bucket's experts landing in a stacked expert parameter) merge into one copy; the merged
+        list of a reused plan is kept. The copies go as multi-tensor copies per dtype."""
+        plan = next((p for p in self._plans.values() if p.staged is staged), None)
+        copies = plan.copies if plan is not None else None
+        if copies is None:
+            copies = merge_pairs(staged)
+            if plan is not None:
+                plan.copies = copies
         groups: dict[tuple, tuple[list, list]] = {}
-        for dest, src in staged:
+        for dest, src in copies:
             if src.dtype != dest.dtype:
                 src = src.to(dest.dtype)
             # one dtype and device pair per list: foreach's multi-tensor kernels (a launch per ~100
@@ -221,16 +263,34 @@ class WeightReceiver:
 
 @dataclass
 class Received:
-    """One call's tensors in staging: `key` = its metadata and staging address, `named()` the views."""
+    """One call's tensors in staging: `key` = its metadata and staging address, `named()` the views,
+    `works` its posted broadcasts (wait for them before reading)."""
 
     key: tuple
     named: Callable[[], list]
+    works: list = field(default_factory=list)
+
+
+@dataclass
+class _Layout:
+    """One call's parsed metadata and where its tensors sit in the staging arena."""
+
+    names: list
+    raw_dtypes: list
+    raw_shapes: list
+    load_format: str | None
+    dtypes: list
+    shapes: list
+    offsets: list | None  # per-tensor protocol: aligned byte offsets; None: one flattened bucket
+    nbytes: int
+    key: tuple
 
 
 @dataclass
 class _Plan:
     staged: list  # (live destination view, staging view) pairs
     finite: FiniteCheck | None
+    copies: list | None = None  # `staged` with neighbouring pairs merged (made at the first commit)
 
 
 def _reads_only(staged: list, items: list) -> bool:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -128,8 +129,10 @@ class WeightSender:
         self.cfg = model_config
         self.timeout = timeout
         self.group: UpdateGroup | None = None
-        self._buffer: torch.Tensor | None = None  # the packing buffer, allocated once
+        self._buffers: list[torch.Tensor] | None = None  # two packing buffers, allocated once
         self._actions: dict = {}  # per-name recipe decisions, made on the first push
+        self._orders: dict = {}  # per-name place in the engine (parameter, expert, half)
+        self._plan: _Update | None = None  # the last update's plan, reused for the same tensors
 
     def connect(self) -> None:
         """Form the update group: this process is rank 0; the engine joins as rank 1 (its call runs in
@@ -147,9 +150,7 @@ class WeightSender:
 
     def prepare(self, weights: nn.Module | Mapping | Iterable) -> list[tuple[str, torch.Tensor]]:
         """HF-named (name, tensor) pairs on the broadcast device, MXFP8 by the recipe."""
-        if isinstance(weights, nn.Module):
-            weights = weights.state_dict()
-        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        items = _items(weights)
         if self.cfg is None:
             raise ValueError("WeightSender needs model_config (the engine's ModelConfig) to apply the recipe")
         dev = self.device
@@ -157,38 +158,69 @@ class WeightSender:
         return mxfp8_named_tensors(on_device, self.recipe if self.mxfp8 else None,
                                    self.cfg, hp_dtype=self.hp_dtype, actions=self._actions)
 
+    def plan(self, weights) -> _Update:
+        """The update as it travels: prepared tensors in buckets (each bucket ordered by dtype, then by
+        where its tensors land in the engine, so the engine's checks and copies see long runs of
+        neighbours), the engine call's metadata, and each bucket's byte views. Reused while the trainer
+        hands over the same tensors (same names, storage, dtypes, shapes): only their bytes changed."""
+        items = _items(weights)
+        fingerprint = tuple((n, t.data_ptr(), t.dtype, t.shape, t.device) for n, t in items)
+        cached = self._plan
+        if cached is not None and cached.fingerprint == fingerprint and cached.bucket_bytes == self.bucket_bytes:
+            return cached
+        prepared = self.prepare(items)
+        parts = [sorted(part, key=lambda item: self._order(*item)) for part in buckets(prepared, self.bucket_bytes)]
+        flat = [[t.reshape(-1).view(torch.uint8) for _, t in part] for part in parts]
+        ordered = [item for part in parts for item in part]
+        update = _Update(fingerprint if _passes_through(items, prepared) else None, self.bucket_bytes, parts, flat,
+                         names=[n for n, _ in ordered], dtypes=[dtype_name(t.dtype) for _, t in ordered],
+                         shapes=[list(t.shape) for _, t in ordered], bucket_sizes=[len(p) for p in parts],
+                         nbytes=[sum(f.numel() for f in fl) for fl in flat])
+        self._plan = update
+        return update
+
+    def _order(self, name: str, t: torch.Tensor) -> tuple:
+        key = self._orders.get(name)
+        if key is None:
+            target = hf_to_engine(name, self.cfg)
+            key = self._orders[name] = (target.param, -1 if target.expert is None else target.expert,
+                                        -1 if target.half is None else target.half) if target else (name, -1, -1)
+        # wider dtypes first: every tensor then starts aligned for its dtype inside the flat bucket
+        return (-t.element_size(), str(t.dtype)) + key
+
     def push(self, weights, weight_version: str | None = None, flush_cache: bool = True) -> dict:
         """Send one update; returns timings and bytes. The engine applies it atomically after the last
-        bucket (or rejects all of it, keeping its weights)."""
+        bucket (or rejects all of it, keeping its weights). Buckets are packed into two alternating
+        buffers: packing bucket i+1 overlaps the broadcast of bucket i."""
         if self.group is None:
             raise RuntimeError("call connect() before push()")
         t0 = time.perf_counter()
-        prepared = self.prepare(weights)
+        update = self.plan(weights)
+        reused, update.uses = update.uses > 0, update.uses + 1
         t1 = time.perf_counter()
-        parts = buckets(prepared, self.bucket_bytes)
-        total = sum(t.numel() * t.element_size() for _, t in prepared)
-        need = max(sum(t.numel() * t.element_size() for _, t in part) for part in parts)
-        if self._buffer is None or self._buffer.numel() < need:
-            self._buffer = torch.empty(need, dtype=torch.uint8, device=self.device)
+        need = max(update.nbytes)
+        if self._buffers is None or self._buffers[0].numel() < need:
+            self._buffers = None  # release the smaller ones first
+            n_buffers = 2 if len(update.parts) > 1 else 1
+            self._buffers = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(n_buffers)]
         meta = dict(group_name=self.group_name, flush_cache=flush_cache, weight_version=weight_version,
                     load_format="flattened_bucket")
         if self.one_call:  # the whole update in one engine call: no round trip per bucket
-            call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in prepared],
-                               dtypes=[dtype_name(t.dtype) for _, t in prepared],
-                               shapes=[list(t.shape) for _, t in prepared], bucket_sizes=[len(p) for p in parts],
-                               **meta)
+            call = _Background(self.engine.update_weights_from_distributed, names=update.names,
+                               dtypes=update.dtypes, shapes=update.shapes, bucket_sizes=update.bucket_sizes, **meta)
             try:
-                for part in parts:
-                    self.group.broadcast(pack([t for _, t in part], self._buffer))
+                self._send_all(update)
             finally:
                 call.result()
         else:  # one call per bucket (commit=False until the last), for engines without bucket_sizes
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                buf = pack([t for _, t in part], self._buffer)
-                call = _Background(self.engine.update_weights_from_distributed, names=[n for n, _ in part],
-                                   dtypes=[dtype_name(t.dtype) for _, t in part],
-                                   shapes=[list(t.shape) for _, t in part], commit=last,
+            start = 0
+            for i, part in enumerate(update.parts):
+                last = i == len(update.parts) - 1
+                sl = slice(start, start + len(part))
+                start += len(part)
+                buf = pack(update.flat[i], self._buffers[0])
+                call = _Background(self.engine.update_weights_from_distributed, names=update.names[sl],
+                                   dtypes=update.dtypes[sl], shapes=update.shapes[sl], commit=last,
                                    **{**meta, "flush_cache": flush_cache and last,
                                       "weight_version": weight_version if last else None})
                 try:
@@ -198,8 +230,17 @@ class WeightSender:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
-        return {"prepare_s": t1 - t0, "send_s": t2 - t1, "total_s": t2 - t0, "bytes": total,
-                "tensors": len(prepared), "buckets": len(parts)}
+        return {"prepare_s": t1 - t0, "send_s": t2 - t1, "total_s": t2 - t0, "bytes": sum(update.nbytes),
+                "tensors": len(update.names), "buckets": len(update.parts), "plan_reused": reused}
+
+    def _send_all(self, update: _Update) -> None:
+        works: list = []
+        for i, views in enumerate(update.flat):
+            buf = self._buffers[i % len(self._buffers)]
+            if i >= len(self._buffers):
+                works[i - len(self._buffers)].wait()  # a stream wait: that broadcast has read this buffer
+            works.append(self.group.post(pack(views, buf)))
+        self.group.wait(works)
 
     def close(self) -> None:
         if self.group is None:
@@ -210,6 +251,33 @@ class WeightSender:
         finally:
             self.group = None
             remote.result()
+
+
+@dataclass
+class _Update:
+    fingerprint: tuple | None  # the trainer's tensors it was made from; None: never reused (tensors made here)
+    bucket_bytes: int
+    parts: list  # buckets of (name, tensor)
+    flat: list  # per bucket, its tensors' bytes as flat uint8 views
+    names: list
+    dtypes: list
+    shapes: list
+    bucket_sizes: list
+    nbytes: list  # per bucket
+    uses: int = 0
+
+
+def _items(weights) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
+    return list(weights.items() if isinstance(weights, Mapping) else weights)
+
+
+def _passes_through(items: list, prepared: list) -> bool:
+    """Every prepared tensor is (a contiguous view of) one of the trainer's tensors: the plan's views
+    then read the trainer's current bytes at every later push."""
+    storages = {t.untyped_storage().data_ptr() for _, t in items}
+    return all(t.is_contiguous() and t.untyped_storage().data_ptr() in storages for _, t in prepared)
 
 
 class _Background:

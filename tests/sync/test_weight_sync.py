@@ -322,3 +322,50 @@ def test_high_precision_update_for_mxfp8_weights_is_quantized_and_logged_once(en
     want, _ = quantize(dict(bf16)["model.layers.0.self_attn.o_proj.weight"], scale_mode="rceil")
     got = stored(engine, "model.layers.0.self_attn.o_proj.weight")
     assert torch.equal(got, want.float())
+
+
+def test_trainer_tensors_updated_in_place_reuse_the_plan(engine, ckpts, fresh_outputs):
+    """A trainer whose MXFP8 tensors keep their storage (only the bytes change) gets its plan reused:
+    buckets, metadata and byte views made once; each push still sends the current bytes. On the engine,
+    neighbouring tensors are checked and copied as runs (fewer copies than tensors)."""
+    new = mxfp8_named_tensors(iter_checkpoint(ckpts["new"], progress=False), Recipe(), engine.model_config)
+    old = dict(mxfp8_named_tensors(iter_checkpoint(ckpts["old"], progress=False), Recipe(), engine.model_config))
+    mine = [(n, t.clone()) for n, t in new]
+    sender = WeightSender(engine, master_port=free_port(), backend="gloo", bucket_bytes=1 << 17,
+                          model_config=engine.model_config)
+    sender.connect()
+    first = sender.push(mine)
+    assert not first["plan_reused"] and first["buckets"] > 1
+    assert greedy(engine) == fresh_outputs["new"]
+    for name, t in mine:
+        t.copy_(old[name])  # the optimizer step: same storage, new bytes
+    second = sender.push(mine)
+    assert second["plan_reused"]
+    assert greedy(engine) == fresh_outputs["old"]
+    plan = next(iter(engine.receiver._plans.values()))
+    # (on CPU the engine keeps high-precision weights in fp32: those copies cast and stay one per tensor)
+    assert len(plan.copies) < 0.6 * len(plan.staged), "neighbouring staged tensors must merge into runs"
+    assert len(plan.finite.checks) < len(plan.staged) / 4
+    for name, t in mine:
+        t.copy_(dict(new)[name])
+    assert sender.push(mine)["plan_reused"]
+    assert greedy(engine) == fresh_outputs["new"]
+    probe = next(n for n, _ in new if n.endswith("experts.1.down_proj.weight"))
+    assert torch.equal(stored(engine, probe), dict(new)[probe].float())
+    sender.close()
+
+
+def test_nan_inside_a_merged_run_is_named(engine, ckpts, fresh_outputs):
+    new = [(n, t.clone()) for n, t in
+           mxfp8_named_tensors(iter_checkpoint(ckpts["new"], progress=False), Recipe(), engine.model_config)]
+    sender = WeightSender(engine, master_port=free_port(), backend="gloo", model_config=engine.model_config)
+    sender.connect()
+    sender.push(new)
+    victim = next(n for n, t in new if n.endswith("experts.2.up_proj.weight"))
+    dict(new)[victim].view(torch.uint8)[0, 3] = 0x7F  # an e4m3 NaN in the middle of a run of experts
+    before = engine.weight_version
+    with pytest.raises(WeightUpdateError, match="experts.2.up_proj.weight") as err:
+        sender.push(new)
+    assert "1 tensors" in str(err.value)
+    assert engine.weight_version == before and greedy(engine) == fresh_outputs["new"]
+    sender.close()
