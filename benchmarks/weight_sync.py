@@ -244,9 +244,10 @@ def run_mode(mode: str, buckets: list[int], repeats: int, port: int, quick: bool
         mem.append(round(s["reserved_GiB"], 3))
     out["repeated"] = {"updates": n_repeat, "staging_allocations": allocs, "engine_reserved_GiB": mem}
     # while generating: pause in place, update, continue
-    engine.generate_background(input_ids=[[7 + i, 8, 9] for i in range(64)],
-                               sampling_params={"max_new_tokens": 256, "ignore_eos": True, "temperature": 1.0})
-    time.sleep(1.5)
+    params = {"max_new_tokens": 256, "ignore_eos": True, "temperature": 1.0}
+    engine.generate(input_ids=[[7 + i, 8, 9] for i in range(64)], sampling_params={**params, "max_new_tokens": 8})
+    engine.generate_background(input_ids=[[7 + i, 8, 9] for i in range(64)], sampling_params=params)
+    time.sleep(3.0)  # kernels compiled by the warm-up above: the engine is decoding now
     t0 = time.perf_counter()
     engine.pause_generation(mode="in_place")
     t1 = time.perf_counter()

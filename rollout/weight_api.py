@@ -63,10 +63,8 @@ class WeightUpdateAPI:
             pending = self.receiver.pending.setdefault(group_name, [])
             try:
                 t0 = time.perf_counter()
-                posted = []  # every bucket's broadcast is posted back to back, then one wait for all
-                for g_names, g_dtypes, g_shapes in groups:
-                    posted.append(self.receiver.receive(g_names, g_dtypes, g_shapes, group_name, load_format,
-                                                        slot=len(pending) + len(posted)))
+                # every bucket's broadcast posted back to back into one arena, then one wait for all
+                posted = self.receiver.receive(groups, group_name, load_format, slot=len(pending))
                 self.receiver.finish(group_name, posted)
                 pending += posted
                 if not commit:

@@ -88,40 +88,47 @@ class WeightReceiver:
         key = f"{device}/{slot}"
         buf = self.staging.get(key)
         if buf is None or buf.numel() < nbytes_:
-            self.staging.pop(key, None)  # release the smaller one first
+            if self.staging.pop(key, None) is not None and torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()  # hand the smaller one back before taking the larger (no fragments)
             buf = self.staging[key] = torch.empty(nbytes_, dtype=torch.uint8, device=device)
             self.staging_allocations += 1
         return buf[:nbytes_]
 
-    def receive(self, names: list[str], dtypes: list, shapes: list, group_name: str,
-                load_format: str | None, slot: int = 0) -> Received:
-        """Post this call's broadcasts into staging (slot: the call's place in a multi-call update);
-        `finish()` waits for them. Returns the tensors' key (metadata + staging address) and views."""
+    def receive(self, calls: list[tuple[list, list, list]], group_name: str, load_format: str | None,
+                slot: int = 0) -> list[Received]:
+        """Post the broadcasts of one engine call (one or more buckets of (names, dtypes, shapes)) into
+        one staging arena (slot: the call's place in a multi-call update); `finish()` waits for them.
+        Returns per bucket the tensors' key (metadata + staging address) and views."""
         group = self.groups.get(group_name)
         if group is None:
             raise WeightUpdateError(f"no update group {group_name!r}; call init_weights_update_group first")
         if load_format not in LOAD_FORMATS:
             raise WeightUpdateError(f"load_format={load_format!r}; supported: {LOAD_FORMATS}")
-        if not (len(names) == len(dtypes) == len(shapes)) or not names:
-            raise WeightUpdateError(f"names/dtypes/shapes must be non-empty lists of one length, got "
-                                    f"{len(names)}/{len(dtypes)}/{len(shapes)}")
         device = self.device if group.backend == "nccl" else torch.device("cpu")
-        layout = self._layout(names, dtypes, shapes, load_format, device, slot)
-        arena = self._arena(layout.nbytes, device, slot)
+        layouts, starts, total = [], [], 0
+        for i, (names, dtypes, shapes) in enumerate(calls):
+            if not (len(names) == len(dtypes) == len(shapes)) or not names:
+                raise WeightUpdateError(f"names/dtypes/shapes must be non-empty lists of one length, got "
+                                        f"{len(names)}/{len(dtypes)}/{len(shapes)}")
+            layouts.append(self._layout(names, dtypes, shapes, load_format, device, (slot, i)))
+            starts.append(total)
+            total += -(-layouts[-1].nbytes // ALIGN) * ALIGN
+        whole = self._arena(total, device, slot)
+        out = []
         try:
-            if layout.offsets is None:  # one flattened bucket
-                works = [group.post(arena)]
-                views = None
-            else:  # per-tensor broadcasts into aligned slices of one arena
-                views = [arena[off:off + nbytes(d, s)].view(d).view(s)
-                         for d, s, off in zip(layout.dtypes, layout.shapes, layout.offsets)]
-                works = [group.post(v) for v in views]
+            for (names, _, _), layout, start in zip(calls, layouts, starts):
+                arena = whole[start:start + layout.nbytes]
+                if layout.offsets is None:  # one flattened bucket
+                    out.append(Received(layout.key + (arena.data_ptr(),), _unpacked(names, arena, layout),
+                                        [group.post(arena)]))
+                else:  # per-tensor broadcasts into aligned slices of the arena
+                    views = [arena[off:off + nbytes(d, s)].view(d).view(s)
+                             for d, s, off in zip(layout.dtypes, layout.shapes, layout.offsets)]
+                    out.append(Received(layout.key + (arena.data_ptr(),), lambda n=names, v=views: list(zip(n, v)),
+                                        [group.post(v) for v in views]))
         except GroupError as e:
             raise self._broken(group_name, group, e) from e
-        key = layout.key + (arena.data_ptr(),)
-        if views is None:
-            return Received(key, lambda: list(zip(names, unpack(arena, layout.dtypes, layout.shapes))), works)
-        return Received(key, lambda: list(zip(names, views)), works)
+        return out
 
     def finish(self, group_name: str, received: list[Received]) -> None:
         """Wait (on the host, at most the timeout in all) for every broadcast posted by `received`."""
@@ -141,7 +148,7 @@ class WeightReceiver:
     def _layout(self, names, dtypes, shapes, load_format, device, slot) -> _Layout:
         """Parsed metadata of one call, reused when the same call (same names, dtypes, shapes) comes again:
         a trainer sends the same metadata every step."""
-        cached = self._layouts.get((str(device), slot))
+        cached = self._layouts.get((str(device), slot))  # slot: (call slot, bucket index)
         if cached is not None and cached.load_format == load_format and cached.names == names \
                 and cached.raw_dtypes == dtypes and cached.raw_shapes == shapes:
             return cached
@@ -291,6 +298,10 @@ class _Plan:
     staged: list  # (live destination view, staging view) pairs
     finite: FiniteCheck | None
     copies: list | None = None  # `staged` with neighbouring pairs merged (made at the first commit)
+
+
+def _unpacked(names: list, arena: torch.Tensor, layout: _Layout) -> Callable[[], list]:
+    return lambda: list(zip(names, unpack(arena, layout.dtypes, layout.shapes)))
 
 
 def _reads_only(staged: list, items: list) -> bool:

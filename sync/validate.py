@@ -5,9 +5,13 @@ sync per tensor (an update of a 16B MoE holds ~10k tensors). Offenders are named
 over the bad pieces only.
 
 Kinds: e4m3 data (NaN bytes 0x7f / 0xff; e4m3fn has no inf), E8M0 scales (255 = NaN, 254 = what
-the rceil rule gives for inf), floats (not finite).
+the rceil rule gives for inf), floats (not finite). On CUDA the reduction is `finite_kernel`'s one-pass
+Triton kernel (no temporary); `_bad(...).any()` is its reference and the path elsewhere.
 """
 from __future__ import annotations
+
+import importlib.util
+import logging
 
 import torch
 
@@ -15,6 +19,7 @@ from ..model.names import SCALE_SUFFIX
 from .runs import merge_views
 
 CHUNK_BYTES = 256 << 20
+log = logging.getLogger(__name__)
 
 
 def _kind(name: str, t: torch.Tensor) -> str | None:
@@ -39,7 +44,8 @@ class FiniteCheck:
     merged into one view, the rest grouped in chunks); `run()` checks the current bytes and returns
     the names of offending tensors."""
 
-    def __init__(self, named_tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, named_tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES,
+                 backend: str | None = None):
         groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for name, t in named_tensors:
             kind = _kind(name, t)
@@ -55,7 +61,7 @@ class FiniteCheck:
             for view, idx in merge_views([flat for _, flat in members]):
                 part = [members[i] for i in idx]
                 n = view.numel() * view.element_size()
-                if len(part) > 1 or n >= chunk_bytes // 4:
+                if len(part) > 1 or n >= chunk_bytes // 4:  # a run: reduced in place, in pieces
                     for lo in range(0, view.numel(), max(1, chunk_bytes // view.element_size())):
                         self.checks.append((kind, view[lo:lo + chunk_bytes // view.element_size()], part))
                     continue
@@ -66,13 +72,29 @@ class FiniteCheck:
                 size += n
             if scattered:
                 self.checks.append((kind, None, scattered))
+        devices = {view.device.type if view is not None else part[0][1].device.type for _, view, part in self.checks}
+        if backend is None:  # the one-pass kernel on CUDA; the torch reduction elsewhere
+            backend = "triton" if devices == {"cuda"} and importlib.util.find_spec("triton") else "torch"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"FiniteCheck: backend={backend!r} must be 'torch', 'triton' or None")
+        self.backend = backend
+        log.info("weight update NaN/inf check: %s path, %d reductions over %d tensors", backend, len(self.checks),
+                 sum(len(p) for _, _, p in self.checks))
 
     def run(self) -> list[str]:
-        flags = [_bad(kind, view if view is not None else part[0][1] if len(part) == 1
-                      else torch.cat([f for _, f in part])).any() for kind, view, part in self.checks]
-        if not flags:
+        if not self.checks:
             return []
-        bad = torch.stack(flags).cpu()  # one sync per update
+        views = [view if view is not None else part[0][1] if len(part) == 1 else torch.cat([f for _, f in part])
+                 for _, view, part in self.checks]
+        if self.backend == "triton":
+            from .finite_kernel import any_bad_
+
+            flags = torch.zeros(len(self.checks), dtype=torch.int32, device=views[0].device)
+            for i, ((kind, _, _), view) in enumerate(zip(self.checks, views)):
+                any_bad_(kind, view, flags, i)
+        else:
+            flags = torch.stack([_bad(kind, view).any() for (kind, _, _), view in zip(self.checks, views)])
+        bad = flags.cpu()  # one sync per update
         names: dict[str, None] = {}
         for (kind, _, part), b in zip(self.checks, bad.tolist(), strict=True):
             if b:
