@@ -5,12 +5,16 @@ the MMA is bf16 with fp32 accumulation (Hopper has no MX-scaled MMA). For w8a8 t
 tile is MXFP8 quantize-dequantized in registers along K with the recipe's rule, bit-exact with
 `precision.mxfp8.quantize` for bf16/fp16 inputs (the scale byte is computed from amax's
 exponent bits, which equals torch's ceil(log2(amax / 448)) for every bf16/fp16 value).
-Paths, chosen by `pick_config` from measurements (benchmarks/results/mxfp8_gemm*.json):
-- decode / small M: the fused kernel; K is split over several programs when the grid would not
-  fill the GPU, and the last program of each tile sums the partials in split order in the same
+Paths, chosen by `pick_config` (its table):
+- decode / small M (<= 16): the fused kernel; K is split over several programs when the grid would
+  not fill the GPU, and the last program of each tile sums the partials in split order in the same
   launch (deterministic); big weights quantize activations in a separate tiny pass first.
-- M >= DEQUANT_MIN_M (compute-bound): W is dequantized once to bf16 (exact), activations are
+- mid M (17..1024): `triton_mxfp8_gemm_mid`, one token tile per weight tile (W read and dequantized
+  once per launch), bf16 or fp8 block-scaled MMA.
+- M > 1024 (compute-bound): W is dequantized once to bf16 (exact), activations are
   quantize-dequantized by a Triton pass, and cuBLAS runs the bf16 GEMM (fp32 accumulate).
+The in-register pieces every kernel shares are the `@triton.jit` helpers below (E8M0 decode, tile
+dequantize, activation quantize, split-K epilogue).
 Reference: `mxfp8_gemm.mxfp8_gemm_ref`.
 Legend: M tokens, N out_features, K in_features; BM/BN/BK tile sizes.
 """
