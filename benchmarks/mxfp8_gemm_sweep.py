@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copies_for, environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
 from benchmarks.mxfp8_gemm import SHAPES  # noqa: E402
 from mxroll.precision.kernels.mxfp8_gemm import mxfp8_gemm_ref  # noqa: E402
-from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton, pick_config  # noqa: E402
+from mxroll.precision.kernels.triton_mxfp8_gemm import fused_config, mxfp8_gemm_triton  # noqa: E402
 from mxroll.precision.mxfp8 import MXFP8Tensor  # noqa: E402
 
 BASE = dict(PATH="fused", BM=16, BN=64, BK=256, num_warps=4, num_stages=4, SPLIT_TARGET=2, GATHER_SCALES=False,
@@ -113,9 +113,7 @@ def main():
             wd = w.dequantize(torch.bfloat16)
             t_cub = time_graph([lambda: torch.nn.functional.linear(x, wd)] * 4)
             for path in ("fused", "dequant"):
-                cfg = dict(pick_config(16 if M <= 16 else min(M, 256), N, K)) if path == "fused" else dict(PATH="dequant")
-                if path == "fused" and M > 256:
-                    cfg = dict(pick_config(256, N, K))
+                cfg = dict(fused_config(min(M, 256), N, K)) if path == "fused" else dict(PATH="dequant")
                 t, err = run(w, x, ws, xs, "w8a8", cfg)
                 rows.append(dict(shape=name, M=M, variant=path, mode="w8a8", us=t * 1e6, cublas_us=t_cub * 1e6,
                                  err=err))

@@ -5,18 +5,23 @@ the MMA is bf16 with fp32 accumulation (Hopper has no MX-scaled MMA). For w8a8 t
 tile is MXFP8 quantize-dequantized in registers along K with the recipe's rule, bit-exact with
 `precision.mxfp8.quantize` for bf16/fp16 inputs (the scale byte is computed from amax's
 exponent bits, which equals torch's ceil(log2(amax / 448)) for every bf16/fp16 value).
-Paths, chosen by `pick_config` from measurements (benchmarks/results/mxfp8_gemm*.json):
-- decode / small M: the fused kernel; K is split over several programs when the grid would not
-  fill the GPU, and the last program of each tile sums the partials in split order in the same
+Paths, chosen by `pick_config` (its table):
+- decode / small M (<= 16): the fused kernel; K is split over several programs when the grid would
+  not fill the GPU, and the last program of each tile sums the partials in split order in the same
   launch (deterministic); big weights quantize activations in a separate tiny pass first.
-- M >= DEQUANT_MIN_M (compute-bound): W is dequantized once to bf16 (exact), activations are
+- mid M (17..1024): `triton_mxfp8_gemm_mid`, one token tile per weight tile (W read and dequantized
+  once per launch), bf16 or fp8 block-scaled MMA.
+- M > 1024 (compute-bound): W is dequantized once to bf16 (exact), activations are
   quantize-dequantized by a Triton pass, and cuBLAS runs the bf16 GEMM (fp32 accumulate).
+The in-register pieces every kernel shares are the `@triton.jit` helpers below (E8M0 decode, tile
+dequantize, activation quantize, split-K epilogue).
 Reference: `mxfp8_gemm.mxfp8_gemm_ref`.
 Legend: M tokens, N out_features, K in_features; BM/BN/BK tile sizes.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -28,8 +33,21 @@ from .mxfp8_gemm import check_gemm_args
 
 
 @triton.jit
-def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
-    """MXFP8 quantize-dequantize of an fp32 [BM, BK] tile along K, 32-element blocks."""
+def _e8m0(s):
+    """E8M0 bytes -> fp32 2^(byte - 127) (byte 0 reads as 0.0: rceil blocks with byte 0 hold only zeros)."""
+    return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(w, s, BN: tl.constexpr, BK: tl.constexpr):
+    """fp32 [BN, BK] from e4m3 [BN, BK] and its E8M0 bytes [BN, BK // 32] (exact)."""
+    return tl.reshape(tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * _e8m0(s)[:, :, None], (BN, BK))
+
+
+@triton.jit
+def _act_quant(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
+    """MXFP8 quantization of an fp32 [BM, BK] tile along K, 32-element blocks (bf16/fp16-valued input):
+    (e4m3 [BM, BK // 32, 32], E8M0 bytes as int32 [BM, BK // 32])."""
     xb = tl.reshape(x, (BM, BK // 32, 32))
     amax = tl.max(tl.abs(xb), axis=2)
     bits = amax.to(tl.int32, bitcast=True)
@@ -42,8 +60,33 @@ def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
         byte = tl.minimum(tl.maximum(byte, 0), 254)
         qmul = tl.where(byte == 0, 1.0, ((254 - byte) << 23).to(tl.float32, bitcast=True))
     q = tl.clamp(xb * qmul[:, :, None], -448.0, 448.0).to(tl.float8e4nv)
-    deq = (byte << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127); byte 0 only holds zeros
-    return tl.reshape(q.to(tl.float32) * deq[:, :, None], (BM, BK))
+    return q, byte
+
+
+@triton.jit
+def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
+    """MXFP8 quantize-dequantize of an fp32 [BM, BK] tile along K, 32-element blocks."""
+    q, byte = _act_quant(x, BM, BK, FLOOR)
+    return tl.reshape(q.to(tl.float32) * _e8m0(byte)[:, :, None], (BM, BK))
+
+
+@triton.jit
+def _write_tile(acc, y_ptrs, p_ptrs, mask, lock_ptr, tile, pid_k, stride_ys, NSPLIT):
+    """Store an fp32 tile; with split-K (NSPLIT > 1) without a second launch: every split writes its
+    fp32 partial, the last one to arrive (per-tile counter) sums all partials in split order --
+    deterministic -- and resets the counter to 0 for the next call."""
+    if NSPLIT == 1:
+        tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptrs + pid_k * stride_ys, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == NSPLIT - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for i in range(NSPLIT):
+                total += tl.load(p_ptrs + i * stride_ys, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -91,34 +134,17 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, w_desc, ws_ptr, y_ptr, p_ptr, lock_ptr, M, 
         if GATHER_SCALES:  # one scale byte per element, 32 lanes share an address (L1 broadcast)
             s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + kk[None, :] // 32,
                         mask=mask_n[:, None] & mask_k[None, :], other=127)
-            scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            wb = (w.to(tl.float32) * scale).to(MMA_DTYPE)
+            wb = (w.to(tl.float32) * _e8m0(s)).to(MMA_DTYPE)
         else:
             ss = k // 32 + offs_s
             s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + ss[None, :],
                         mask=mask_n[:, None] & (ss[None, :] < k_end // 32), other=127)
-            scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            wf = tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None]
-            wb = tl.reshape(wf, (BN, BK)).to(MMA_DTYPE)
+            wb = _dequant_tile(w, s, BN, BK).to(MMA_DTYPE)
         acc = tl.dot(x, tl.trans(wb), acc)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if NSPLIT == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
-    else:
-        # Split-K without a second launch: every split writes its fp32 partial, the last one to
-        # arrive (per-tile counter) sums all partials in split order -- deterministic -- and
-        # resets the counter to 0 for the next call.
-        p_ptrs = p_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(p_ptrs + pid_k * stride_ys, acc, mask=mask_mn)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == NSPLIT - 1:
-            total = tl.zeros((BM, BN), dtype=tl.float32)
-            for i in range(NSPLIT):
-                total += tl.load(p_ptrs + i * stride_ys, mask=mask_mn, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask_mn)
-            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
+    p_ptrs = p_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    _write_tile(acc, y_ptrs, p_ptrs, mask_mn, lock_ptr, pid, pid_k, stride_ys, NSPLIT)
 
 
 @triton.jit
@@ -133,6 +159,20 @@ def _act_qdq_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_ym, BM: tl.constexpr, 
 
 
 @triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                      FLOOR: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_s = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    q, byte = _act_quant(x.to(tl.float32), BM, BK, FLOOR)
+    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(q, (BM, BK)), mask=mask)
+    tl.store(s_ptr + offs_m[:, None] * (K // 32) + offs_s[None, :], byte.to(tl.uint8),
+             mask=(offs_m[:, None] < M) & (offs_s[None, :] < K // 32))
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -141,8 +181,7 @@ def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constex
     w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
     s = tl.load(ws_ptr + offs_n[:, None] * (K // 32) + offs_s[None, :],
                 mask=(offs_n[:, None] < N) & (offs_s[None, :] < K // 32), other=127)
-    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    y = tl.reshape(tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None], (BN, BK))
+    y = _dequant_tile(w, s, BN, BK)
     tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -154,6 +193,18 @@ def act_qdq_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> torch.Tenso
     _act_qdq_kernel[grid](x_MK, y, M, K, x_MK.stride(0), y.stride(0), BM=32, BK=256, FLOOR=scale_mode == "floor",
                           num_warps=8)
     return y
+
+
+def act_quant_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
+    """MXFP8 bytes of x along K: data [M, K] e4m3 + scales [M, K/32] E8M0, byte-identical with
+    `precision.mxfp8.quantize` for bf16/fp16 input."""
+    M, K = x_MK.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    s = torch.empty(M, K // 32, dtype=torch.uint8, device=x_MK.device)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 256))
+    _act_quant_kernel[grid](x_MK, q, s, M, K, x_MK.stride(0), BM=32, BK=256, FLOOR=scale_mode == "floor",
+                            num_warps=8)
+    return MXFP8Tensor(q, s)
 
 
 def dequant_triton(w: MXFP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -173,19 +224,38 @@ def _split_locks(device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _num_sms() -> int:
+    if _interpreting():
+        return 4
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-DEQUANT_MIN_M = 512  # from here on: dequantize W once (Triton) and run cuBLAS bf16
+MID_MIN_M, MID_MAX_M = 17, 1024  # the mid path (triton_mxfp8_gemm_mid): W dequantized once per launch
 BIG_WEIGHT = 1 << 24  # elements; larger decode weights take BK=128 and a separate activation-quant pass
 MAX_TILES = 1 << 16
 
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int) -> dict:
-    """Tile shapes by M regime (callers must not mutate the cached dict)."""
-    if M >= DEQUANT_MIN_M:
+    """The path and tiles for one GEMM shape, by M (callers must not mutate the cached dict).
+
+    | M          | path    | what runs                                                        |
+    |------------|---------|------------------------------------------------------------------|
+    | 1..16      | fused   | decode kernel below (split-K, in-register activation quant)      |
+    | 17..1024   | mid     | triton_mxfp8_gemm_mid: one M tile (<= 256 rows) per W tile, so W |
+    |            |         | is read and dequantized once per launch; MMA per `mid_config`    |
+    | > 1024     | dequant | W dequantized once to bf16 (exact), activation pass, cuBLAS bf16 |
+    """
+    if M > MID_MAX_M:
         return dict(PATH="dequant")
+    if M >= MID_MIN_M:
+        from .triton_mxfp8_gemm_mid import mid_config
+        return mid_config(M, N, K)
+    return fused_config(M, N, K)
+
+
+def fused_config(M: int, N: int, K: int) -> dict:
+    """Tiles of the fused kernel (measured for M <= 16; the M > 16 rows are the previous mid-M
+    configs, kept for the benchmark's comparison)."""
     big = N * K >= BIG_WEIGHT
     if M <= 16 and big:  # measured (benchmarks/results/mxfp8_gemm_sweep*.json): BK=128, TMA loads stream best
         return dict(PATH="fused", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, SPLIT_TARGET=2,
@@ -214,7 +284,7 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     check_gemm_args(x_MK, w)
     if x_MK.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"triton mxfp8 gemm: x must be bf16/fp16 on the GPU, got {x_MK.dtype}")
-    if not (x_MK.is_cuda and w.data.is_cuda):
+    if not (x_MK.is_cuda and w.data.is_cuda) and not _interpreting():
         raise ValueError("triton mxfp8 gemm: tensors must be on a CUDA device")
     x = x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous()
     data, scale = w.data.contiguous(), w.scale.contiguous()
@@ -225,6 +295,9 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     if cfg["PATH"] == "dequant":  # compute-bound: exact dequantization, then cuBLAS bf16 (fp32 accumulate)
         xq = act_qdq_triton(x, scale_mode) if quant_x else x
         return torch.nn.functional.linear(xq, dequant_triton(MXFP8Tensor(data, scale), x.dtype))
+    if cfg["PATH"] == "mid":
+        from .triton_mxfp8_gemm_mid import mxfp8_gemm_mid
+        return mxfp8_gemm_mid(x, MXFP8Tensor(data, scale), act_mode, scale_mode, cfg)
     if quant_x and cfg["PRE_QDQ"]:
         x, quant_x = act_qdq_triton(x, scale_mode), False
     split, k_per_split = _split(M, N, K, cfg) if cfg["SPLIT_TARGET"] else (1, triton.cdiv(K, cfg["BK"]) * cfg["BK"])
@@ -241,9 +314,16 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
                                        BN=cfg["BN"], BK=cfg["BK"], ACT_QUANT=quant_x, FLOOR=scale_mode == "floor",
                                        GROUP_M=8, GATHER_SCALES=cfg["GATHER_SCALES"],
                                        STREAM_W=cfg.get("STREAM_W", False), USE_TMA=use_tma,
+                                       MMA_DTYPE=tl.float16 if x.dtype == torch.float16 else tl.bfloat16,
                                        num_warps=cfg["num_warps"],
                                        num_stages=cfg["num_stages"])
     return y
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: the tests' path
+    for checking kernel logic on machines without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 assert BLOCK == 32  # the kernel's block arithmetic assumes 32-element MX blocks

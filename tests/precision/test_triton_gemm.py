@@ -86,3 +86,60 @@ def test_big_weight_decode_configs(tma):
         for mode in ("w8a8", "w8a16"):
             y = mxfp8_gemm_triton(x, w, mode, config=cfg)
             assert rel(y, mxfp8_gemm_ref(x, w, mode, "rceil")) < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("mma, swap", [("bf16", False), ("bf16", True), ("fp8", False), ("fp8", True)])
+@pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
+def test_mid_m_variants(mma, swap, scale_mode):
+    """Every mid-M variant against the reference at ragged M/N/K (split-K included). The fp8 MMA
+    accumulates each 32-block at reduced precision: looser bound, and reported by the benchmark."""
+    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm_mid import mid_config
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for N, K in [(576, 2048), (1000, 1504), (100, 96), (3072, 7168)]:
+        w = MXFP8Tensor.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, scale_mode)
+        for M in (17, 33, 64, 100, 256, 300, 1024):
+            x = (torch.randn(M, K, device="cuda", generator=g) * 3).to(torch.bfloat16)
+            modes = ("w8a8",) if mma == "fp8" else ("w8a8", "w8a16")
+            for mode in modes:
+                y = mxfp8_gemm_triton(x, w, mode, scale_mode, config=mid_config(M, N, K, mma, swap))
+                ref = mxfp8_gemm_ref(x, w, mode, scale_mode)
+                assert y.shape == (M, N) and torch.isfinite(y).all()
+                assert rel(y, ref) < (1e-2 if mma == "fp8" else 5e-3), (N, K, M, mode, rel(y, ref))
+
+
+@cuda
+def test_mid_m_default_path_and_prequantized_activation():
+    from mxroll.precision.kernels.triton_mxfp8_gemm import act_quant_triton, mxfp8_gemm_triton, pick_config
+    from mxroll.precision.kernels.triton_mxfp8_gemm_mid import mid_config, mxfp8_gemm_mid
+    assert pick_config(64, 3072, 2048)["PATH"] == "mid" and pick_config(16, 3072, 2048)["PATH"] == "fused"
+    assert pick_config(2048, 3072, 2048)["PATH"] == "dequant"
+    g = torch.Generator(device="cuda").manual_seed(12)
+    w = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
+    x = torch.randn(128, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    ref = mxfp8_gemm_ref(x, w, "w8a8", "rceil")
+    y = mxfp8_gemm_triton(x, w)
+    assert rel(y, ref) < 5e-3
+    for _ in range(20):  # split-K reduction in split order: bitwise repeatable
+        assert torch.equal(mxfp8_gemm_triton(x, w), y)
+    cfg = mid_config(128, 576, 2048, "fp8")
+    xq = act_quant_triton(x)
+    assert torch.equal(mxfp8_gemm_mid(x, w, "w8a8", config=cfg, x_q=xq), mxfp8_gemm_mid(x, w, "w8a8", config=cfg))
+    with pytest.raises(ValueError, match="w8a8"):
+        mxfp8_gemm_mid(x, w, "w8a16", config=cfg)
+
+
+@cuda
+@pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
+def test_act_quant_bytes(scale_mode):
+    from mxroll.precision.kernels.triton_mxfp8_gemm import act_quant_triton
+    from mxroll.precision.mxfp8 import quantize
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(77, 1056, device="cuda", generator=g) * torch.exp2(
+        torch.randint(-30, 30, (77, 1), device="cuda", generator=g).float())
+    x[::5, ::32] = 448 * torch.exp2(torch.randint(-20, 20, x[::5, ::32].shape, device="cuda", generator=g).float())
+    x = x.to(torch.bfloat16)
+    q = act_quant_triton(x, scale_mode)
+    data, scale = quantize(x, 32, scale_mode)
+    assert torch.equal(q.data.view(torch.uint8), data.view(torch.uint8)) and torch.equal(q.scale, scale)

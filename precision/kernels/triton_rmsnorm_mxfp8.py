@@ -1,0 +1,69 @@
+"""Triton RMSNorm + MXFP8 quantization of its output in one pass (sm90; any CUDA GPU).
+
+One program per row: fp32 sum of squares, rsqrt, the normalized row rounded to x's dtype and
+multiplied by the weight (rounded again, as `rmsnorm_ref`), then the row's 32-element blocks are
+quantized in registers with the recipe's scale rule (`_act_quant`, shared with the GEMM kernels).
+Outputs, each optional: the normed row (for consumers that stay high precision, e.g. the router),
+its e4m3 bytes + E8M0 scales (fp8-MMA GEMMs), its quantize-dequantize in x's dtype (bf16-MMA GEMMs
+run it with act_mode="w8a16"). The bytes equal `precision.mxfp8.quantize` of the normed output.
+Reference: `rmsnorm_mxfp8.rmsnorm_mxfp8_ref`. Legend: T tokens, D normalized dim, BD = D padded to
+a power of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mxfp8 import BLOCK, MXFP8Tensor
+from .triton_mxfp8_gemm import _act_quant, _e8m0
+
+
+@triton.jit
+def _rmsnorm_mxfp8_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, D, stride_x, eps, BD: tl.constexpr,
+                          FLOOR: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_QDQ: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BD)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    n = (xf * r).to(x.dtype).to(tl.float32)
+    y = (tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * n).to(x.dtype)
+    if WRITE_Y:
+        tl.store(y_ptr + row * D + offs, y, mask=mask)
+    q, byte = _act_quant(tl.reshape(y.to(tl.float32), (1, BD)), 1, BD, FLOOR)
+    if WRITE_Q:
+        tl.store(q_ptr + row * D + offs, tl.reshape(q, (BD,)), mask=mask)
+        offs_s = tl.arange(0, BD // 32)
+        tl.store(s_ptr + row * (D // 32) + offs_s, tl.reshape(byte, (BD // 32,)).to(tl.uint8), mask=offs_s < D // 32)
+    if WRITE_QDQ:
+        qdq = tl.reshape(q.to(tl.float32) * _e8m0(byte)[:, :, None], (BD,))
+        tl.store(d_ptr + row * D + offs, qdq.to(x.dtype), mask=mask)
+
+
+def rmsnorm_mxfp8_triton(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, scale_mode: str = "rceil",
+                         normed: bool = True, quant: bool = True,
+                         qdq: bool = False) -> tuple[torch.Tensor | None, MXFP8Tensor | None, torch.Tensor | None]:
+    """(normed [T, D], MXFP8 bytes [T, D] + [T, D/32], quantize-dequantized [T, D]); the outputs not
+    asked for are None. x bf16/fp16 with unit stride along D; weight [D] of x's dtype."""
+    if x_TD.dim() != 2 or x_TD.stride(-1) != 1:
+        raise ValueError(f"rmsnorm_mxfp8: x must be [T, D] with unit stride along D, got {tuple(x_TD.shape)}")
+    T, D = x_TD.shape
+    if x_TD.dtype not in (torch.bfloat16, torch.float16) or weight_D.dtype != x_TD.dtype:
+        raise TypeError(f"rmsnorm_mxfp8: x and weight must share a bf16/fp16 dtype, got {x_TD.dtype}, {weight_D.dtype}")
+    if tuple(weight_D.shape) != (D,) or D % BLOCK:
+        raise ValueError(f"rmsnorm_mxfp8: weight {tuple(weight_D.shape)} must be [D] with D={D} a multiple of {BLOCK}")
+    dev = x_TD.device
+    y = torch.empty(T, D, dtype=x_TD.dtype, device=dev) if normed else None
+    q = MXFP8Tensor(torch.empty(T, D, dtype=torch.float8_e4m3fn, device=dev),
+                    torch.empty(T, D // BLOCK, dtype=torch.uint8, device=dev)) if quant else None
+    d = torch.empty(T, D, dtype=x_TD.dtype, device=dev) if qdq else None
+    if T:
+        bd = triton.next_power_of_2(D)
+        dummy = x_TD  # never written: its output flag is off
+        _rmsnorm_mxfp8_kernel[(T,)](x_TD, weight_D.contiguous(), y if normed else dummy,
+                                    q.data if quant else dummy, q.scale if quant else dummy, d if qdq else dummy,
+                                    D, x_TD.stride(0), eps, BD=bd, FLOOR=scale_mode == "floor", WRITE_Y=normed,
+                                    WRITE_Q=quant, WRITE_QDQ=qdq, num_warps=min(16, max(4, bd // 512)))
+    return y, q, d

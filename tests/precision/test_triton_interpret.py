@@ -1,0 +1,63 @@
+"""Kernel logic on CPU through Triton's interpreter (indexing, masks, split-K, swapped operands,
+block scales). Runs only when asked: `TRITON_INTERPRET=1 python -m pytest tests/precision/test_triton_interpret.py`
+in an environment with triton (and numpy < 2.3, whose scalar conversions the interpreter needs).
+The interpreter's fp32 -> e4m3/bf16 casts do not round to nearest even and its bf16 dot is wrong,
+so these tests feed fp16 activations that are already MXFP8 values; rounding of the in-kernel
+quantization is covered by the GPU tests (test_triton_gemm.py, test_rmsnorm_mxfp8.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton interpreter tests: set TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from mxroll.precision.kernels.mxfp8_gemm import fake_quant, mxfp8_gemm_ref  # noqa: E402
+from mxroll.precision.kernels.rmsnorm_mxfp8 import rmsnorm_ref  # noqa: E402
+from mxroll.precision.kernels.triton_mxfp8_gemm import dequant_triton, fused_config, mxfp8_gemm_triton  # noqa: E402
+from mxroll.precision.kernels.triton_mxfp8_gemm_mid import mid_config, mxfp8_gemm_mid  # noqa: E402
+from mxroll.precision.kernels.triton_rmsnorm_mxfp8 import rmsnorm_mxfp8_triton  # noqa: E402
+from mxroll.precision.mxfp8 import MXFP8Tensor, quantize  # noqa: E402
+
+
+def setup(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = MXFP8Tensor.quantize(torch.randn(N, K, generator=g) * 0.5)  # fp16 keeps every dequantized value exact
+    x = fake_quant((torch.randn(M, K, generator=g) * 3).half(), "rceil")
+    return x, w, mxfp8_gemm_ref(x, w, "w8a16", "rceil")
+
+
+@pytest.mark.parametrize("mma", ["bf16", "fp8"])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("M, N, K", [(17, 96, 192), (40, 130, 96), (70, 64, 320)])
+def test_mid_kernel(mma, swap, M, N, K):
+    """The "bf16" variant runs its MMA in x's dtype (fp16 here); split-K is on (4 SMs assumed)."""
+    x, w, ref = setup(M, N, K)
+    cfg = mid_config(M, N, K, mma, swap)
+    if mma == "fp8":
+        y = mxfp8_gemm_mid(x, w, "w8a8", config=cfg, x_q=MXFP8Tensor.quantize(x))
+    else:
+        y = mxfp8_gemm_mid(x, w, "w8a16", config=cfg)
+    assert torch.allclose(y.float(), ref.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("M", [3, 17])
+def test_fused_kernel_after_refactor(M):
+    x, w, ref = setup(M, 96, 192, 1)
+    y = mxfp8_gemm_triton(x, w, "w8a16", config=dict(fused_config(M, 96, 192), USE_TMA=False))
+    assert torch.allclose(y.float(), ref.float(), rtol=2e-3, atol=2e-3)
+    assert torch.equal(dequant_triton(w, torch.float16), w.dequantize(torch.float16))
+
+
+@pytest.mark.parametrize("D", [512, 576, 2048])
+def test_rmsnorm_kernel_normed_output_and_scales(D):
+    g = torch.Generator().manual_seed(D)
+    x = (torch.randn(5, D, generator=g) * 3).half()
+    w = (1 + 0.1 * torch.randn(D, generator=g)).half()
+    y, q, _ = rmsnorm_mxfp8_triton(x, w, 1e-6)
+    yr = rmsnorm_ref(x, w, 1e-6)
+    assert ((y.float() - yr.float()).abs() <= 1e-3 * yr.float().abs()).all()
+    assert torch.equal(q.scale, quantize(y)[1])  # scale bytes come from integer ops: exact here too
