@@ -40,6 +40,7 @@ class EngineConfig:
     max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
     chunked_prefill_size: int = 8192  # token budget of one step: prefill is chunked to fit it
     attention_backend: str | None = None  # None = flashinfer on CUDA when importable, else torch | torch | flashinfer
+    attention_fast_plan: bool = True  # captured decode graphs re-plan FlashInfer MLA without its plan() wrapper
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
     cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph

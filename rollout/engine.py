@@ -38,6 +38,7 @@ from .request import Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, sample_seed
 from .scheduler import Scheduler
+from .step_builder import StepBuilder
 from .step_inputs import StepInputs
 from .weight_api import WeightUpdateAPI
 
@@ -158,11 +159,13 @@ class Engine(WeightUpdateAPI):
         if attn_name == "flashinfer":
             from .attention.flashinfer_mla import FlashInferAttention
             self.attn = FlashInferAttention(self.cache, mcfg.num_attention_heads, mcfg.softmax_scale,
-                                            -(-self.context_length // cfg.page_size) + 1)
+                                            -(-self.context_length // cfg.page_size) + 1, cfg.attention_fast_plan)
         else:
             self.attn = TorchPagedAttention(self.cache)
         graphs_why = self._graphs_decision(cfg)
-        self.runner = ModelRunner(self.model, self.cache, self.attn, cfg.chunked_prefill_size, self._new_graphs())
+        self.step_builder = StepBuilder(cfg.page_size, max((cfg.chunked_prefill_size, *self._graph_sizes)),
+                                        cfg.max_running_requests, self.device, self.cache.scratch_page)
+        self.runner = ModelRunner(self.model, self.cache, self.attn, self.step_builder, self._new_graphs())
         self.sampler = Sampler(self.device, cfg.sampling_backend)
         self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
@@ -188,7 +191,8 @@ class Engine(WeightUpdateAPI):
     def _new_graphs(self) -> DecodeGraphs | None:
         if not self._graph_sizes:
             return None
-        return DecodeGraphs(self.model, self.attn, self._graph_sizes, self.device, record_routes=True)
+        return DecodeGraphs(self.model, self.attn, self._graph_sizes, self.device, record_routes=True,
+                            builder=self.step_builder)
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params: dict | list | None = None,
@@ -265,12 +269,14 @@ class Engine(WeightUpdateAPI):
         batch = self.scheduler.schedule()
         if batch is None:
             return
-        step = StepInputs.build(batch.rows, self.page_size, self.device)
         clock.mark("schedule")
+        step = self.runner.prepare(batch.rows)
+        rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
+        clock.mark("inputs")
         out = self.runner.forward(step, batch.copies, self._wants_routes(batch))
         clock.mark("forward")
-        sampled = self.sampler(out.logits_SV, self._sampling_rows(batch))
-        tokens = sampled.tokens.tolist()
+        sampled = self.sampler(out.logits_SV, rows)
+        tokens = sampled.tokens.tolist()  # the step's one device->host sync
         clock.mark("sample")
         finished = self.scheduler.update(batch, self._per_row(batch, tokens))
         self._record(batch, step, sampled, tokens, out.routes)
