@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..model import load_model
+from ..model import ModelConfig, load_model
+from ..model.kernels import select_model_kernels
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
@@ -142,9 +143,12 @@ class Engine(WeightUpdateAPI):
         self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
+        shape = ModelConfig.from_file(self.model_path)
+        kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,
+                                                    shape.n_routed_experts or 0, shape.n_group or 1)
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
-                                load_format=cfg.load_format, seed=cfg.seed)
+                                load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)
         self.layouts = LayoutCache()
         self.model.postprocess(self.layouts)
         self.model_config = mcfg = self.model.cfg
@@ -172,8 +176,8 @@ class Engine(WeightUpdateAPI):
                                    eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
-        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
-                 attn_why, graphs_why)
+        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
+                 kernels_why, attn_why, graphs_why)
         log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,
                  self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30, self.context_length)
 
