@@ -50,14 +50,14 @@ def main() -> None:
                 e._command(e.step)
         run_steps(-(-B * 512 // e.config.chunked_prefill_size) + 4)
         batch = e.scheduler.schedule()
-        step = StepInputs.build(batch.rows, e.page_size, e.device)
+        step = e.runner.prepare(batch.rows)  # captures the batch size's graph when needed
         graphs = e.runner.graphs
         res = {}
-        res["schedule+inputs_ms"] = timed(lambda: StepInputs.build(batch.rows, e.page_size, e.device), sync=False)
+        res["old_step_inputs_ms"] = timed(lambda: StepInputs.build(batch.rows, e.page_size, e.device), sync=False)
         size = graphs.sizes[[s >= B for s in graphs.sizes].index(True)]
-        graph, wrapper = graphs.graphs.get(size) or (None, None)
-        padded = graphs._pad(step, size)
-        res["attention_plan_ms"] = timed(lambda: e.attn.begin(padded, wrapper), sync=False)
+        res["step_builder_ms"] = timed(lambda: e.step_builder.build(batch.rows, pad_to=size), sync=False)
+        graph, gplan = graphs.graphs.get(size) or (None, None)
+        res["attention_plan_ms"] = timed(lambda: e.attn.begin(step, gplan), sync=False)
         if graph is not None:
             res["graph_replay_ms"] = timed(graph.replay)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -73,6 +73,7 @@ def main() -> None:
         res["sampling_rows_build_ms"] = timed(lambda: e._sampling_rows(batch), sync=False)
         del rows
         # undo: the step was scheduled by hand; retract and abort everything before the next batch size
+        e.step_builder.release()
         e.scheduler.update(batch, [[1] * r.num_samples for r in batch.rows])
         e.abort_request(abort_all=True)
         e.continue_generation()

@@ -12,6 +12,7 @@ from torch import nn
 from ..precision import Precision, linear
 from .attention import SequenceAttention
 from .config import ModelConfig
+from .kernels import ModelKernels
 from .layers import RMSNorm
 from .mla import MLA, AttentionBackend
 from .moe import MLP, MoE, RouteRecorder
@@ -19,30 +20,36 @@ from .rope import Rope
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, prec: Precision, moe_index: int | None):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, prec: Precision, moe_index: int | None,
+                 kernels: ModelKernels):
         super().__init__()
-        self.self_attn = MLA(cfg, dtype, prec.child("self_attn"), layer)
-        self.mlp = (MoE(cfg, dtype, prec.child("mlp"), moe_index) if moe_index is not None
+        self.self_attn = MLA(cfg, dtype, prec.child("self_attn"), layer, kernels)
+        self.mlp = (MoE(cfg, dtype, prec.child("mlp"), moe_index, kernels) if moe_index is not None
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, prec.child("mlp")))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels.norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels.norm)
 
-    def forward(self, x_TD, cos_sin, attn: AttentionBackend, routes: RouteRecorder | None) -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_sin, attn)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD), routes)
+    def forward(self, x_TD, delta_TD, cos_sin, attn: AttentionBackend, routes: RouteRecorder | None):
+        """The residual stream is x + delta (delta None before the first block); each add happens inside
+        the next norm (`RMSNorm.add`). Returns the next (x, delta)."""
+        h_TD, x_TD = self.input_layernorm.add(x_TD, delta_TD)
+        h_TD, x_TD = self.post_attention_layernorm.add(x_TD, self.self_attn(h_TD, cos_sin, attn))
+        return x_TD, self.mlp(h_TD, routes)
 
 
 class DeepseekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, prec: Precision = Precision()):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, prec: Precision = Precision(),
+                 kernels: ModelKernels = ModelKernels()):
         super().__init__()
-        self.cfg, self.dtype, self.plan = cfg, dtype, prec.plan
+        self.cfg, self.dtype, self.plan, self.kernels = cfg, dtype, prec.plan, kernels
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            Block(cfg, i, dtype, prec.child(f"layers.{i}"), self.moe_layers.index(i) if i in self.moe_layers else None)
+            Block(cfg, i, dtype, prec.child(f"layers.{i}"), self.moe_layers.index(i) if i in self.moe_layers else None,
+                  kernels)
             for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels.norm)
         self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
                         else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
         self.lm_head.weight.requires_grad_(False)
@@ -58,10 +65,10 @@ class DeepseekV3(nn.Module):
                 routes: RouteRecorder | None = None) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat batch of new tokens; their latents go into `attn`'s cache."""
         cos_sin = self.rope.cos_sin(pos_T)
-        x_TD = self.embed_tokens(ids_T)
+        x_TD, delta_TD = self.embed_tokens(ids_T), None
         for block in self.layers:
-            x_TD = block(x_TD, cos_sin, attn, routes)
-        return self.norm(x_TD)
+            x_TD, delta_TD = block(x_TD, delta_TD, cos_sin, attn, routes)
+        return self.norm.add(x_TD, delta_TD)[0]
 
     def logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         """fp32 logits [S, V]: the lm_head GEMM accumulates and outputs fp32 (DESIGN.md, Logits)."""

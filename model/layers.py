@@ -14,6 +14,7 @@ from torch import nn
 from ..precision import MXFP8Tensor, Precision, QATWeight, linear
 from ..precision.layout import LayoutCache
 from ..precision.mxfp8 import BLOCK
+from .ops import add_rmsnorm, rmsnorm
 
 
 def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -59,12 +60,16 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    """backend: model.ops.rmsnorm's ("torch" reference, "triton", "flashinfer"); decided at construction."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rmsnorm(x, self.weight, self.eps, self.backend)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused in front (delta None: no add)."""
+        return add_rmsnorm(x, delta, self.weight, self.eps, self.backend)

@@ -27,6 +27,7 @@ from ..precision.mxfp8 import check_pair, dequantize, has_nonfinite, quantize
 
 from .config import ModelConfig
 from .deepseek import DeepseekV3
+from .kernels import ModelKernels
 from .layers import Linear
 from .moe import Experts
 from .names import SCALE_SUFFIX as SCALE
@@ -266,7 +267,7 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, recipe: Recipe,
-                gemm: GemmConfig, qat: bool = False) -> DeepseekV3:
+                gemm: GemmConfig, qat: bool = False, kernels: ModelKernels = ModelKernels()) -> DeepseekV3:
     """DeepseekV3 on the meta device, each module constructed with its storage decided by the plan
     (recipe + the checkpoint's own format + `quantization`). `qat`: the trainer's model of the same
     plan, MXFP8 modules holding `dtype` master weights that the forward fake-quantizes."""
@@ -274,12 +275,13 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, 
         probe = DeepseekV3(cfg, dtype)
         k_dims = {name: m.k_dims for name, m in probe.named_modules() if isinstance(m, (Linear, Experts))}
         plan = replace(storage_plan(k_dims, cfg.quantization_config, quantization, recipe), qat=qat)
-        return DeepseekV3(cfg, dtype, Precision(plan, gemm))
+        return DeepseekV3(cfg, dtype, Precision(plan, gemm), kernels)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool = True, quantization: str | None = None, recipe: Recipe | None = None,
-               gemm: GemmConfig | None = None, load_format: str = "auto", seed: int = 0) -> DeepseekV3:
+               gemm: GemmConfig | None = None, load_format: str = "auto", seed: int = 0,
+               kernels: ModelKernels = ModelKernels()) -> DeepseekV3:
     """Build DeepseekV3 from `path/config.json` with the storage plan, allocate it once on `device`,
     and stream the weights into it (load_format="dummy": seeded random weights made on the device)."""
     if load_format not in ("auto", "dummy"):
@@ -287,7 +289,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.from_file(path)
     recipe = recipe or Recipe()
     gemm = gemm or GemmConfig(recipe.act_mode, recipe.scale_mode, "torch")
-    model = build_model(cfg, dtype, quantization, recipe, gemm).to_empty(device=device)
+    model = build_model(cfg, dtype, quantization, recipe, gemm, kernels=kernels).to_empty(device=device)
     if load_format == "dummy":
         from .dummy import init_dummy_weights
         init_dummy_weights(model, seed)

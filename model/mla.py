@@ -22,6 +22,7 @@ from torch import nn
 from ..precision import Precision
 from ..precision.qat import fake_quant_mxfp8
 from .config import ModelConfig
+from .kernels import ModelKernels
 from .layers import Linear, RMSNorm
 from .rope import rotate
 
@@ -33,7 +34,8 @@ class AttentionBackend(Protocol):
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), layer: int = 0):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), layer: int = 0,
+                 kernels: ModelKernels = ModelKernels()):
         super().__init__()
         D, H = cfg.hidden_size, cfg.num_attention_heads
         self.layer = layer
@@ -46,11 +48,11 @@ class MLA(nn.Module):
             self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype, prec.child("q_proj"))
         else:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, dtype, prec.child("q_a_proj"))
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, kernels.norm)
             self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype, prec.child("q_b_proj"))
         self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype,
                                          prec.child("kv_a_proj_with_mqa"))
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, kernels.norm)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype,
                                 prec.child("kv_b_proj"))
         self.o_proj = Linear(H * cfg.v_head_dim, D, dtype, prec.child("o_proj"))

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import MXFP8Tensor, Precision, QATWeight, experts
+from ..precision import MXFP8Tensor, Precision, QATWeight, experts, linear
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
+from .kernels import ModelKernels
 from .layers import Linear, frozen
+from .ops import route_topk
 
 
 class MLP(nn.Module):
@@ -31,11 +33,14 @@ class Gate(nn.Module):
 
     Contract (DESIGN.md): fp32 logits; the correction bias steers selection only; weights are the
     unbiased scores of the chosen experts, normalized if norm_topk_prob, then multiplied by
-    routed_scaling_factor here, once, for every expert backend.
+    routed_scaling_factor here, once, for every expert backend. `backend` "triton": the logits GEMM takes
+    the bf16 operands with fp32 output (exact products, fp32 accumulation: the same sum as upcasting
+    first, in cuBLAS's order) and the top-k is one kernel (model.ops.route_topk).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype), requires_grad=False)
@@ -44,20 +49,12 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64)."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
-        biased_TE = scores_TE + self.e_score_correction_bias
-        if self.n_group > 1:
-            T, E = biased_TE.shape
-            grouped_TGe = biased_TE.view(T, self.n_group, E // self.n_group)
-            group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
-            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
-            biased_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
-        ids_TK = biased_TE.topk(self.top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(1, ids_TK)
-        if self.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_TK * self.routed_scaling_factor, ids_TK
+        if self.backend == "torch":
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        else:
+            logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
+        return route_topk(logits_TE.sigmoid(), self.e_score_correction_bias, self.top_k, self.n_group,
+                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, self.backend)
 
 
 class Experts(nn.Module):
@@ -109,10 +106,11 @@ class RouteRecorder:
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), moe_index: int = 0):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prec: Precision = Precision(), moe_index: int = 0,
+                 kernels: ModelKernels = ModelKernels()):
         super().__init__()
         self.moe_index = moe_index  # this layer's row in a RouteRecorder
-        self.gate = Gate(cfg, dtype)
+        self.gate = Gate(cfg, dtype, kernels.router)
         self.experts = Experts(cfg, dtype, prec.child("experts"))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
                                    prec.child("shared_experts")) if cfg.n_shared_experts else None)

@@ -40,6 +40,10 @@ class EngineConfig:
     max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
     chunked_prefill_size: int = 8192  # token budget of one step: prefill is chunked to fit it
     attention_backend: str | None = None  # None = flashinfer on CUDA when importable, else torch | torch | flashinfer
+    # model ops: None = Triton on CUDA (reference roundings) | torch; norm also "flashinfer" (rounds once: opt-in)
+    norm_backend: str | None = None
+    router_backend: str | None = None  # None = Triton router top-k on CUDA | torch
+    attention_fast_plan: bool = True  # captured decode graphs re-plan FlashInfer MLA without its plan() wrapper
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
     cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph
@@ -200,7 +204,9 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if isinstance(cfg.mem_fraction_static, bool) or not 0 < cfg.mem_fraction_static <= 1:
         raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static!r}: must be in (0, 1]")
     for name, allowed in (("attention_backend", (None, "torch", "flashinfer")),
-                          ("sampling_backend", (None, "torch", "triton")), ("load_format", ("auto", "dummy"))):
+                          ("sampling_backend", (None, "torch", "triton")), ("load_format", ("auto", "dummy")),
+                          ("norm_backend", (None, "torch", "triton", "flashinfer")),
+                          ("router_backend", (None, "torch", "triton"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; supported: {list(allowed)}")
     levels = logging.getLevelNamesMapping()

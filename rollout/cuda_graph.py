@@ -1,22 +1,24 @@
 """CUDA graphs for decode steps: one graph per padded batch size, captured on first use.
 
-Inputs (token ids, positions, cache slots) live in fixed buffers; the graph runs the model and the
-lm_head into a fixed fp32 logits buffer. Before a replay the attention backend re-plans into its
-per-size index buffers and the padded rows point at the cache's scratch page. Weights, cache and
-buffers keep their addresses for the engine's lifetime (weight updates copy in place), so graphs
-stay valid across updates; releasing memory drops them (they are captured again on demand).
+Inputs (token ids, positions, cache slots) live in the step builder's fixed device buffer: a step
+padded to size n finds them at the same addresses every time (`StepBuilder.token_views(n)`). The
+graph runs the model and the lm_head into a fixed fp32 logits buffer. Before a replay the attention
+backend re-plans into its per-size index buffers (on the host; padding rows point at the cache's
+scratch page). Weights, cache and buffers keep their addresses for the engine's lifetime (weight
+updates copy in place), so graphs stay valid across updates; releasing memory drops them (they are
+captured again on demand).
 Legend: B rows, V vocab, D hidden.
 """
 from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import replace
 
 import torch
 
 from ..model import DeepseekV3
 from ..model.moe import RouteRecorder
+from .step_builder import StepBuilder
 from .step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,12 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 38
 
 class DecodeGraphs:
     def __init__(self, model: DeepseekV3, attn, sizes: tuple[int, ...], device: torch.device,
-                 record_routes: bool):
-        self.model, self.attn, self.device = model, attn, device
+                 record_routes: bool, builder: StepBuilder):
+        self.model, self.attn, self.device, self.builder = model, attn, device, builder
         self.sizes = sorted(set(sizes))
         B, cfg = self.sizes[-1], model.cfg
-        self.ids = torch.zeros(B, dtype=torch.long, device=device)
-        self.pos = torch.zeros(B, dtype=torch.long, device=device)
-        self.slots = torch.zeros(B, dtype=torch.long, device=device)
+        if B > builder.max_tokens:
+            raise ValueError(f"DecodeGraphs: batch size {B} exceeds the step buffers ({builder.max_tokens} tokens)")
         self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=device)
         self.routes = (RouteRecorder(len(model.moe_layers), B, cfg.num_experts_per_tok, device)
                        if record_routes and model.moe_layers else None)
@@ -43,41 +44,32 @@ class DecodeGraphs:
     def max_size(self) -> int:
         return self.sizes[-1]
 
-    def fits(self, step: StepInputs) -> bool:
-        return step.is_decode and step.num_rows <= self.max_size
+    def size_for(self, rows) -> int | None:
+        """The captured size a batch of `rows` pads to, or None when it does not run as a graph."""
+        if len(rows) > self.max_size or not all(r.length == 1 for r in rows):
+            return None
+        return self.sizes[bisect.bisect_left(self.sizes, len(rows))]
+
+    def ensure(self, size: int) -> None:
+        """Capture the graph of `size` (before a step of that size is built: capture writes the same buffers)."""
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """Logits [B, V] (fp32) of the step's rows; a view into the graph's buffer until the next replay."""
-        B = step.num_rows
-        size = self.sizes[bisect.bisect_left(self.sizes, B)]
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
+        size = step.num_rows + step.pad_rows
+        if not step.graph or size not in self.graphs or step.ids_T.data_ptr() != self.builder.token_views(size)[0].data_ptr():
+            raise ValueError(f"DecodeGraphs.run: the step ({step.num_rows} rows + {step.pad_rows} padding) was not "
+                             "built by the runner's StepBuilder for a captured size (ModelRunner.prepare)")
         graph, wrapper = self.graphs[size]
-        padded = self._pad(step, size)
-        self.attn.begin(padded, wrapper)
+        self.attn.begin(step, wrapper)
         graph.replay()
-        return self.logits[:B]
-
-    def _pad(self, step: StepInputs, size: int) -> StepInputs:
-        """Copy the step into the fixed buffers; rows past B attend one scratch position and write there."""
-        B, extra = step.num_rows, size - step.num_rows
-        scratch = self.attn.cache.scratch_page
-        self.ids[:B].copy_(step.ids_T)
-        self.pos[:B].copy_(step.pos_T)
-        self.slots[:B].copy_(step.slots_T)
-        if extra:
-            self.pos[B:size].zero_()
-            self.slots[B:size].fill_(scratch * step.page_size)
-        return replace(step, ids_T=self.ids[:size], pos_T=self.pos[:size], slots_T=self.slots[:size],
-                       qo_indptr=list(range(size + 1)), kv_lens=step.kv_lens + [1] * extra,
-                       pages=step.pages + [[scratch]] * extra)
+        return self.logits[:step.num_rows]
 
     def _capture(self, size: int):
         wrapper = self.attn.graph_wrapper(size)
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.ids[:size].zero_()
-        self.attn.begin(self._pad(StepInputs(empty, empty, empty, [0], [], [], empty, self.attn.cache.page_size, True),
-                                  size), wrapper)
+        step = self.builder.build([], pad_to=size)  # every row a padding row
+        self.attn.begin(step, wrapper)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -87,9 +79,11 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
             self._forward(size)
+        self.builder.release()
         log.info("captured a CUDA graph for decode batch size %d", size)
         return graph, wrapper
 
     def _forward(self, size: int) -> None:
-        h = self.model(self.ids[:size], self.pos[:size], self.attn, self.routes)
+        ids, pos, _ = self.builder.token_views(size)
+        h = self.model(ids, pos, self.attn, self.routes)
         self.logits[:size].copy_(self.model.logits(h))

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ..model import load_model
+from ..model import ModelConfig, load_model
+from ..model.kernels import select_model_kernels
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
@@ -38,6 +39,7 @@ from .request import Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, sample_seed
 from .scheduler import Scheduler
+from .step_builder import StepBuilder
 from .step_inputs import StepInputs
 from .weight_api import WeightUpdateAPI
 
@@ -141,9 +143,12 @@ class Engine(WeightUpdateAPI):
         self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
+        shape = ModelConfig.from_file(self.model_path)
+        kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,
+                                                    shape.n_routed_experts or 0, shape.n_group or 1)
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
-                                load_format=cfg.load_format, seed=cfg.seed)
+                                load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)
         self.layouts = LayoutCache()
         self.model.postprocess(self.layouts)
         self.model_config = mcfg = self.model.cfg
@@ -158,19 +163,21 @@ class Engine(WeightUpdateAPI):
         if attn_name == "flashinfer":
             from .attention.flashinfer_mla import FlashInferAttention
             self.attn = FlashInferAttention(self.cache, mcfg.num_attention_heads, mcfg.softmax_scale,
-                                            -(-self.context_length // cfg.page_size) + 1)
+                                            -(-self.context_length // cfg.page_size) + 1, cfg.attention_fast_plan)
         else:
             self.attn = TorchPagedAttention(self.cache)
         graphs_why = self._graphs_decision(cfg)
-        self.runner = ModelRunner(self.model, self.cache, self.attn, cfg.chunked_prefill_size, self._new_graphs())
+        self.step_builder = StepBuilder(cfg.page_size, max((cfg.chunked_prefill_size, *self._graph_sizes)),
+                                        cfg.max_running_requests, self.device, self.cache.scratch_page)
+        self.runner = ModelRunner(self.model, self.cache, self.attn, self.step_builder, self._new_graphs())
         self.sampler = Sampler(self.device, cfg.sampling_backend)
         self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
                                    eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
-        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
-                 attn_why, graphs_why)
+        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
+                 kernels_why, attn_why, graphs_why)
         log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,
                  self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30, self.context_length)
 
@@ -188,7 +195,8 @@ class Engine(WeightUpdateAPI):
     def _new_graphs(self) -> DecodeGraphs | None:
         if not self._graph_sizes:
             return None
-        return DecodeGraphs(self.model, self.attn, self._graph_sizes, self.device, record_routes=True)
+        return DecodeGraphs(self.model, self.attn, self._graph_sizes, self.device, record_routes=True,
+                            builder=self.step_builder)
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params: dict | list | None = None,
@@ -265,12 +273,14 @@ class Engine(WeightUpdateAPI):
         batch = self.scheduler.schedule()
         if batch is None:
             return
-        step = StepInputs.build(batch.rows, self.page_size, self.device)
         clock.mark("schedule")
+        step = self.runner.prepare(batch.rows)
+        rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
+        clock.mark("inputs")
         out = self.runner.forward(step, batch.copies, self._wants_routes(batch))
         clock.mark("forward")
-        sampled = self.sampler(out.logits_SV, self._sampling_rows(batch))
-        tokens = sampled.tokens.tolist()
+        sampled = self.sampler(out.logits_SV, rows)
+        tokens = sampled.tokens.tolist()  # the step's one device->host sync
         clock.mark("sample")
         finished = self.scheduler.update(batch, self._per_row(batch, tokens))
         self._record(batch, step, sampled, tokens, out.routes)

@@ -1,7 +1,8 @@
 """ModelRunner: one forward of the model over a scheduled batch.
 
-Copy-on-write page copies first, then the flat forward (CUDA-graph replay for decode batches that
-fit a captured size, eager otherwise), then fp32 logits of the rows that sample (a group leader
+`prepare` turns the scheduler's rows into StepInputs in reused buffers (padded to a captured size
+when the batch will replay a CUDA graph); `forward` does the copy-on-write page copies, then the
+flat forward (graph replay, or eager), then fp32 logits of the rows that sample (a group leader
 finishing its prompt appears once per sample). Router choices are recorded when asked.
 Legend: T tokens, S sampled rows, V vocab.
 """
@@ -16,6 +17,7 @@ from ..model import DeepseekV3
 from ..model.moe import RouteRecorder
 from .cuda_graph import DecodeGraphs
 from .kv_cache import PagedLatentCache
+from .step_builder import StepBuilder
 from .step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -28,21 +30,37 @@ class ForwardOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, attn, max_batch_tokens: int,
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, attn, builder: StepBuilder,
                  graphs: DecodeGraphs | None):
-        self.model, self.cache, self.attn, self.graphs = model, cache, attn, graphs
+        self.model, self.cache, self.attn, self.builder, self.graphs = model, cache, attn, builder, graphs
         cfg = model.cfg
-        self.routes = (RouteRecorder(len(model.moe_layers), max_batch_tokens, cfg.num_experts_per_tok,
+        self.routes = (RouteRecorder(len(model.moe_layers), builder.max_tokens, cfg.num_experts_per_tok,
                                      cache.device) if model.moe_layers else None)
+
+    def prepare(self, rows) -> StepInputs:
+        """The step's inputs; a decode batch that fits a captured size is padded to it (captured first)."""
+        size = self.graphs.size_for(rows) if self.graphs is not None else None
+        if size is not None:
+            with torch.inference_mode():
+                self.graphs.ensure(size)
+        return self.builder.build(rows, pad_to=size)
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, copies: list[tuple[int, int]], record_routes: bool) -> ForwardOutput:
+        try:
+            return self._forward(step, copies, record_routes)
+        finally:
+            self.builder.release()
+
+    def _forward(self, step: StepInputs, copies, record_routes: bool) -> ForwardOutput:
         if copies:
             self.cache.copy_pages([s for s, _ in copies], [d for _, d in copies])
-        if self.graphs is not None and self.graphs.fits(step) and (not record_routes or self.graphs.routes):
-            logits = self.graphs.run(step)
-            return ForwardOutput(logits.index_select(0, step.sample_T), self.graphs.routes)
+        if step.graph:
+            logits = self.graphs.run(step)  # routes are always recorded in the graph (when the model has MoE)
+            return ForwardOutput(logits if step.sample_rows_in_order else logits.index_select(0, step.sample_T),
+                                 self.graphs.routes)
         routes = self.routes if record_routes else None
         self.attn.begin(step)
         h_TD = self.model(step.ids_T, step.pos_T, self.attn, routes)
-        return ForwardOutput(self.model.logits(h_TD.index_select(0, step.sample_T)), routes)
+        h_SD = h_TD if step.sample_rows_in_order else h_TD.index_select(0, step.sample_T)
+        return ForwardOutput(self.model.logits(h_SD), routes)

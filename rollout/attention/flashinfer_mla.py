@@ -3,59 +3,149 @@ over the absorbed formulation: q is folded into latent space (W_UK), the kernel 
 cached latents and rope keys, W_UV maps the result back per head. One plan per step serves all
 layers. Decode batches captured in CUDA graphs use a wrapper per batch size over fixed index
 buffers (`graph_wrapper`); re-planning before a replay updates those buffers in place.
+
+Planning always reads host tensors (FA3 schedules the work on the CPU). The wrapper's `plan()` in
+FlashInfer 0.7.2 validates, selects a backend and snapshots buffers on every call (1.4-2.1 ms of host
+time per step on an H100). A graph's first plan goes through it; later plans of that graph
+(`GraphReplanner`, when `fast_plan`) call the planner module the wrapper loaded and copy the page
+table into the captured buffers, which is all that plan() changes for a captured FA2/FA3 graph. It
+checks that the schedule's launch shape (the plan info) is the captured one and fails loudly if not.
 Checked against the torch reference on the device (tests/rollout/test_attention_gpu.py).
 Legend: T tokens, H heads, C kv_lora_rank, R qk_rope_head_dim.
 """
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..kv_cache import PagedLatentCache
-from ..step_inputs import StepInputs
+from ..step_inputs import PageTable, StepInputs
+
+log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 256 << 20
+FAST_PLAN_BACKENDS = ("fa2", "fa3")  # planners whose replans keep a captured graph valid
+
+
+class GraphReplanner:
+    """Re-plans one captured graph's wrapper without the wrapper's per-call Python machinery."""
+
+    def __init__(self, wrapper, buffers: PageTable, num_heads: int, head_dim_ckv: int, causal: bool):
+        self.module = wrapper._cached_module
+        self.float_ws, self.int_ws = wrapper._float_workspace_buffer, wrapper._int_workspace_buffer
+        self.pinned_ws = wrapper._pin_memory_int_workspace_buffer
+        self.plan_info = _plan_info(wrapper._plan_info)
+        self.buffers, self.num_heads, self.head_dim_ckv, self.causal = buffers, num_heads, head_dim_ckv, causal
+
+    @classmethod
+    def attach(cls, wrapper, buffers: PageTable, num_heads: int, head_dim_ckv: int,
+               causal: bool) -> tuple["GraphReplanner | None", str]:
+        """(replanner, why) for a wrapper just planned through its public plan(); None when this FlashInfer
+        build does not expose what a direct replan needs (then plan() runs every step)."""
+        backend = getattr(wrapper, "_planned_backend_name", None)
+        if backend not in FAST_PLAN_BACKENDS:
+            return None, f"planned backend {backend!r} is not one of {FAST_PLAN_BACKENDS}"
+        missing = [a for a in ("_cached_module", "_float_workspace_buffer", "_int_workspace_buffer",
+                               "_pin_memory_int_workspace_buffer", "_plan_info") if getattr(wrapper, a, None) is None]
+        if missing:
+            return None, f"the wrapper does not expose {missing}"
+        if not hasattr(wrapper._cached_module, "plan"):
+            return None, "the planner module has no plan()"
+        return cls(wrapper, buffers, num_heads, head_dim_ckv, causal), f"direct replan ({backend} planner module)"
+
+    def plan(self, table: PageTable) -> None:
+        b = self.buffers
+        B = table.kv_lens.numel()
+        if B != b.kv_lens.numel() or table.kv_indices.numel() > b.kv_indices.numel():
+            raise ValueError(f"GraphReplanner: {B} rows / {table.kv_indices.numel()} pages do not fit the captured "
+                             f"buffers ({b.kv_lens.numel()} rows / {b.kv_indices.numel()} pages)")
+        info = self.module.plan(self.float_ws, self.int_ws, self.pinned_ws, table.qo_indptr, table.kv_indptr,
+                                table.kv_lens, self.num_heads, self.head_dim_ckv, self.causal)
+        if _plan_info(info) != self.plan_info:
+            raise RuntimeError(f"FlashInfer MLA replan changed the launch shape of a captured graph: "
+                               f"{_plan_info(info)} != {self.plan_info}")
+        b.qo_indptr.copy_(table.qo_indptr, non_blocking=True)
+        b.kv_indptr.copy_(table.kv_indptr, non_blocking=True)
+        b.kv_indices[:table.kv_indices.numel()].copy_(table.kv_indices, non_blocking=True)
+        b.kv_lens.copy_(table.kv_lens, non_blocking=True)
+
+
+def _plan_info(info) -> tuple[int, ...]:
+    return tuple(int(v) for v in info)
+
+
+@dataclass
+class GraphPlan:
+    """A captured batch size's wrapper, the metadata buffers it was captured on, and how it is re-planned."""
+    wrapper: object
+    buffers: PageTable
+    replanner: GraphReplanner | None = None
+    path: str | None = None  # set by the first plan
 
 
 class FlashInferAttention:
     name = "flashinfer"
     supports_cuda_graphs = True
 
-    def __init__(self, cache: PagedLatentCache, num_heads: int, sm_scale: float, max_pages_per_seq: int):
+    def __init__(self, cache: PagedLatentCache, num_heads: int, sm_scale: float, max_pages_per_seq: int,
+                 fast_plan: bool = True):
         import flashinfer
 
         self.flashinfer = flashinfer
         self.cache, self.num_heads, self.sm_scale = cache, num_heads, sm_scale
-        self.max_pages_per_seq = max_pages_per_seq
+        self.max_pages_per_seq, self.fast_plan = max_pages_per_seq, fast_plan
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=cache.device)
         self.eager = flashinfer.mla.BatchMLAPagedAttentionWrapper(self.workspace)
         self.wrapper = self.eager
         self.step: StepInputs | None = None
+        self.plan_paths: dict[int, str] = {}  # graph batch size -> how its steps are planned (logs, benchmarks)
 
-    def graph_wrapper(self, batch_size: int):
+    def graph_wrapper(self, batch_size: int) -> GraphPlan:
         """A wrapper whose metadata lives in fixed buffers sized for `batch_size` rows (CUDA graphs)."""
         dev, i32 = self.cache.device, torch.int32
-        return self.flashinfer.mla.BatchMLAPagedAttentionWrapper(
-            self.workspace, use_cuda_graph=True,
-            qo_indptr=torch.empty(batch_size + 1, dtype=i32, device=dev),
-            kv_indptr=torch.empty(batch_size + 1, dtype=i32, device=dev),
-            # rows of a group share prompt pages, so the index list can exceed the physical pages
-            kv_indices=torch.empty(batch_size * self.max_pages_per_seq, dtype=i32, device=dev),
-            kv_len_arr=torch.empty(batch_size, dtype=i32, device=dev))
+        # rows of a group share prompt pages, so the index list can exceed the physical pages
+        buffers = PageTable(qo_indptr=torch.empty(batch_size + 1, dtype=i32, device=dev),
+                            kv_indptr=torch.empty(batch_size + 1, dtype=i32, device=dev),
+                            kv_indices=torch.empty(batch_size * self.max_pages_per_seq, dtype=i32, device=dev),
+                            kv_lens=torch.empty(batch_size, dtype=i32, device=dev))
+        wrapper = self.flashinfer.mla.BatchMLAPagedAttentionWrapper(
+            self.workspace, use_cuda_graph=True, qo_indptr=buffers.qo_indptr, kv_indptr=buffers.kv_indptr,
+            kv_indices=buffers.kv_indices, kv_len_arr=buffers.kv_lens)
+        return GraphPlan(wrapper, buffers)
 
-    def begin(self, step: StepInputs, wrapper=None) -> None:
+    def begin(self, step: StepInputs, graph: GraphPlan | None = None) -> None:
         self.step = step
-        self.wrapper = wrapper or self.eager
-        indptr, indices = step.kv_indices()
-        i32 = torch.int32
-        # Host tensors: FA3 schedules the work on the host, so device metadata would cost a sync per step.
+        self.wrapper = graph.wrapper if graph is not None else self.eager
+        table = step.page_table()
+        if graph is not None and graph.replanner is not None:
+            graph.replanner.plan(table)
+            return
+        self.plan(self.wrapper, table)
+        if graph is not None and graph.path is None:
+            self._attach(graph, table.kv_lens.numel())
+
+    def plan(self, wrapper, table: PageTable) -> None:
+        """FlashInfer's public plan() on host tensors."""
         with warnings.catch_warnings():  # the flat CSR plan form is the one verified on sm90 (deprecated upstream)
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.wrapper.plan(torch.tensor(step.qo_indptr, dtype=i32), torch.tensor(indptr, dtype=i32),
-                              torch.tensor(indices, dtype=i32), torch.tensor(step.kv_lens, dtype=i32),
-                              self.num_heads, self.cache.cfg.kv_lora_rank, self.cache.cfg.qk_rope_head_dim,
-                              self.cache.page_size, True, self.sm_scale, self.cache.dtype, self.cache.dtype)
+            wrapper.plan(table.qo_indptr, table.kv_indptr, table.kv_indices, table.kv_lens,
+                         self.num_heads, self.cache.cfg.kv_lora_rank, self.cache.cfg.qk_rope_head_dim,
+                         self.cache.page_size, True, self.sm_scale, self.cache.dtype, self.cache.dtype)
+
+    def _attach(self, graph: GraphPlan, size: int) -> None:
+        if not self.fast_plan:
+            graph.path = "FlashInfer plan() every step (attention_fast_plan off)"
+        else:
+            graph.replanner, why = GraphReplanner.attach(graph.wrapper, graph.buffers, self.num_heads,
+                                                         self.cache.cfg.kv_lora_rank, True)
+            graph.path = why if graph.replanner is not None else f"FlashInfer plan() every step: no direct replan ({why})"
+            if graph.replanner is None:
+                log.warning("MLA graph batch %d: %s", size, graph.path)
+        self.plan_paths[size] = graph.path
+        log.info("MLA graph batch %d: %s", size, graph.path)
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
         self.cache.write(mla.layer, self.step.slots_T, kv_TC, k_pe_TR)

@@ -1,0 +1,72 @@
+"""Triton router top-k (model.ops.route_topk_ref) after the sigmoid: correction bias, group-limited
+selection, gather of the unbiased scores, normalization and routed scaling in one program per token.
+
+Selection is a K-fold argmax (ties -> the lowest expert id; torch.topk leaves tie order unspecified),
+so ids come out in the reference's slot order (descending biased score). Groups: the row is viewed
+[G, E/G]; a group's score is its largest plus its second largest biased score (a repeated maximum
+counts twice, as topk(2) does). The weights' fp32 normalization sum may differ from torch's in order.
+Needs E a power of two split into power-of-two groups (DeepSeek-V3: 256 = 8 x 32; Moonlight: 64).
+Legend: T tokens, E experts, G groups, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, scale,
+                  E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
+                  NORM: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, E)
+    s = tl.load(scores_ptr + row * stride + e)
+    biased = s + tl.load(bias_ptr + e)
+    if NG > 1:
+        GS: tl.constexpr = E // NG
+        x = tl.reshape(biased, (NG, GS))
+        j = tl.arange(0, GS)[None, :]
+        m1 = tl.max(x, 1)
+        first = tl.min(tl.where(x == m1[:, None], j, GS), 1)
+        m2 = tl.max(tl.where(j == first[:, None], float("-inf"), x), 1)
+        score = m1 + m2
+        g = tl.arange(0, NG)
+        keep = g < 0
+        for _ in tl.static_range(TG):
+            best = tl.max(tl.where(keep, float("-inf"), score), 0)
+            pick = tl.min(tl.where((score == best) & ~keep, g, NG), 0)
+            keep = keep | (g == pick)
+        biased = tl.reshape(tl.where(keep[:, None], x, float("-inf")), (E,))
+    k = tl.arange(0, KP)
+    ids = tl.zeros([KP], dtype=tl.int64)
+    ws = tl.zeros([KP], dtype=tl.float32)
+    for slot in tl.static_range(K):
+        best = tl.max(biased, 0)
+        pick = tl.min(tl.where(biased == best, e, E), 0)
+        ids = tl.where(k == slot, pick.to(tl.int64), ids)
+        ws = tl.where(k == slot, tl.sum(tl.where(e == pick, s, 0.0), 0), ws)
+        biased = tl.where(e == pick, float("-inf"), biased)
+    if NORM:
+        ws = tl.math.div_rn(ws, tl.sum(ws, 0) + 1e-20)
+    ws = ws * scale
+    tl.store(w_ptr + row * K + k, ws, mask=k < K)
+    tl.store(ids_ptr + row * K + k, ids, mask=k < K)
+
+
+def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                      norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref."""
+    T, E = scores_TE.shape
+    assert scores_TE.dtype == torch.float32 and scores_TE.stride(1) == 1, (scores_TE.dtype, scores_TE.stride())
+    assert bias_E.shape == (E,) and bias_E.dtype == torch.float32 and bias_E.is_contiguous(), (bias_E.shape,
+                                                                                                bias_E.dtype)
+    assert E & (E - 1) == 0 and E % n_group == 0 and (E // n_group) & (E // n_group - 1) == 0, (E, n_group)
+    assert 0 < top_k <= E and 0 < topk_group <= n_group, (E, n_group, top_k, topk_group)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=scores_TE.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=scores_TE.device)
+    if T:
+        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, float(routed_scaling_factor),
+                            E=E, K=top_k, KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group,
+                            NORM=bool(norm_topk_prob), num_warps=1 if E <= 128 else 2)
+    return weights, ids

@@ -1,0 +1,78 @@
+"""The model's small ops behind one functional interface each: RMSNorm (optionally with the residual
+add in front) and the router's top-k after the logits. The torch code here is the reference; the
+kernels (model/kernels/) follow it and tests compare the two.
+Legend: T tokens, D width, E routed experts, G groups, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+def rmsnorm_ref(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 normalize, round to x's dtype, times the weight (in the weight's promotion with x's dtype)."""
+    xf = x_TD.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w_D * xf.to(x_TD.dtype)
+
+
+def rmsnorm(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
+    if backend == "triton":
+        from .kernels.triton_norm import rmsnorm_triton
+        return rmsnorm_triton(x_TD, w_D, eps)
+    if backend == "flashinfer":
+        import flashinfer
+        return flashinfer.norm.rmsnorm(x_TD.contiguous(), w_D, eps)
+    return rmsnorm_ref(x_TD, w_D, eps)
+
+
+def add_rmsnorm(x_TD: torch.Tensor, delta_TD: torch.Tensor | None, w_D: torch.Tensor, eps: float,
+                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(s), s) with s = x + delta in x's dtype (s = x when delta is None): the residual stream's
+    next value and its normed copy."""
+    if delta_TD is None:
+        return rmsnorm(x_TD, w_D, eps, backend), x_TD
+    if backend == "triton":
+        from .kernels.triton_norm import add_rmsnorm_triton
+        return add_rmsnorm_triton(x_TD, delta_TD, w_D, eps)
+    if backend == "flashinfer":
+        import flashinfer
+        # in place on the step's own intermediates: x becomes x + delta, delta its normed copy
+        h, s = delta_TD.contiguous(), x_TD.contiguous()
+        flashinfer.norm.fused_add_rmsnorm(h, s, w_D, eps)
+        return h, s
+    s = x_TD + delta_TD
+    return rmsnorm_ref(s, w_D, eps), s
+
+
+# ---------------------------------------------------------------- router top-k
+
+def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                   norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """noaux_tc selection over sigmoid scores (fp32): the bias steers selection only; group score = sum of
+    the group's top-2 biased scores, the best topk_group groups stay; weights = unbiased scores of the
+    chosen experts, normalized if asked, times the scaling factor. Returns (weights fp32, ids int64) [T, K]."""
+    biased_TE = scores_TE + bias_E
+    if n_group > 1:
+        T, E = biased_TE.shape
+        grouped_TGe = biased_TE.view(T, n_group, E // n_group)
+        group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
+        biased_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+    ids_TK = biased_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * routed_scaling_factor, ids_TK
+
+
+def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+               norm_topk_prob: bool, routed_scaling_factor: float,
+               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from .kernels.triton_router import route_topk_triton
+        return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
+                                 routed_scaling_factor)
+    return route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)

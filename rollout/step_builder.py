@@ -1,0 +1,136 @@
+"""StepBuilder: a step's inputs written into buffers that live as long as the engine.
+
+The scheduler's Python state (token lists, page lists) is written into host staging buffers (pinned
+on CUDA) and reaches the device in one non_blocking copy into a fixed device buffer; nothing is read
+back from the device. The attention page table stays on the host as int32 tensors (FlashInfer plans
+on the CPU; the backend copies the page indices itself). A decode batch bound for a captured CUDA
+graph is padded here, on the host, to the graph's size: padding rows hold token 0 at position 0 and
+attend and write one slot of the cache's scratch page, so a replay needs no device-side fix-ups.
+
+Device layout: [ids | pos | slots | sample (S)] for a step of n tokens (padding included), the first
+three n long each on a 16-element stride, so a graph of size n always finds its inputs at the same
+addresses (`token_views(n)`).
+Host buffers are rewritten only after the copies of the previous step that read them have run: the
+runner calls `release()` once it has enqueued them, and `build` waits on that event (normally already
+passed: the engine read the previous step's sampled tokens back).
+Reference: `StepInputs.build` (tests/rollout/test_step_builder.py compares the two).
+Legend: B rows, T tokens, P pages in the page table, S sampled rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .step_inputs import PageTable, StepInputs
+
+_ALIGN = 64  # int32 elements: 256 bytes
+
+
+def _padded(n: int) -> int:
+    """Token-buffer segments start on 128-byte boundaries (int64)."""
+    return 16 * -(-n // 16)
+
+
+class StepBuilder:
+    def __init__(self, page_size: int, max_tokens: int, max_samples: int, device: torch.device, scratch_page: int):
+        self.page_size, self.device, self.scratch_page = page_size, torch.device(device), scratch_page
+        self.max_tokens, self.max_samples = max_tokens, max_samples
+        self._pin = self.device.type == "cuda"
+        n = 3 * _padded(max_tokens) + max_samples
+        self._tok_host = torch.zeros(n, dtype=torch.int64, pin_memory=self._pin)
+        self._tok_np = self._tok_host.numpy()
+        self._tok_dev = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._table_host = torch.zeros(0, dtype=torch.int32)
+        self._table_np = self._table_host.numpy()
+        self._copied: torch.cuda.Event | None = None
+
+    def token_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, pos, slots) device views of a step of n tokens: fixed addresses for a given n."""
+        d, m = self._tok_dev, _padded(n)
+        return d[:n], d[m:m + n], d[2 * m:2 * m + n]
+
+    def release(self) -> None:
+        """The step's host-to-device copies are enqueued: the host buffers may be reused once they ran."""
+        if self._pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def _wait(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+    def _table_buffer(self, n: int) -> np.ndarray:
+        if self._table_host.numel() < n:
+            self._table_host = torch.zeros(max(n, 2 * self._table_host.numel()), dtype=torch.int32,
+                                           pin_memory=self._pin)
+            self._table_np = self._table_host.numpy()
+        return self._table_np
+
+    def build(self, rows, pad_to: int | None = None) -> StepInputs:
+        """`rows`: the scheduler's Batch.rows. pad_to: a decode batch's captured graph size (>= len(rows))."""
+        G = self.page_size
+        ids, pos, slots, qo, kv_lens, pages, indices, kv_indptr, sample = [], [], [], [0], [], [], [], [0], []
+        decode = True
+        for row in rows:
+            seq, start, n = row.seq, row.start, row.length
+            end = start + n
+            table = seq.pages[:-(-end // G)]
+            if n == 1:
+                ids.append(seq.tokens[start])
+                pos.append(start)
+                slots.append(table[start // G] * G + start % G)
+            else:
+                decode = False
+                ids += seq.tokens[start:end]
+                pos += range(start, end)
+                slots += [table[p // G] * G + p % G for p in range(start, end)]
+            qo.append(qo[-1] + n)
+            kv_lens.append(end)
+            pages.append(table)
+            indices += table
+            kv_indptr.append(len(indices))
+            sample += [qo[-1] - 1] * row.num_samples
+        B, T, S = len(rows), qo[-1], len(sample)
+        pad = 0
+        if pad_to is not None:
+            if not decode or pad_to < B:
+                raise ValueError(f"StepBuilder: only a decode batch pads to a graph size ({B} rows, pad_to={pad_to})")
+            pad = pad_to - B
+        n = T + pad
+        if n > self.max_tokens or S > self.max_samples:
+            raise ValueError(f"StepBuilder: {n} tokens / {S} samples exceed the buffers "
+                             f"({self.max_tokens} / {self.max_samples})")
+        self._wait()
+        tok, m = self._tok_np, _padded(n)
+        tok[:T], tok[m:m + T], tok[2 * m:2 * m + T] = ids, pos, slots
+        if pad:
+            tok[T:n] = 0
+            tok[m + T:m + n] = 0
+            tok[2 * m + T:2 * m + n] = self.scratch_page * G
+        tok[3 * m:3 * m + S] = sample
+        dev = self._tok_dev[:3 * m + S]
+        dev.copy_(self._tok_host[:3 * m + S], non_blocking=True)
+        ids_T, pos_T, slots_T = self.token_views(n)
+        return StepInputs(ids_T, pos_T, slots_T, qo, kv_lens, pages, dev[3 * m:], G, decode,
+                          table=self._page_table(qo, kv_indptr, indices, kv_lens, pad), graph=pad_to is not None, pad_rows=pad,
+                          sample_rows_in_order=sample == list(range(T)))
+
+    def _page_table(self, qo, kv_indptr, indices, kv_lens, pad: int) -> PageTable:
+        """Host int32 qo_indptr [B'+1], kv_indptr [B'+1], kv_lens [B'], kv_indices [P'] (B' = B + pad) in one
+        buffer, each part starting on a 256-byte boundary (what DLPack consumers may expect)."""
+        B, P, T = len(kv_lens), len(indices), qo[-1]
+        Bp, Pp = B + pad, P + pad
+        a = _ALIGN * -(-(Bp + 1) // _ALIGN)
+        b, c = 2 * a, 2 * a + _ALIGN * -(-Bp // _ALIGN)
+        buf = self._table_buffer(c + Pp)
+        buf[:B + 1] = qo
+        buf[B + 1:Bp + 1] = np.arange(T + 1, T + pad + 1, dtype=np.int32)
+        buf[a:a + B + 1] = kv_indptr
+        buf[a + B + 1:a + Bp + 1] = np.arange(P + 1, P + pad + 1, dtype=np.int32)
+        buf[b:b + B] = kv_lens
+        buf[b + B:b + Bp] = 1
+        buf[c:c + P] = indices
+        buf[c + P:c + Pp] = self.scratch_page
+        t = self._table_host
+        return PageTable(t[:Bp + 1], t[a:a + Bp + 1], t[c:c + Pp], t[b:b + Bp])
