@@ -63,20 +63,30 @@ def test_fast_engine_matches_reference_engine(tmp_path, quantization):
     fast = Engine(**common)
     info = fast.get_model_info()
     assert info["attention_backend"] == "flashinfer" and fast.runner.graphs is not None
-    ref = Engine(**common, attention_backend="torch", gemm_backend="torch", disable_cuda_graph=True)
+    ref = Engine(**common, attention_backend="torch", gemm_backend="torch", disable_cuda_graph=True,
+                 norm_backend="torch", router_backend="torch")
     for e in (fast, ref):  # random-weight MoE routes near ties everywhere: pin the routes so that the
         pin_routing(e)     # comparison measures the kernels, not chaotic expert flips
     prompts = [torch.randint(2, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 33, 64)]
     greedy = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     a = fast.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
-    b = ref.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
-    same = [x["output_ids"] == y["output_ids"] for x, y in zip(a, b)]
-    diffs = [abs(p[0] - q[0]) for x, y in zip(a, b)
-             for p, q, s_, t_ in zip(x["meta_info"]["output_token_logprobs"], y["meta_info"]["output_token_logprobs"],
-                                     x["output_ids"], y["output_ids"]) if s_ == t_]
-    print(f"{quantization}: greedy equal {same}, max |logprob diff| on equal tokens {max(diffs):.3e}")
-    assert sum(same) >= 3, "greedy tokens of the fast path should match the reference (bf16 near-ties aside)"
+    b = ref.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True, top_logprobs_num=2)
+    # Compare while both sequences share their context (up to the first differing token): logprobs agree
+    # within bf16 noise, and a differing greedy token is a near-tie of the reference (its top-2 within noise).
+    diffs, ties, equal = [], [], 0
+    for x, y in zip(a, b):
+        xs, ys = x["output_ids"], y["output_ids"]
+        first = next((i for i, (s_, t_) in enumerate(zip(xs, ys)) if s_ != t_), len(xs))
+        equal += first == len(xs)
+        lx, ly = x["meta_info"]["output_token_logprobs"], y["meta_info"]["output_token_logprobs"]
+        diffs += [abs(lx[i][0] - ly[i][0]) for i in range(first)]
+        if first < len(xs):
+            top = y["meta_info"]["output_top_logprobs"][first]
+            ties.append((xs[first] in [t[1] for t in top], top[0][0] - top[1][0]))
+    print(f"{quantization}: {equal}/4 greedy sequences equal, max |logprob diff| while the context is shared "
+          f"{max(diffs):.3e} over {len(diffs)} tokens; divergences (fast token in ref top-2, ref top-2 gap): {ties}")
     assert max(diffs) < 0.05
+    assert all(in_top2 and gap < 0.1 for in_top2, gap in ties), "a differing greedy token must be a near-tie"
     # the same request alone and inside a batch of 64 (graph sizes differ): report, and equal tokens expected
     alone = fast.generate(input_ids=prompts[1], sampling_params=greedy)["output_ids"]
     crowd = fast.generate(input_ids=[prompts[1]] + ([p[::-1] for p in prompts] * 16)[:63], sampling_params=greedy)
