@@ -229,7 +229,7 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-MID_MIN_M, MID_MAX_M = 17, 128  # the mid path (triton_mxfp8_gemm_mid): W dequantized once per launch
+MID_MIN_M, MID_MAX_M = 17, 64  # the mid path (triton_mxfp8_gemm_mid): W dequantized once per launch
 BIG_WEIGHT = 1 << 24  # elements; larger decode weights take BK=128 and a separate activation-quant pass
 MAX_TILES = 1 << 16
 
@@ -241,12 +241,13 @@ def pick_config(M: int, N: int, K: int) -> dict:
     | M          | path    | what runs                                                        |
     |------------|---------|------------------------------------------------------------------|
     | 1..16      | fused   | decode kernel below (split-K, in-register activation quant)      |
-    | 17..128    | mid     | triton_mxfp8_gemm_mid: one M tile (<= 256 rows) per W tile, so W |
+    | 17..64     | mid     | triton_mxfp8_gemm_mid: one M tile (<= 256 rows) per W tile, so W |
     |            |         | is read and dequantized once per launch; MMA per `mid_config`    |
-    | > 128      | dequant | W dequantized once to bf16 (exact), activation pass, cuBLAS bf16 |
+    | > 64       | dequant | W dequantized once to bf16 (exact), activation pass, cuBLAS bf16 |
     Measured (H200, 2026-11-30, benchmarks/results/mxfp8_gemm_quick.json, geomean x cuBLAS bf16 over
     moonlight + dsv3 shapes): M=64 mid_bf16 0.50 / dequant 0.48 / previous fused 0.48; M=256 dequant 0.52,
-    previous fused 0.31, mid_bf16 0.23; M=1024 dequant 0.63, mid_bf16 0.29. So mid only up to 128.
+    previous fused 0.31, mid_bf16 0.23; M=1024 dequant 0.63, mid_bf16 0.29; in the engine (throughput_mxfp8.json)
+    decode at batch 128 on the mid path took 27.9 ms against 23.2 ms at batch 256 on dequant. So mid only up to 64.
     """
     if M > MID_MAX_M:
         return dict(PATH="dequant")
