@@ -124,8 +124,12 @@ def run_rl(cfg: RLConfig) -> RLResult:
             for s in senders:
                 _close(s)
     summary = {**run_summary(history), "weight_version": version, "wall_s": time.perf_counter() - t0}
-    plot = write_plot(history, out / PLOT, f"mxroll rl: {model_path.name}, charset task, GRPO "
-                                           f"({cfg.prompts_per_step} prompts x {cfg.n} samples per step)")
+    try:
+        plot = write_plot(history, out / PLOT, f"mxroll rl: {model_path.name}, charset task, GRPO "
+                                               f"({cfg.prompts_per_step} prompts x {cfg.n} samples per step)")
+    except ImportError as e:  # the run's figures stay in metrics.jsonl and the printed table
+        log.warning("no plot (%s): pip install matplotlib to get %s", e, PLOT)
+        plot = None
     print(step_table(history))
     for line in summary_lines(summary):
         print(line)
