@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, time_events, write_results  # noqa: E402
 from mxroll import Engine  # noqa: E402
+from mxroll.model.dummy import pin_routing  # noqa: E402
 from mxroll.model.ops import add_rmsnorm, rmsnorm, route_topk_ref  # noqa: E402
 from mxroll.rollout.step_inputs import PageTable, StepInputs  # noqa: E402
 
@@ -206,19 +207,10 @@ def kernel_checks(e: Engine) -> dict:
     return out
 
 
-def pin_routing(e: Engine) -> None:
-    """Every token chooses experts 0..k-1 (selection bias only): random routers sit near ties (throughput.py)."""
-    k = e.model_config.num_experts_per_tok
-    for i in e.model.moe_layers:
-        bias = e.model.layers[i].mlp.gate.e_score_correction_bias
-        bias.zero_()
-        bias[:k] = 10.0
-
-
 def generations(e: Engine) -> dict:
     """Greedy 4 x 16 tokens (routes pinned) and the first token's top-3 from the eager model with the torch
     reference attention for prompt 0."""
-    pin_routing(e)
+    pin_routing(e.model)
     ids = prompts(4, 64, seed=7)
     out = e.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 16, "ignore_eos": True},
                      return_logprob=True, top_logprobs_num=3)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, measure_copy_bandwidth, write_results  # noqa: E402
 from mxroll import Engine, configs  # noqa: E402
 from mxroll.model import ModelConfig  # noqa: E402
+from mxroll.model.dummy import pin_routing  # noqa: E402
 
 PRESET = "moonlight-16b-a3b"
 
@@ -106,26 +107,14 @@ def guarded(fn, *args):
         return {"error": repr(e)[:800]}
 
 
-def pin_routing(e: Engine) -> None:
-    """Make every token choose experts 0..k-1 (a large selection bias; the weights stay the unbiased
-    scores). Random-weight MoE stacks route near ties everywhere, so bf16 rounding differences between
-    two correct kernels flip expert choices and the paths diverge chaotically; with pinned routes the
-    comparison measures the kernels."""
-    k = e.model_config.num_experts_per_tok
-    for i in e.model.moe_layers:
-        bias = e.model.layers[i].mlp.gate.e_score_correction_bias
-        bias.zero_()
-        bias[:k] = 10.0
-
-
 def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
     """Fast path (FlashInfer + CUDA graphs + Triton) vs the torch reference path on the same weights."""
     fast = engine(mode, max_total_tokens=1 << 14)
     ref = engine(mode, max_total_tokens=1 << 14, attention_backend="torch", gemm_backend="torch",
                  disable_cuda_graph=True)
     if pinned:
-        pin_routing(fast)
-        pin_routing(ref)
+        pin_routing(fast.model)
+        pin_routing(ref.model)
     ids = prompts(4, 64, cfg.vocab_size, seed=7)
     greedy = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
     a = fast.generate(input_ids=ids, sampling_params=greedy, return_logprob=True, top_logprobs_num=3)

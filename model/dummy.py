@@ -41,3 +41,16 @@ def init_dummy_weights(model: DeepseekV3, seed: int = 0) -> None:
         else:
             std = 1.0 if "embed_tokens" in name else (2.0 if name == "lm_head.weight" else 1.0) / p.shape[-1] ** 0.5
             p.copy_((torch.randn(p.shape, generator=g, device=p.device) * std).to(p.dtype))
+
+
+@torch.no_grad()
+def pin_routing(model: DeepseekV3) -> None:
+    """Make every token choose experts 0..k-1 (a large selection bias; the weights stay the unbiased
+    scores). Random-weight MoE stacks route near ties everywhere, so bf16 rounding differences between
+    two correct kernels flip expert choices and the paths diverge chaotically; with pinned routes a
+    comparison of two paths measures the kernels."""
+    k = model.cfg.num_experts_per_tok
+    for i in model.moe_layers:
+        bias = model.layers[i].mlp.gate.e_score_correction_bias
+        bias.zero_()
+        bias[:k] = 10.0
