@@ -68,13 +68,14 @@ class WeightUpdateAPI:
                 self.receiver.finish(group_name, posted)
                 pending += posted
                 if not commit:
-                    return True, f"staged {len(names)} tensors ({len(pending)} calls pending until commit=True)"
+                    return True, f"staged {len(names)} tensors ({len(pending)} buckets pending until commit=True)"
                 t1 = time.perf_counter()
-                key = (self._memory_epoch,) + tuple(call.key for call in pending)
-                calls = list(pending)
-                return self._apply(lambda: self.receiver.stage(lambda: [x for c in calls for x in c.named()], key=key),
+                key = (self._memory_epoch,) + tuple(r.key for r in pending)
+                received = list(pending)  # one entry per bucket
+                return self._apply(lambda: self.receiver.stage(lambda: [x for r in received for x in r.named()],
+                                                               key=key),
                                    weight_version, flush_cache,
-                                   {"source": "distributed", "receive_s": t1 - t0, "calls": len(calls)}, t0)
+                                   {"source": "distributed", "receive_s": t1 - t0, "buckets": len(received)}, t0)
             except BaseException:
                 commit = True  # a failed call drops everything staged with it
                 raise

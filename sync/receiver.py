@@ -112,7 +112,7 @@ class WeightReceiver:
                                         f"{len(names)}/{len(dtypes)}/{len(shapes)}")
             layouts.append(self._layout(names, dtypes, shapes, load_format, device, (slot, i)))
             starts.append(total)
-            total += -(-layouts[-1].nbytes // ALIGN) * ALIGN
+            total += _aligned(layouts[-1].nbytes)
         whole = self._arena(total, device, slot)
         out = []
         try:
@@ -165,7 +165,7 @@ class WeightReceiver:
             offsets, total = [], 0
             for n in sizes:
                 offsets.append(total)
-                total += -(-n // ALIGN) * ALIGN
+                total += _aligned(n)
         layout = _Layout(list(names), list(dtypes), list(shapes), load_format, dts, shapes_, offsets,
                          total, (tuple(names), tuple(dts), tuple(shapes_), load_format == "flattened_bucket"))
         self._layouts[(str(device), slot)] = layout
@@ -298,6 +298,10 @@ class _Plan:
     staged: list  # (live destination view, staging view) pairs
     finite: FiniteCheck | None
     copies: list | None = None  # `staged` with neighbouring pairs merged (made at the first commit)
+
+
+def _aligned(nbytes_: int) -> int:
+    return -(-nbytes_ // ALIGN) * ALIGN
 
 
 def _unpacked(names: list, arena: torch.Tensor, layout: _Layout) -> Callable[[], list]:
