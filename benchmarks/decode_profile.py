@@ -49,41 +49,47 @@ def main() -> None:
             for _ in range(k):
                 e._command(e.step)
         run_steps(-(-B * 512 // e.config.chunked_prefill_size) + 4)
-        batch = e.scheduler.schedule()
-        step = e.runner.prepare(batch.rows)  # captures the batch size's graph when needed
-        graphs = e.runner.graphs
-        res = {}
-        res["old_step_inputs_ms"] = timed(lambda: StepInputs.build(batch.rows, e.page_size, e.device), sync=False)
-        size = graphs.sizes[[s >= B for s in graphs.sizes].index(True)]
-        res["step_builder_ms"] = timed(lambda: e.step_builder.build(batch.rows, pad_to=size), sync=False)
-        graph, gplan = graphs.graphs.get(size) or (None, None)
-        res["attention_plan_ms"] = timed(lambda: e.attn.begin(step, gplan), sync=False)
-        if graph is not None:
-            res["graph_replay_ms"] = timed(graph.replay)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    graph.replay()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            print(table)
-            res["top_kernels"] = table
-        logits = graphs.logits[:B]
-        rows = e._sampling_rows(batch)
-        res["sampler_ms"] = timed(lambda: e.sampler(logits, e._sampling_rows(batch)))
-        res["sampling_rows_build_ms"] = timed(lambda: e._sampling_rows(batch), sync=False)
-        del rows
-        # undo: the step was scheduled by hand; retract and abort everything before the next batch size
-        e.step_builder.release()
-        e.scheduler.update(batch, [[1] * r.num_samples for r in batch.rows])
+        with torch.inference_mode():  # the hand-run step plans attention on inference tensors
+            res = measure(e, B)
+        print(f"B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "top_kernels"), flush=True)
+        results["batches"][B] = res
         e.abort_request(abort_all=True)
         e.continue_generation()
         call.future.result()
-        print(f"B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "top_kernels"), flush=True)
-        results["batches"][B] = res
     write_results(f"decode_profile_{args.mode}", results)
     e.shutdown()
 
 
+def measure(e: Engine, B: int) -> dict:
+    """One hand-scheduled decode step of B rows: host pieces, graph replay, top kernels."""
+    batch = e.scheduler.schedule()
+    step = e.runner.prepare(batch.rows)  # captures the batch size's graph when needed
+    graphs = e.runner.graphs
+    res = {}
+    res["old_step_inputs_ms"] = timed(lambda: StepInputs.build(batch.rows, e.page_size, e.device), sync=False)
+    size = graphs.sizes[[s >= B for s in graphs.sizes].index(True)]
+    res["step_builder_ms"] = timed(lambda: e.step_builder.build(batch.rows, pad_to=size), sync=False)
+    graph, gplan = graphs.graphs.get(size) or (None, None)
+    res["attention_plan_ms"] = timed(lambda: e.attn.begin(step, gplan), sync=False)
+    if graph is not None:
+        res["graph_replay_ms"] = timed(graph.replay)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        print(table)
+        res["top_kernels"] = table
+    logits = graphs.logits[:B]
+    rows = e._sampling_rows(batch)
+    res["sampler_ms"] = timed(lambda: e.sampler(logits, e._sampling_rows(batch)))
+    res["sampling_rows_build_ms"] = timed(lambda: e._sampling_rows(batch), sync=False)
+    del rows
+    # undo: the step was scheduled by hand; retract and abort everything before the next batch size
+    e.step_builder.release()
+    e.scheduler.update(batch, [[1] * r.num_samples for r in batch.rows])
+    return res
+
+
 if __name__ == "__main__":
-    with torch.inference_mode():  # the engine plans attention inside inference mode (its buffers are inference tensors)
-        main()
+    main()
