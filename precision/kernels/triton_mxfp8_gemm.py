@@ -6,11 +6,9 @@ tile is MXFP8 quantize-dequantized in registers along K with the recipe's rule, 
 `precision.mxfp8.quantize` for bf16/fp16 inputs (the scale byte is computed from amax's
 exponent bits, which equals torch's ceil(log2(amax / 448)) for every bf16/fp16 value).
 Paths, chosen by `pick_config` (its table):
-- decode / small M (<= 16): `triton_mxfp8_gemv`, bandwidth-bound: K split over programs until every
-  SM has work, scales applied to 32-element block sums, CUDA-core FMAs for M <= 4 and one MMA per K
-  block above; the last program of each tile sums the partials in split order in the same launch
-  (deterministic). The fused kernel below was the previous decode path and stays selectable by
-  config (benchmarks compare it) until the device measurements retire it.
+- decode / small M (<= 16): the fused kernel; K is split over several programs when the grid would
+  not fill the GPU, and the last program of each tile sums the partials in split order in the same
+  launch (deterministic); big weights quantize activations in a separate tiny pass first.
 - mid M (17..1024): `triton_mxfp8_gemm_mid`, one token tile per weight tile (W read and dequantized
   once per launch), bf16 or fp8 block-scaled MMA.
 - M > 1024 (compute-bound): W is dequantized once to bf16 (exact), activations are
@@ -242,8 +240,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
 
     | M          | path    | what runs                                                        |
     |------------|---------|------------------------------------------------------------------|
-    | 1..16      | gemv    | triton_mxfp8_gemv (split-K to fill the SMs, block-sum scaling);  |
-    |            |         | UNMEASURED pick, see `gemv_config`                               |
+    | 1..16      | fused   | decode kernel below (split-K, in-register activation quant)      |
     | 17..64     | mid     | triton_mxfp8_gemm_mid: one M tile (<= 256 rows) per W tile, so W |
     |            |         | is read and dequantized once per launch; MMA per `mid_config`    |
     | > 64       | dequant | W dequantized once to bf16 (exact), activation pass, cuBLAS bf16 |
@@ -257,13 +254,12 @@ def pick_config(M: int, N: int, K: int) -> dict:
     if M >= MID_MIN_M:
         from .triton_mxfp8_gemm_mid import mid_config
         return mid_config(M, N, K)
-    from .triton_mxfp8_gemv import gemv_config
-    return gemv_config(M, N, K)
+    return fused_config(M, N, K)
 
 
 def fused_config(M: int, N: int, K: int) -> dict:
-    """Tiles of the fused kernel, the previous decode path (measured for M <= 16; the M > 16 rows are
-    the previous mid-M configs), kept for the benchmarks' comparison."""
+    """Tiles of the fused kernel (measured for M <= 16; the M > 16 rows are the previous mid-M
+    configs, kept for the benchmark's comparison)."""
     big = N * K >= BIG_WEIGHT
     if M <= 16 and big:  # measured (benchmarks/results/mxfp8_gemm_sweep*.json): BK=128, TMA loads stream best
         return dict(PATH="fused", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, SPLIT_TARGET=2,
@@ -303,9 +299,6 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     if cfg["PATH"] == "dequant":  # compute-bound: exact dequantization, then cuBLAS bf16 (fp32 accumulate)
         xq = act_qdq_triton(x, scale_mode) if quant_x else x
         return torch.nn.functional.linear(xq, dequant_triton(MXFP8Tensor(data, scale), x.dtype))
-    if cfg["PATH"] == "gemv":
-        from .triton_mxfp8_gemv import mxfp8_gemv
-        return mxfp8_gemv(x, MXFP8Tensor(data, scale), act_mode, scale_mode, cfg)
     if cfg["PATH"] == "mid":
         from .triton_mxfp8_gemm_mid import mxfp8_gemm_mid
         return mxfp8_gemm_mid(x, MXFP8Tensor(data, scale), act_mode, scale_mode, cfg)

@@ -113,7 +113,7 @@ def test_mid_m_variants(mma, swap, scale_mode):
 def test_mid_m_default_path_and_prequantized_activation():
     from mxroll.precision.kernels.triton_mxfp8_gemm import act_quant_triton, mxfp8_gemm_triton, pick_config
     from mxroll.precision.kernels.triton_mxfp8_gemm_mid import mid_config, mxfp8_gemm_mid
-    assert pick_config(64, 3072, 2048)["PATH"] == "mid" and pick_config(16, 3072, 2048)["PATH"] == "gemv"
+    assert pick_config(64, 3072, 2048)["PATH"] == "mid" and pick_config(16, 3072, 2048)["PATH"] == "fused"
     assert pick_config(2048, 3072, 2048)["PATH"] == "dequant"
     g = torch.Generator(device="cuda").manual_seed(12)
     w = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
@@ -143,29 +143,3 @@ def test_act_quant_bytes(scale_mode):
     q = act_quant_triton(x, scale_mode)
     data, scale = quantize(x, 32, scale_mode)
     assert torch.equal(q.data.view(torch.uint8), data.view(torch.uint8)) and torch.equal(q.scale, scale)
-
-
-@cuda
-@pytest.mark.parametrize("inner, x_fp8", [("fma", False), ("dot", False), ("dot", True)])
-@pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
-def test_gemv_matches_reference_up_to_rounding_ties(inner, x_fp8, scale_mode):
-    """Decode kernel at ragged N (not a multiple of BN) and K (not a multiple of the split's K range),
-    split-K on: the bf16 output equals the reference's except where the two fp32 sums (different
-    order) round to neighbouring bf16 values."""
-    from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
-    from mxroll.precision.kernels.triton_mxfp8_gemv import gemv_config, gemv_split
-    g = torch.Generator(device="cuda").manual_seed(13)
-    for N, K in [(576, 2048), (100, 96), (1000, 1504), (2048, 2816)]:
-        w = MXFP8Tensor.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, scale_mode)
-        for M in ((1, 2, 3, 4) if inner == "fma" else (1, 3, 16, 33, 64)):
-            cfg = gemv_config(M, N, K, inner, X_FP8=x_fp8)
-            if (N, K) == (576, 2048):
-                assert gemv_split(N, K, cfg)[0] > 1
-            x = (torch.randn(M, K, device="cuda", generator=g) * 3).to(torch.bfloat16)
-            for mode in ("w8a8", "w8a16"):
-                y = mxfp8_gemm_triton(x, w, mode, scale_mode, config=cfg)
-                ref = mxfp8_gemm_ref(x, w, mode, scale_mode)
-                assert y.shape == (M, N) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-                d, r = (y.float() - ref.float()).abs(), ref.float().abs()
-                assert (y == ref).float().mean() > 0.99, (N, K, M, mode)
-                assert (d <= 2 ** -7 * r + 1e-5 * r.max()).all(), (N, K, M, mode, d.max().item())
