@@ -1,14 +1,19 @@
 """Sort (token, k) pairs by expert and pad each expert's run to a multiple of BM.
 
-Fixed-size outputs (upper bound T*K + E*(BM-1) rows) and no host synchronisation, so the step
-runs on the GPU inside CUDA graphs. Pure torch ops; the reference is a Python loop (tests).
+Fixed-size outputs (upper bound T*K + E*(BM-1) rows, rounded up to BM) and no host synchronisation, so
+the step runs on the GPU inside CUDA graphs. One dispatch point, `align_block_size`: the Triton counting
+sort (triton_moe_align.py) on CUDA, the torch-op version here elsewhere; both equal, bit for bit, the
+Python loop reference `align_block_size_ref` (tests/precision/test_moe_align.py).
 Legend: T tokens, K experts per token, E experts, BM rows per block.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,11 +23,28 @@ class Alignment:
     BM: int
 
 
+def padded_rows(n: int, num_experts: int, BM: int) -> int:
+    """R: room for n rows when each of the experts' runs is padded to a multiple of BM."""
+    return -(-(n + num_experts * (BM - 1)) // BM) * BM
+
+
 def align_block_size(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -> Alignment:
+    """The Triton kernel on CUDA (one or two launches), the torch ops elsewhere."""
+    if topk_ids_TK.is_cuda:
+        from .triton_moe_align import align_block_size_triton
+        log.debug("align_block_size: Triton counting sort (%s ids, E=%d, BM=%d)", topk_ids_TK.numel(),
+                  num_experts, BM)
+        return align_block_size_triton(topk_ids_TK, num_experts, BM)
+    log.debug("align_block_size: torch ops on %s (%s ids, E=%d, BM=%d)", topk_ids_TK.device, topk_ids_TK.numel(),
+              num_experts, BM)
+    return align_block_size_torch(topk_ids_TK, num_experts, BM)
+
+
+def align_block_size_torch(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -> Alignment:
+    """Torch ops: a stable argsort by expert, counts by scatter_add, run starts by cumsum."""
     flat = topk_ids_TK.reshape(-1)
     n = flat.numel()
-    rows = n + num_experts * (BM - 1)
-    rows = -(-rows // BM) * BM
+    rows = padded_rows(n, num_experts, BM)
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)  # bincount would sync
     counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
@@ -50,4 +72,3 @@ def align_block_size_ref(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -
         ids += run
         experts += [e] * (len(run) // BM)
     return ids, experts
-

@@ -1,6 +1,6 @@
 """Triton fused MoE for Hopper (sm90), bf16 or MXFP8 experts.
 
-1. `align_block_size` (GPU torch ops): (token, k) rows sorted by expert, each run padded to BM.
+1. `align_block_size` (a Triton counting sort): (token, k) rows sorted by expert, each run padded to BM.
 2. gate_up kernel: per block of one expert's rows, x rows are gathered by index and multiplied by
    that expert's gate and up rows of w13 (MXFP8: e4m3 + E8M0 dequantized in registers); the
    epilogue applies SiLU(gate) * up and, for w8a8, quantize-dequantizes h along F in registers.
