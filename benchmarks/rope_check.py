@@ -103,7 +103,7 @@ class Row:  # what StepInputs.build reads from a scheduler row
         self.start, self.length, self.num_samples = start, length, 1
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def glue_checks(base: ModelConfig, tokens: list[int], context: int = 512, page_size: int = 16) -> dict:
     from mxroll.model.mla import MLA
     from mxroll.rollout.attention.flashinfer_mla import FlashInferAttention
