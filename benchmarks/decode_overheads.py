@@ -2,8 +2,8 @@
 switches of the host-path and small-kernel work, in one run (a few minutes on an H200).
 
 Per batch size (1, 32, 256; prompts of 512 tokens), on an engine with the defaults ("after": Triton
-RMSNorm and router top-k, FlashInfer MLA graphs re-planned through the planner module) and one with
-`norm_backend=torch, router_backend=torch, attention_fast_plan=False` ("before"):
+RMSNorm, router top-k and MLA rope, FlashInfer MLA graphs re-planned through the planner module) and one with
+`norm_backend=torch, router_backend=torch, rope_backend=torch, attention_fast_plan=False` ("before"):
 - host time per decode step split by phase, no device syncs added: schedule, inputs (step builder +
   sampling rows), plan (attention begin), launch (rest of the runner: graph replay launch, logits view),
   sample (sampler enqueue), wait (the tokens' read-back: device time the host waits for), outputs;
@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, time_events, write_results  # noqa: E402
 from mxroll import Engine  # noqa: E402
 from mxroll.model.dummy import pin_routing  # noqa: E402
-from mxroll.model.ops import add_rmsnorm, rmsnorm, route_topk_ref  # noqa: E402
+from mxroll.model.ops import add_rmsnorm, rmsnorm, rope, route_topk_ref  # noqa: E402
 from mxroll.rollout.step_inputs import PageTable, StepInputs  # noqa: E402
 
 PRESET = "moonlight-16b-a3b"
 CONTEXT = 512
-VARIANTS = {"after": {}, "before": {"norm_backend": "torch", "router_backend": "torch", "attention_fast_plan": False}}
+VARIANTS = {"after": {}, "before": {"norm_backend": "torch", "router_backend": "torch", "rope_backend": "torch",
+                                    "attention_fast_plan": False}}
 
 
 def engine(**kw) -> Engine:
@@ -203,6 +204,13 @@ def kernel_checks(e: Engine) -> dict:
     out["router_ids_equal_fraction"] = (ids == ids_ref).all(-1).float().mean().item()
     same = (ids == ids_ref).all(-1)
     out["router_weights_max_abs_diff_on_equal_rows"] = (wts[same] - w_ref[same]).abs().max().item()
+    H, P = e.model_config.num_attention_heads, e.model_config.qk_nope_head_dim
+    q_pe = torch.randn(256, H, P + R, device="cuda", dtype=torch.bfloat16)[..., P:]
+    k_pe = torch.randn(256, C + R, device="cuda", dtype=torch.bfloat16)[:, C:]
+    cos_sin = e.model.rope.cos_sin(torch.randint(0, 4096, (256,), device="cuda"))
+    got, ref = (rope(q_pe, k_pe, cos_sin, e.model_config.rope.interleave, b) for b in (k.rope, "torch"))
+    out["rope_backend"] = k.rope
+    out["rope_equal"] = bool(torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]))
     print(f"  kernel checks: {out}", flush=True)
     return out
 

@@ -24,7 +24,7 @@ from ..precision.qat import fake_quant_mxfp8
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, RMSNorm
-from .rope import rotate
+from .ops import rope
 
 
 class AttentionBackend(Protocol):
@@ -44,6 +44,7 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         self.interleave = cfg.rope.interleave
+        self.rope_backend = kernels.rope
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype, prec.child("q_proj"))
         else:
@@ -69,12 +70,11 @@ class MLA(nn.Module):
         T = x_TD.shape[0]
         q = self.q_proj(x_TD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD)))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
-        q_pe_THR = rotate(q_pe_THR, cos_sin, self.interleave)
         kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
         kv_TC = self.kv_a_layernorm(kv_TC)
         if self.quantize_latent:
             kv_TC = fake_quant_mxfp8(kv_TC, self.scale_mode)
-        k_pe_TR = rotate(k_pe_TR[:, None, :], cos_sin, self.interleave)[:, 0]
         o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
 
@@ -84,7 +84,8 @@ class MLA(nn.Module):
         return w_HXC.split([self.nope, self.v_dim], dim=1)
 
     def absorb(self, q_nope_THP: torch.Tensor) -> torch.Tensor:
-        """q_nope -> q in latent space [T, H, C] (model dtype, for kernels that attend over the latent)."""
+        """q_nope -> q in latent space [T, H, C] (model dtype, for kernels that attend over the latent): a view
+        of the batched product's [H, T, C] result, heads outermost in memory."""
         w_uk_HPC, _ = self.absorbed_weights()
         return torch.bmm(q_nope_THP.transpose(0, 1), w_uk_HPC.to(q_nope_THP.dtype)).transpose(0, 1)
 

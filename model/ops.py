@@ -1,11 +1,14 @@
 """The model's small ops behind one functional interface each: RMSNorm (optionally with the residual
-add in front) and the router's top-k after the logits. The torch code here is the reference; the
-kernels (model/kernels/) follow it and tests compare the two.
-Legend: T tokens, D width, E routed experts, G groups, K experts per token.
+add in front), the router's top-k after the logits, and MLA's rope on q_pe and k_pe. The torch code here
+is the reference (the rope's is model.rope.rotate); the kernels (model/kernels/) follow it and tests
+compare the two.
+Legend: T tokens, D width, E routed experts, G groups, K experts per token, H heads, R rope head dim.
 """
 from __future__ import annotations
 
 import torch
+
+from .rope import rotate
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -76,3 +79,19 @@ def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_grou
         return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
                                  routed_scaling_factor)
     return route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+
+
+# ---------------------------------------------------------------- MLA rope
+
+def rope_ref(q_pe_THR: torch.Tensor, k_pe_TR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+             interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotate(q_pe), rotate(k_pe)): every head of q and the single shared rope key of one layer."""
+    return rotate(q_pe_THR, cos_sin, interleave), rotate(k_pe_TR[:, None, :], cos_sin, interleave)[:, 0]
+
+
+def rope(q_pe_THR: torch.Tensor, k_pe_TR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], interleave: bool,
+         backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from .kernels.triton_rope import rope_triton
+        return rope_triton(q_pe_THR, k_pe_TR, cos_sin, interleave)
+    return rope_ref(q_pe_THR, k_pe_TR, cos_sin, interleave)

@@ -1,4 +1,4 @@
-"""Kernels of the model's small ops (RMSNorm, router top-k), each with its torch reference beside it
+"""Kernels of the model's small ops (RMSNorm, router top-k, MLA rope), each with its torch reference beside it
 in model/ops.py. Which implementation a model uses is decided once, at construction (`ModelKernels`)."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 NORM_BACKENDS = ("torch", "triton", "flashinfer")
 ROUTER_BACKENDS = ("torch", "triton")
+ROPE_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -17,24 +18,28 @@ class ModelKernels:
     then times the weight, rounded again; fused residual add), "flashinfer" (FlashInfer's rmsnorm and
     fused_add_rmsnorm: x * rsqrt * weight rounded once, so bf16 results differ from the reference by a
     rounding; opt-in). router: "torch" or "triton" (bias, group-limited top-k, gather, normalize and
-    scaling in one kernel)."""
+    scaling in one kernel). rope: "torch" or "triton" (q_pe and k_pe of a layer rotated in one kernel,
+    bit-identical to the reference)."""
     norm: str = "torch"
     router: str = "torch"
+    rope: str = "torch"
 
     def __post_init__(self):
         if self.norm not in NORM_BACKENDS:
             raise ValueError(f"norm kernel {self.norm!r}; supported: {NORM_BACKENDS}")
         if self.router not in ROUTER_BACKENDS:
             raise ValueError(f"router kernel {self.router!r}; supported: {ROUTER_BACKENDS}")
+        if self.rope not in ROPE_BACKENDS:
+            raise ValueError(f"rope kernel {self.rope!r}; supported: {ROPE_BACKENDS}")
 
 
 def select_model_kernels(device: torch.device, dtype: torch.dtype, norm: str | None, router: str | None,
-                         num_experts: int, n_group: int) -> tuple[ModelKernels, str]:
+                         rope: str | None, num_experts: int, n_group: int) -> tuple[ModelKernels, str]:
     """(kernels, why). None picks Triton on CUDA for bf16/fp16 models when triton imports, else torch;
     an explicit request that cannot run is an error."""
     gpu = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     has_triton = importlib.util.find_spec("triton") is not None
-    for name, value in (("norm_backend", norm), ("router_backend", router)):
+    for name, value in (("norm_backend", norm), ("router_backend", router), ("rope_backend", rope)):
         if value in ("triton", "flashinfer") and not gpu:
             raise ValueError(f"{name}={value!r} needs a CUDA device and a bf16/fp16 model ({device}, {dtype})")
         if value == "triton" and not has_triton:
@@ -46,8 +51,8 @@ def select_model_kernels(device: torch.device, dtype: torch.dtype, norm: str | N
     if router == "triton" and not router_shape_ok:
         raise ValueError(f"router_backend='triton' needs a power-of-two expert count in power-of-two groups, "
                          f"this model has {num_experts} experts in {n_group} groups")
-    k = ModelKernels(norm or auto, router or (auto if router_shape_ok or not num_experts else "torch"))
-    why = f"RMSNorm: {k.norm}, router top-k: {k.router}"
+    k = ModelKernels(norm or auto, router or (auto if router_shape_ok or not num_experts else "torch"), rope or auto)
+    why = f"RMSNorm: {k.norm}, router top-k: {k.router}, rope: {k.rope}"
     if router is None and auto == "triton" and k.router == "torch":
         why += f" (the Triton router needs power-of-two experts/groups: {num_experts}/{n_group})"
     return k, why
@@ -57,4 +62,4 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-__all__ = ["ModelKernels", "NORM_BACKENDS", "ROUTER_BACKENDS", "select_model_kernels"]
+__all__ = ["ModelKernels", "NORM_BACKENDS", "ROPE_BACKENDS", "ROUTER_BACKENDS", "select_model_kernels"]

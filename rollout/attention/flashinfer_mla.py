@@ -150,9 +150,13 @@ class FlashInferAttention:
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
         self.cache.write(mla.layer, self.step.slots_T, kv_TC, k_pe_TR)
         dtype = self.cache.dtype
-        q_lat_THC = mla.absorb(q_nope_THP.to(dtype)).contiguous()
+        # q_lat is a [T, H, C] view of the bmm's [H, T, C] result: FlashInfer's MLA kernels read q (and q_pe)
+        # through their token and head strides, so no copy. The output is a [T, H, C] contiguous buffer, the
+        # layout unabsorb's bmm has always read (a cuBLAS call whose layout changes may change algorithm).
+        q_lat_THC = mla.absorb(q_nope_THP.to(dtype))
+        o_lat_THC = torch.empty(q_lat_THC.shape, dtype=dtype, device=q_lat_THC.device)
         ckv, kpe = self.cache.layer(mla.layer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            o_lat_THC = self.wrapper.run(q_lat_THC, q_pe_THR.to(dtype).contiguous(), ckv, kpe)
+            self.wrapper.run(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, out=o_lat_THC)
         return mla.unabsorb(o_lat_THC)

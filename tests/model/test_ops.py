@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mxroll.model.kernels import ModelKernels, select_model_kernels
-from mxroll.model.ops import add_rmsnorm, rmsnorm, route_topk_ref
+from mxroll.model.ops import add_rmsnorm, rmsnorm, rope, rope_ref, route_topk_ref
 
 
 def test_add_rmsnorm_reference_is_add_then_norm():
@@ -34,9 +34,29 @@ def test_route_topk_reference_groups_and_scaling():
 
 
 def test_kernel_choice_on_cpu_and_errors():
-    k, why = select_model_kernels(torch.device("cpu"), torch.float32, None, None, 64, 1)
-    assert k == ModelKernels("torch", "torch") and "torch" in why
-    with pytest.raises(ValueError, match="CUDA"):
-        select_model_kernels(torch.device("cpu"), torch.float32, "triton", None, 64, 1)
+    k, why = select_model_kernels(torch.device("cpu"), torch.float32, None, None, None, 64, 1)
+    assert k == ModelKernels("torch", "torch", "torch") and "rope: torch" in why
+    for i in range(3):
+        with pytest.raises(ValueError, match="CUDA"):
+            select_model_kernels(torch.device("cpu"), torch.float32, *[None] * i, "triton", *[None] * (2 - i), 64, 1)
     with pytest.raises(ValueError, match="supported"):
         ModelKernels(norm="fast")
+    with pytest.raises(ValueError, match="rope kernel"):
+        ModelKernels(rope="flashinfer")
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_reference_rotates_pairs(interleave):
+    # an independent rotation: pair j of head h is (a, b) -> (a cos - b sin, b cos + a sin), written [firsts | seconds]
+    g = torch.Generator().manual_seed(0)
+    T, H, R = 3, 2, 8
+    q_pe, k_pe = torch.randn(T, H, R, generator=g), torch.randn(T, R, generator=g)
+    angle = torch.rand(T, R // 2, generator=g) * 6
+    cos, sin = angle.cos(), angle.sin()
+    q, k = rope(q_pe, k_pe, (cos, sin), interleave)
+    for x, y in ((q_pe, q), (k_pe[:, None], k[:, None])):
+        pairs = x.view(T, -1, R // 2, 2) if interleave else x.view(T, -1, 2, R // 2).transpose(-1, -2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        c, s = cos[:, None], sin[:, None]
+        torch.testing.assert_close(y, torch.cat([a * c - b * s, b * c + a * s], dim=-1), rtol=0, atol=1e-6)
+    assert torch.equal(q, rope_ref(q_pe, k_pe, (cos, sin), interleave)[0])

@@ -67,6 +67,10 @@ def test_flashinfer_mla_matches_torch_reference(page_size):
         fi = FlashInferAttention(cache, H, cfg.softmax_scale, max_pages_per_seq=64)
         fi.begin(step)
         got = fi.forward(mla, q_nope, q_pe, kv, k_pe).float()
+        # the kernel reads q_lat through its strides: the same bits as from a contiguous copy of it
+        ckv, kpe = cache.layer(mla.layer)
+        o_lat = fi.wrapper.run(mla.absorb(q_nope).contiguous(), q_pe.contiguous(), ckv, kpe)
+        assert torch.equal(got, mla.unabsorb(o_lat).float())
     err = ((got - ref).norm() / ref.norm()).item()
     worst = (got - ref).abs().max().item()
     print(f"page_size={page_size}: rel err {err:.2e}, max abs {worst:.3e}")

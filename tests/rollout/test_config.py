@@ -33,6 +33,8 @@ def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
     (dict(gemm_backend="cutlass"), "gemm_backend"), (dict(context_length=0), "context_length"),
     (dict(context_length=-5), "context_length"), (dict(context_length=True), "context_length"),
     (dict(log_level="LOUD"), "log_level"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+    (dict(norm_backend="cuda"), "norm_backend"), (dict(router_backend="flashinfer"), "router_backend"),
+    (dict(rope_backend="flashinfer"), "rope_backend"),
 ])
 def test_check_engine_config_names_the_field(edit, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -43,7 +45,7 @@ def test_check_engine_config_accepts_defaults_and_choices():
     check_engine_config(EngineConfig())
     for edit in (dict(device="cpu", dtype="bfloat16"), dict(dtype="float64", quantization="mxfp8"),
                  dict(gemm_backend="torch", context_length=7, log_level="debug", act_mode="w8a16",
-                      scale_mode="floor")):
+                      scale_mode="floor", norm_backend="flashinfer", router_backend="torch", rope_backend="triton")):
         check_engine_config(replace(EngineConfig(), **edit))
 
 

@@ -56,7 +56,7 @@ def test_fast_engine_matches_reference_engine(tmp_path, quantization):
     info = fast.get_model_info()
     assert info["attention_backend"] == "flashinfer" and fast.runner.graphs is not None
     ref = Engine(**common, attention_backend="torch", gemm_backend="torch", disable_cuda_graph=True,
-                 norm_backend="torch", router_backend="torch")
+                 norm_backend="torch", router_backend="torch", rope_backend="torch")
     for e in (fast, ref):  # random-weight MoE routes near ties everywhere: pin the routes so that the
         pin_routing(e.model)  # comparison measures the kernels, not chaotic expert flips
     prompts = [torch.randint(2, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 33, 64)]
