@@ -62,7 +62,8 @@ def rmsnorm_mxfp8_triton(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float,
 
 def add_rmsnorm_mxfp8_triton(x_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float,
                              scale_mode: str = "rceil", normed: bool = True, quant: bool = False, qdq: bool = True):
-    """(normed, MXFP8 bytes, quantize-dequantized, s) of s = x + delta rounded to x's dtype (`model.ops.add_rmsnorm`)."""
+    """(normed, MXFP8 bytes, quantize-dequantized, s) of s = x + delta rounded to x's dtype
+    (`model.ops.add_rmsnorm`); the outputs not asked for are None."""
     s = torch.empty(x_TD.shape, dtype=x_TD.dtype, device=x_TD.device)
     return (*_launch(x_TD, weight_D, eps, scale_mode, normed, quant, qdq, delta_TD, s), s)
 

@@ -117,7 +117,8 @@ def test_block_plumbing_on_cpu(monkeypatch):
     assert torch.equal(seen["layers.1.mlp.gate"], plain_seen["layers.1.mlp.gate"])  # plain normed
     assert torch.equal(seen["layers.1.mlp.shared_experts.gate_proj"],
                        fake_quant(plain_seen["layers.1.mlp.gate"], "rceil"))
-    assert torch.equal(seen["layers.1.mlp.shared_experts.down_proj"], plain_seen["layers.1.mlp.shared_experts.down_proj"])
+    down = "layers.1.mlp.shared_experts.down_proj"  # h: the GEMM quantizes it itself, on both paths
+    assert torch.equal(seen[down], plain_seen[down])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
