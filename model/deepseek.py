@@ -13,7 +13,7 @@ from ..precision import Precision, linear
 from .attention import SequenceAttention
 from .config import ModelConfig
 from .kernels import ModelKernels
-from .layers import RMSNorm
+from .layers import RMSNorm, fused_norm_quant
 from .mla import MLA, AttentionBackend
 from .moe import MLP, MoE, RouteRecorder
 from .rope import Rope
@@ -26,15 +26,26 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg, dtype, prec.child("self_attn"), layer, kernels)
         self.mlp = (MoE(cfg, dtype, prec.child("mlp"), moe_index, kernels) if moe_index is not None
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, prec.child("mlp")))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels.norm)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, kernels.norm)
+        # the GEMMs each norm feeds; where all are MXFP8 w8a8 the norm's kernel quantizes for them
+        a, m = prec.child("self_attn"), prec.child("mlp")
+        attn_in = [a.child("q_proj" if cfg.q_lora_rank is None else "q_a_proj"), a.child("kv_a_proj_with_mqa")]
+        mlp_in = ([m.child("experts")] + [m.child("shared_experts").child(n) for n in ("gate_proj", "up_proj")
+                                          if cfg.n_shared_experts] if moe_index is not None
+                  else [m.child("gate_proj"), m.child("up_proj")])
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps, dtype, kernels.norm, fused_norm_quant(kernels.norm, attn_in),
+                                       keep_normed=False)
+        self.post_attention_layernorm = RMSNorm(D, eps, dtype, kernels.norm, fused_norm_quant(kernels.norm, mlp_in),
+                                                keep_normed=moe_index is not None)  # the router takes it
 
     def forward(self, x_TD, delta_TD, cos_sin, attn: AttentionBackend, routes: RouteRecorder | None):
         """The residual stream is x + delta (delta None before the first block); each add happens inside
-        the next norm (`RMSNorm.add`). Returns the next (x, delta)."""
-        h_TD, x_TD = self.input_layernorm.add(x_TD, delta_TD)
-        h_TD, x_TD = self.post_attention_layernorm.add(x_TD, self.self_attn(h_TD, cos_sin, attn))
-        return x_TD, self.mlp(h_TD, routes)
+        the next norm (`RMSNorm.add_for_gemm`, which may also hand the GEMMs its output quantize-dequantized:
+        hq). Returns the next (x, delta)."""
+        h_TD, hq_TD, x_TD = self.input_layernorm.add_for_gemm(x_TD, delta_TD)
+        delta_TD = self.self_attn(h_TD if hq_TD is None else hq_TD, cos_sin, attn, hq_TD is not None)
+        h_TD, hq_TD, x_TD = self.post_attention_layernorm.add_for_gemm(x_TD, delta_TD)
+        return x_TD, self.mlp(h_TD, routes, hq_TD)
 
 
 class DeepseekV3(nn.Module):

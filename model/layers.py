@@ -14,7 +14,7 @@ from torch import nn
 from ..precision import MXFP8Tensor, Precision, QATWeight, linear
 from ..precision.layout import LayoutCache
 from ..precision.mxfp8 import BLOCK
-from .ops import add_rmsnorm, rmsnorm
+from .ops import add_rmsnorm, add_rmsnorm_qdq, rmsnorm
 
 
 def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -55,16 +55,29 @@ class Linear(nn.Module):
         return MXFP8Tensor(self.weight, self.weight_scale_inv,
                            swizzled_scale=getattr(self, "weight_scale_swizzled", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.qweight, self.gemm)
+    def forward(self, x: torch.Tensor, x_qdq: bool = False) -> torch.Tensor:
+        return linear(x, self.qweight, self.gemm, x_qdq=x_qdq)
+
+
+def fused_norm_quant(norm_backend: str, consumers: list[Precision]) -> str | None:
+    """The one decision whether a norm also MXFP8-quantizes its output for the GEMMs it feeds (returns the
+    scale mode, or None): only with the model's Triton norm, whose normed values the fused kernel shares,
+    when every consumer is a stored-MXFP8 w8a8 GEMM on the Triton backend. Those GEMMs then skip their
+    activation pass (same values: quantize-dequantize is idempotent). Anything else keeps the plain norm."""
+    fuse = norm_backend == "triton" and bool(consumers) and all(
+        p.mxfp8 and not p.qat and p.gemm.backend == "triton" and p.gemm.act_mode == "w8a8" for p in consumers)
+    return consumers[0].gemm.scale_mode if fuse else None
 
 
 class RMSNorm(nn.Module):
-    """backend: model.ops.rmsnorm's ("torch" reference, "triton", "flashinfer"); decided at construction."""
+    """backend: model.ops.rmsnorm's ("torch" reference, "triton", "flashinfer"); decided at construction.
+    qdq_mode (from `fused_norm_quant`): `add_for_gemm` also emits the output's MXFP8 quantize-dequantize,
+    and the plain normed output only if `keep_normed` (a high-precision consumer such as the router)."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch"):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch", qdq_mode: str | None = None,
+                 keep_normed: bool = True):
         super().__init__()
-        self.eps, self.backend = eps, backend
+        self.eps, self.backend, self.qdq_mode, self.keep_normed = eps, backend, qdq_mode, keep_normed
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,3 +86,10 @@ class RMSNorm(nn.Module):
     def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + delta), x + delta): the residual add fused in front (delta None: no add)."""
         return add_rmsnorm(x, delta, self.weight, self.eps, self.backend)
+
+    def add_for_gemm(self, x: torch.Tensor, delta: torch.Tensor | None):
+        """(normed or None, its quantize-dequantize or None, x + delta); the reference path returns no qdq."""
+        if self.qdq_mode is None:
+            h, s = self.add(x, delta)
+            return h, None, s
+        return add_rmsnorm_qdq(x, delta, self.weight, self.eps, self.qdq_mode, self.keep_normed)

@@ -66,11 +66,13 @@ class MLA(nn.Module):
         self.scale_mode = kv_b.gemm.scale_mode
 
     def forward(self, x_TD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionBackend) -> torch.Tensor:
+                attn: AttentionBackend, x_qdq: bool = False) -> torch.Tensor:
+        """x_qdq: x_TD is the input norm's MXFP8 quantize-dequantize (both projections skip their pass)."""
         T = x_TD.shape[0]
-        q = self.q_proj(x_TD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD)))
+        q = (self.q_proj(x_TD, x_qdq) if hasattr(self, "q_proj")
+             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD, x_qdq))))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
-        kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD, x_qdq).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
         kv_TC = self.kv_a_layernorm(kv_TC)
         if self.quantize_latent:

@@ -24,7 +24,11 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, inter, dtype, prec.child("up_proj"))
         self.down_proj = Linear(inter, dim, dtype, prec.child("down_proj"))
 
-    def forward(self, x: torch.Tensor, routes: RouteRecorder | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, routes: RouteRecorder | None = None,
+                x_qdq: torch.Tensor | None = None) -> torch.Tensor:
+        """x_qdq: x's MXFP8 quantize-dequantize from a fused norm; gate/up then take it (x may be None)."""
+        if x_qdq is not None:
+            return self.down_proj(F.silu(self.gate_proj(x_qdq, True)) * self.up_proj(x_qdq, True))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -87,8 +91,8 @@ class Experts(nn.Module):
         scale = getattr(self, name + "_scale_inv")
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
-    def forward(self, x_TD, ids_TK, weights_TK):
-        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm)
+    def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False):
+        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq)
 
 
 class RouteRecorder:
@@ -115,9 +119,11 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
                                    prec.child("shared_experts")) if cfg.n_shared_experts else None)
 
-    def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None,
+                x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:
+        """x_qdq_TD: x's MXFP8 quantize-dequantize from a fused norm, for the experts (the router takes x)."""
         weights_TK, ids_TK = self.gate(x_TD)
         if routes is not None:
             routes.record(self.moe_index, ids_TK, weights_TK)
-        y = self.experts(x_TD, ids_TK, weights_TK)
-        return y + self.shared_experts(x_TD) if self.shared_experts is not None else y
+        y = self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None)
+        return y + self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else y

@@ -49,6 +49,18 @@ def add_rmsnorm(x_TD: torch.Tensor, delta_TD: torch.Tensor | None, w_D: torch.Te
     return rmsnorm_ref(s, w_D, eps), s
 
 
+def add_rmsnorm_qdq(x_TD: torch.Tensor, delta_TD: torch.Tensor | None, w_D: torch.Tensor, eps: float,
+                    scale_mode: str, normed: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(rmsnorm(s) or None, its MXFP8 quantize-dequantize along D, s), s = x + delta, in one Triton kernel
+    (precision.kernels.triton_rmsnorm_mxfp8; the normed values are `triton_norm`'s) for MXFP8 w8a8 GEMMs."""
+    from ..precision.kernels.triton_rmsnorm_mxfp8 import add_rmsnorm_mxfp8_triton, rmsnorm_mxfp8_triton
+    if delta_TD is None:
+        h, _, hq = rmsnorm_mxfp8_triton(x_TD, w_D, eps, scale_mode, normed=normed, quant=False, qdq=True)
+        return h, hq, x_TD
+    h, _, hq, s = add_rmsnorm_mxfp8_triton(x_TD, delta_TD, w_D, eps, scale_mode, normed=normed)
+    return h, hq, s
+
+
 # ---------------------------------------------------------------- router top-k
 
 def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,

@@ -60,9 +60,13 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
 
 
 def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gemm: GemmConfig = REFERENCE,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, x_qdq: bool = False) -> torch.Tensor:
     """y = x @ w.T in x's dtype, or in `out_dtype` (the lm_head's fp32 logits: fp32 accumulate and fp32
-    output from the bf16 operands, never a bf16 result cast up afterwards)."""
+    output from the bf16 operands, never a bf16 result cast up afterwards). `x_qdq`: x is already MXFP8
+    quantize-dequantized along K by its producer (a fused norm), so a w8a8 GEMM skips its activation
+    pass and runs as w8a16 on it: the same values, quantize-dequantize being idempotent."""
+    if x_qdq and not isinstance(w_NK, MXFP8Tensor):
+        raise TypeError(f"linear: x_qdq is for stored MXFP8 weights, got {type(w_NK).__name__}")
     if isinstance(w_NK, QATWeight):
         if out_dtype not in (None, x_TK.dtype):
             raise ValueError("linear: MXFP8 weights produce x's dtype; out_dtype is for high-precision weights")
@@ -71,16 +75,17 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         if out_dtype not in (None, x_TK.dtype):
             raise ValueError("linear: MXFP8 weights produce x's dtype; out_dtype is for high-precision weights")
         check_gemm_args(x_TK, w_NK)
+        act_mode = "w8a16" if x_qdq else gemm.act_mode
         lead = x_TK.shape[:-1]
         x2 = x_TK.reshape(-1, x_TK.shape[-1])
         if gemm.backend == "triton":
             from .kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
-            y = mxfp8_gemm_triton(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+            y = mxfp8_gemm_triton(x2, w_NK, act_mode, gemm.scale_mode)
         elif gemm.backend == "flashinfer":
             from .kernels.flashinfer_mxfp8_gemm import mxfp8_gemm_flashinfer
-            y = mxfp8_gemm_flashinfer(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+            y = mxfp8_gemm_flashinfer(x2, w_NK, act_mode, gemm.scale_mode)
         else:
-            y = mxfp8_gemm_ref(x2, w_NK, gemm.act_mode, gemm.scale_mode)
+            y = mxfp8_gemm_ref(x2, w_NK, act_mode, gemm.scale_mode)
         return y.reshape(*lead, w_NK.shape[0])
     if not isinstance(w_NK, torch.Tensor) or w_NK.dim() != 2:
         raise TypeError(f"linear: weight must be a 2-D tensor, MXFP8Tensor or QATWeight, got {type(w_NK).__name__}")

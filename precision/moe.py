@@ -18,18 +18,20 @@ Weight = torch.Tensor | MXFP8Tensor | QATWeight
 
 
 def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-            w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
+            w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE, x_qdq: bool = False) -> torch.Tensor:
     """The grouped-expert seam: Triton fused MoE on sm90 (bf16 activations), else the reference (always
-    for a trainer's master weights: its per-expert `linear` calls are differentiable)."""
+    for a trainer's master weights: its per-expert `linear` calls are differentiable). `x_qdq`: x is
+    already MXFP8 quantize-dequantized (see `linear`); the gate/up GEMMs skip their activation pass."""
     fused = gemm.backend == "triton" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
     if fused and not isinstance(w13_EFD, QATWeight):
         from .kernels.triton_moe import fused_moe_triton
-        return fused_moe_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, gemm.act_mode, gemm.scale_mode)
-    return experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, replace(gemm, backend="torch"))
+        return fused_moe_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, gemm.act_mode, gemm.scale_mode,
+                                x_qdq=x_qdq)
+    return experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, replace(gemm, backend="torch"), x_qdq)
 
 
 def experts_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE) -> torch.Tensor:
+                w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE, x_qdq: bool = False) -> torch.Tensor:
     """sum_k w[t,k] * down(silu(gate(x)) * up(x)) over each token's experts; fp32 combine, x's dtype out.
     topk_weights already carry the routed scaling factor (fused into top-k by the router).
     MXFP8 experts run each GEMM through `linear` (w8a8: activations quantized along K first).
@@ -52,7 +54,7 @@ def experts_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
         if n == 0:
             continue
         tok = token_of[start:start + n]
-        gate, up = linear(x_TD[tok], w13_EFD[e], gemm).chunk(2, dim=-1)
+        gate, up = linear(x_TD[tok], w13_EFD[e], gemm, x_qdq=x_qdq).chunk(2, dim=-1)
         y = linear(F.silu(gate) * up, w2_EDF[e], gemm)
         out_TD.index_add_(0, tok, y.float() * weight_of[start:start + n, None])
         start += n

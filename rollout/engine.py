@@ -176,6 +176,9 @@ class Engine(WeightUpdateAPI):
                                    eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
+        fused = sum(1 for m in self.model.modules() if getattr(m, "qdq_mode", None))
+        kernels_why += (f", {fused} norms quantize their output for their MXFP8 GEMMs (fused RMSNorm + MXFP8)" if fused
+                        else ", MXFP8 GEMMs quantize their own activations")
         log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
                  kernels_why, attn_why, graphs_why)
         log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,

@@ -143,7 +143,8 @@ def moe_config(T: int, quant: bool) -> dict:
 
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, x_qdq: bool = False) -> torch.Tensor:
+    """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here."""
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
@@ -161,8 +162,9 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     cfg = dict(config or moe_config(T, quant))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     w8a8 = quant and act_mode == "w8a8"
-    fuse_x = w8a8 and T <= 64  # prefill keeps one separate pass (the kernel would redo it per N tile)
-    x = act_qdq_triton(x_TD.contiguous(), scale_mode) if w8a8 and not fuse_x else x_TD.contiguous()
+    quant_x = w8a8 and not x_qdq
+    fuse_x = quant_x and T <= 64  # prefill keeps one separate pass (the kernel would redo it per N tile)
+    x = act_qdq_triton(x_TD.contiguous(), scale_mode) if quant_x and not fuse_x else x_TD.contiguous()
     pairs = T * K <= PAIR_BLOCKS_MAX
     if pairs:  # the kernels index pairs directly: sorted ids unused, experts from the top-k ids
         ids, bexp, R = topk_ids_TK, topk_ids_TK.reshape(-1), T * K * BM
