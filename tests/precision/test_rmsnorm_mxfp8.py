@@ -93,8 +93,9 @@ def test_triton_kernel_bytes_equal_quantize_of_its_output(scale_mode, T, D):
 @cuda
 @pytest.mark.parametrize("D", [2048, 7168, 1536])
 def test_triton_add_norm_equals_the_models_triton_norm(D):
-    """The fused kernel replaces model.kernels.triton_norm in front of MXFP8 GEMMs: same residual sum,
-    same normed output bit for bit (same statistics), and the quantize-dequantize of that output."""
+    """The fused kernel replaces model.kernels.triton_norm in front of MXFP8 GEMMs: same residual sum, the
+    normed output within one rounding step of the normalized value (on the H200 the two kernels' sums of
+    squares reduce in different orders: not bit-equal), and exactly the quantize of its own output."""
     from mxroll.model.kernels.triton_norm import add_rmsnorm_triton
     from mxroll.precision.kernels.triton_rmsnorm_mxfp8 import add_rmsnorm_mxfp8_triton
     g = torch.Generator().manual_seed(D)
@@ -102,7 +103,9 @@ def test_triton_add_norm_equals_the_models_triton_norm(D):
     w = (1 + 0.2 * torch.randn(D, generator=g)).to(torch.bfloat16).cuda()
     y, q, d, s = add_rmsnorm_mxfp8_triton(x, dx, w, 1e-6, quant=True, qdq=True)
     y_ref, s_ref = add_rmsnorm_triton(x, dx, w, 1e-6)
-    assert torch.equal(s, s_ref) and torch.equal(y, y_ref) and torch.equal(d, fake_quant(y, "rceil"))
+    assert torch.equal(s, s_ref) and torch.equal(d, fake_quant(y, "rceil"))
+    assert not normed_step_mismatch(y, s, w, 1e-6).any()
+    assert (y != y_ref).float().mean() < 1e-3
     assert torch.equal(q.data.view(torch.uint8), quantize(y)[0].view(torch.uint8))
 
 
