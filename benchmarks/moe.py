@@ -38,6 +38,20 @@ def quantize_chunked(w, chunk=16):
     return MXFP8Tensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]))
 
 
+def expert_weights(E, D, F_, g):
+    """Seeded bf16 experts (w13 [E, 2F, D], w2 [E, D, F]) and their MXFP8 quantization."""
+    w13b = (torch.randn(E, 2 * F_, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
+    w2b = (torch.randn(E, D, F_, device="cuda", generator=g) / F_ ** 0.5).to(torch.bfloat16)
+    return w13b, w2b, quantize_chunked(w13b), quantize_chunked(w2b)
+
+
+def routed_tokens(T, D, E, K, g):
+    """x [T, D] bf16, K distinct uniformly random experts per token, top-k weights in [0, 2.5)."""
+    x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
+    return x, ids, torch.rand(T, K, device="cuda", generator=g) * 2.5
+
+
 def grouped_mm_moe(x, ids, w, w13, w2):
     """bf16 baseline: sort rows by expert (groups padded to 16), two torch._grouped_mm, combine."""
     T, K = ids.shape
@@ -60,9 +74,7 @@ def grouped_mm_moe(x, ids, w, w13, w2):
 
 def bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak):
     g = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
-    ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
-    w = torch.rand(T, K, device="cuda", generator=g) * 2.5
+    x, ids, w = routed_tokens(T, D, E, K, g)
     w13, w2 = (w13q, w2q) if quant else (w13b, w2b)
     y = fused_moe_triton(x, ids, w, w13, w2, "w8a8")
     ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
@@ -122,9 +134,7 @@ def main():
     for name, s in SHAPES.items():
         E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
         g = torch.Generator(device="cuda").manual_seed(0)
-        w13b = (torch.randn(E, 2 * F_, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
-        w2b = (torch.randn(E, D, F_, device="cuda", generator=g) / F_ ** 0.5).to(torch.bfloat16)
-        w13q, w2q = quantize_chunked(w13b), quantize_chunked(w2b)
+        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
         for T in ([1, 16, 4096] if args.quick else TOKENS):
             for quant in (False, True):
                 r = bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak)

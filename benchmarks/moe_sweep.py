@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, time_graph, write_results  # noqa: E402
-from benchmarks.moe import SHAPES, grouped_mm_moe, quantize_chunked  # noqa: E402
+from benchmarks.moe import SHAPES, expert_weights, grouped_mm_moe, routed_tokens  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
@@ -36,13 +36,9 @@ def main():
         s = SHAPES[name]
         E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
         g = torch.Generator(device="cuda").manual_seed(0)
-        w13b = (torch.randn(E, 2 * F_, D, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16)
-        w2b = (torch.randn(E, D, F_, device="cuda", generator=g) / F_ ** 0.5).to(torch.bfloat16)
-        w13q, w2q = quantize_chunked(w13b), quantize_chunked(w2b)
+        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
         for T in (256, 4096):
-            x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
-            ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
-            w = torch.rand(T, K, device="cuda", generator=g) * 2.5
+            x, ids, w = routed_tokens(T, D, E, K, g)
             t_gmm = time_graph([lambda: grouped_mm_moe(x, ids, w, w13b, w2b)] * 2)
             for quant, (a, b) in (("mxfp8", (w13q, w2q)), ("bf16", (w13b, w2b))):
                 ref = experts_ref(x, ids, w, a, b, GemmConfig("w8a8"))
