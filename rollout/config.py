@@ -50,6 +50,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 512  # largest decode batch captured in a CUDA graph
     weight_update_timeout: float = 300.0  # seconds a weight-update rendezvous or broadcast may wait (then an error)
     weight_update_check_finite: bool = True  # reject updates holding NaN/inf (one batched check per update)
+    disable_overlap_schedule: bool = False  # launch step N + 1 before reading step N's tokens (decode) unless set
     step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True  # progress bars while writing or loading checkpoints

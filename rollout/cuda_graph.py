@@ -63,6 +63,7 @@ class DecodeGraphs:
                              "built by the runner's StepBuilder for a captured size (ModelRunner.prepare)")
         graph, wrapper = self.graphs[size]
         self.attn.begin(step, wrapper)
+        self.builder.release()  # the step's host buffers (and the plan's) are copied before the replay's kernels
         graph.replay()
         return self.logits[:step.num_rows]
 

@@ -35,9 +35,9 @@ from .kv_cache import PagedLatentCache, plan_capacity
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
-from .request import Group, SeqStatus
+from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
-from .sampler import Sampler, SamplingRows, sample_seed
+from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
 from .scheduler import Scheduler
 from .step_builder import StepBuilder
 from .step_inputs import StepInputs
@@ -62,6 +62,7 @@ class StepStat:
     decode: bool  # every row computed one token
     seconds: float  # wall time of the step, host work and the device sync included
     phases: dict | None = None  # seconds per phase, with step_timing on (the device is synced between phases)
+    ahead: bool = False  # launched before the previous step's tokens were read back (overlap schedule)
 
 
 class _PhaseClock:
@@ -83,6 +84,48 @@ class _PhaseClock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
+
+
+class _HostCopy:
+    """A step's results copied to the host without a sync (pinned buffers + an event on CUDA); `wait()` gives
+    them as Python lists (tokens, logprobs, top-logprobs) and CPU tensors (routes)."""
+
+    def __init__(self, sampled, routes, device: torch.device):
+        named = {"tokens": sampled.tokens, "logprobs": sampled.logprobs, "top_ids": sampled.top_ids,
+                 "top_logprobs": sampled.top_logprobs}
+        if routes is not None:
+            named["route_ids"], named["route_weights"] = routes
+        self.event = None
+        if device.type == "cuda":
+            pinned = {}
+            for k, t in named.items():
+                if t is not None:
+                    pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    pinned[k].copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            named = pinned
+        else:
+            named = {k: t.clone() if k.startswith("route") else t for k, t in named.items() if t is not None}
+        self.named = named
+
+    def wait(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()  # the step's one wait on the device
+        out = {k: (t if k.startswith("route") else t.tolist()) for k, t in self.named.items()}
+        for k in ("top_ids", "top_logprobs", "route_ids", "route_weights"):
+            out.setdefault(k, None)
+        return out
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its batch and inputs, its sampled tokens on the device, their host copy."""
+    batch: Any
+    step: StepInputs
+    tokens: torch.Tensor
+    host: _HostCopy
+    clock: _PhaseClock
 
 
 class EngineShutdownError(RuntimeError):
@@ -125,6 +168,8 @@ class Engine(WeightUpdateAPI):
         self._cv = threading.Condition()
         self._commands: list[tuple[Any, Future]] = []
         self._paused = self._released = self._closed = False
+        self._ahead: _InFlight | None = None  # a step launched before the previous one was finished (overlap)
+        self._last_finish = 0.0
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
 
@@ -271,26 +316,75 @@ class Engine(WeightUpdateAPI):
 
     # ---- the engine loop -------------------------------------------------------------------
     def step(self) -> None:
-        """One scheduler step: schedule -> forward -> sample -> update -> outputs."""
-        clock = _PhaseClock(self.device, self.config.step_timing)
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return
-        clock.mark("schedule")
-        step = self.runner.prepare(batch.rows)
+        """One scheduler step: schedule -> forward -> sample -> update -> outputs. With overlap on, the next
+        decode step is launched before this step's tokens are read back (`_launch_next`), so the host's
+        scheduling and output work runs while the device computes; `step()` then finishes that one next."""
+        cur, self._ahead = self._ahead, None
+        if cur is None:
+            clock = _PhaseClock(self.device, self.config.step_timing)
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return
+            clock.mark("schedule")
+            cur = self._launch(batch, clock)
+        self._launch_next(cur)
+        self._finish(cur)
+
+    def _launch(self, batch, clock: "_PhaseClock", prev: "_InFlight | None" = None) -> "_InFlight":
+        """Enqueue a step's forward and sampling and the copies of its results to the host; no sync.
+        prev: the step whose sampled tokens are this decode step's inputs (still on the device)."""
+        next_ids = None
+        if prev is not None:
+            next_ids = prev.tokens if len(batch.rows) == len(prev.batch.rows) else prev.tokens.index_select(
+                0, host_to_device(torch.tensor(batch.ahead_of, dtype=torch.int64), self.device))
+        step = self.runner.prepare(batch.rows, next_ids)
         rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
         clock.mark("inputs")
-        out = self.runner.forward(step, batch.copies, self._wants_routes(batch))
+        wants_routes = self._wants_routes(batch)
+        out = self.runner.forward(step, batch.copies, wants_routes)
         clock.mark("forward")
         sampled = self.sampler(out.logits_SV, rows)
-        tokens = sampled.tokens.tolist()  # the step's one device->host sync
-        clock.mark("sample")
+        routes = None
+        if out.routes is not None and wants_routes:  # the recorder is overwritten by the next step
+            T = step.num_tokens
+            routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
+        return _InFlight(batch, step, sampled.tokens, _HostCopy(sampled, routes, self.device), clock)
+
+    def _launch_next(self, cur: "_InFlight") -> None:
+        """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
+        if (self.config.disable_overlap_schedule or self.config.step_timing or self._commands
+                or self._paused or self._released):
+            return
+        # ready_for: a graph to capture first is not captured while a step is in flight
+        batch = self.scheduler.schedule_next_decode(cur.batch, ready=self.runner.ready_for)
+        if batch is None:
+            return
+        index = {id(r.seq): i for i, r in enumerate(cur.batch.rows)}
+        batch.ahead_of = [index[id(r.seq)] for r in batch.rows]
+        self._ahead = self._launch(batch, _PhaseClock(self.device, False), prev=cur)
+
+    def _finish(self, cur: "_InFlight") -> None:
+        """Wait for a launched step's results; update the scheduler, the outputs and the callers."""
+        host = cur.host.wait()
+        tokens = host["tokens"]
+        cur.clock.mark("sample")
+        batch = cur.batch
+        live = [r.seq.status not in ENDED for r in batch.rows]  # a launched-ahead row may have ended since
         finished = self.scheduler.update(batch, self._per_row(batch, tokens))
-        self._record(batch, step, sampled, tokens, out.routes)
+        self._record(batch, cur.step, host, live)
         self._complete(finished)
-        clock.mark("outputs")
-        self.steps.append(StepStat(step.num_rows, step.num_tokens, len(tokens), step.is_decode, clock.total(),
-                                   clock.phases))
+        cur.clock.mark("outputs")
+        now = time.perf_counter()
+        seconds = now - max(cur.clock.start, self._last_finish)
+        self._last_finish = now
+        self.steps.append(StepStat(cur.step.num_rows, cur.step.num_tokens, len(tokens), cur.step.is_decode, seconds,
+                                   cur.clock.phases, cur.batch.ahead_of is not None))
+
+    def _drain(self) -> None:
+        """Finish a step launched ahead (before commands that change state between steps)."""
+        if self._ahead is not None:
+            cur, self._ahead = self._ahead, None
+            self._finish(cur)
 
     def _loop(self) -> None:
         if self.device.type == "cuda":
@@ -306,11 +400,13 @@ class Engine(WeightUpdateAPI):
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._commands and (
+                while not self._closed and not self._commands and self._ahead is None and (
                         self._paused or self._released or not self.scheduler.has_work()):
                     self._cv.wait()
                 commands, self._commands = self._commands, []
                 closed = self._closed
+            if commands or closed:
+                self._drain()  # commands see the state after every launched step
             for fn, fut in commands:
                 try:
                     fut.set_result(fn())
@@ -318,7 +414,7 @@ class Engine(WeightUpdateAPI):
                     fut.set_exception(e)
             if closed:
                 return
-            if not (self._paused or self._released) and self.scheduler.has_work():
+            if self._ahead is not None or (not (self._paused or self._released) and self.scheduler.has_work()):
                 try:
                     self.step()
                 except Exception as e:  # noqa: BLE001 - fail the requests of this step, keep serving
@@ -381,22 +477,23 @@ class Engine(WeightUpdateAPI):
             i += row.num_samples
         return out
 
-    def _record(self, batch, step: StepInputs, sampled, tokens: list[int], routes) -> None:
-        if routes is not None and self._wants_routes(batch):
-            T = step.num_tokens
-            ids = routes.ids[:, :T].permute(1, 0, 2).to("cpu", copy=True)  # the recorder is reused next step
-            weights = routes.weights[:, :T].permute(1, 0, 2).to("cpu", copy=True)
+    def _record(self, batch, step: StepInputs, host: dict, live: list[bool]) -> None:
+        """Append the step's tokens, logprobs and routes to the records of its live rows (a row launched
+        ahead whose sequence ended since is skipped: its token is dropped)."""
+        ids, weights = host["route_ids"], host["route_weights"]
+        if ids is not None:
             for r, row in enumerate(batch.rows):
-                rec = self._records[row.seq.seq_id]
-                if rec.return_routed_experts:
+                rec = self._records[row.seq.seq_id] if live[r] else None
+                if rec is not None and rec.return_routed_experts:
                     a, b = step.qo_indptr[r], step.qo_indptr[r + 1]
                     rec.add_routes(row.start, ids[a:b], weights[a:b])
-        logprobs = sampled.logprobs.tolist()
-        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
-        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        logprobs, top_ids, top_lps = host["logprobs"], host["top_ids"], host["top_logprobs"]
         s = 0
-        for row in batch.rows:
+        for r, row in enumerate(batch.rows):
             k = row.num_samples
+            if not live[r]:
+                s += k
+                continue
             seqs = [row.seq] if k <= 1 else row.seq.group.seqs[:k]
             leader = self._records[row.seq.seq_id]
             for j, seq in enumerate(seqs[:k]):
@@ -409,10 +506,10 @@ class Engine(WeightUpdateAPI):
                                                           top_ids[s + j][:rec.top_logprobs_num])]
                 rec.add_token(logprobs[s + j], top, self.weight_version, seq.num_outputs - 1)
             s += k
-        self._stream_updates(batch)
+        self._stream_updates([row for row, ok in zip(batch.rows, live) if ok])
 
-    def _stream_updates(self, batch) -> None:
-        for row in batch.rows:
+    def _stream_updates(self, rows) -> None:
+        for row in rows:
             call = self._calls.get(row.seq.group.rid)
             if call is None or call.notify is None or row.num_samples == 0:
                 continue
@@ -462,6 +559,7 @@ class Engine(WeightUpdateAPI):
 
     def _fail_running(self, error: Exception) -> None:
         """A failed step fails the calls that had sequences in it; queued requests keep their turn."""
+        self._ahead = None
         for seq in list(self.scheduler.running):
             call = self._calls.get(seq.group.rid)
             if call is not None:

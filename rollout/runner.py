@@ -37,13 +37,19 @@ class ModelRunner:
         self.routes = (RouteRecorder(len(model.moe_layers), builder.max_tokens, cfg.num_experts_per_tok,
                                      cache.device) if model.moe_layers else None)
 
-    def prepare(self, rows) -> StepInputs:
-        """The step's inputs; a decode batch that fits a captured size is padded to it (captured first)."""
+    def prepare(self, rows, next_ids: torch.Tensor | None = None) -> StepInputs:
+        """The step's inputs; a decode batch that fits a captured size is padded to it (captured first).
+        next_ids: the decode rows' token ids on the device (a step built before its tokens reached the host)."""
         size = self.graphs.size_for(rows) if self.graphs is not None else None
         if size is not None:
             with torch.inference_mode():
                 self.graphs.ensure(size)
-        return self.builder.build(rows, pad_to=size)
+        return self.builder.build(rows, pad_to=size, next_ids=next_ids)
+
+    def ready_for(self, rows) -> bool:
+        """A step of `rows` runs without capturing a graph first (captures are not overlapped with a step)."""
+        size = self.graphs.size_for(rows) if self.graphs is not None else None
+        return size is None or size in self.graphs.graphs
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, copies: list[tuple[int, int]], record_routes: bool) -> ForwardOutput:
@@ -61,6 +67,7 @@ class ModelRunner:
                                  self.graphs.routes)
         routes = self.routes if record_routes else None
         self.attn.begin(step)
+        self.builder.release()
         h_TD = self.model(step.ids_T, step.pos_T, self.attn, routes)
         h_SD = h_TD if step.sample_rows_in_order else h_TD.index_select(0, step.sample_T)
         return ForwardOutput(self.model.logits(h_SD), routes)

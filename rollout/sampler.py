@@ -98,15 +98,15 @@ class SamplingRows:
         # inf would turn -inf logits into NaN (-inf / inf); FLT_MAX flattens the row just the same
         temp = [min(float(p.temperature), _FLT_MAX) for p in params]
         lp_temp = [1.0 if g or p.raw_logprob else t for p, g, t in zip(params, greedy, temp)]
-        f32 = _to_device(torch.tensor([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params],
+        f32 = host_to_device(torch.tensor([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params],
                                        lp_temp], dtype=torch.float32).reshape(4, S), device)
-        i64 = _to_device(torch.tensor([[max(p.top_k, 0) for p in params], [s - (1 << 64) if s >> 63 else s for s in seeds],
+        i64 = host_to_device(torch.tensor([[max(p.top_k, 0) for p in params], [s - (1 << 64) if s >> 63 else s for s in seeds],
                                        list(positions), greedy], dtype=torch.int64).reshape(4, S), device)
         filt = [i for i, (p, g) in enumerate(zip(params, greedy))
                 if not g and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0)]
         plan = None
         if filt:
-            plan = FilterPlan(_to_device(torch.tensor(filt, dtype=torch.int64), device),
+            plan = FilterPlan(host_to_device(torch.tensor(filt, dtype=torch.int64), device),
                               max(max(params[i].top_k, 0) for i in filt), any(params[i].top_p < 1.0 for i in filt))
         counts = list(top_logprobs_num or [0] * S)
         if len(counts) != S:
@@ -115,11 +115,11 @@ class SamplingRows:
         return cls(temperature=f32[0], greedy=i64[3] != 0, top_k=i64[0], top_p=f32[1], min_p=f32[2],
                    seed=i64[1], position=i64[2], logprob_temperature=f32[3], top_logprobs_num=max(counts, default=0),
                    needs_filter=plan is not None, filter_plan=plan,
-                   top_logprobs_rows=None if len(asked) == S else _to_device(torch.tensor(asked, dtype=torch.int64),
+                   top_logprobs_rows=None if len(asked) == S else host_to_device(torch.tensor(asked, dtype=torch.int64),
                                                                              device))
 
 
-def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without a host sync: CUDA copies go through pinned memory, non_blocking
     (the caching host allocator keeps the pinned block until the copy ran)."""
     device = torch.device(device)

@@ -34,6 +34,7 @@ class Row:
 class Batch:
     rows: list[Row]
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages, copied before the forward
+    ahead_of: list[int] | None = None  # a step scheduled before the previous one's tokens: its rows' rows there
 
     @property
     def num_tokens(self) -> int:
@@ -141,6 +142,41 @@ class Scheduler:
             self._reserve(seq, length, batch, scheduled, preempt=False)
             budget -= self._add_row(batch, seq, length, scheduled)
         return batch if batch.rows else None
+
+    def schedule_next_decode(self, batch: Batch, ready=None) -> Batch | None:
+        """The decode step after `batch`, scheduled before `batch`'s tokens are known (overlap: the host
+        prepares step N + 1 while the device runs step N). Every row continues with its next position,
+        except rows that end by length with `batch`'s token; a row that ends by a stop token is computed and
+        then dropped (`update` skips ended sequences). None when the step depends on `batch`'s outcome or
+        would change the plan: not a pure decode batch, admissible waiting requests, running sequences outside
+        the batch, a shared partial page (copy-on-write), too few free pages (preemption), or `ready(rows)`
+        false (the runner cannot run the step right away)."""
+        G = self.page_size
+        if not batch.rows or batch.copies or any(r.length != 1 or r.num_samples != 1 for r in batch.rows):
+            return None
+        if self.waiting and len(self.running) + self.waiting[0].fork <= self.max_running:
+            return None
+        if len(batch.rows) != len(self.running):
+            return None
+        rows, need = [], 0
+        for row in batch.rows:
+            seq = row.seq
+            if seq.status != SeqStatus.RUNNING or seq.fork != 1 or row.start != seq.num_computed:
+                return None
+            if (seq.num_outputs + 1 >= seq.params.max_new_tokens
+                    or (self.max_context is not None and len(seq.tokens) + 1 >= self.max_context)):
+                continue  # batch's token ends it by length
+            start = row.start + 1
+            if start % G and self.pool.refcount(seq.pages[start // G]) > 1:
+                return None
+            need += max(0, -(-(start + 1) // G) - len(seq.pages))
+            rows.append(Row(seq, start, 1, 1))
+        if not rows or need > self.pool.num_free or (ready is not None and not ready(rows)):
+            return None
+        for row in rows:
+            while len(row.seq.pages) < -(-(row.start + 1) // G):
+                row.seq.pages.append(self.pool.alloc())
+        return Batch(rows)
 
     def _add_row(self, batch: Batch, seq: Sequence, length: int, scheduled: set[int]) -> int:
         end = seq.num_computed + length

@@ -11,8 +11,10 @@ Device layout: [ids | pos | slots | sample (S)] for a step of n tokens (padding 
 three n long each on a 16-element stride, so a graph of size n always finds its inputs at the same
 addresses (`token_views(n)`).
 Host buffers are rewritten only after the copies of the previous step that read them have run: the
-runner calls `release()` once it has enqueued them, and `build` waits on that event (normally already
-passed: the engine read the previous step's sampled tokens back).
+runner calls `release()` once it has enqueued them (and the attention plan's), before the forward, and
+`build` waits on that event (normally already passed, also when the engine builds step N + 1 while the
+device runs step N). A step built before the previous step's tokens are known (overlap) takes its token
+ids from the device (`next_ids`): copied on the device after the host copy, no host sync.
 Reference: `StepInputs.build` (tests/rollout/test_step_builder.py compares the two).
 Legend: B rows, T tokens, P pages in the page table, S sampled rows.
 """
@@ -43,6 +45,7 @@ class StepBuilder:
         self._table_host = torch.zeros(0, dtype=torch.int32)
         self._table_np = self._table_host.numpy()
         self._copied: torch.cuda.Event | None = None
+        self._pending = False  # a built step whose copies have not been released yet
 
     def token_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, pos, slots) device views of a step of n tokens: fixed addresses for a given n."""
@@ -50,10 +53,12 @@ class StepBuilder:
         return d[:n], d[m:m + n], d[2 * m:2 * m + n]
 
     def release(self) -> None:
-        """The step's host-to-device copies are enqueued: the host buffers may be reused once they ran."""
-        if self._pin:
+        """The step's host-to-device copies are enqueued: the host buffers may be reused once they ran.
+        Once per built step (a second call is a no-op)."""
+        if self._pin and self._pending:
             self._copied = torch.cuda.Event()
             self._copied.record()
+        self._pending = False
 
     def _wait(self) -> None:
         if self._copied is not None:
@@ -67,8 +72,10 @@ class StepBuilder:
             self._table_np = self._table_host.numpy()
         return self._table_np
 
-    def build(self, rows, pad_to: int | None = None) -> StepInputs:
-        """`rows`: the scheduler's Batch.rows. pad_to: a decode batch's captured graph size (>= len(rows))."""
+    def build(self, rows, pad_to: int | None = None, next_ids: torch.Tensor | None = None) -> StepInputs:
+        """`rows`: the scheduler's Batch.rows. pad_to: a decode batch's captured graph size (>= len(rows)).
+        next_ids: a decode step's token ids on the device (int64 [len(rows)]), for rows whose token the host
+        does not know yet."""
         G = self.page_size
         ids, pos, slots, qo, kv_lens, pages, indices, kv_indptr, sample = [], [], [], [0], [], [], [], [0], []
         decode = True
@@ -77,7 +84,7 @@ class StepBuilder:
             end = start + n
             table = seq.pages[:-(-end // G)]
             if n == 1:
-                ids.append(seq.tokens[start])
+                ids.append(seq.tokens[start] if next_ids is None else 0)
                 pos.append(start)
                 slots.append(table[start // G] * G + start % G)
             else:
@@ -111,7 +118,13 @@ class StepBuilder:
         tok[3 * m:3 * m + S] = sample
         dev = self._tok_dev[:3 * m + S]
         dev.copy_(self._tok_host[:3 * m + S], non_blocking=True)
+        self._pending = True
         ids_T, pos_T, slots_T = self.token_views(n)
+        if next_ids is not None:
+            if not decode or next_ids.shape != (B,):
+                raise ValueError(f"StepBuilder: next_ids {tuple(next_ids.shape)} for a "
+                                 f"{'decode' if decode else 'prefill'} step of {B} rows")
+            ids_T[:B].copy_(next_ids)
         return StepInputs(ids_T, pos_T, slots_T, qo, kv_lens, pages, dev[3 * m:], G, decode,
                           table=self._page_table(qo, kv_indptr, indices, kv_lens, pad), graph=pad_to is not None, pad_rows=pad,
                           sample_rows_in_order=sample == list(range(T)))

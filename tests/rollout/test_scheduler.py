@@ -9,7 +9,7 @@ import random
 import pytest
 
 from mxroll.rollout.pages import PagePool
-from mxroll.rollout.request import Group, SeqStatus
+from mxroll.rollout.request import ENDED, Group, SeqStatus
 from mxroll.rollout.sampling_params import SamplingParams
 from mxroll.rollout.scheduler import RequestError, Scheduler
 
@@ -148,27 +148,69 @@ def test_requests_that_can_never_fit_are_rejected():
         s.add(group("z", range(100), 0))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("seed", range(24))
-def test_randomized_invariants(seed):
-    _random_run(seed)
+def test_randomized_invariants(seed, overlap):
+    _random_run(seed, overlap)
 
 
 def test_randomized_runs_exercise_preemption_and_copy_on_write():
     runs = [_random_run(seed) for seed in range(24)]
-    assert sum(s.num_preemptions for s, _ in runs) > 0 and sum(c for _, c in runs) > 0
+    assert sum(r["preemptions"] for r in runs) > 0 and sum(r["copies"] for r in runs) > 0
 
 
-def _random_run(seed: int) -> tuple[Scheduler, int]:
-    """Random arrivals (n in 1..3), aborts, retracts, stops and a small pool; checks after every step."""
+def test_randomized_overlap_runs_exercise_ahead_steps_and_dropped_rows():
+    runs = [_random_run(seed, overlap=True) for seed in range(24)]
+    assert sum(r["ahead"] for r in runs) > 100 and sum(r["dropped"] for r in runs) > 0
+
+
+def _random_run(seed: int, overlap: bool = False) -> dict:
+    """Random arrivals (n in 1..3), aborts, retracts, stops and a small pool; checks after every step.
+    overlap: as the engine's overlap schedule does, the next decode step is scheduled (and its cache writes
+    done) before the current step's tokens are applied; requests, aborts and retracts come between steps
+    only (the engine finishes a launched-ahead step before running commands)."""
     rng = random.Random(seed)
-    copies = 0
+    stats = dict(copies=0, ahead=0, dropped=0)
     page_size = rng.choice([1, 2, 4, 16])
     pages = rng.randint(12, 40) * (4 // min(page_size, 4))
     s = Scheduler(PagePool(pages), page_size=page_size, max_running=rng.randint(3, 10),
                   max_batch_tokens=rng.randint(4, 40), eos_ids=(1,), max_context=rng.choice([None, 60]))
     shadow: dict[int, dict[int, tuple]] = {}  # page -> offset -> (seq_id, position, token)
-    groups, arrivals = [], 0
+    groups, arrivals, ahead = [], 0, None
+
+    def write_and_read(batch, known=None, slots=None):
+        for src, dst in batch.copies:
+            shadow[dst] = dict(shadow.get(src, {}))
+        for i, row in enumerate(batch.rows):  # the fake model writes each new token and reads its visible context
+            q = row.seq
+            if known is not None and not known[i]:  # launched ahead, ended since: its write lands in the slot it
+                page, off = slots[i]                # was given (a page freed since), nothing reads it
+                shadow.setdefault(page, {})[off] = None
+                continue
+            assert row.start == q.num_computed and row.length > 0
+            for pos in range(row.start, row.start + row.length):
+                shadow.setdefault(q.pages[pos // page_size], {})[pos % page_size] = (q.tokens[pos], pos)
+            for pos in range(row.start + row.length):
+                assert shadow[q.pages[pos // page_size]][pos % page_size] == (q.tokens[pos], pos)
+
+    def run_step(batch):
+        nonlocal ahead
+        nxt = s.schedule_next_decode(batch) if overlap else None
+        slots = [(r.seq.pages[r.start // page_size], r.start % page_size) for r in nxt.rows] if nxt else None
+        live = [r.seq.status not in ENDED for r in batch.rows]
+        stats["dropped"] += live.count(False)
+        s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
+        if nxt is not None:  # the device runs it after `batch`; the host learns the tokens it reads only now
+            stats["ahead"] += 1
+            write_and_read(nxt, [r.seq.status not in ENDED for r in nxt.rows], slots)
+        else:
+            _check_pages(s, pages, page_size)
+        ahead = nxt
+
     for t in range(400):
+        if ahead is not None:
+            run_step(ahead)
+            continue
         if rng.random() < 0.3 and arrivals < 30:
             cap = pages * page_size
             plen = rng.randint(1, min(30, cap // 2))
@@ -185,28 +227,21 @@ def _random_run(seed: int) -> tuple[Scheduler, int]:
         batch = s.schedule()
         if batch is None:
             continue
-        copies += len(batch.copies)
-        for src, dst in batch.copies:
-            shadow[dst] = dict(shadow.get(src, {}))
-        for row in batch.rows:  # the fake model writes each new token and reads its visible context
-            q = row.seq
-            assert row.start == q.num_computed and row.length > 0
-            for pos in range(row.start, row.start + row.length):
-                shadow.setdefault(q.pages[pos // page_size], {})[pos % page_size] = (q.tokens[pos], pos)
-            for pos in range(row.start + row.length):
-                assert shadow[q.pages[pos // page_size]][pos % page_size] == (q.tokens[pos], pos)
-        s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
-        _check_pages(s, pages, page_size)
-    while s.has_work():
-        batch = s.schedule()
-        s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
-        _check_pages(s, pages, page_size)
+        stats["copies"] += len(batch.copies)
+        write_and_read(batch)
+        run_step(batch)
+    while s.has_work() or ahead is not None:
+        batch = ahead or s.schedule()
+        if ahead is None:
+            write_and_read(batch)
+        run_step(batch)
+    _check_pages(s, pages, page_size)
     assert s.pool.num_free == pages
     for g in groups:
         assert g.done
         if g.seqs[0].status == SeqStatus.FINISHED and g.params.max_new_tokens > 0:
             assert len(g.seqs) == g.params.n
-    return s, copies
+    return dict(stats, preemptions=s.num_preemptions)
 
 
 def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:

@@ -1,0 +1,57 @@
+"""The overlap schedule (decode step N + 1 launched before step N's tokens are read back) changes no output:
+the same tokens, logprobs, top logprobs, routes and finish reasons as the serial loop, with stop tokens that end
+sequences while their next step is already launched (those rows are computed and dropped), n > 1 groups, length
+limits, a small cache that forces preemption, and seeded sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxroll import Engine
+
+PROMPTS = [[0] + list(range(5, 5 + n)) for n in (2, 9, 17, 31)]
+
+
+def run(tiny_checkpoint, overlap: bool, **opts):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, disable_overlap_schedule=not overlap,
+               **opts)
+    params = [{"n": 3, "temperature": 1.0, "seed": 11, "max_new_tokens": 24, "stop_token_ids": list(range(2, 512, 9))},
+              {"temperature": 0, "max_new_tokens": 17, "ignore_eos": True},
+              {"n": 2, "temperature": 0.8, "top_p": 0.9, "seed": 5, "max_new_tokens": 30,
+               "stop_token_ids": list(range(3, 512, 13))},
+              {"temperature": 1.0, "top_k": 20, "seed": 2, "max_new_tokens": 9, "ignore_eos": True}]
+    out = e.generate(input_ids=PROMPTS, sampling_params=params, return_logprob=True, top_logprobs_num=2,
+                     return_routed_experts=True)
+    steps = list(e.steps)
+    e.shutdown()
+    return out, steps
+
+
+def split(o: dict) -> tuple[dict, list[float]]:
+    """(what must be equal: tokens, routes, finish reason, top-logprob ids; the logprobs). The logprobs are
+    compared within 1e-4: a step launched ahead still computes the rows that ended meanwhile, so its batch (and
+    the CPU GEMM shapes) can differ from the serial loop's by those rows."""
+    m = o["meta_info"]
+    routes = m["routed_experts"]
+    exact = {"ids": o["output_ids"], "finish": m["finish_reason"], "version": m["weight_version"],
+             "lp_ids": [t for _, t, _ in m["output_token_logprobs"]],
+             "top_ids": [[t for _, t, _ in row] for row in m["output_top_logprobs"]],
+             "routes": routes.tolist() if torch.is_tensor(routes) else routes}
+    lps = [lp for lp, _, _ in m["output_token_logprobs"]] + [lp for row in m["output_top_logprobs"] for lp, _, _ in row]
+    return exact, lps
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(page_size=4, max_total_tokens=160, chunked_prefill_size=24)],
+                         ids=["roomy", "small-cache"])
+def test_overlap_schedule_changes_no_output(tiny_checkpoint, opts):
+    serial, serial_steps = run(tiny_checkpoint, False, **opts)
+    overlap, overlap_steps = run(tiny_checkpoint, True, **opts)
+    for a, b in zip(overlap, serial, strict=True):
+        (exact_a, lps_a), (exact_b, lps_b) = split(a), split(b)
+        assert exact_a == exact_b
+        assert max(abs(x - y) for x, y in zip(lps_a, lps_b, strict=True)) < 1e-4
+    assert not any(s.ahead for s in serial_steps)
+    assert sum(s.ahead for s in overlap_steps) > 5, "decode steps should have been launched ahead"
+    # stop tokens end sequences whose next step was already launched: those rows were computed, then dropped
+    assert sum(s.tokens for s in overlap_steps) > sum(s.tokens for s in serial_steps)
+    assert {o["meta_info"]["finish_reason"]["type"] for o in serial} == {"stop", "length"}
