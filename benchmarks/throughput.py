@@ -4,12 +4,14 @@ bf16 and MXFP8 weights (seeded random weights made on the GPU: load_format="dumm
 (a) offline: 200 prompts x 1000 input / 100 output tokens, ignore_eos -> req/s, output tok/s
 (b) RL shape: 64 prompts x n=16, 256 input / 1024 output tokens, temperature 1 -> output tok/s
 (c) decode step time at batch 1, 8, 32, 128, 256 against its floor: (weight bytes touched + KV bytes
-    read) / same-run device copy bandwidth; experts touched per MoE layer estimated for uniform routing
+    read) / same-run device copy bandwidth; experts touched per MoE layer estimated for uniform routing.
+    Measured with the overlap schedule (as the engine runs) and again with the serial loop in the same run.
 (d) same-run baseline: HF transformers generate on the same weights' shape, on what fits
 Correctness in the same run: greedy tokens of the fast path vs the torch reference path for a small
 batch (logprob difference reported), and one request alone vs inside a batch of 64.
 
     python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8] [--skip-hf] [--out NAME]
+                                    [--sections correctness,decode,offline,rl,hf_workload]
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ def decode_steps(e: Engine, batch: int, context: int, new: int, cfg: ModelConfig
     timed = [s.phases for s in e.steps if s.decode and s.rows == batch][2:]
     phases = {k: 1e3 * statistics.median(p[k] for p in timed) for k in timed[0]} if timed else None
     step_s = statistics.median(s.seconds for s in steps)
+    ahead = sum(s.ahead for s in steps) / max(len(steps), 1)
     # experts touched per MoE layer: from the routes of request 0 and the uniform-routing estimate
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = [E * (1 - (1 - K / E) ** batch)] * len(e.model.moe_layers)
@@ -94,7 +97,8 @@ def decode_steps(e: Engine, batch: int, context: int, new: int, cfg: ModelConfig
     routes = out[0]["meta_info"]["routed_experts"]
     return {"batch": batch, "context": context, "step_ms": step_s * 1e3, "floor_ms": floor * 1e3,
             "ratio_to_floor": step_s / floor, "weight_GB": w / 1e9, "kv_GB": kv / 1e9, "decode_steps": len(steps),
-            "tok_per_s": batch / step_s, "routes_shape": list(routes.shape), "phases_ms": phases}
+            "tok_per_s": batch / step_s, "routes_shape": list(routes.shape), "phases_ms": phases,
+            "overlap": not e.config.disable_overlap_schedule, "steps_launched_ahead": ahead}
 
 
 def guarded(fn, *args):
@@ -159,9 +163,12 @@ def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
     return res
 
 
-def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool) -> dict:
+SECTIONS = ("correctness", "decode", "offline", "rl", "hf_workload")
+
+
+def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTIONS) -> dict:
     res = {"mode": mode}
-    for pinned in (True, False):
+    for pinned in (True, False) if "correctness" in sections else ():
         res["correctness_pinned_routes" if pinned else "correctness"] = guarded(correctness, mode, cfg, pinned)
         gc.collect()
         torch.cuda.empty_cache()
@@ -170,19 +177,26 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool) -> dict:
     res["kv_cache_tokens"] = info["max_total_tokens"]
     warm = prompts(8, 64, cfg.vocab_size, seed=1)
     e.generate(input_ids=warm, sampling_params={"max_new_tokens": 8, "ignore_eos": True})
-    # (c) decode step times
-    res["decode"] = []
-    for b in (1, 8, 32, 128, 256):
-        r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
-        res["decode"].append(r)
-        if "step_ms" in r:
-            print(f"[{mode}] decode B={b}: {r['step_ms']:.2f} ms/step, floor {r['floor_ms']:.2f} ms "
-                  f"({r['ratio_to_floor']:.2f}x); phases (synced, separate run) {r.get('phases_ms')}", flush=True)
-    res["offline"] = guarded(offline, e, cfg, mode, 50 if quick else 200)
-    res["rl"] = guarded(rl_shape, e, cfg, mode, *((16, 256) if quick else (64, 1024)))
-    ids_d = prompts(8, 256, cfg.vocab_size, seed=4)  # (d) the engine on the HF baseline's workload
-    t, out = timed_generate(e, ids_d, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
-    res["hf_workload"] = {"seconds": t, "output_tok_per_s": 8 * 32 / t}
+    # (c) decode step times: the engine as it runs (overlap schedule), then the serial loop in the same run
+    res["decode"], res["decode_serial"] = [], []
+    for serial in (False, True) if "decode" in sections else ():
+        e.config.disable_overlap_schedule = serial
+        for b in (1, 8, 32, 128, 256):
+            r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
+            res["decode_serial" if serial else "decode"].append(r)
+            if "step_ms" in r:
+                print(f"[{mode}{' serial' if serial else ''}] decode B={b}: {r['step_ms']:.2f} ms/step, floor "
+                      f"{r['floor_ms']:.2f} ms ({r['ratio_to_floor']:.2f}x), {r['steps_launched_ahead']:.0%} launched "
+                      f"ahead; phases (synced, separate run) {r.get('phases_ms')}", flush=True)
+    e.config.disable_overlap_schedule = False
+    if "offline" in sections:
+        res["offline"] = guarded(offline, e, cfg, mode, 50 if quick else 200)
+    if "rl" in sections:
+        res["rl"] = guarded(rl_shape, e, cfg, mode, *((16, 256) if quick else (64, 1024)))
+    if "hf_workload" in sections:
+        ids_d = prompts(8, 256, cfg.vocab_size, seed=4)  # (d) the engine on the HF baseline's workload
+        t, out = timed_generate(e, ids_d, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
+        res["hf_workload"] = {"seconds": t, "output_tok_per_s": 8 * 32 / t}
     e.shutdown()
     del e
     gc.collect()
@@ -236,7 +250,11 @@ def main() -> None:
     ap.add_argument("--modes", default="bf16,mxfp8")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="throughput")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     args = ap.parse_args()
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     cfg_dict = json.loads(configs.model_preset_path(PRESET).read_text())
     cfg = ModelConfig.from_dict(cfg_dict)
     env = environment()
@@ -244,7 +262,7 @@ def main() -> None:
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s", flush=True)
     results = {"env": env, "copy_GBps": bw / 1e9, "model": PRESET, "modes": {}}
     for mode in args.modes.split(","):
-        results["modes"][mode] = run_mode(mode, cfg, bw, args.quick)
+        results["modes"][mode] = run_mode(mode, cfg, bw, args.quick, sections)
         saved = write_results(args.out, results)
         if os.environ.get("OUT"):  # the device runner brings back what is under $OUT, even after a timeout
             Path(os.environ["OUT"], saved.name).write_text(saved.read_text())
@@ -257,12 +275,16 @@ def main() -> None:
     path = write_results(args.out, results)
     print(f"\n{'mode':6} {'offline req/s':>13} {'offline out tok/s':>17} {'RL out tok/s':>12}  decode ms/step (x floor)")
     for mode, r in results["modes"].items():
-        get = lambda d, k: d.get(k, float("nan"))  # noqa: E731 - a failed section prints nan
-        print(f"{mode:6} {get(r['offline'], 'req_per_s'):>13.2f} {get(r['offline'], 'output_tok_per_s'):>17.0f} "
-              f"{get(r['rl'], 'output_tok_per_s'):>12.0f}  "
+        get = lambda d, k: d.get(k, float("nan"))  # noqa: E731 - a failed or skipped section prints nan
+        print(f"{mode:6} {get(r.get('offline', {}), 'req_per_s'):>13.2f} "
+              f"{get(r.get('offline', {}), 'output_tok_per_s'):>17.0f} {get(r.get('rl', {}), 'output_tok_per_s'):>12.0f}  "
               + " ".join(f"B={d.get('batch', '?')}: {get(d, 'step_ms'):.2f} ({get(d, 'ratio_to_floor'):.2f}x)"
                          for d in r["decode"]))
-    if "hf" in results and "output_tok_per_s" in results["hf"]:
+        if r["decode_serial"]:
+            print(f"{mode:6} serial loop, same run: " + " ".join(
+                f"B={d.get('batch', '?')}: {get(d, 'step_ms'):.2f} ({get(d, 'ratio_to_floor'):.2f}x)"
+                for d in r["decode_serial"]))
+    if "hf" in results and "output_tok_per_s" in results["hf"] and "hf_workload" in sections:
         for mode, r in results["modes"].items():
             print(f"{mode}: engine {r['hf_workload']['output_tok_per_s']:.0f} tok/s vs HF "
                   f"{results['hf']['output_tok_per_s']:.1f} tok/s on 8 x (256 in / 32 out): "

@@ -12,8 +12,8 @@ from mxroll import Engine
 PROMPTS = [[0] + list(range(5, 5 + n)) for n in (2, 9, 17, 31)]
 
 
-def run(tiny_checkpoint, overlap: bool, **opts):
-    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, disable_overlap_schedule=not overlap,
+def run(tiny_checkpoint, overlap: bool, device: str = "cpu", **opts):
+    e = Engine(model_path=str(tiny_checkpoint), device=device, progress=False, disable_overlap_schedule=not overlap,
                **opts)
     params = [{"n": 3, "temperature": 1.0, "seed": 11, "max_new_tokens": 24, "stop_token_ids": list(range(2, 512, 9))},
               {"temperature": 0, "max_new_tokens": 17, "ignore_eos": True},
@@ -41,15 +41,21 @@ def split(o: dict) -> tuple[dict, list[float]]:
     return exact, lps
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(page_size=4, max_total_tokens=160, chunked_prefill_size=24)],
-                         ids=["roomy", "small-cache"])
-def test_overlap_schedule_changes_no_output(tiny_checkpoint, opts):
-    serial, serial_steps = run(tiny_checkpoint, False, **opts)
-    overlap, overlap_steps = run(tiny_checkpoint, True, **opts)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,opts,tol", [
+    ("cpu", dict(), 1e-4), ("cpu", dict(page_size=4, max_total_tokens=160, chunked_prefill_size=24), 1e-4),
+    pytest.param("cuda", dict(), 2e-2, marks=CUDA)], ids=["roomy", "small-cache", "cuda-graphs"])
+def test_overlap_schedule_changes_no_output(tiny_checkpoint, device, opts, tol):
+    """On the GPU the bf16 engine replays CUDA graphs; the serial and overlapped loops may pad a step to different
+    graph sizes (rows that ended are still in a launched-ahead step), hence the bf16-level logprob tolerance."""
+    serial, serial_steps = run(tiny_checkpoint, False, device, **opts)
+    overlap, overlap_steps = run(tiny_checkpoint, True, device, **opts)
     for a, b in zip(overlap, serial, strict=True):
         (exact_a, lps_a), (exact_b, lps_b) = split(a), split(b)
         assert exact_a == exact_b
-        assert max(abs(x - y) for x, y in zip(lps_a, lps_b, strict=True)) < 1e-4
+        assert max(abs(x - y) for x, y in zip(lps_a, lps_b, strict=True)) < tol
     assert not any(s.ahead for s in serial_steps)
     assert sum(s.ahead for s in overlap_steps) > 5, "decode steps should have been launched ahead"
     # stop tokens end sequences whose next step was already launched: those rows were computed, then dropped
