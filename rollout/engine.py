@@ -686,7 +686,10 @@ class Engine(WeightUpdateAPI):
             self._cv.notify()
         self._thread.join()
         self._fail_all(EngineShutdownError("the engine was shut down before this request finished"))
-        self.model = self.cache = self.runner = None
+        self.receiver.close()
+        # everything that holds device memory (weights, KV cache, graphs, workspaces, layouts), so that a new
+        # Engine in this process gets it back without waiting for the garbage collector
+        self.model = self.cache = self.runner = self.attn = self.step_builder = self.layouts = self._ahead = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

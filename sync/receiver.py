@@ -81,6 +81,19 @@ class WeightReceiver:
             raise WeightUpdateError(f"no update group {group_name!r} (known: {sorted(self.groups)})")
         group.destroy()
 
+    def close(self) -> None:
+        """Destroy the update groups and drop the model, staging buffers and plans (the engine shut down)."""
+        for name in list(self.groups):
+            try:
+                self.destroy_group(name)
+            except Exception as e:  # noqa: BLE001 - shutting down: report, free the rest
+                log.warning("update group %r: destroy failed on shutdown: %r", name, e)
+        self.model = self.layouts = None
+        self.staging.clear()
+        self.pending.clear()
+        self._plans.clear()
+        self._layouts.clear()
+
     # ---- receiving -------------------------------------------------------------------------
     def _arena(self, nbytes_: int, device, slot: int = 0) -> torch.Tensor:
         """Uint8 staging buffers, one per (device, call slot of a multi-call update), each grown to the
