@@ -2,22 +2,14 @@
 or on CPU under TRITON_INTERPRET=1 (the Triton interpreter); skipped otherwise."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mxroll.model.ops import add_rmsnorm, rmsnorm_ref, route_topk_ref
+from tests.kernel_device import kernel_device
 
-triton = pytest.importorskip("triton")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-# The interpreter rounds float -> bfloat16 toward zero (numpy has no bf16); fp16 rounds to nearest there.
-LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+pytest.importorskip("triton")
+DEVICE, LOW = kernel_device()
 ULP = 2 ** -7 if LOW == torch.bfloat16 else 2 ** -10
 
 

@@ -3,7 +3,6 @@ MLA.forward hands it. Runs on a CUDA GPU, or on CPU under TRITON_INTERPRET=1; sk
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -14,16 +13,10 @@ from mxroll.model.kernels import ModelKernels
 from mxroll.model.mla import MLA
 from mxroll.model.ops import rope, rope_ref
 from mxroll.model.rope import Rope
+from tests.kernel_device import kernel_device
 
-triton = pytest.importorskip("triton")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
-# The interpreter rounds float -> bfloat16 toward zero (numpy has no bf16); fp16 rounds to nearest there.
-LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+pytest.importorskip("triton")
+DEVICE, LOW = kernel_device()
 
 
 def tiny_cfg(interleave: bool) -> ModelConfig:

@@ -2,19 +2,16 @@
 counting sort against both, bit for bit (on CUDA, or on CPU under TRITON_INTERPRET=1 with tiny shapes)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from mxroll.precision.kernels.moe_align import (align_block_size, align_block_size_ref, align_block_size_torch,
                                                 padded_rows)
+from tests.kernel_device import SKIP_REASON, triton_runs
 
 CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if CUDA else "cpu"
-triton_ok = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU, or triton with TRITON_INTERPRET=1")
+triton_ok = pytest.mark.skipif(not triton_runs(), reason=SKIP_REASON)
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 

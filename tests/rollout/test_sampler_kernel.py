@@ -3,15 +3,12 @@ for bit, the same tokens, logprobs within 1e-5, batch invariance. Runs on a CUDA
 tensors under the Triton interpreter (triton installed and TRITON_INTERPRET=1); skipped otherwise."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available() and not (os.environ.get("TRITON_INTERPRET") == "1"
-                                          and importlib.util.find_spec("triton")):
-    pytest.skip("needs a CUDA GPU, or triton with TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernel_device import kernel_device
+
+DEV, _ = kernel_device()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -20,8 +17,6 @@ from mxroll.rollout.sampler import (Sampler, SamplingRows, filter_thresholds, gu
                                     row_keys, sample_ref, sample_seed)
 from mxroll.rollout.sampling_kernel import CHUNK, _gumbel, _hash32, _row_keys, sample_triton  # noqa: E402
 from mxroll.rollout.sampling_params import SamplingParams  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def P(**kw):

@@ -1,18 +1,14 @@
 """The one-pass Triton NaN/inf flag against its torch reference (`validate._bad(...).any()`), on CUDA or
 under the Triton interpreter; skipped otherwise."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available() and not (os.environ.get("TRITON_INTERPRET") == "1"
-                                          and __import__("importlib").util.find_spec("triton")):
-    pytest.skip("needs a CUDA GPU, or triton with TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernel_device import kernel_device
+
+DEVICE, _ = kernel_device()
 
 from mxroll.sync.finite_kernel import BLOCK, any_bad_  # noqa: E402
 from mxroll.sync.validate import FiniteCheck, _bad  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def finite_bytes(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
