@@ -237,8 +237,9 @@ class Engine(WeightUpdateAPI):
             return "eager decode (disable_cuda_graph)"
         if not self.attn.supports_cuda_graphs or self.gemm.backend == "torch":
             return "eager decode (CUDA graphs need the FlashInfer attention and a Triton/FlashInfer GEMM backend)"
-        self._graph_sizes = tuple(s for s in DEFAULT_SIZES if s <= cfg.cuda_graph_max_bs) or (1,)
-        return f"CUDA graphs for decode batches up to {self._graph_sizes[-1]}"
+        top = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)  # no decode batch is larger than the latter
+        self._graph_sizes = tuple(s for s in DEFAULT_SIZES if s < top) + (top,)
+        return f"CUDA graphs for decode batches up to {top}"
 
     def _new_graphs(self) -> DecodeGraphs | None:
         if not self._graph_sizes:
