@@ -87,7 +87,7 @@ class NoAttention:
         return None
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR):
-        self.cache.write(mla.layer, self.step.slots_T, kv_TC, k_pe_TR)
+        self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         return self.o_THV[:q_nope_THP.shape[0]]
 
 
