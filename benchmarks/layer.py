@@ -68,8 +68,8 @@ class UniformRoutes(nn.Module):
         super().__init__()
         self.gate, self.ids_TK = gate, ids_TK
 
-    def forward(self, x_TD):
-        w_TK, _ = self.gate(x_TD)
+    def forward(self, x_TD, record=None):
+        w_TK, _ = self.gate(x_TD, record)
         return w_TK, self.ids_TK[:x_TD.shape[0]]
 
 

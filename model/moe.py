@@ -51,14 +51,16 @@ class Gate(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                                                     requires_grad=False)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64)."""
+    def forward(self, x_TD: torch.Tensor,
+                record: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64); `record`: a route
+        recorder's rows (RouteRecorder.rows) that receive them too."""
         if self.backend == "torch":
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         else:
             logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
         return route_topk(logits_TE.sigmoid(), self.e_score_correction_bias, self.top_k, self.n_group,
-                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, self.backend)
+                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, self.backend, record)
 
 
 class Experts(nn.Module):
@@ -91,8 +93,9 @@ class Experts(nn.Module):
         scale = getattr(self, name + "_scale_inv")
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
-    def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False):
-        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq)
+    def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
+        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
+                       shared_TD)
 
 
 class RouteRecorder:
@@ -103,10 +106,9 @@ class RouteRecorder:
         self.ids = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.float32, device=device)
 
-    def record(self, moe_index: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        T = ids_TK.shape[0]
-        self.ids[moe_index, :T].copy_(ids_TK)
-        self.weights[moe_index, :T].copy_(weights_TK)
+    def rows(self, moe_index: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32, ids int32) [T, K] views that one MoE layer's router writes (Gate's `record`)."""
+        return self.weights[moe_index, :T], self.ids[moe_index, :T]
 
 
 class MoE(nn.Module):
@@ -122,8 +124,7 @@ class MoE(nn.Module):
     def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None,
                 x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq_TD: x's MXFP8 quantize-dequantize from a fused norm, for the experts (the router takes x)."""
-        weights_TK, ids_TK = self.gate(x_TD)
-        if routes is not None:
-            routes.record(self.moe_index, ids_TK, weights_TK)
-        y = self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None)
-        return y + self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else y
+        record = routes.rows(self.moe_index, x_TD.shape[0]) if routes is not None else None
+        weights_TK, ids_TK = self.gate(x_TD, record)
+        shared_TD = self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else None
+        return self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None, shared_TD)

@@ -116,13 +116,20 @@ def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_
 
 
 def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-               norm_topk_prob: bool, routed_scaling_factor: float,
-               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+               norm_topk_prob: bool, routed_scaling_factor: float, backend: str = "torch",
+               record: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """record: (fp32, int32) [T, K] rows of a route recorder that also receive the weights and ids (the Triton
+    kernel writes them itself; the torch path copies)."""
     if backend == "triton":
         from .kernels.triton_router import route_topk_triton
         return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
-                                 routed_scaling_factor)
-    return route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+                                 routed_scaling_factor, record)
+    weights_TK, ids_TK = route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
+                                        routed_scaling_factor)
+    if record is not None:
+        record[0].copy_(weights_TK)
+        record[1].copy_(ids_TK)
+    return weights_TK, ids_TK
 
 
 # ---------------------------------------------------------------- MLA rope

@@ -62,3 +62,24 @@ def test_route_topk_triton_matches_reference(E, n_group, topk_group, k, norm):
     assert ids.dtype == ids_ref.dtype == torch.int64
     assert torch.equal(ids, ids_ref)  # same experts in the same slot order
     torch.testing.assert_close(w, w_ref, rtol=5e-7, atol=0)  # the normalizing sum's order
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_topk_writes_the_recorders_rows(backend):
+    """With a route recorder's rows the router's own weights land there and its ids as int32 (the Triton kernel
+    stores them itself: no copy kernels); rows past T and other layers stay as they were."""
+    from mxroll.model.moe import RouteRecorder
+    from mxroll.model.ops import route_topk
+
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 5, 64, 6
+    scores = torch.randn(T, E, generator=g).sigmoid().to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    rec = RouteRecorder(2, T + 3, k, DEVICE)
+    rec.ids.fill_(-7)
+    rec.weights.fill_(-1.0)
+    w0, ids0 = route_topk(scores, bias, k, 1, 1, True, 2.5, backend)
+    w, ids = route_topk(scores, bias, k, 1, 1, True, 2.5, backend, rec.rows(1, T))
+    assert torch.equal(w, w0) and torch.equal(ids, ids0) and ids.dtype == torch.int64
+    assert torch.equal(rec.weights[1, :T], w0) and torch.equal(rec.ids[1, :T], ids0.to(torch.int32))
+    assert (rec.ids[0] == -7).all() and (rec.ids[1, T:] == -7).all() and (rec.weights[1, T:] == -1).all()
