@@ -14,12 +14,16 @@ from ..precision.mxfp8 import BLOCK
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, frozen
-from .ops import route_topk
+from .ops import route_topk, silu_mul
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, inter: int, dtype: torch.dtype, prec: Precision = Precision()):
+    """act_backend: model.ops.silu_mul's ("torch" or "triton", the same bits); decided at construction."""
+
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype, prec: Precision = Precision(),
+                 act_backend: str = "torch"):
         super().__init__()
+        self.act_backend = act_backend
         self.gate_proj = Linear(dim, inter, dtype, prec.child("gate_proj"))
         self.up_proj = Linear(dim, inter, dtype, prec.child("up_proj"))
         self.down_proj = Linear(inter, dim, dtype, prec.child("down_proj"))
@@ -28,8 +32,8 @@ class MLP(nn.Module):
                 x_qdq: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq: x's MXFP8 quantize-dequantize from a fused norm; gate/up then take it (x may be None)."""
         if x_qdq is not None:
-            return self.down_proj(F.silu(self.gate_proj(x_qdq, True)) * self.up_proj(x_qdq, True))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(self.gate_proj(x_qdq, True), self.up_proj(x_qdq, True), self.act_backend))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.act_backend))
 
 
 class Gate(nn.Module):
@@ -119,7 +123,7 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, dtype, kernels.router)
         self.experts = Experts(cfg, dtype, prec.child("experts"))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
-                                   prec.child("shared_experts")) if cfg.n_shared_experts else None)
+                                   prec.child("shared_experts"), kernels.act) if cfg.n_shared_experts else None)
 
     def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None,
                 x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """The model's small ops behind one functional interface each: RMSNorm (optionally with the residual
-add in front), MLA's latent normed into the cache, the router's top-k after the logits, and MLA's rope on
-q_pe and k_pe. The torch code here is the reference (the rope's is model.rope.rotate); the kernels
-(model/kernels/) follow it and tests compare the two.
-Legend: T tokens, D width, E routed experts, G groups, K experts per token, H heads, R rope head dim,
+add in front), MLA's latent normed into the cache, an MLP's silu(gate) * up, the router's top-k after the
+logits, and MLA's rope on q_pe and k_pe. The torch code here is the reference (the rope's is
+model.rope.rotate); the kernels (model/kernels/) follow it and tests compare the two.
+Legend: T tokens, D width, F MLP width, E routed experts, G groups, K experts per token, H heads, R rope head dim,
 C kv_lora_rank, N cache slots.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..precision.qat import fake_quant_mxfp8
 from .rope import rotate
@@ -91,6 +92,20 @@ def store_latent(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tens
         from .kernels.triton_latent import store_latent_triton
         return store_latent_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode)
     return store_latent_ref(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode)
+
+
+# ---------------------------------------------------------------- MLP activation
+
+def silu_mul_ref(g_TF: torch.Tensor, u_TF: torch.Tensor) -> torch.Tensor:
+    return F.silu(g_TF) * u_TF
+
+
+def silu_mul(g_TF: torch.Tensor, u_TF: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """silu(gate) * up; backend "triton": one kernel, the same bits (model.kernels.triton_act)."""
+    if backend == "triton":
+        from .kernels.triton_act import silu_mul_triton
+        return silu_mul_triton(g_TF, u_TF)
+    return silu_mul_ref(g_TF, u_TF)
 
 
 # ---------------------------------------------------------------- router top-k

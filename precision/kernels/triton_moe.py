@@ -148,7 +148,8 @@ def moe_config(T: int, quant: bool) -> dict:
 
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
-                     config: dict | None = None, x_qdq: bool = False, shared_TD: torch.Tensor | None = None) -> torch.Tensor:
+                     config: dict | None = None, x_qdq: bool = False,
+                     shared_TD: torch.Tensor | None = None) -> torch.Tensor:
     """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here. shared_TD:
     added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch)."""
     quant = isinstance(w13, MXFP8Tensor)

@@ -83,3 +83,17 @@ def test_route_topk_writes_the_recorders_rows(backend):
     assert torch.equal(w, w0) and torch.equal(ids, ids0) and ids.dtype == torch.int64
     assert torch.equal(rec.weights[1, :T], w0) and torch.equal(rec.ids[1, :T], ids0.to(torch.int32))
     assert (rec.ids[0] == -7).all() and (rec.ids[1, T:] == -7).all() and (rec.weights[1, T:] == -1).all()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
+@pytest.mark.parametrize("shape", [(1, 2816), (5, 1408), (3, 100)])
+def test_silu_mul_triton_is_bit_identical(shape):
+    """libdevice expf, an IEEE division and torch's two roundings: F.silu(g) * u bit for bit."""
+    from mxroll.model.ops import silu_mul, silu_mul_ref
+
+    g = torch.Generator().manual_seed(shape[1])
+    gate = (torch.randn(*shape, generator=g) * 3).to(DEVICE, LOW)
+    gate.view(-1)[:4] = torch.tensor([0.0, -30.0, 30.0, -0.5])  # zero, saturated tails
+    up = torch.randn(*shape, generator=g).to(DEVICE, LOW)
+    got, ref = silu_mul(gate, up, "triton"), silu_mul_ref(gate, up)
+    assert got.dtype == LOW and got.shape == gate.shape and torch.equal(got, ref)
