@@ -2,9 +2,10 @@
 removal, in one process on the same weights, cache and inputs.
 
 "old": the latent's norm kernel and two index copies into the cache (`ModelKernels.latent` "torch"), torch's
-silu and multiply (`act` "torch"), the route recorder's two copy kernels and the shared experts' separate add
-(the MoE forward as it was, restored on the instance). "new": one latent cache-write kernel, one silu*up
-kernel, the router writing the recorder's rows, the shared add in the MoE combine pass.
+silu and multiply (`act` "torch"), torch's sigmoid of the router logits, the route recorder's two copy kernels
+and the shared experts' separate add (the MoE forward as it was, restored on the instance). "new": one latent
+cache-write kernel, one silu*up kernel, the sigmoid inside the router kernel, the router writing the
+recorder's rows, the shared add in the MoE combine pass.
 Modes: bf16 weights, MXFP8 weights (w8a8, fused input norms), and MXFP8 with the latent quantize-dequantized
 (a checkpoint whose kv_b_proj input the trainer quantized). Routes are recorded, as the engine's decode
 graphs always do.
@@ -36,14 +37,23 @@ from benchmarks.layer import FLUSH_BYTES, LAYER, PAGE, PRESET, build, decode_ste
 from mxroll.model.dummy import init_dummy_weights  # noqa: E402
 from mxroll.model.kernels import ModelKernels  # noqa: E402
 from mxroll.model.moe import MLP, RouteRecorder  # noqa: E402
+from mxroll.model.ops import route_topk  # noqa: E402
+from mxroll.precision import linear  # noqa: E402
 from mxroll.rollout.kv_cache import PagedLatentCache  # noqa: E402
 
 NEW = ModelKernels(norm="triton", router="triton", rope="triton", latent="triton", act="triton")
 
 
+def old_gate(gate, x_TD):
+    """Gate.forward before this change (Triton backend): torch's sigmoid kernel between the GEMM and top-k."""
+    logits_TE = linear(x_TD, gate.weight, out_dtype=torch.float32)
+    return route_topk(logits_TE.sigmoid(), gate.e_score_correction_bias, gate.top_k, gate.n_group, gate.topk_group,
+                      gate.norm_topk_prob, gate.routed_scaling_factor, gate.backend)
+
+
 def old_moe_forward(self, x_TD, routes=None, x_qdq_TD=None):
     """MoE.forward before this change: recorder copies after the router, the shared experts added by torch."""
-    weights_TK, ids_TK = self.gate(x_TD)
+    weights_TK, ids_TK = old_gate(self.gate, x_TD)
     if routes is not None:
         T = ids_TK.shape[0]
         routes.ids[self.moe_index, :T].copy_(ids_TK)
@@ -132,6 +142,14 @@ def kernel_checks(cfg) -> dict:
         ref = normed if mode is None else fake_quant(normed, mode)
         out[f"latent_write_{mode or 'plain'}_mismatches"] = int((ckv[slots] != ref).sum())
         out[f"latent_write_{mode or 'plain'}_kpe_equal"] = bool(torch.equal(kpe[slots], k_pe))
+    from mxroll.model.kernels.triton_router import route_topk_triton
+    logits = torch.randn(T, cfg.n_routed_experts, device="cuda", generator=g) * 3
+    bias = torch.randn(cfg.n_routed_experts, device="cuda", generator=g) * 0.1
+    args = (bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    w1, i1 = route_topk_triton(logits, *args, sigmoid=True)
+    w0, i0 = route_topk_triton(logits.sigmoid(), *args)
+    out["router_sigmoid_id_mismatches"] = int((i1 != i0).sum())
+    out["router_sigmoid_weight_mismatches"] = int((w1 != w0).sum())
     for scale in (1.0, 4.0, 30.0):
         gate = (torch.randn(4096, 2816, device="cuda", generator=g) * scale).to(torch.bfloat16)
         up = torch.randn(4096, 2816, device="cuda", generator=g).to(torch.bfloat16)

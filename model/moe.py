@@ -43,7 +43,7 @@ class Gate(nn.Module):
     unbiased scores of the chosen experts, normalized if norm_topk_prob, then multiplied by
     routed_scaling_factor here, once, for every expert backend. `backend` "triton": the logits GEMM takes
     the bf16 operands with fp32 output (exact products, fp32 accumulation: the same sum as upcasting
-    first, in cuBLAS's order) and the top-k is one kernel (model.ops.route_topk).
+    first, in cuBLAS's order) and the sigmoid and top-k are one kernel (model.ops.route_topk).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: str = "torch"):
@@ -63,8 +63,8 @@ class Gate(nn.Module):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         else:
             logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
-        return route_topk(logits_TE.sigmoid(), self.e_score_correction_bias, self.top_k, self.n_group,
-                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, self.backend, record)
+        return route_topk(logits_TE, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                          self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, sigmoid=True)
 
 
 class Experts(nn.Module):

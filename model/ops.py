@@ -132,13 +132,17 @@ def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_
 
 def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                norm_topk_prob: bool, routed_scaling_factor: float, backend: str = "torch",
-               record: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               record: tuple[torch.Tensor, torch.Tensor] | None = None,
+               sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """record: (fp32, int32) [T, K] rows of a route recorder that also receive the weights and ids (the Triton
-    kernel writes them itself; the torch path copies)."""
+    kernel writes them itself; the torch path copies). sigmoid: scores_TE are the router's logits, turned
+    into scores first (inside the Triton kernel)."""
     if backend == "triton":
         from .kernels.triton_router import route_topk_triton
         return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
-                                 routed_scaling_factor, record)
+                                 routed_scaling_factor, record, sigmoid)
+    if sigmoid:
+        scores_TE = scores_TE.sigmoid()
     weights_TK, ids_TK = route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
                                         routed_scaling_factor)
     if record is not None:

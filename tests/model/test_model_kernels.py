@@ -97,3 +97,30 @@ def test_silu_mul_triton_is_bit_identical(shape):
     up = torch.randn(*shape, generator=g).to(DEVICE, LOW)
     got, ref = silu_mul(gate, up, "triton"), silu_mul_ref(gate, up)
     assert got.dtype == LOW and got.shape == gate.shape and torch.equal(got, ref)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(64, 1, 1, 6), (256, 8, 4, 8)])
+def test_route_topk_triton_sigmoid_is_torchs(E, n_group, topk_group, k):
+    """The router kernel's own sigmoid of the logits: the same scores as torch's sigmoid, so the same ids and
+    weights bit for bit."""
+    from mxroll.model.kernels.triton_router import route_topk_triton
+
+    g = torch.Generator().manual_seed(E + k)
+    logits = (torch.randn(257, E, generator=g) * 4).to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    w, ids = route_topk_triton(logits, bias, k, n_group, topk_group, True, 2.5, sigmoid=True)
+    w0, ids0 = route_topk_triton(logits.sigmoid(), bias, k, n_group, topk_group, True, 2.5)
+    assert torch.equal(ids, ids0) and torch.equal(w, w0)
+
+
+def test_route_topk_torch_sigmoid_flag():
+    from mxroll.model.ops import route_topk
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(9, 32, generator=g) * 4).to(DEVICE)
+    bias = (torch.randn(32, generator=g) * 0.1).to(DEVICE)
+    got = route_topk(logits, bias, 3, 4, 2, False, 2.5, "torch", sigmoid=True)
+    ref = route_topk_ref(logits.sigmoid(), bias, 3, 4, 2, False, 2.5)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert not torch.equal(route_topk(logits, bias, 3, 4, 2, False, 2.5, "torch")[0], ref[0])
