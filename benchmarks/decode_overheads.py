@@ -3,7 +3,8 @@ switches of the host-path and small-kernel work, in one run (a few minutes on an
 
 Per batch size (1, 32, 256; prompts of 512 tokens), on an engine with the defaults ("after": Triton
 RMSNorm, router top-k and MLA rope, FlashInfer MLA graphs re-planned through the planner module) and one with
-`norm_backend=torch, router_backend=torch, rope_backend=torch, attention_fast_plan=False` ("before"):
+`norm_backend=torch, router_backend=torch, rope_backend=torch, latent_backend=torch, act_backend=torch,
+attention_fast_plan=False` ("before"):
 - host time per decode step split by phase, no device syncs added: schedule, inputs (step builder +
   sampling rows), plan (attention begin), launch (rest of the runner: graph replay launch, logits view),
   sample (sampler enqueue), wait (the tokens' read-back: device time the host waits for), outputs;
@@ -40,7 +41,7 @@ from mxroll.rollout.step_inputs import PageTable, StepInputs  # noqa: E402
 PRESET = "moonlight-16b-a3b"
 CONTEXT = 512
 VARIANTS = {"after": {}, "before": {"norm_backend": "torch", "router_backend": "torch", "rope_backend": "torch",
-                                    "attention_fast_plan": False}}
+                                    "latent_backend": "torch", "act_backend": "torch", "attention_fast_plan": False}}
 
 
 def engine(**kw) -> Engine:

@@ -68,8 +68,8 @@ class UniformRoutes(nn.Module):
         super().__init__()
         self.gate, self.ids_TK = gate, ids_TK
 
-    def forward(self, x_TD):
-        w_TK, _ = self.gate(x_TD)
+    def forward(self, x_TD, record=None):
+        w_TK, _ = self.gate(x_TD, record)
         return w_TK, self.ids_TK[:x_TD.shape[0]]
 
 
@@ -87,7 +87,7 @@ class NoAttention:
         return None
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR):
-        self.cache.write(mla.layer, self.step.slots_T, kv_TC, k_pe_TR)
+        self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         return self.o_THV[:q_nope_THP.shape[0]]
 
 

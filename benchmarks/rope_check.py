@@ -137,7 +137,7 @@ def glue_checks(base: ModelConfig, tokens: list[int], context: int = 512, page_s
             ckv, kpe = cache.layer(mla.layer)
 
             def before():  # the forward as it was: q_lat copied to contiguous
-                cache.write(mla.layer, step.slots_T, kv, k_pe)
+                cache.write(mla, step.slots_T, kv, k_pe)
                 o_lat = fi.wrapper.run(mla.absorb(q_nope).contiguous(), q_pe.contiguous(), ckv, kpe)
                 return mla.unabsorb(o_lat)
 

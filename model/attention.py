@@ -34,8 +34,7 @@ class SequenceAttention:
 
     def forward(self, mla: MLA, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
         pos = self.pos_T
-        self.kv_LSC[mla.layer, pos] = kv_TC.to(self.kv_LSC.dtype)
-        self.pe_LSR[mla.layer, pos] = k_pe_TR.to(self.pe_LSR.dtype)
+        mla.store_latents(self.kv_LSC[mla.layer], self.pe_LSR[mla.layer], pos.long(), kv_TC, k_pe_TR)
         end = int(pos.max()) + 1
         mask_TS = torch.arange(end, device=pos.device)[None, :] <= pos[:, None]
         kv_SC, pe_SR = self.kv_LSC[mla.layer, :end], self.pe_LSR[mla.layer, :end]

@@ -25,7 +25,7 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = MLA(cfg, dtype, prec.child("self_attn"), layer, kernels)
         self.mlp = (MoE(cfg, dtype, prec.child("mlp"), moe_index, kernels) if moe_index is not None
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, prec.child("mlp")))
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, prec.child("mlp"), kernels.act))
         # the GEMMs each norm feeds; where all are MXFP8 w8a8 the norm's kernel quantizes for them
         a, m = prec.child("self_attn"), prec.child("mlp")
         attn_in = [a.child("q_proj" if cfg.q_lora_rank is None else "q_a_proj"), a.child("kv_a_proj_with_mqa")]

@@ -24,7 +24,7 @@ class PackedCausalAttention:
         self.mask_TS = (seq_T[:, None] == seq_T[None, :]) & (pos_T[None, :] <= pos_T[:, None])
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
-        return mla.attend_naive(q_nope_THP, q_pe_THR, kv_TC, k_pe_TR, self.mask_TS)
+        return mla.attend_naive(q_nope_THP, q_pe_THR, mla.latent(kv_TC), k_pe_TR, self.mask_TS)
 
 
 def batch_logprobs(model: DeepseekV3, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],

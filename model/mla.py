@@ -4,7 +4,8 @@ Legend: T query tokens, S cached positions, D hidden, H heads, P qk_nope_head_di
 R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (the compressed latent that is cached).
 
 `MLA.forward` projects q and the latent, then hands them to an attention backend (the torch
-reference or FlashInfer, chosen once per engine), which stores the latent in its cache and attends.
+reference or FlashInfer, chosen once per engine), which stores the latent in its cache
+(`store_latents`: kv_a_layernorm on the way in) and attends.
 Two mathematically equal formulations over the same latent cache, used by the backends:
 - naive (prefill): expand the latent through kv_b_proj into per-head K_nope and V, attend.
 - absorbed (decode): fold W_UK into q and W_UV after attention, attend directly over the latent.
@@ -20,17 +21,17 @@ import torch
 from torch import nn
 
 from ..precision import Precision
-from ..precision.qat import fake_quant_mxfp8
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, RMSNorm
-from .ops import rope
+from .ops import latent_ref, rope, store_latent
 
 
 class AttentionBackend(Protocol):
     def forward(self, mla: "MLA", q_nope_THP: torch.Tensor, q_pe_THR: torch.Tensor, kv_TC: torch.Tensor,
                 k_pe_TR: torch.Tensor) -> torch.Tensor:
-        """Store this step's latents (kv_TC, k_pe_TR) for layer `mla.layer`, attend, return o [T, H, V]."""
+        """Store this step's latents for layer `mla.layer` (`mla.store_latents`), attend, return o [T, H, V].
+        kv_TC is the latent as projected (before kv_a_layernorm): `mla.latent(kv_TC)` is what attention reads."""
 
 
 class MLA(nn.Module):
@@ -44,7 +45,7 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         self.interleave = cfg.rope.interleave
-        self.rope_backend = kernels.rope
+        self.rope_backend, self.latent_backend = kernels.rope, kernels.latent
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype, prec.child("q_proj"))
         else:
@@ -62,8 +63,7 @@ class MLA(nn.Module):
         # is linear in the latent). Quantized once, here: RCEIL re-quantization is not idempotent.
         # The straight-through fake-quant keeps a trainer's model differentiable (same bytes).
         kv_b = prec.child("kv_b_proj")
-        self.quantize_latent = kv_b.quantize_input
-        self.scale_mode = kv_b.gemm.scale_mode
+        self.latent_qdq = kv_b.gemm.scale_mode if kv_b.quantize_input else None
 
     def forward(self, x_TD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 attn: AttentionBackend, x_qdq: bool = False) -> torch.Tensor:
@@ -74,11 +74,22 @@ class MLA(nn.Module):
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
         kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD, x_qdq).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
-        kv_TC = self.kv_a_layernorm(kv_TC)
-        if self.quantize_latent:
-            kv_TC = fake_quant_mxfp8(kv_TC, self.scale_mode)
         o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
+
+    # ---- the cached latent: kv_a_layernorm of the projected latent (quantize-dequantized if the trainer did) ----
+    def latent(self, kv_TC: torch.Tensor) -> torch.Tensor:
+        """The normed latent [T, C] attention reads, computed apart from any cache (differentiable)."""
+        n = self.kv_a_layernorm
+        return latent_ref(kv_TC, n.weight, n.eps, n.backend, self.latent_qdq)
+
+    def store_latents(self, ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
+                      k_pe_TR: torch.Tensor) -> None:
+        """ckv[slots] = latent(kv), kpe[slots] = k_pe: the cache write of every backend (model.ops.store_latent,
+        one kernel with `ModelKernels.latent` "triton"). slots_T int64 rows of the flat [N, C] / [N, R] caches."""
+        n = self.kv_a_layernorm
+        store_latent(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, n.weight, n.eps, n.backend, self.latent_qdq,
+                     self.latent_backend)
 
     # ---- the absorbed weights: W_UK [H, P, C] and W_UV [H, V, C], views of kv_b_proj ----
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,16 @@ from ..precision.mxfp8 import BLOCK
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, frozen
-from .ops import route_topk
+from .ops import route_topk, silu_mul
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, inter: int, dtype: torch.dtype, prec: Precision = Precision()):
+    """act_backend: model.ops.silu_mul's ("torch" or "triton", the same bits); decided at construction."""
+
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype, prec: Precision = Precision(),
+                 act_backend: str = "torch"):
         super().__init__()
+        self.act_backend = act_backend
         self.gate_proj = Linear(dim, inter, dtype, prec.child("gate_proj"))
         self.up_proj = Linear(dim, inter, dtype, prec.child("up_proj"))
         self.down_proj = Linear(inter, dim, dtype, prec.child("down_proj"))
@@ -28,8 +32,8 @@ class MLP(nn.Module):
                 x_qdq: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq: x's MXFP8 quantize-dequantize from a fused norm; gate/up then take it (x may be None)."""
         if x_qdq is not None:
-            return self.down_proj(F.silu(self.gate_proj(x_qdq, True)) * self.up_proj(x_qdq, True))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(self.gate_proj(x_qdq, True), self.up_proj(x_qdq, True), self.act_backend))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.act_backend))
 
 
 class Gate(nn.Module):
@@ -39,7 +43,7 @@ class Gate(nn.Module):
     unbiased scores of the chosen experts, normalized if norm_topk_prob, then multiplied by
     routed_scaling_factor here, once, for every expert backend. `backend` "triton": the logits GEMM takes
     the bf16 operands with fp32 output (exact products, fp32 accumulation: the same sum as upcasting
-    first, in cuBLAS's order) and the top-k is one kernel (model.ops.route_topk).
+    first, in cuBLAS's order) and the sigmoid and top-k are one kernel (model.ops.route_topk).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: str = "torch"):
@@ -51,14 +55,16 @@ class Gate(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                                                     requires_grad=False)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64)."""
+    def forward(self, x_TD: torch.Tensor,
+                record: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64); `record`: a route
+        recorder's rows (RouteRecorder.rows) that receive them too."""
         if self.backend == "torch":
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         else:
             logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
-        return route_topk(logits_TE.sigmoid(), self.e_score_correction_bias, self.top_k, self.n_group,
-                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, self.backend)
+        return route_topk(logits_TE, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                          self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, sigmoid=True)
 
 
 class Experts(nn.Module):
@@ -91,8 +97,9 @@ class Experts(nn.Module):
         scale = getattr(self, name + "_scale_inv")
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
-    def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False):
-        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq)
+    def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
+        return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
+                       shared_TD)
 
 
 class RouteRecorder:
@@ -103,10 +110,9 @@ class RouteRecorder:
         self.ids = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(moe_layers, max_tokens, top_k, dtype=torch.float32, device=device)
 
-    def record(self, moe_index: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        T = ids_TK.shape[0]
-        self.ids[moe_index, :T].copy_(ids_TK)
-        self.weights[moe_index, :T].copy_(weights_TK)
+    def rows(self, moe_index: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32, ids int32) [T, K] views that one MoE layer's router writes (Gate's `record`)."""
+        return self.weights[moe_index, :T], self.ids[moe_index, :T]
 
 
 class MoE(nn.Module):
@@ -117,13 +123,12 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, dtype, kernels.router)
         self.experts = Experts(cfg, dtype, prec.child("experts"))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
-                                   prec.child("shared_experts")) if cfg.n_shared_experts else None)
+                                   prec.child("shared_experts"), kernels.act) if cfg.n_shared_experts else None)
 
     def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None,
                 x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq_TD: x's MXFP8 quantize-dequantize from a fused norm, for the experts (the router takes x)."""
-        weights_TK, ids_TK = self.gate(x_TD)
-        if routes is not None:
-            routes.record(self.moe_index, ids_TK, weights_TK)
-        y = self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None)
-        return y + self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else y
+        record = routes.rows(self.moe_index, x_TD.shape[0]) if routes is not None else None
+        weights_TK, ids_TK = self.gate(x_TD, record)
+        shared_TD = self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else None
+        return self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None, shared_TD)

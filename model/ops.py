@@ -1,13 +1,16 @@
 """The model's small ops behind one functional interface each: RMSNorm (optionally with the residual
-add in front), the router's top-k after the logits, and MLA's rope on q_pe and k_pe. The torch code here
-is the reference (the rope's is model.rope.rotate); the kernels (model/kernels/) follow it and tests
-compare the two.
-Legend: T tokens, D width, E routed experts, G groups, K experts per token, H heads, R rope head dim.
+add in front), MLA's latent normed into the cache, an MLP's silu(gate) * up, the router's top-k after the
+logits, and MLA's rope on q_pe and k_pe. The torch code here is the reference (the rope's is
+model.rope.rotate); the kernels (model/kernels/) follow it and tests compare the two.
+Legend: T tokens, D width, F MLP width, E routed experts, G groups, K experts per token, H heads, R rope head dim,
+C kv_lora_rank, N cache slots.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..precision.qat import fake_quant_mxfp8
 from .rope import rotate
 
 
@@ -61,6 +64,50 @@ def add_rmsnorm_qdq(x_TD: torch.Tensor, delta_TD: torch.Tensor | None, w_D: torc
     return h, hq, s
 
 
+# ---------------------------------------------------------------- MLA latent into the cache
+
+def latent_ref(kv_TC: torch.Tensor, w_C: torch.Tensor, eps: float, norm_backend: str = "torch",
+               qdq_mode: str | None = None) -> torch.Tensor:
+    """What MLA caches and attends over: kv_a_layernorm of the projected latent, MXFP8 quantize-dequantized
+    along C when qdq_mode (the trainer ran kv_b_proj w8a8 on it). Differentiable (straight-through)."""
+    kv_TC = rmsnorm(kv_TC, w_C, eps, norm_backend)
+    return kv_TC if qdq_mode is None else fake_quant_mxfp8(kv_TC, qdq_mode)
+
+
+def store_latent_ref(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
+                     k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, norm_backend: str = "torch",
+                     qdq_mode: str | None = None) -> None:
+    """ckv[slots] = latent_ref(kv), kpe[slots] = k_pe, in the caches' dtype (slots int64, flat rows)."""
+    ckv_NC.index_copy_(0, slots_T, latent_ref(kv_TC, w_C, eps, norm_backend, qdq_mode).to(ckv_NC.dtype))
+    kpe_NR.index_copy_(0, slots_T, k_pe_TR.to(kpe_NR.dtype))
+
+
+def store_latent(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
+                 k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, norm_backend: str = "torch",
+                 qdq_mode: str | None = None, backend: str = "torch") -> None:
+    """backend "triton": one kernel, the bits of norm_backend "triton" (model.kernels.triton_latent)."""
+    if backend == "triton":
+        if norm_backend != "triton":
+            raise ValueError(f"the Triton latent store gives triton_norm's bits; the model's norm is {norm_backend!r}")
+        from .kernels.triton_latent import store_latent_triton
+        return store_latent_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode)
+    return store_latent_ref(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode)
+
+
+# ---------------------------------------------------------------- MLP activation
+
+def silu_mul_ref(g_TF: torch.Tensor, u_TF: torch.Tensor) -> torch.Tensor:
+    return F.silu(g_TF) * u_TF
+
+
+def silu_mul(g_TF: torch.Tensor, u_TF: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """silu(gate) * up; backend "triton": one kernel, the same bits (model.kernels.triton_act)."""
+    if backend == "triton":
+        from .kernels.triton_act import silu_mul_triton
+        return silu_mul_triton(g_TF, u_TF)
+    return silu_mul_ref(g_TF, u_TF)
+
+
 # ---------------------------------------------------------------- router top-k
 
 def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -84,13 +131,24 @@ def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_
 
 
 def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-               norm_topk_prob: bool, routed_scaling_factor: float,
-               backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+               norm_topk_prob: bool, routed_scaling_factor: float, backend: str = "torch",
+               record: tuple[torch.Tensor, torch.Tensor] | None = None,
+               sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """record: (fp32, int32) [T, K] rows of a route recorder that also receive the weights and ids (the Triton
+    kernel writes them itself; the torch path copies). sigmoid: scores_TE are the router's logits, turned
+    into scores first (inside the Triton kernel)."""
     if backend == "triton":
         from .kernels.triton_router import route_topk_triton
         return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
-                                 routed_scaling_factor)
-    return route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+                                 routed_scaling_factor, record, sigmoid)
+    if sigmoid:
+        scores_TE = scores_TE.sigmoid()
+    weights_TK, ids_TK = route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
+                                        routed_scaling_factor)
+    if record is not None:
+        record[0].copy_(weights_TK)
+        record[1].copy_(ids_TK)
+    return weights_TK, ids_TK
 
 
 # ---------------------------------------------------------------- MLA rope

@@ -44,6 +44,8 @@ class EngineConfig:
     norm_backend: str | None = None
     router_backend: str | None = None  # None = Triton router top-k on CUDA | torch
     rope_backend: str | None = None  # None = Triton MLA rope (q and k in one kernel, bit-exact) on CUDA | torch
+    latent_backend: str | None = None  # MLA latent norm + cache write: None = one Triton kernel when norm is | torch
+    act_backend: str | None = None  # MLP silu(gate) * up: None = one Triton kernel on CUDA (bit-exact) | torch
     attention_fast_plan: bool = True  # captured decode graphs re-plan FlashInfer MLA without its plan() wrapper
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
@@ -209,7 +211,9 @@ def check_engine_config(cfg: EngineConfig) -> None:
                           ("sampling_backend", (None, "torch", "triton")), ("load_format", ("auto", "dummy")),
                           ("norm_backend", (None, "torch", "triton", "flashinfer")),
                           ("router_backend", (None, "torch", "triton")),
-                          ("rope_backend", (None, "torch", "triton"))):
+                          ("rope_backend", (None, "torch", "triton")),
+                          ("latent_backend", (None, "torch", "triton")),
+                          ("act_backend", (None, "torch", "triton"))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; supported: {list(allowed)}")
     levels = logging.getLevelNamesMapping()

@@ -190,7 +190,8 @@ class Engine(WeightUpdateAPI):
                                              config_only=cfg.load_format == "dummy")
         shape = ModelConfig.from_file(self.model_path)
         kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,
-                                                    cfg.rope_backend, shape.n_routed_experts or 0, shape.n_group or 1)
+                                                    cfg.rope_backend, shape.n_routed_experts or 0, shape.n_group or 1,
+                                                    cfg.latent_backend, cfg.act_backend)
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
                                 load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)

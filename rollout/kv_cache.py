@@ -82,11 +82,11 @@ class PagedLatentCache:
         """Contiguous [P, G, C] and [P, G, R] views of one layer."""
         return self.ckv_LPGC[layer], self.kpe_LPGR[layer]
 
-    def write(self, layer: int, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor) -> None:
-        """Store this step's latents at flat slots (page * page_size + offset)."""
-        ckv, kpe = self.layer(layer)
-        ckv.view(-1, ckv.shape[-1]).index_copy_(0, slots_T, kv_TC.to(self.dtype))
-        kpe.view(-1, kpe.shape[-1]).index_copy_(0, slots_T, pe_TR.to(self.dtype))
+    def write(self, mla, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor) -> None:
+        """Store this step's latents of layer `mla.layer` at flat slots (page * page_size + offset): kv_TC as
+        projected, normed on the way in (`MLA.store_latents`), and the rotated rope keys."""
+        ckv, kpe = self.layer(mla.layer)
+        mla.store_latents(ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1]), slots_T, kv_TC, pe_TR)
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write of shared partial pages, in every layer, before a forward writes into them."""

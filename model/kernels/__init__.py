@@ -1,5 +1,6 @@
-"""Kernels of the model's small ops (RMSNorm, router top-k, MLA rope), each with its torch reference beside it
-in model/ops.py. Which implementation a model uses is decided once, at construction (`ModelKernels`)."""
+"""Kernels of the model's small ops (RMSNorm, router top-k, MLA rope, MLA latent cache write, MLP SiLU * up),
+each with its torch reference beside it in model/ops.py. Which implementation a model uses is decided once, at
+construction (`ModelKernels`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,8 @@ import torch
 NORM_BACKENDS = ("torch", "triton", "flashinfer")
 ROUTER_BACKENDS = ("torch", "triton")
 ROPE_BACKENDS = ("torch", "triton")
+LATENT_BACKENDS = ("torch", "triton")
+ACT_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -19,10 +22,15 @@ class ModelKernels:
     fused_add_rmsnorm: x * rsqrt * weight rounded once, so bf16 results differ from the reference by a
     rounding; opt-in). router: "torch" or "triton" (bias, group-limited top-k, gather, normalize and
     scaling in one kernel). rope: "torch" or "triton" (q_pe and k_pe of a layer rotated in one kernel,
-    bit-identical to the reference)."""
+    bit-identical to the reference). latent: the decode write of MLA's latent into the cache, "torch"
+    (kv_a_layernorm by `norm`, the optional MXFP8 quantize-dequantize, two index copies) or "triton" (all in one
+    kernel with `norm` "triton"'s bits; needs norm "triton"). act: an MLP's silu(gate) * up, "torch" (two kernels)
+    or "triton" (one, the same bits)."""
     norm: str = "torch"
     router: str = "torch"
     rope: str = "torch"
+    latent: str = "torch"
+    act: str = "torch"
 
     def __post_init__(self):
         if self.norm not in NORM_BACKENDS:
@@ -31,15 +39,23 @@ class ModelKernels:
             raise ValueError(f"router kernel {self.router!r}; supported: {ROUTER_BACKENDS}")
         if self.rope not in ROPE_BACKENDS:
             raise ValueError(f"rope kernel {self.rope!r}; supported: {ROPE_BACKENDS}")
+        if self.latent not in LATENT_BACKENDS:
+            raise ValueError(f"latent kernel {self.latent!r}; supported: {LATENT_BACKENDS}")
+        if self.act not in ACT_BACKENDS:
+            raise ValueError(f"act kernel {self.act!r}; supported: {ACT_BACKENDS}")
+        if self.latent == "triton" and self.norm != "triton":
+            raise ValueError(f"the Triton latent write gives the Triton norm's bits; norm kernel is {self.norm!r}")
 
 
 def select_model_kernels(device: torch.device, dtype: torch.dtype, norm: str | None, router: str | None,
-                         rope: str | None, num_experts: int, n_group: int) -> tuple[ModelKernels, str]:
-    """(kernels, why). None picks Triton on CUDA for bf16/fp16 models when triton imports, else torch;
-    an explicit request that cannot run is an error."""
+                         rope: str | None, num_experts: int, n_group: int,
+                         latent: str | None = None, act: str | None = None) -> tuple[ModelKernels, str]:
+    """(kernels, why). None picks Triton on CUDA for bf16/fp16 models when triton imports, else torch (the
+    latent write: Triton when the norm is); an explicit request that cannot run is an error."""
     gpu = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     has_triton = importlib.util.find_spec("triton") is not None
-    for name, value in (("norm_backend", norm), ("router_backend", router), ("rope_backend", rope)):
+    for name, value in (("norm_backend", norm), ("router_backend", router), ("rope_backend", rope),
+                        ("latent_backend", latent), ("act_backend", act)):
         if value in ("triton", "flashinfer") and not gpu:
             raise ValueError(f"{name}={value!r} needs a CUDA device and a bf16/fp16 model ({device}, {dtype})")
         if value == "triton" and not has_triton:
@@ -51,8 +67,13 @@ def select_model_kernels(device: torch.device, dtype: torch.dtype, norm: str | N
     if router == "triton" and not router_shape_ok:
         raise ValueError(f"router_backend='triton' needs a power-of-two expert count in power-of-two groups, "
                          f"this model has {num_experts} experts in {n_group} groups")
-    k = ModelKernels(norm or auto, router or (auto if router_shape_ok or not num_experts else "torch"), rope or auto)
-    why = f"RMSNorm: {k.norm}, router top-k: {k.router}, rope: {k.rope}"
+    norm = norm or auto
+    if latent == "triton" and norm != "triton":
+        raise ValueError(f"latent_backend='triton' gives the Triton norm's bits; norm_backend is {norm!r}")
+    k = ModelKernels(norm, router or (auto if router_shape_ok or not num_experts else "torch"), rope or auto,
+                     latent or ("triton" if norm == "triton" else "torch"), act or auto)
+    why = (f"RMSNorm: {k.norm}, router top-k: {k.router}, rope: {k.rope}, latent cache write: {k.latent}, "
+           f"MLP silu*up: {k.act}")
     if router is None and auto == "triton" and k.router == "torch":
         why += f" (the Triton router needs power-of-two experts/groups: {num_experts}/{n_group})"
     return k, why
@@ -62,4 +83,5 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-__all__ = ["ModelKernels", "NORM_BACKENDS", "ROPE_BACKENDS", "ROUTER_BACKENDS", "select_model_kernels"]
+__all__ = ["ACT_BACKENDS", "LATENT_BACKENDS", "ModelKernels", "NORM_BACKENDS", "ROPE_BACKENDS", "ROUTER_BACKENDS",
+           "select_model_kernels"]

@@ -14,6 +14,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _normed_row(x, w_ptr, offs, mask, inv_d, eps, OUT: tl.constexpr):
+    """One row's rmsnorm_ref in registers (x: the loaded row, 1-D, zeros past D), in dtype OUT. Shared by every
+    kernel whose normed values must be this file's (model.kernels.triton_latent), launched with the same
+    BLOCK and warps so that the sum of squares reduces in the same order."""
+    xf = x.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(xf * xf, 0) * inv_d + eps)
+    y = (xf * r).to(OUT)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    return (y.to(tl.float32) * w.to(tl.float32)).to(OUT)
+
+
+@triton.jit
 def _rmsnorm_kernel(x_ptr, x_stride, d_ptr, d_stride, w_ptr, out_ptr, sum_ptr, D, inv_d, eps,
                     BLOCK: tl.constexpr, ADD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -24,11 +36,12 @@ def _rmsnorm_kernel(x_ptr, x_stride, d_ptr, d_stride, w_ptr, out_ptr, sum_ptr, D
         d = tl.load(d_ptr + row * d_stride + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * D + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    r = tl.math.rsqrt(tl.sum(xf * xf, 0) * inv_d + eps)
-    y = (xf * r).to(out_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + row * D + offs, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * D + offs, _normed_row(x, w_ptr, offs, mask, inv_d, eps, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def num_warps_for(D: int) -> int:
+    return 4 if D <= 2048 else 8
 
 
 def _check(x_TD: torch.Tensor, w_D: torch.Tensor) -> tuple[int, int]:
@@ -45,7 +58,7 @@ def rmsnorm_triton(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.T
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     if T:
         _rmsnorm_kernel[(T,)](x_TD, x_TD.stride(0), x_TD, x_TD.stride(0), w_D, out, out, D, 1.0 / D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=False, num_warps=4 if D <= 2048 else 8)
+                              BLOCK=triton.next_power_of_2(D), ADD=False, num_warps=num_warps_for(D))
     return out
 
 
@@ -59,5 +72,5 @@ def add_rmsnorm_triton(x_TD: torch.Tensor, delta_TD: torch.Tensor, w_D: torch.Te
     s = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     if T:
         _rmsnorm_kernel[(T,)](x_TD, x_TD.stride(0), delta_TD, delta_TD.stride(0), w_D, out, s, D, 1.0 / D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=True, num_warps=4 if D <= 2048 else 8)
+                              BLOCK=triton.next_power_of_2(D), ADD=True, num_warps=num_warps_for(D))
     return out, s

@@ -6,6 +6,10 @@ so ids come out in the reference's slot order (descending biased score). Groups:
 [G, E/G]; a group's score is its largest plus its second largest biased score (a repeated maximum
 counts twice, as topk(2) does). The weights' fp32 normalization sum may differ from torch's in order.
 Needs E a power of two split into power-of-two groups (DeepSeek-V3: 256 = 8 x 32; Moonlight: 64).
+With a route recorder's rows (`record`), the weights are written there and the ids also as int32 (what the
+recorder keeps), so recording takes no copy kernels. With `sigmoid`, the input is the router's fp32 logits
+and the kernel applies torch's sigmoid first, 1 / (1 + exp(-x)) with libdevice's expf and an IEEE division
+(Triton's own exp and fp32 `/` are approximate), instead of a separate torch kernel.
 Legend: T tokens, E experts, G groups, K experts per token.
 """
 from __future__ import annotations
@@ -13,15 +17,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
-def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, scale,
+def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_ids_ptr, scale,
                   E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
-                  NORM: tl.constexpr):
+                  NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E)
     s = tl.load(scores_ptr + row * stride + e)
+    if SIGMOID:
+        s = tl.math.div_rn(1.0, 1.0 + libdevice.exp(-s))
     biased = s + tl.load(bias_ptr + e)
     if NG > 1:
         GS: tl.constexpr = E // NG
@@ -52,21 +59,35 @@ def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, scale,
     ws = ws * scale
     tl.store(w_ptr + row * K + k, ws, mask=k < K)
     tl.store(ids_ptr + row * K + k, ids, mask=k < K)
+    if RECORD:
+        tl.store(rec_ids_ptr + row * K + k, ids.to(tl.int32), mask=k < K)
 
 
 def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                      norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref."""
+                      norm_topk_prob: bool, routed_scaling_factor: float,
+                      record: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref; with `record` (contiguous fp32 and int32 [T, K]
+    rows of a route recorder) the weights returned are record[0] and the ids are also stored in record[1].
+    sigmoid: scores_TE holds the logits (route_topk_ref(logits.sigmoid(), ...))."""
     T, E = scores_TE.shape
     assert scores_TE.dtype == torch.float32 and scores_TE.stride(1) == 1, (scores_TE.dtype, scores_TE.stride())
     assert bias_E.shape == (E,) and bias_E.dtype == torch.float32 and bias_E.is_contiguous(), (bias_E.shape,
                                                                                                 bias_E.dtype)
     assert E & (E - 1) == 0 and E % n_group == 0 and (E // n_group) & (E // n_group - 1) == 0, (E, n_group)
     assert 0 < top_k <= E and 0 < topk_group <= n_group, (E, n_group, top_k, topk_group)
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=scores_TE.device)
+    if record is not None:
+        weights, rec_ids = record
+        assert weights.shape == rec_ids.shape == (T, top_k) and weights.is_contiguous() and rec_ids.is_contiguous(), (
+            tuple(weights.shape), tuple(rec_ids.shape))
+        assert weights.dtype == torch.float32 and rec_ids.dtype == torch.int32, (weights.dtype, rec_ids.dtype)
+    else:
+        weights = torch.empty(T, top_k, dtype=torch.float32, device=scores_TE.device)
+        rec_ids = None
     ids = torch.empty(T, top_k, dtype=torch.int64, device=scores_TE.device)
     if T:
-        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, float(routed_scaling_factor),
-                            E=E, K=top_k, KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group,
-                            NORM=bool(norm_topk_prob), num_warps=1 if E <= 128 else 2)
+        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, ids if rec_ids is None else rec_ids,
+                            float(routed_scaling_factor), E=E, K=top_k, KP=triton.next_power_of_2(top_k), NG=n_group,
+                            TG=topk_group, NORM=bool(norm_topk_prob), RECORD=rec_ids is not None,
+                            SIGMOID=bool(sigmoid), num_warps=1 if E <= 128 else 2)
     return weights, ids

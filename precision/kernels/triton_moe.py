@@ -115,15 +115,20 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, bexp_ptr, topk_w_pt
 
 
 @triton.jit
-def _combine_kernel(p_ptr, y_ptr, TOPK, D, BD: tl.constexpr):
-    """y[t] = sum_k p[t * K + k] in k order (deterministic), cast to y's dtype."""
+def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK, D, BD: tl.constexpr, SHARED: tl.constexpr):
+    """y[t] = sum_k p[t * K + k] in k order (deterministic), cast to y's dtype; SHARED: plus s[t] after that
+    rounding, rounded again (torch's add of two tensors of y's dtype)."""
     t = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
     acc = tl.zeros((BD,), dtype=tl.float32)
     for k in range(TOPK):
         acc += tl.load(p_ptr + (t * TOPK + k).to(tl.int64) * D + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + t.to(tl.int64) * D + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if SHARED:
+        s = tl.load(s_ptr + t.to(tl.int64) * s_stride + offs, mask=mask, other=0.0)
+        y = (y.to(tl.float32) + s.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t.to(tl.int64) * D + offs, y, mask=mask)
 
 
 def moe_config(T: int, quant: bool) -> dict:
@@ -143,8 +148,10 @@ def moe_config(T: int, quant: bool) -> dict:
 
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
-                     config: dict | None = None, x_qdq: bool = False) -> torch.Tensor:
-    """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here."""
+                     config: dict | None = None, x_qdq: bool = False,
+                     shared_TD: torch.Tensor | None = None) -> torch.Tensor:
+    """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here. shared_TD:
+    added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch)."""
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
@@ -181,6 +188,11 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     _moe_down_kernel[(R // BM, triton.cdiv(D, BN))](
         h, d2.contiguous(), s2, out, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, **cfg)
+    if shared_TD is not None and (shared_TD.shape != (T, D) or shared_TD.dtype != x_TD.dtype
+                                  or shared_TD.stride(1) != 1):
+        raise ValueError(f"fused moe: shared output {tuple(shared_TD.shape)} {shared_TD.dtype} must be [T, D] "
+                         f"{x_TD.dtype} with unit stride along D")
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x.device)
-    _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, K, D, BD=1024)
+    s = shared_TD if shared_TD is not None else y
+    _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, s, s.stride(0), K, D, BD=1024, SHARED=shared_TD is not None)
     return y

@@ -148,7 +148,7 @@ class FlashInferAttention:
         log.info("MLA graph batch %d: %s", size, graph.path)
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
-        self.cache.write(mla.layer, self.step.slots_T, kv_TC, k_pe_TR)
+        self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         dtype = self.cache.dtype
         # q_lat is a [T, H, C] view of the bmm's [H, T, C] result: FlashInfer's MLA kernels read q (and q_pe)
         # through their token and head strides, so no copy. The output is a [T, H, C] contiguous buffer, the

@@ -26,7 +26,7 @@ class TorchPagedAttention:
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
         step, device = self.step, q_nope_THP.device
-        self.cache.write(mla.layer, step.slots_T, kv_TC, k_pe_TR)
+        self.cache.write(mla, step.slots_T, kv_TC, k_pe_TR)
         T = q_nope_THP.shape[0]
         out_THV = torch.empty(T, mla.n_heads, mla.v_dim, dtype=torch.float32, device=device)
         for r in range(step.num_rows):

@@ -54,3 +54,65 @@ def test_route_topk_triton_matches_reference(E, n_group, topk_group, k, norm):
     assert ids.dtype == ids_ref.dtype == torch.int64
     assert torch.equal(ids, ids_ref)  # same experts in the same slot order
     torch.testing.assert_close(w, w_ref, rtol=5e-7, atol=0)  # the normalizing sum's order
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_topk_writes_the_recorders_rows(backend):
+    """With a route recorder's rows the router's own weights land there and its ids as int32 (the Triton kernel
+    stores them itself: no copy kernels); rows past T and other layers stay as they were."""
+    from mxroll.model.moe import RouteRecorder
+    from mxroll.model.ops import route_topk
+
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 5, 64, 6
+    scores = torch.randn(T, E, generator=g).sigmoid().to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    rec = RouteRecorder(2, T + 3, k, DEVICE)
+    rec.ids.fill_(-7)
+    rec.weights.fill_(-1.0)
+    w0, ids0 = route_topk(scores, bias, k, 1, 1, True, 2.5, backend)
+    w, ids = route_topk(scores, bias, k, 1, 1, True, 2.5, backend, rec.rows(1, T))
+    assert torch.equal(w, w0) and torch.equal(ids, ids0) and ids.dtype == torch.int64
+    assert torch.equal(rec.weights[1, :T], w0) and torch.equal(rec.ids[1, :T], ids0.to(torch.int32))
+    assert (rec.ids[0] == -7).all() and (rec.ids[1, T:] == -7).all() and (rec.weights[1, T:] == -1).all()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
+@pytest.mark.parametrize("shape", [(1, 2816), (5, 1408), (3, 100)])
+def test_silu_mul_triton_is_bit_identical(shape):
+    """libdevice expf, an IEEE division and torch's two roundings: F.silu(g) * u bit for bit."""
+    from mxroll.model.ops import silu_mul, silu_mul_ref
+
+    g = torch.Generator().manual_seed(shape[1])
+    gate = (torch.randn(*shape, generator=g) * 3).to(DEVICE, LOW)
+    gate.view(-1)[:4] = torch.tensor([0.0, -30.0, 30.0, -0.5])  # zero, saturated tails
+    up = torch.randn(*shape, generator=g).to(DEVICE, LOW)
+    got, ref = silu_mul(gate, up, "triton"), silu_mul_ref(gate, up)
+    assert got.dtype == LOW and got.shape == gate.shape and torch.equal(got, ref)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(64, 1, 1, 6), (256, 8, 4, 8)])
+def test_route_topk_triton_sigmoid_is_torchs(E, n_group, topk_group, k):
+    """The router kernel's own sigmoid of the logits: the same scores as torch's sigmoid, so the same ids and
+    weights bit for bit."""
+    from mxroll.model.kernels.triton_router import route_topk_triton
+
+    g = torch.Generator().manual_seed(E + k)
+    logits = (torch.randn(257, E, generator=g) * 4).to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    w, ids = route_topk_triton(logits, bias, k, n_group, topk_group, True, 2.5, sigmoid=True)
+    w0, ids0 = route_topk_triton(logits.sigmoid(), bias, k, n_group, topk_group, True, 2.5)
+    assert torch.equal(ids, ids0) and torch.equal(w, w0)
+
+
+def test_route_topk_torch_sigmoid_flag():
+    from mxroll.model.ops import route_topk
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(9, 32, generator=g) * 4).to(DEVICE)
+    bias = (torch.randn(32, generator=g) * 0.1).to(DEVICE)
+    got = route_topk(logits, bias, 3, 4, 2, False, 2.5, "torch", sigmoid=True)
+    ref = route_topk_ref(logits.sigmoid(), bias, 3, 4, 2, False, 2.5)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert not torch.equal(route_topk(logits, bias, 3, 4, 2, False, 2.5, "torch")[0], ref[0])

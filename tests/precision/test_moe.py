@@ -129,3 +129,15 @@ def test_fused_moe_all_tokens_on_one_expert_and_determinism():
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     assert all(torch.equal(fused_moe_triton(x, ids, w, w13, w2), y) for _ in range(10))
 
+
+
+@cuda
+@pytest.mark.parametrize("quant", [False, True])
+def test_fused_moe_adds_the_shared_output_as_torch_does(quant):
+    """The combine pass adds the shared experts' output: the bits of `fused_moe(...) + shared` in bf16."""
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    for T in (1, 64, 300):
+        x, ids, w, w13, w2 = moe_case(T, 64, 6, 256, 160, quant, False, seed=T)
+        shared = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+        y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", shared_TD=shared)
+        assert torch.equal(y, fused_moe_triton(x, ids, w, w13, w2, "w8a8") + shared), T

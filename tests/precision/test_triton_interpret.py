@@ -88,3 +88,20 @@ def test_rmsnorm_kernel_residual_add():
     y1, q1, d1 = rmsnorm_mxfp8_triton(s, w, 1e-6, qdq=True)
     assert torch.equal(y, y1) and torch.equal(d, d1) and torch.equal(q.scale, q1.scale)
     assert not normed_step_mismatch(y, s, w, 1e-6).any()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_moe_combine_kernel_sum_order_and_shared_add(shared):
+    """y[t] = sum over k in order (fp32), rounded; with the shared output: plus it, rounded again (fp16 here)."""
+    from mxroll.precision.kernels.triton_moe import _combine_kernel
+    g = torch.Generator().manual_seed(2)
+    T, K, D = 3, 4, 1100  # D spans two 1024-wide programs
+    p = torch.randn(T * K, D, generator=g)
+    s = (torch.randn(T, D + 8, generator=g) * 4).half()[:, :D]  # a strided view
+    y = torch.empty(T, D, dtype=torch.float16)
+    _combine_kernel[(T, 2)](p, y, s, s.stride(0), K, D, BD=1024, SHARED=shared)
+    acc = p.view(T, K, D)[:, 0].clone()
+    for k in range(1, K):
+        acc += p.view(T, K, D)[:, k]
+    ref = acc.half() + s if shared else acc.half()
+    assert torch.equal(y, ref)
