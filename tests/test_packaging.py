@@ -83,7 +83,7 @@ def test_wheel_runs_beside_a_users_model_py(tmp_path):
 
     python, purelib = fresh_venv(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q",
-                    "--target", str(purelib), str(wheel)], check=True, timeout=120)
+                    "--target", str(purelib), str(wheel)], check=True, timeout=600)
 
     user = tmp_path / "project"
     (user / "configs").mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_wheel_runs_beside_a_users_model_py(tmp_path):
     (user / "run.py").write_text(textwrap.dedent(USER_CODE))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     proc = subprocess.run([str(python), "run.py", str(tmp_path / "cache")], cwd=user, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("mxroll", "configs", "model"):
