@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from ..precision.layout import LayoutCache
 from .attention import TorchPagedAttention, select_attention
 from .config import EngineConfig, check_engine_config, engine_config, resolve_context_length
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
+from .inflight import HostCopy, InFlight, PhaseClock, StepStat
 from .intake import PromptRequest, build_requests, prompt_ids
 from .kv_cache import PagedLatentCache, plan_capacity
 from .output import Record, format_output
@@ -52,80 +53,6 @@ MEMORY_TAGS = ("kv_cache", "weights")
 
 
 STEP_LOG = 100_000
-
-
-@dataclass(frozen=True)
-class StepStat:
-    rows: int  # sequences in the step
-    tokens: int  # tokens computed (prefill chunks + decode tokens)
-    sampled: int  # tokens sampled
-    decode: bool  # every row computed one token
-    seconds: float  # wall time of the step, host work and the device sync included
-    phases: dict | None = None  # seconds per phase, with step_timing on (the device is synced between phases)
-    ahead: bool = False  # launched before the previous step's tokens were read back (overlap schedule)
-
-
-class _PhaseClock:
-    """Wall time of a step and, when asked, of its phases (syncing the device at each mark)."""
-
-    def __init__(self, device: torch.device, detailed: bool):
-        self.sync = detailed and device.type == "cuda"
-        self.phases = {} if detailed else None
-        self.start = self.last = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        if self.phases is None:
-            return
-        if self.sync:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.phases[name] = now - self.last
-        self.last = now
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
-class _HostCopy:
-    """A step's results copied to the host without a sync (pinned buffers + an event on CUDA); `wait()` gives
-    them as Python lists (tokens, logprobs, top-logprobs) and CPU tensors (routes)."""
-
-    def __init__(self, sampled, routes, device: torch.device):
-        named = {"tokens": sampled.tokens, "logprobs": sampled.logprobs, "top_ids": sampled.top_ids,
-                 "top_logprobs": sampled.top_logprobs}
-        if routes is not None:
-            named["route_ids"], named["route_weights"] = routes
-        self.event = None
-        if device.type == "cuda":
-            pinned = {}
-            for k, t in named.items():
-                if t is not None:
-                    pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    pinned[k].copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-            named = pinned
-        else:
-            named = {k: t.clone() if k.startswith("route") else t for k, t in named.items() if t is not None}
-        self.named = named
-
-    def wait(self) -> dict:
-        if self.event is not None:
-            self.event.synchronize()  # the step's one wait on the device
-        out = {k: (t if k.startswith("route") else t.tolist()) for k, t in self.named.items()}
-        for k in ("top_ids", "top_logprobs", "route_ids", "route_weights"):
-            out.setdefault(k, None)
-        return out
-
-
-@dataclass
-class _InFlight:
-    """A launched step: its batch and inputs, its sampled tokens on the device, their host copy."""
-    batch: Any
-    step: StepInputs
-    tokens: torch.Tensor
-    host: _HostCopy
-    clock: _PhaseClock
 
 
 class EngineShutdownError(RuntimeError):
@@ -168,7 +95,7 @@ class Engine(WeightUpdateAPI):
         self._cv = threading.Condition()
         self._commands: list[tuple[Any, Future]] = []
         self._paused = self._released = self._closed = False
-        self._ahead: _InFlight | None = None  # a step launched before the previous one was finished (overlap)
+        self._ahead: InFlight | None = None  # a step launched before the previous one was finished (overlap)
         self._last_finish = 0.0
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
@@ -323,7 +250,7 @@ class Engine(WeightUpdateAPI):
         scheduling and output work runs while the device computes; `step()` then finishes that one next."""
         cur, self._ahead = self._ahead, None
         if cur is None:
-            clock = _PhaseClock(self.device, self.config.step_timing)
+            clock = PhaseClock(self.device, self.config.step_timing)
             batch = self.scheduler.schedule()
             if batch is None:
                 return
@@ -332,7 +259,7 @@ class Engine(WeightUpdateAPI):
         self._launch_next(cur)
         self._finish(cur)
 
-    def _launch(self, batch, clock: "_PhaseClock", prev: "_InFlight | None" = None) -> "_InFlight":
+    def _launch(self, batch, clock: PhaseClock, prev: InFlight | None = None) -> InFlight:
         """Enqueue a step's forward and sampling and the copies of its results to the host; no sync.
         prev: the step whose sampled tokens are this decode step's inputs (still on the device)."""
         next_ids = None
@@ -350,9 +277,9 @@ class Engine(WeightUpdateAPI):
         if out.routes is not None and wants_routes:  # the recorder is overwritten by the next step
             T = step.num_tokens
             routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
-        return _InFlight(batch, step, sampled.tokens, _HostCopy(sampled, routes, self.device), clock)
+        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock)
 
-    def _launch_next(self, cur: "_InFlight") -> None:
+    def _launch_next(self, cur: InFlight) -> None:
         """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
         if (self.config.disable_overlap_schedule or self.config.step_timing or self._commands
                 or self._paused or self._released):
@@ -363,9 +290,9 @@ class Engine(WeightUpdateAPI):
             return
         index = {id(r.seq): i for i, r in enumerate(cur.batch.rows)}
         batch.ahead_of = [index[id(r.seq)] for r in batch.rows]
-        self._ahead = self._launch(batch, _PhaseClock(self.device, False), prev=cur)
+        self._ahead = self._launch(batch, PhaseClock(self.device, False), prev=cur)
 
-    def _finish(self, cur: "_InFlight") -> None:
+    def _finish(self, cur: InFlight) -> None:
         """Wait for a launched step's results; update the scheduler, the outputs and the callers."""
         host = cur.host.wait()
         tokens = host["tokens"]
