@@ -38,7 +38,7 @@ from benchmarks.common import environment, write_results  # noqa: E402
 from mxroll import configs  # noqa: E402
 from mxroll.model import ModelConfig  # noqa: E402
 from mxroll.model.dummy import init_dummy_weights  # noqa: E402
-from mxroll.model.kernels import ModelKernels  # noqa: E402
+from mxroll.model.kernels import ModelKernels, select_model_kernels  # noqa: E402
 from mxroll.model.loader import build_model  # noqa: E402
 from mxroll.precision import GemmConfig, Recipe  # noqa: E402
 from mxroll.rollout.attention import TorchPagedAttention  # noqa: E402
@@ -193,7 +193,10 @@ def main() -> None:
     cfg = layer_config(cpu)
     torch.manual_seed(0)
     notes = []
-    fast_kernels = ModelKernels("torch", "torch") if cpu else ModelKernels("triton", "triton")
+    # the engine's choice of small-op kernels (Triton on CUDA: norm, router, rope, latent cache write, silu*up)
+    fast_kernels, kernels_why = select_model_kernels(torch.device(device), torch.bfloat16, None, None, None,
+                                                     cfg.n_routed_experts, cfg.n_group or 1)
+    notes.append(f"model kernels: {kernels_why}")
     gemm_backend = "torch" if cpu else "triton"
     models = {mode: build(cfg, mode, device, gemm_backend, fast_kernels) for mode in ("bf16", "mxfp8")}
     refs = {mode: build(cfg, mode, device, "torch", ModelKernels("torch", "torch")) for mode in ("bf16", "mxfp8")}
