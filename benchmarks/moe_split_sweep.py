@@ -120,6 +120,11 @@ def main():
         print(f"{r['shape']:<18}{r['T']:>4}  {r['shipped_mxfp8_us']:7.1f}/{r['shipped_bf16_us']:<7.1f}  "
               f"{r['mxfp8_best']:>17}{r['mxfp8_us']:8.1f}  {r['bf16_best']:>17}{r['bf16_us']:8.1f}  "
               f"{r['bf16_us'] / r['mxfp8_us']:.2f}x")
+    print("\nbest MXFP8 config per token count (moe_config candidates; keep one that wins on both shapes):")
+    for r in summary:
+        cfg = next(x["config"] for x in rows if x["shape"] == r["shape"] and x["T"] == r["T"]
+                   and x["experts"] == "mxfp8" and x["variant"] == r["mxfp8_best"])
+        print(f"  {r['shape']:<18}T={r['T']:<3}{r['mxfp8_best']:<17}{cfg}")
     path = write_results("moe_split_sweep", {"benchmark": "moe_split_sweep", **env, "copy_GBps": bw / 1e9,
                                              "routings_per_graph": ROUTINGS, "rows": rows, "summary": summary})
     print(f"wrote {path}")
