@@ -7,35 +7,61 @@
 3. down kernel: h @ w2[e]^T, scaled by the row's top-k weight (routed scaling already fused by
    the router), written to its own (token, k) row; the K rows of a token are then summed in
    order (deterministic; no atomics).
+Optional split-K for decode (config keys, `moe_config`): both kernels spread their contraction over
+several programs; the last to arrive at a tile (an arrival counter, the dense decode GEMM's
+`_split_last`) sums the fp32 partials in split order, so results stay deterministic.
 Reference: `precision.moe.experts_ref`. Legend: T tokens, K top-k, E experts, D hidden,
 F expert intermediate, BM/BN/BK tiles.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..mxfp8 import MXFP8Tensor
 from .moe_align import align_block_size
-from .triton_mxfp8_gemm import _act_qdq, act_qdq_triton
+from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
+                                _split_sum, act_qdq_triton)
+
+log = logging.getLogger(__name__)
 
 PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one block per pair
 
 
 @triton.jit
-def _load_w(w_ptr, ws_ptr, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """The [BN, BK] weight tile at (rows, k) in bf16 (dequantized when QUANT_W)."""
+def _load_w(w_ptr, ws_ptr, w_desc, row0, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr,
+            BK: tl.constexpr, USE_TMA: tl.constexpr):
+    """The [BN, BK] weight tile at (rows, k): fp32 dequantized when QUANT_W, else bf16.
+    USE_TMA: one bulk tensor copy of rows row0.. of the flattened [E * rows, KDIM] weight; rows past the
+    expert's own belong to the next one (or arrive as zeros at the end) and only feed output columns
+    that the caller masks; columns past KDIM arrive as zeros."""
     kk = k + tl.arange(0, BK)
-    w = tl.load(w_ptr + rows[:, None] * KDIM + kk[None, :], mask=mask_rows[:, None] & (kk[None, :] < KDIM),
-                other=0.0)
+    if USE_TMA:
+        w = w_desc.load([row0, k])
+    else:
+        w = tl.load(w_ptr + rows[:, None] * KDIM + kk[None, :], mask=mask_rows[:, None] & (kk[None, :] < KDIM),
+                    other=0.0)
     if QUANT_W:
         ss = k // 32 + tl.arange(0, BK // 32)
         s = tl.load(ws_ptr + rows[:, None] * (KDIM // 32) + ss[None, :],
                     mask=mask_rows[:, None] & (ss[None, :] < KDIM // 32), other=127)
-        scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        w = tl.reshape(tl.reshape(w.to(tl.float32), (BN, BK // 32, 32)) * scale[:, :, None], (BN, BK))
-    return w.to(tl.bfloat16)
+        w = _dequant_tile(w, s, BN, BK)
+    return w
+
+
+@triton.jit
+def _mac(acc, a, w, GEMV: tl.constexpr):
+    """acc [BM, BN] += a [BM, BK] @ w [BN, BK]^T: bf16 tensor cores, or (GEMV, for a row or two) fp32
+    multiply-adds on the weight tile where it was loaded, no shared-memory operand staging."""
+    if GEMV:
+        if a.shape[0] == 1:  # stays 2D: the row broadcasts over the weight tile's own layout
+            return acc + tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
 
 
 @triton.jit
@@ -53,32 +79,8 @@ def _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM: tl.constexpr, PAIRS: tl.constex
 
 
 @triton.jit
-def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, TOPK, D, F, E,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr):
-    pid_b = tl.program_id(0)
-    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
-    if e >= E:
-        return
-    tok = rid // TOPK
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask_n = offs_n < F
-    w_e = w_ptr + e.to(tl.int64) * 2 * F * D
-    ws_e = ws_ptr + e.to(tl.int64) * 2 * F * (D // 32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, D, BK):
-        kk = k + tl.arange(0, BK)
-        mask_k = kk < D
-        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :],
-                    other=0.0)
-        if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
-            x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
-        x = x.to(tl.bfloat16)
-        wg = _load_w(w_e, ws_e, offs_n, mask_n, k, D, QUANT_W, BN, BK)
-        wu = _load_w(w_e, ws_e, F + offs_n, mask_n, k, D, QUANT_W, BN, BK)
-        acc_g = tl.dot(x, tl.trans(wg), acc_g)
-        acc_u = tl.dot(x, tl.trans(wu), acc_u)
+def _gate_up_out(acc_g, acc_u, h_ptrs, mask, BM: tl.constexpr, BN: tl.constexpr, QUANT_H: tl.constexpr,
+                 FLOOR: tl.constexpr):
     # bf16 roundings where the reference rounds: GEMM outputs, SiLU, product
     g = acc_g.to(tl.bfloat16).to(tl.float32)
     u = acc_u.to(tl.bfloat16).to(tl.float32)
@@ -86,32 +88,98 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, bexp_ptr, n_rows, 
     h = h.to(tl.bfloat16).to(tl.float32)
     if QUANT_H:
         h = _act_qdq(h, BM, BN, FLOOR)
-    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :], h.to(tl.bfloat16),
-             mask=valid[:, None] & mask_n[None, :])
+    tl.store(h_ptrs, h.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
-def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, bexp_ptr, topk_w_ptr, n_rows, D, F, E,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                     PAIRS: tl.constexpr):
+def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, n_rows, TOPK, D, F,
+                        E, K_PER_SPLIT, NSPLIT: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
+                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr,
+                        USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+    """Split-K (NSPLIT > 1): program (b, n, s) sums D-range s; fp32 gate and up partials go to
+    p [NSPLIT, 2, n_rows, F] by (token, k) row and the last split to arrive sums them in split order
+    (`_split_last`, `_split_sum`) before the epilogue."""
     pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
     if e >= E:
         return
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    tok = rid // TOPK
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < F
+    w_e = w_ptr + e.to(tl.int64) * 2 * F * D
+    ws_e = ws_ptr + e.to(tl.int64) * 2 * F * (D // 32)
+    k_start = pid_k * K_PER_SPLIT
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BK):
+        k = tl.multiple_of(k_start + k0, BK)  # K_PER_SPLIT is a multiple of BK: keeps the loads vectorized
+        kk = k + tl.arange(0, BK)
+        mask_k = kk < D  # a split's range ends on a BK multiple: only the contraction's end is masked
+        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :],
+                    other=0.0)
+        if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
+            x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
+        x = x.to(tl.bfloat16)
+        wg = _load_w(w_e, ws_e, w_desc, e * 2 * F + pid_n * BN, offs_n, mask_n, k, D, QUANT_W, BN, BK,
+                     USE_TMA)
+        wu = _load_w(w_e, ws_e, w_desc, e * 2 * F + F + pid_n * BN, F + offs_n, mask_n, k, D, QUANT_W, BN,
+                     BK, USE_TMA)
+        acc_g = _mac(acc_g, x, wg, GEMV)
+        acc_u = _mac(acc_u, x, wu, GEMV)
+    mask = valid[:, None] & mask_n[None, :]
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :]
+    if NSPLIT == 1:
+        _gate_up_out(acc_g, acc_u, h_ptrs, mask, BM, BN, QUANT_H, FLOOR)
+    else:
+        pg = p_ptr + rid[:, None].to(tl.int64) * F + offs_n[None, :]
+        stride_s = 2 * n_rows * F
+        tl.store(pg + pid_k * stride_s, acc_g, mask=mask)
+        tl.store(pg + n_rows * F + pid_k * stride_s, acc_u, mask=mask)
+        if _split_last(lock_ptr, pid_b * tl.num_programs(1) + pid_n, NSPLIT):
+            _gate_up_out(_split_sum(pg, mask, stride_s, NSPLIT), _split_sum(pg + n_rows * F, mask, stride_s, NSPLIT),
+                         h_ptrs, mask, BM, BN, QUANT_H, FLOOR)
+
+
+@triton.jit
+def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, topk_w_ptr, n_rows, D,
+                     F, E, K_PER_SPLIT, NSPLIT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
+                     PAIRS: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+    """Split-K as in the gate_up kernel, partials in p [NSPLIT, n_rows, D]."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
+    if e >= E:
+        return
+    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < D
     w_e = w_ptr + e.to(tl.int64) * D * F
     ws_e = ws_ptr + e.to(tl.int64) * D * (F // 32)
+    k_start = pid_k * K_PER_SPLIT
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, F, BK):
+    for k0 in range(0, K_PER_SPLIT, BK):
+        k = tl.multiple_of(k_start + k0, BK)  # K_PER_SPLIT is a multiple of BK: keeps the loads vectorized
         kk = k + tl.arange(0, BK)
         mask_k = kk < F
         h = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + kk[None, :], mask=valid[:, None] & mask_k[None, :],
                     other=0.0)
-        w = _load_w(w_e, ws_e, offs_n, mask_n, k, F, QUANT_W, BN, BK)
-        acc = tl.dot(h, tl.trans(w), acc)
-    y = acc.to(tl.bfloat16).to(tl.float32) * tl.load(topk_w_ptr + rid, mask=valid, other=0.0)[:, None]
-    tl.store(out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :], y, mask=valid[:, None] & mask_n[None, :])
+        w = _load_w(w_e, ws_e, w_desc, e * D + pid_n * BN, offs_n, mask_n, k, F, QUANT_W, BN, BK, USE_TMA)
+        acc = _mac(acc, h, w, GEMV)
+    mask = valid[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
+    topk_w = tl.load(topk_w_ptr + rid, mask=valid, other=0.0)[:, None]
+    if NSPLIT == 1:
+        tl.store(out_ptrs, acc.to(tl.bfloat16).to(tl.float32) * topk_w, mask=mask)
+    else:
+        p_ptrs = p_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * n_rows * D, acc, mask=mask)
+        if _split_last(lock_ptr, pid_b * tl.num_programs(1) + pid_n, NSPLIT):
+            y = _split_sum(p_ptrs, mask, n_rows * D, NSPLIT)
+            tl.store(out_ptrs, y.to(tl.bfloat16).to(tl.float32) * topk_w, mask=mask)
 
 
 @triton.jit
@@ -134,7 +202,10 @@ def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK, D, BD: tl.constexpr, SH
 def moe_config(T: int, quant: bool) -> dict:
     """Tiles by token count: prefill from benchmarks/results/moe_sweep.json (H100), decode from
     moe_decode_sweep.json (H200: 32-row blocks at 65..512 tokens, 0.79x / 0.93x the time of 64-row blocks for
-    MXFP8 / bf16 experts at 256 tokens)."""
+    MXFP8 / bf16 experts at 256 tokens). Optional keys (default off, compared by benchmarks/moe_split_sweep.py):
+    SPLIT_GU / SPLIT_DOWN split the gate_up / down contraction over that many programs (fp32 partials summed
+    in split order: deterministic, not the unsplit kernel's bits); USE_TMA loads weight tiles by tensor
+    descriptor; GEMV replaces the tensor-core MMA by fp32 multiply-adds (BM of 1..4 rows)."""
     if T <= 64:
         return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
     if T <= 512:
@@ -146,6 +217,12 @@ def moe_config(T: int, quant: bool) -> dict:
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
+def _k_split(KDIM: int, BK: int, split: int) -> tuple[int, int]:
+    """(splits, contraction length per split, a multiple of BK)."""
+    per = triton.cdiv(triton.cdiv(KDIM, BK), max(1, split)) * BK
+    return triton.cdiv(KDIM, per), per
+
+
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
                      config: dict | None = None, x_qdq: bool = False,
@@ -155,7 +232,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
-    if x_TD.dtype != torch.bfloat16 or not x_TD.is_cuda:
+    if x_TD.dtype != torch.bfloat16 or not (x_TD.is_cuda or _interpreting()):
         raise TypeError(f"fused moe: x must be a CUDA bf16 tensor, got {x_TD.dtype} on {x_TD.device}")
     d13 = w13.data if quant else w13
     d2 = w2.data if quant else w2
@@ -168,6 +245,12 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     T, K = topk_ids_TK.shape
     cfg = dict(config or moe_config(T, quant))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
+    use_tma, gemv = cfg.pop("USE_TMA", False), cfg.pop("GEMV", False)
+    if use_tma and not quant:
+        raise ValueError("fused moe: USE_TMA is for MXFP8 weight tiles")
+    if gemv and BM > 4:
+        raise ValueError(f"fused moe: GEMV takes blocks of 1..4 rows, got BM={BM}")
     w8a8 = quant and act_mode == "w8a8"
     quant_x = w8a8 and not x_qdq
     fuse_x = quant_x and T <= 64  # prefill keeps one separate pass (the kernel would redo it per N tile)
@@ -179,15 +262,28 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         al = align_block_size(topk_ids_TK, E, BM)
         ids, bexp, R = al.sorted_ids, al.block_expert, al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
+    d13, d2 = d13.contiguous(), d2.contiguous()
     s13 = w13.scale.contiguous() if quant else d13
     s2 = w2.scale.contiguous() if quant else d2
-    _moe_gate_up_kernel[(R // BM, triton.cdiv(F, BN))](
-        x, d13.contiguous(), s13, h, ids, bexp, T * K, K, D, F, E, BM=BM, BN=BN, BK=BK,
-        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x, **cfg)
+    n_gu, n_down = triton.cdiv(F, BN), triton.cdiv(D, BN)
+    split_gu, k_gu = _k_split(D, BK, split_gu if R // BM * n_gu <= MAX_TILES else 1)
+    split_down, k_down = _k_split(F, BK, split_down if R // BM * n_down <= MAX_TILES else 1)
+    locks = _split_locks(x.device) if max(split_gu, split_down) > 1 else h
+    desc13 = TensorDescriptor.from_tensor(d13.view(E * F2, D), [BN, BK]) if use_tma else None
+    desc2 = TensorDescriptor.from_tensor(d2.view(E * D, F), [BN, BK]) if use_tma else None
+    log.debug("fused moe T=%d K=%d: BM=%d BN=%d BK=%d split %d/%d tma=%s gemv=%s pairs=%s", T, K, BM, BN, BK,
+              split_gu, split_down, use_tma, gemv, pairs)
+    p13 = torch.empty(split_gu, 2, T * K, F, dtype=torch.float32, device=x.device) if split_gu > 1 else h
+    _moe_gate_up_kernel[(R // BM, n_gu, split_gu)](
+        x, d13, s13, desc13, h, p13, locks, ids, bexp, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN, BK=BK,
+        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x, USE_TMA=use_tma,
+        GEMV=gemv, **cfg)
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
-    _moe_down_kernel[(R // BM, triton.cdiv(D, BN))](
-        h, d2.contiguous(), s2, out, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
-        D, F, E, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, **cfg)
+    p2 = torch.empty(split_down, T * K, D, dtype=torch.float32, device=x.device) if split_down > 1 else out
+    _moe_down_kernel[(R // BM, n_down, split_down)](
+        h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
+        D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, USE_TMA=use_tma, GEMV=gemv,
+        **cfg)
     if shared_TD is not None and (shared_TD.shape != (T, D) or shared_TD.dtype != x_TD.dtype
                                   or shared_TD.stride(1) != 1):
         raise ValueError(f"fused moe: shared output {tuple(shared_TD.shape)} {shared_TD.dtype} must be [T, D] "

@@ -71,22 +71,37 @@ def _act_qdq(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
+def _split_last(lock_ptr, tile, NSPLIT):
+    """Split-K arrival, after this program stored its fp32 partial: True for the last of the tile's NSPLIT
+    programs to arrive (it then sums the partials), which also resets the counter to 0 for the next call."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == NSPLIT - 1
+    if last:
+        tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _split_sum(p_ptrs, mask, stride_ys, NSPLIT):
+    """The NSPLIT fp32 partials at p_ptrs + i * stride_ys summed in split order (deterministic)."""
+    total = tl.zeros(p_ptrs.shape, dtype=tl.float32)
+    for i in range(NSPLIT):
+        total += tl.load(p_ptrs + i * stride_ys, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _write_tile(acc, y_ptrs, p_ptrs, mask, lock_ptr, tile, pid_k, stride_ys, NSPLIT):
     """Store an fp32 tile; with split-K (NSPLIT > 1) without a second launch: every split writes its
     fp32 partial, the last one to arrive (per-tile counter) sums all partials in split order --
-    deterministic -- and resets the counter to 0 for the next call."""
+    deterministic -- and stores the sum."""
     if NSPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(p_ptrs + pid_k * stride_ys, acc, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == NSPLIT - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
-            for i in range(NSPLIT):
-                total += tl.load(p_ptrs + i * stride_ys, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+        if _split_last(lock_ptr, tile, NSPLIT):
+            tl.store(y_ptrs, _split_sum(p_ptrs, mask, stride_ys, NSPLIT).to(y_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -141,3 +141,47 @@ def test_fused_moe_adds_the_shared_output_as_torch_does(quant):
         shared = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
         y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", shared_TD=shared)
         assert torch.equal(y, fused_moe_triton(x, ids, w, w13, w2, "w8a8") + shared), T
+
+
+DECODE_VARIANTS = {  # the optional moe_config keys (benchmarks/moe_split_sweep.py)
+    "split": dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3, SPLIT_GU=4, SPLIT_DOWN=3),
+    "split_bn32_bk64": dict(BM=16, BN=32, BK=64, num_warps=8, num_stages=4, SPLIT_GU=2, SPLIT_DOWN=8),
+    "tma": dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4, USE_TMA=True),
+    "tma_split": dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4, USE_TMA=True, SPLIT_GU=2, SPLIT_DOWN=2),
+    "gemv": dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True),
+    "gemv_split": dict(BM=2, BN=32, BK=64, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=3, SPLIT_DOWN=2),
+}
+
+
+@cuda
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
+def test_fused_moe_decode_variants_match_reference(variant, quant):
+    """Every optional decode config against the reference at pair-path and sorted-path token counts, on a
+    shape whose F is not a multiple of BN (masked N tiles, TMA rows reaching into the next expert) and not a
+    multiple of BK * splits (a short last split); every variant is deterministic, and split-K leaves its
+    arrival counters at zero (a second call would skip or repeat the sum otherwise)."""
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    cfg = DECODE_VARIANTS[variant]
+    if cfg.get("USE_TMA") and not quant:
+        with pytest.raises(ValueError, match="USE_TMA"):
+            fused_moe_triton(*moe_case(1, 16, 6, 512, 224, quant)[:5], "w8a8", config=cfg)
+        return
+    for T in (1, 3, 5, 12, 64):
+        x, ids, w, w13, w2 = moe_case(T, 16, 6, 512, 224, quant, hot=T == 12, seed=T)
+        y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
+        ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert y.shape == ref.shape and torch.isfinite(y).all() and err < 1e-2, (T, err)
+        assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg), y)
+
+
+@cuda
+def test_fused_moe_tma_loads_keep_the_bits():
+    """TMA only changes how the weight tile reaches the SM: same products, same MMA order, same bits."""
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    cfg = DECODE_VARIANTS["tma"]
+    for T in (1, 12):
+        x, ids, w, w13, w2 = moe_case(T, 16, 6, 512, 224, True, seed=T)
+        y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
+        assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, USE_TMA=False)), y)
