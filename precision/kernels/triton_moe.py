@@ -206,13 +206,15 @@ def moe_config(T: int, quant: bool) -> dict:
     SPLIT_GU / SPLIT_DOWN split the gate_up / down contraction over that many programs (fp32 partials summed
     in split order: deterministic, not the unsplit kernel's bits); USE_TMA loads weight tiles by tensor
     descriptor; GEMV replaces the tensor-core MMA by fp32 multiply-adds (BM of 1..4 rows).
-    MXFP8 experts at 1..8 tokens take the GEMV path, split 4 ways up to 2 tokens (moe_split_sweep.json, H200,
+    MXFP8 experts at 1..4 tokens take the GEMV path, split 4 ways up to 2 tokens (moe_split_sweep.json, H200,
     moonlight / deepseek-v3 shapes, vs the 16-row MMA blocks: 1 token 37.9 -> 26.8 / 140.7 -> 123.4 us, 2 tokens
-    51.3 -> 47.0 / 261.7 -> 237.5, 4 tokens 87.4 -> 69.3 / 474.5 -> 415.5, 8 tokens 127.1 -> 122.9 / 843.1 -> 808.0;
-    from 16 tokens the MMA blocks win). fp32 accumulation in another order: the reference's sum to fp32 noise."""
+    51.3 -> 47.0 / 261.7 -> 237.5, 4 tokens 87.4 -> 69.3 / 474.5 -> 415.5). At 8 tokens the sweep's gain was 3-4%
+    and the engine's batch-8 decode step got 9% slower on it (throughput_20261201c_mxfp8_decode.json: 5.67 vs
+    5.21 ms), so the MMA blocks serve from 5 tokens. fp32 accumulation in another order than the MMA path: the
+    reference's sum to fp32 noise."""
     if quant and T <= 2:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=4, SPLIT_DOWN=4)
-    if quant and T <= 8:
+    if quant and T <= 4:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True)
     if T <= 64:
         return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
