@@ -74,6 +74,43 @@ def time_graph(fns: list[Callable[[], object]], replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def capture_graph(fn: Callable[[], object], prepare: Callable[[], object]) -> tuple["torch.cuda.CUDAGraph", object]:
+    """(graph, output) of fn captured alone: prepare(), two warm-up calls on a side stream, the capture, then
+    prepare() again (inputs the warm-up and capture changed, e.g. a cache they wrote, are restored)."""
+    prepare()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.inference_mode():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(g):
+        out = fn()
+    prepare()
+    return g, out
+
+
+def median_replay(g: "torch.cuda.CUDAGraph", replays: int, flush: Callable[[], object] | None = None,
+                  warmup: int = 0) -> float:
+    """Median seconds of one replay of g, timed alone with CUDA events (flush() before each, when given: e.g. a
+    write that evicts L2)."""
+    for _ in range(warmup):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        if flush is not None:
+            flush()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def copies_for(nbytes: int, cap: int = 64) -> int:
     return max(2, min(cap, -(-L2_ROTATE_BYTES // max(nbytes, 1))))
 

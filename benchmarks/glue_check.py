@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.common import capture_graph, environment, median_replay, write_results  # noqa: E402
 from benchmarks.layer import FLUSH_BYTES, LAYER, PAGE, PRESET, build, decode_step, layer_config  # noqa: E402
 from mxroll.model.dummy import init_dummy_weights  # noqa: E402
 from mxroll.model.kernels import ModelKernels  # noqa: E402
@@ -77,21 +77,6 @@ def set_path(model, old: bool) -> None:
                 del blk.mlp.forward
 
 
-def capture(fn, prepare):
-    prepare()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(g):
-        out = fn()
-    prepare()
-    return g, out
-
-
 def kernels_of(g, replays: int = 3) -> Counter:
     from torch.profiler import ProfilerActivity, profile
     g.replay()
@@ -102,23 +87,6 @@ def kernels_of(g, replays: int = 3) -> Counter:
         torch.cuda.synchronize()
     names = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return Counter({k: v / replays for k, v in names.items()})
-
-
-def time_replays(g, replays: int, flush=None) -> float:
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        if flush is not None:
-            flush()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def kernel_checks(cfg) -> dict:
@@ -225,15 +193,15 @@ def main() -> None:
                         eager = fn().clone()
                     seen[variant] = (eager, cache.ckv_LPGC[LAYER].clone(), cache.kpe_LPGR[LAYER].clone(),
                                      rec.ids.clone(), rec.weights.clone())
-                    graph, out = capture(fn, prepare)
+                    graph, out = capture_graph(fn, prepare)
                     graph.replay()
                     torch.cuda.synchronize()
                     row["graph_equals_eager"] = bool(torch.equal(out, eager))
                     names = kernels_of(graph)
                     row["kernels"] = sum(names.values())
                     row["kernel_names"] = dict(sorted(names.items()))
-                    row["us_cold"] = time_replays(graph, args.replays, lambda: flush_buf.add_(1))
-                    row["us_warm"] = time_replays(graph, args.replays)
+                    row["us_cold"] = 1e6 * median_replay(graph, args.replays, lambda: flush_buf.add_(1), warmup=3)
+                    row["us_warm"] = 1e6 * median_replay(graph, args.replays, warmup=3)
                     del graph
                 except Exception as e:  # noqa: BLE001 - report the variant, keep going
                     row.update(error=f"{type(e).__name__}: {e}"[:1500], trace=traceback.format_exc()[-2500:])

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.common import capture_graph, environment, median_replay, write_results  # noqa: E402
 from mxroll import configs  # noqa: E402
 from mxroll.model import ModelConfig  # noqa: E402
 from mxroll.model.dummy import init_dummy_weights  # noqa: E402
@@ -124,29 +124,11 @@ def weight_bytes(cfg: ModelConfig, B: int, mxfp8: bool) -> dict:
 
 def time_graph_replays(fn, prepare, flush, replays: int) -> tuple[float, torch.Tensor]:
     """(median seconds per replay with L2 flushed before each, the graph's output) of fn captured alone."""
-    prepare()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(g):
-        out = fn()
-    prepare()
-    times = []
-    for _ in range(replays):
-        flush()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    g, out = capture_graph(fn, prepare)
+    t = median_replay(g, replays, flush)
     result = (out[0] if isinstance(out, tuple) else out).clone()
     del g
-    return sorted(times)[len(times) // 2], result
+    return t, result
 
 
 def time_eager(fn, iters: int) -> float:
