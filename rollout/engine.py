@@ -600,7 +600,9 @@ class Engine(WeightUpdateAPI):
         secs = sum(s.seconds for s in recent)
         return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "steps": len(self.steps), "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
+                "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
+                "recent_steps_launched_ahead": sum(s.ahead for s in recent) / len(recent) if recent else 0.0,
+                "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
                 "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0}
 
     def is_alive(self) -> bool:

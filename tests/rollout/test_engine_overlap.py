@@ -63,6 +63,16 @@ def test_overlap_schedule_changes_no_output(tiny_checkpoint, device, opts, tol):
     assert {o["meta_info"]["finish_reason"]["type"] for o in serial} == {"stop", "length"}
 
 
+def test_server_info_reports_the_overlap_schedule(tiny_checkpoint):
+    for overlap in (True, False):
+        e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, disable_overlap_schedule=not overlap)
+        e.generate(input_ids=PROMPTS[:2], sampling_params={"max_new_tokens": 8, "ignore_eos": True})
+        info = e.get_server_info()
+        e.shutdown()
+        assert info["overlap_schedule"] is overlap
+        assert (info["recent_steps_launched_ahead"] > 0) is overlap
+
+
 def test_shutdown_lets_go_of_the_weights_and_the_cache(tiny_checkpoint):
     """An RL process may shut an engine down and build another: the old one's weights and KV cache must be freed
     at once (not when the garbage collector finds the engine's reference cycles)."""
