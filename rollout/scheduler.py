@@ -134,7 +134,7 @@ class Scheduler:
             if len(self.running) + seq.fork > self.max_running:
                 break
             length = min(len(seq.tokens) - seq.num_computed, budget)
-            if -(-(seq.num_computed + length) // self.page_size) - len(seq.pages) + watermark > self.pool.num_free:
+            if not self._fits(seq, length, watermark):
                 break  # first come, first served: no overtaking
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
@@ -154,8 +154,8 @@ class Scheduler:
         G = self.page_size
         if not batch.rows or batch.copies or any(r.length != 1 or r.num_samples != 1 for r in batch.rows):
             return None
-        if self.waiting and len(self.running) + self.waiting[0].fork <= self.max_running:
-            return None
+        if self._admissible(len(batch.rows)):
+            return None  # schedule() would admit the queue's head: let it
         if len(batch.rows) != len(self.running):
             return None
         rows, need = [], 0
@@ -177,6 +177,20 @@ class Scheduler:
             while len(row.seq.pages) < -(-(row.start + 1) // G):
                 row.seq.pages.append(self.pool.alloc())
         return Batch(rows)
+
+    def _admissible(self, decode_rows: int) -> bool:
+        """schedule()'s admission test for the queue's head after `decode_rows` running decode rows (with today's
+        free pages)."""
+        if not self.waiting:
+            return False
+        seq, budget = self.waiting[0], self.max_batch_tokens - decode_rows
+        if budget <= 0 or len(self.running) + seq.fork > self.max_running:
+            return False
+        return self._fits(seq, min(len(seq.tokens) - seq.num_computed, budget), max(1, self.pool.num_pages // 100))
+
+    def _fits(self, seq: Sequence, length: int, watermark: int) -> bool:
+        """The free pages cover `length` more tokens of a waiting `seq`, keeping `watermark` pages spare."""
+        return -(-(seq.num_computed + length) // self.page_size) - len(seq.pages) + watermark <= self.pool.num_free
 
     def _add_row(self, batch: Batch, seq: Sequence, length: int, scheduled: set[int]) -> int:
         end = seq.num_computed + length

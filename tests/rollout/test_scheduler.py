@@ -255,3 +255,38 @@ def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:
     for p in range(pages):
         assert s.pool.refcount(p) == held.get(p, 0), p
     assert s.pool.num_free == pages - len(held)
+
+
+def test_schedule_next_decode():
+    """The decode step after a decode step whose tokens are not known yet: every row one position on, rows that
+    end by length with the pending token left out, new pages reserved; None whenever schedule() could do
+    otherwise (a prefill row, an admissible waiting request, pages short)."""
+    s = make(pages=6, page_size=4, max_running=2, budget=16)
+    s.add(group("a", [1, 2, 3], 0, max_new_tokens=10))
+    s.add(group("b", [1, 2, 3, 4, 5], 1, max_new_tokens=2))
+    first = s.schedule()
+    assert s.schedule_next_decode(first) is None  # prefill rows
+    s.update(first, [[7], [7]])
+    decode = s.schedule()
+    assert [(r.seq.rid, r.start) for r in decode.rows] == [("a", 3), ("b", 5)]
+    nxt = s.schedule_next_decode(decode)
+    assert [(r.seq.rid, r.start, r.length, r.num_samples) for r in nxt.rows] == [("a", 4, 1, 1)]  # b ends by length
+    assert len(nxt.rows[0].seq.pages) == 2  # position 4 opened a page
+    s.update(decode, [[8], [8]])
+    assert [q.rid for q in s.running] == ["a"] and s.running[0].num_computed == 4
+    s.update(nxt, [[9]])
+    assert s.running[0].tokens[-2:] == [8, 9] and s.running[0].num_computed == 5
+    step = s.schedule()
+    s.add(group("c", [1, 2], 2, max_new_tokens=3))  # admissible: the next step must come from schedule()
+    assert s.schedule_next_decode(step) is None
+    s.update(step, [[4]])
+    both = s.schedule()  # a decodes, c prefills
+    assert s.schedule_next_decode(both) is None
+    t = make(pages=3, page_size=2, max_running=4, budget=16)
+    t.add(group("d", [1, 2, 3], 0, max_new_tokens=3))
+    t.update(t.schedule(), [[5]])
+    step = t.schedule()  # position 3 ends page 2: the next position needs a third page
+    taken = t.pool.alloc()  # the last free page is gone
+    assert t.schedule_next_decode(step) is None and t.pool.num_free == 0  # no preemption on this path
+    t.pool.free(taken)
+    assert [r.start for r in t.schedule_next_decode(step).rows] == [4] and t.pool.num_free == 0
