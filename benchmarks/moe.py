@@ -45,6 +45,14 @@ def expert_weights(E, D, F_, g):
     return w13b, w2b, quantize_chunked(w13b), quantize_chunked(w2b)
 
 
+def shape_experts(name: str):
+    """(E, K, D, F, generator, (w13 bf16, w2 bf16, w13 MXFP8, w2 MXFP8)) of a SHAPES entry; the generator, seeded 0,
+    has drawn the weights and goes on to draw the tokens (`routed_tokens`)."""
+    s = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return s["E"], s["K"], s["D"], s["F"], g, expert_weights(s["E"], s["D"], s["F"], g)
+
+
 def routed_tokens(T, D, E, K, g):
     """x [T, D] bf16, K distinct uniformly random experts per token, top-k weights in [0, 2.5)."""
     x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
@@ -131,10 +139,8 @@ def main():
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s, bf16 {peak / 1e12:.0f} TFLOP/s")
     rows = []
     print(f"{'shape':<18}{'T':>6}{'experts':>8}{'err':>9}{'fused_us':>10}{'gmm_us':>9}{'loop_us':>10}{'x_gmm':>7}{'%roof':>7}")
-    for name, s in SHAPES.items():
-        E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
+    for name in SHAPES:
+        E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
         for T in ([1, 16, 4096] if args.quick else TOKENS):
             for quant in (False, True):
                 r = bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak)

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
-from benchmarks.moe import SHAPES, expert_weights, grouped_mm_moe, routed_tokens  # noqa: E402
+from benchmarks.moe import grouped_mm_moe, routed_tokens, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton, moe_config  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
@@ -46,10 +46,7 @@ def main():
     bw = measure_copy_bandwidth()
     rows = []
     for name in args.shapes:
-        s = SHAPES[name]
-        E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
+        E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
         for T in args.tokens:
             x, ids, w = routed_tokens(T, D, E, K, g)
             t_gmm = time_graph([lambda: grouped_mm_moe(x, ids, w, w13b, w2b)] * 2)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
-from benchmarks.moe import SHAPES, expert_weights, routed_tokens  # noqa: E402
+from benchmarks.moe import routed_tokens, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton, moe_config  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
@@ -60,10 +60,7 @@ def main():
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s; times in us per call, (x) = shipped / variant", flush=True)
     rows, summary = [], []
     for name in args.shapes:
-        s = SHAPES[name]
-        E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
+        E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
         for T in args.tokens:
             sets = [routed_tokens(T, D, E, K, g) for _ in range(ROUTINGS)]
             touched = sum(int(torch.unique(ids).numel()) for _, ids, _ in sets) / ROUTINGS

@@ -7,12 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, time_graph, write_results  # noqa: E402
-from benchmarks.moe import SHAPES, expert_weights, grouped_mm_moe, routed_tokens  # noqa: E402
+from benchmarks.moe import grouped_mm_moe, routed_tokens, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
@@ -33,10 +31,7 @@ def main():
     env = environment()
     rows = []
     for name in ("moonlight-16b-a3b", "deepseek-v3"):
-        s = SHAPES[name]
-        E, K, D, F_ = s["E"], s["K"], s["D"], s["F"]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13b, w2b, w13q, w2q = expert_weights(E, D, F_, g)
+        E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
         for T in (256, 4096):
             x, ids, w = routed_tokens(T, D, E, K, g)
             t_gmm = time_graph([lambda: grouped_mm_moe(x, ids, w, w13b, w2b)] * 2)
