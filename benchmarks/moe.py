@@ -28,7 +28,7 @@ from mxroll.precision.layout import LayoutCache  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
 
 SHAPES = {"moonlight-16b-a3b": dict(E=64, K=6, D=2048, F=1408), "deepseek-v3": dict(E=256, K=8, D=7168, F=2048)}
-TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192]  # decode batches 1..1024 (issue 10), prefill 4096+
 
 
 def quantize_chunked(w, chunk=16):
