@@ -110,3 +110,24 @@ def test_only_decode_batches_pad_and_buffers_are_bounded():
         b.build(prefill, pad_to=4)
     with pytest.raises(ValueError, match="exceed"):
         b.build(prefill)
+
+
+def test_next_ids_take_the_place_of_tokens_the_host_does_not_have():
+    """A decode step built before its tokens reached the host (overlap schedule): the ids come from a device
+    tensor, everything else as if the tokens were known; a prefill step or a wrong length is refused."""
+    rng = random.Random(5)
+    b = StepBuilder(G, max_tokens=512, max_samples=256, device=torch.device("cpu"), scratch_page=SCRATCH)
+    rows = random_rows(rng, 9, decode=True)
+    ref = StepInputs.build(rows, G, torch.device("cpu"))
+    known = [r.seq.tokens[r.start] for r in rows]
+    for r in rows:  # the host has not appended the step's input tokens yet
+        del r.seq.tokens[r.start:]
+    got = b.build(rows, pad_to=16, next_ids=torch.tensor(known))
+    assert_same(got, ref)
+    assert got.ids_T[9:].tolist() == [0] * 7  # padding rows keep token 0
+    with pytest.raises(ValueError, match="next_ids"):
+        b.build(rows, next_ids=torch.tensor(known[:3]))
+    prefill = random_rows(rng, 3, decode=False)
+    prefill[0].length = 3
+    with pytest.raises(ValueError, match="prefill"):
+        b.build(prefill, next_ids=torch.zeros(3, dtype=torch.int64))
