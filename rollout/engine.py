@@ -152,8 +152,10 @@ class Engine(WeightUpdateAPI):
         fused = sum(1 for m in self.model.modules() if getattr(m, "qdq_mode", None))
         kernels_why += (f", {fused} norms quantize their output for their MXFP8 GEMMs (fused RMSNorm + MXFP8)" if fused
                         else ", MXFP8 GEMMs quantize their own activations")
-        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx, moe,
-                 kernels_why, attn_why, graphs_why)
+        overlap = ("serial decode loop (disable_overlap_schedule)" if cfg.disable_overlap_schedule
+                   else "overlap schedule (decode step N+1 launched before step N is read back)")
+        log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx,
+                 moe, kernels_why, attn_why, graphs_why, overlap)
         log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,
                  self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30, self.context_length)
 
