@@ -290,8 +290,6 @@ class Engine(WeightUpdateAPI):
         batch = self.scheduler.schedule_next_decode(cur.batch, ready=self.runner.ready_for)
         if batch is None:
             return
-        index = {id(r.seq): i for i, r in enumerate(cur.batch.rows)}
-        batch.ahead_of = [index[id(r.seq)] for r in batch.rows]
         self._ahead = self._launch(batch, PhaseClock(self.device, False), prev=cur)
 
     def _finish(self, cur: InFlight) -> None:

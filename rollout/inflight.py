@@ -41,9 +41,6 @@ class PhaseClock:
         self.phases[name] = now - self.last
         self.last = now
 
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
 
 class HostCopy:
     """A step's results copied to the host without a sync (pinned buffers + an event on CUDA); `wait()` gives

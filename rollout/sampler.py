@@ -99,9 +99,10 @@ class SamplingRows:
         temp = [min(float(p.temperature), _FLT_MAX) for p in params]
         lp_temp = [1.0 if g or p.raw_logprob else t for p, g, t in zip(params, greedy, temp)]
         f32 = host_to_device(torch.tensor([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params],
-                                       lp_temp], dtype=torch.float32).reshape(4, S), device)
-        i64 = host_to_device(torch.tensor([[max(p.top_k, 0) for p in params], [s - (1 << 64) if s >> 63 else s for s in seeds],
-                                       list(positions), greedy], dtype=torch.int64).reshape(4, S), device)
+                                           lp_temp], dtype=torch.float32).reshape(4, S), device)
+        signed_seeds = [s - (1 << 64) if s >> 63 else s for s in seeds]
+        i64 = host_to_device(torch.tensor([[max(p.top_k, 0) for p in params], signed_seeds, list(positions), greedy],
+                                          dtype=torch.int64).reshape(4, S), device)
         filt = [i for i, (p, g) in enumerate(zip(params, greedy))
                 if not g and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0)]
         plan = None
@@ -115,8 +116,8 @@ class SamplingRows:
         return cls(temperature=f32[0], greedy=i64[3] != 0, top_k=i64[0], top_p=f32[1], min_p=f32[2],
                    seed=i64[1], position=i64[2], logprob_temperature=f32[3], top_logprobs_num=max(counts, default=0),
                    needs_filter=plan is not None, filter_plan=plan,
-                   top_logprobs_rows=None if len(asked) == S else host_to_device(torch.tensor(asked, dtype=torch.int64),
-                                                                             device))
+                   top_logprobs_rows=(None if len(asked) == S
+                                      else host_to_device(torch.tensor(asked, dtype=torch.int64), device)))
 
 
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -34,7 +34,7 @@ class Row:
 class Batch:
     rows: list[Row]
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages, copied before the forward
-    ahead_of: list[int] | None = None  # a step scheduled before the previous one's tokens: its rows' rows there
+    ahead_of: list[int] | None = None  # scheduled before the previous step's tokens: each row's row index there
 
     @property
     def num_tokens(self) -> int:
@@ -158,8 +158,8 @@ class Scheduler:
             return None  # schedule() would admit the queue's head: let it
         if len(batch.rows) != len(self.running):
             return None
-        rows, need = [], 0
-        for row in batch.rows:
+        rows, src, need = [], [], 0
+        for i, row in enumerate(batch.rows):
             seq = row.seq
             if seq.status != SeqStatus.RUNNING or seq.fork != 1 or row.start != seq.num_computed:
                 return None
@@ -171,12 +171,13 @@ class Scheduler:
                 return None
             need += max(0, -(-(start + 1) // G) - len(seq.pages))
             rows.append(Row(seq, start, 1, 1))
+            src.append(i)
         if not rows or need > self.pool.num_free or (ready is not None and not ready(rows)):
             return None
         for row in rows:
             while len(row.seq.pages) < -(-(row.start + 1) // G):
                 row.seq.pages.append(self.pool.alloc())
-        return Batch(rows)
+        return Batch(rows, ahead_of=src)
 
     def _admissible(self, decode_rows: int) -> bool:
         """schedule()'s admission test for the queue's head after `decode_rows` running decode rows (with today's

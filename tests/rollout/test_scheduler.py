@@ -201,6 +201,7 @@ def _random_run(seed: int, overlap: bool = False) -> dict:
         stats["dropped"] += live.count(False)
         s.update(batch, [[rng.randint(1, 50) for _ in range(r.num_samples)] for r in batch.rows])
         if nxt is not None:  # the device runs it after `batch`; the host learns the tokens it reads only now
+            assert [batch.rows[i].seq for i in nxt.ahead_of] == [r.seq for r in nxt.rows]
             stats["ahead"] += 1
             write_and_read(nxt, [r.seq.status not in ENDED for r in nxt.rows], slots)
         else:
@@ -271,6 +272,7 @@ def test_schedule_next_decode():
     assert [(r.seq.rid, r.start) for r in decode.rows] == [("a", 3), ("b", 5)]
     nxt = s.schedule_next_decode(decode)
     assert [(r.seq.rid, r.start, r.length, r.num_samples) for r in nxt.rows] == [("a", 4, 1, 1)]  # b ends by length
+    assert nxt.ahead_of == [0]  # its row's row in `decode`, where its input token is sampled
     assert len(nxt.rows[0].seq.pages) == 2  # position 4 opened a page
     s.update(decode, [[8], [8]])
     assert [q.rid for q in s.running] == ["a"] and s.running[0].num_computed == 4
