@@ -253,6 +253,10 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     if quant and (D % 32 or F % 32):
         raise ValueError(f"fused moe: MXFP8 experts need D ({D}) and F ({F}) multiples of 32")
     T, K = topk_ids_TK.shape
+    if shared_TD is not None and (shared_TD.shape != (T, D) or shared_TD.dtype != x_TD.dtype
+                                  or shared_TD.stride(1) != 1):
+        raise ValueError(f"fused moe: shared output {tuple(shared_TD.shape)} {shared_TD.dtype} must be [T, D] "
+                         f"{x_TD.dtype} with unit stride along D")
     cfg = dict(config or moe_config(T, quant))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
@@ -294,10 +298,6 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, USE_TMA=use_tma, GEMV=gemv,
         **cfg)
-    if shared_TD is not None and (shared_TD.shape != (T, D) or shared_TD.dtype != x_TD.dtype
-                                  or shared_TD.stride(1) != 1):
-        raise ValueError(f"fused moe: shared output {tuple(shared_TD.shape)} {shared_TD.dtype} must be [T, D] "
-                         f"{x_TD.dtype} with unit stride along D")
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x.device)
     s = shared_TD if shared_TD is not None else y
     _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, s, s.stride(0), K, D, BD=1024, SHARED=shared_TD is not None)
