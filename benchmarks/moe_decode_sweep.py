@@ -55,7 +55,7 @@ def main():
                 base = fused_moe_triton(x, ids, w, a, b, "w8a8")
                 floor = touched_bytes(E, K, D, F_, T, quant == "mxfp8") / bw
                 t_base = time_graph([lambda: fused_moe_triton(x, ids, w, a, b, "w8a8")] * 2)
-                best = ("shipped " + str(moe_config(T, quant == "mxfp8")), t_base)
+                best = ("shipped " + str(moe_config(T, quant == "mxfp8", K, E)), t_base)
                 for cname, cfg in configs(quant == "mxfp8").items():
                     try:
                         y = fused_moe_triton(x, ids, w, a, b, "w8a8", config=cfg)

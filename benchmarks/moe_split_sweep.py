@@ -81,7 +81,8 @@ def main():
                         print(f"  {name} T={T} {quant} {vname}: failed {type(ex).__name__}: {str(ex)[:160]}",
                               flush=True)
                         continue
-                    r = dict(shape=name, T=T, experts=quant, variant=vname, config=cfg or moe_config(T, quant == "mxfp8"),
+                    r = dict(shape=name, T=T, experts=quant, variant=vname,
+                             config=cfg or moe_config(T, quant == "mxfp8", K, E),
                              us=t * 1e6, floor_us=floor_us, err_ref=rel(y, ref), err_shipped=rel(y, shipped),
                              equal_to_shipped=bool(torch.equal(y, shipped)), deterministic=bool(torch.equal(y, again)))
                     r["ok"] = r["deterministic"] and r["err_ref"] < 1e-2 and bool(torch.isfinite(y).all())

@@ -110,13 +110,27 @@ def moe_case(T, E, K, D, F, quant, hot=False, seed=0):
 @pytest.mark.parametrize("quant, act_mode", [(False, "w8a8"), (True, "w8a8"), (True, "w8a16")])
 def test_fused_moe_matches_reference(quant, act_mode):
     from mxroll.precision.kernels.triton_moe import fused_moe_triton
-    for T, hot in ((1, False), (2, False), (5, True), (16, False), (64, False), (100, True), (1000, False),
-                   (8192, False)):
+    for T, hot in ((1, False), (2, False), (5, True), (16, False), (64, False), (100, True), (300, False),
+                   (500, True), (1000, False), (8192, False)):  # every tile height of moe_config (64 experts, top-6)
         x, ids, w, w13, w2 = moe_case(T, 64, 6, 256, 160, quant, hot, seed=T)
         y = fused_moe_triton(x, ids, w, w13, w2, act_mode)
         ref = experts_ref(x, ids, w, w13, w2, GemmConfig(act_mode))
         err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
         assert y.shape == ref.shape and torch.isfinite(y).all() and err < 1e-2, (T, err)
+
+
+def test_moe_config_follows_rows_per_expert():
+    """Tile height by average rows per expert (T * top_k / experts), not by token count alone."""
+    pytest.importorskip("triton")
+    from mxroll.precision.kernels.triton_moe import moe_config
+    for quant in (False, True):
+        # 1024 tokens: 96 rows per expert on a moonlight shape (64 experts, top-6), 32 on deepseek-v3 (256, top-8)
+        assert moe_config(1024, quant, 6, 64)["BM"] == 128 and moe_config(1024, quant, 8, 256)["BM"] == 64
+        assert moe_config(128, quant, 8, 256)["BM"] == 16 and moe_config(256, quant, 6, 64)["BM"] == 32
+        heights = [moe_config(T, quant, 6, 64)["BM"] for T in range(5, 4097, 7)]
+        assert heights == sorted(heights) and set(heights) == {16, 32, 64, 128}
+    assert moe_config(1, True, 8, 256).get("GEMV") and moe_config(4, True, 8, 256).get("GEMV")
+    assert not moe_config(5, True, 8, 256).get("GEMV") and not moe_config(1, False, 8, 256).get("GEMV")
 
 
 @cuda
