@@ -72,6 +72,12 @@ class DeepseekV3(nn.Module):
             if module is not self and hasattr(module, "postprocess"):
                 module.postprocess(layouts)
 
+    def drop_derived(self) -> None:
+        """Free the postprocessed layouts and weight copies (weights moved to host); postprocess rebuilds them."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "drop_derived"):
+                module.drop_derived()
+
     def forward(self, ids_T: torch.Tensor, pos_T: torch.Tensor, attn: AttentionBackend,
                 routes: RouteRecorder | None = None) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat batch of new tokens; their latents go into `attn`'s cache."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..precision import MXFP8Tensor, Precision, QATWeight, linear
+from ..precision.linear import bf16_copy
 from ..precision.layout import LayoutCache
 from ..precision.mxfp8 import BLOCK
 from .ops import add_rmsnorm, add_rmsnorm_qdq, rmsnorm
@@ -41,10 +42,17 @@ class Linear(nn.Module):
         return (self.in_features,)
 
     def postprocess(self, layouts: LayoutCache) -> None:
-        """Derive kernel-side layouts from the stored bytes (after load and after every update)."""
+        """Derive kernel-side layouts from the stored bytes (after load and after every update), in place."""
         if self.gemm.backend == "flashinfer" and self.weight_scale_inv is not None:
             self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
                                                        out=getattr(self, "weight_scale_swizzled", None))
+        if self.weight_scale_inv is not None and not self.qat:
+            self.weight_bf16 = bf16_copy(MXFP8Tensor(self.weight, self.weight_scale_inv), self.gemm,
+                                         out=getattr(self, "weight_bf16", None))
+
+    def drop_derived(self) -> None:
+        """Free what `postprocess` derived (weights handed to host memory); the next postprocess rebuilds it."""
+        self.weight_scale_swizzled = self.weight_bf16 = None
 
     @property
     def qweight(self) -> torch.Tensor | MXFP8Tensor | QATWeight:
@@ -53,7 +61,8 @@ class Linear(nn.Module):
         if self.weight_scale_inv is None:
             return self.weight
         return MXFP8Tensor(self.weight, self.weight_scale_inv,
-                           swizzled_scale=getattr(self, "weight_scale_swizzled", None))
+                           swizzled_scale=getattr(self, "weight_scale_swizzled", None),
+                           bf16_copy=getattr(self, "weight_bf16", None))
 
     def forward(self, x: torch.Tensor, x_qdq: bool = False) -> torch.Tensor:
         return linear(x, self.qweight, self.gemm, x_qdq=x_qdq)

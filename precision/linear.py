@@ -28,6 +28,7 @@ class GemmConfig:
     act_mode: str = "w8a8"
     scale_mode: str = "rceil"
     backend: str = "torch"
+    bf16_copy: bool = False  # stored-MXFP8 dense weights also keep an exact bf16 copy (Triton backend; `bf16_copy`)
 
 
 REFERENCE = GemmConfig()
@@ -57,6 +58,18 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     if requested not in (None, "torch"):
         raise ValueError(f"MXFP8 GEMM backend {requested!r} cannot run on sm{major}{minor}")
     return "torch", f"torch reference (no MXFP8 kernel for sm{major}{minor})"
+
+
+def bf16_copy(w: MXFP8Tensor, gemm: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The exact bf16 dequantization of a stored-MXFP8 dense weight, written into `out` when given (the same
+    address after every weight update, so captured CUDA graphs stay valid), or None when `gemm` keeps no copy.
+    Only the Triton backend reads it: GEMMs of more than `COPY_MIN_M` tokens run cuBLAS bf16 on it instead of
+    a Triton MXFP8 kernel (2-3x faster at 17..1024 tokens on moonlight-sized weights, mxfp8_gemm_quick.json)
+    or a per-call dequantization. Same values as the stored bytes: e4m3 x 2^(s-127) is exact in bf16."""
+    if not (gemm.bf16_copy and gemm.backend == "triton"):
+        return None
+    from .kernels.triton_mxfp8_gemm import dequant_triton
+    return dequant_triton(w, torch.bfloat16, out=out)
 
 
 def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gemm: GemmConfig = REFERENCE,

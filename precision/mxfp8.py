@@ -110,6 +110,7 @@ class MXFP8Tensor:
     scale: torch.Tensor
     block_size: int = BLOCK
     swizzled_scale: torch.Tensor | None = None  # kernel-side 128x4 layout, when a backend needs it
+    bf16_copy: torch.Tensor | None = None  # exact bf16 dequantization kept beside a dense weight (`bf16_copy`)
 
     def __post_init__(self):
         check_pair(self.data, self.scale, self.block_size)

@@ -31,6 +31,9 @@ class EngineConfig:
     scale_mode: str = "rceil"  # E8M0 scale rule for quantizing: rceil | floor
     high_precision: list[str] = field(default_factory=lambda: ["kv_b_proj"])  # extra modules kept bf16
     gemm_backend: str | None = None  # MXFP8 GEMM backend: None = best for the device | torch | triton | flashinfer
+    # stored-MXFP8 dense weights also kept as an exact bf16 copy (refreshed after every weight update) that GEMMs of
+    # more than 16 tokens read through cuBLAS: +2 bytes per dense weight element; None = on with the Triton backend
+    mxfp8_dense_bf16_copy: bool | None = None
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
     # batched engine (sglang names where sglang has one)

@@ -222,9 +222,14 @@ def act_quant_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tens
     return MXFP8Tensor(q, s)
 
 
-def dequant_triton(w: MXFP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequant_triton(w: MXFP8Tensor, dtype: torch.dtype = torch.bfloat16,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     N, K = w.shape
-    y = torch.empty(N, K, dtype=dtype, device=w.device)
+    if out is not None and (out.shape != (N, K) or out.dtype != dtype or not out.is_contiguous()
+                            or out.device != w.device):
+        raise ValueError(f"dequant: out {tuple(out.shape)} {out.dtype} on {out.device} must be a contiguous "
+                         f"[{N}, {K}] {dtype} tensor on {w.device}")
+    y = torch.empty(N, K, dtype=dtype, device=w.device) if out is None else out
     _dequant_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 512))](w.data, w.scale, y, N, K, BN=32, BK=512,
                                                                 num_warps=8)
     return y
@@ -247,6 +252,9 @@ def _num_sms() -> int:
 MID_MIN_M, MID_MAX_M = 17, 64  # the mid path (triton_mxfp8_gemm_mid): W dequantized once per launch
 BIG_WEIGHT = 1 << 24  # elements; larger decode weights take BK=128 and a separate activation-quant pass
 MAX_TILES = 1 << 16
+# A weight's exact bf16 copy (`precision.linear.bf16_copy`), when kept, serves GEMMs above this many tokens through
+# cuBLAS (measured faster there on every moonlight shape); up to it the fused kernel reads half the bytes.
+COPY_MIN_M = 16
 
 
 @functools.lru_cache(maxsize=4096)
@@ -309,8 +317,11 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     data, scale = w.data.contiguous(), w.scale.contiguous()
     M, K = x.shape
     N = data.shape[0]
-    cfg = config or pick_config(M, N, K)
     quant_x = act_mode == "w8a8"
+    copy = w.bf16_copy
+    if copy is not None and M > COPY_MIN_M and config is None and x.dtype == copy.dtype:  # cuBLAS bf16 on it
+        return torch.nn.functional.linear(act_qdq_triton(x, scale_mode) if quant_x else x, copy)
+    cfg = config or pick_config(M, N, K)
     if cfg["PATH"] == "dequant":  # compute-bound: exact dequantization, then cuBLAS bf16 (fp32 accumulate)
         xq = act_qdq_triton(x, scale_mode) if quant_x else x
         return torch.nn.functional.linear(xq, dequant_triton(MXFP8Tensor(data, scale), x.dtype))

@@ -143,3 +143,36 @@ def test_act_quant_bytes(scale_mode):
     q = act_quant_triton(x, scale_mode)
     data, scale = quantize(x, 32, scale_mode)
     assert torch.equal(q.data.view(torch.uint8), data.view(torch.uint8)) and torch.equal(q.scale, scale)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_dense_bf16_copy_serves_gemms_above_16_tokens(mode):
+    """`precision.linear.bf16_copy`: the exact dequantization, refreshed in place; GEMMs above COPY_MIN_M tokens
+    run cuBLAS on it (bit-equal to the per-call dequantize path above 64 tokens), up to it the MXFP8 kernel."""
+    from mxroll.precision import GemmConfig, linear
+    from mxroll.precision.kernels.triton_mxfp8_gemm import COPY_MIN_M, act_qdq_triton
+    from mxroll.precision.linear import bf16_copy
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
+    gemm = GemmConfig(mode, "rceil", "triton", bf16_copy=True)
+    assert bf16_copy(w, GemmConfig(mode, "rceil", "triton")) is None  # no copy unless asked
+    copy = bf16_copy(w, gemm)
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, w.dequantize(torch.bfloat16))
+    wc = MXFP8Tensor(w.data, w.scale, bf16_copy=copy)
+    for M in (1, COPY_MIN_M, COPY_MIN_M + 1, 64, 65, 300):
+        x = (torch.randn(M, 2048, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        y, y0 = linear(x, wc, gemm), linear(x, w, gemm)
+        xa = act_qdq_triton(x) if mode == "w8a8" else x
+        if M <= COPY_MIN_M or M > 64:  # the MXFP8 kernel as before / the same cuBLAS GEMM on the same values
+            assert torch.equal(y, y0), M
+        if M > COPY_MIN_M:
+            assert torch.equal(y, torch.nn.functional.linear(xa, copy)), M
+        assert rel(y, mxfp8_gemm_ref(x, w, mode, "rceil")) < 1e-2, M
+    # a weight update: new bytes land in place, the copy is rebuilt at the same address
+    w2 = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
+    w.data.copy_(w2.data)
+    w.scale.copy_(w2.scale)
+    assert bf16_copy(w, gemm, out=copy) is copy and torch.equal(copy, w2.dequantize(torch.bfloat16))
+    with pytest.raises(ValueError, match="out"):
+        bf16_copy(w, gemm, out=torch.empty(576, 2047, dtype=torch.bfloat16, device="cuda"))

@@ -220,6 +220,14 @@ def test_release_and_resume_memory(tiny_checkpoint):
     e.shutdown()
 
 
+def test_dense_bf16_copy_needs_the_triton_backend(tiny_checkpoint):
+    with pytest.raises(ValueError, match="mxfp8_dense_bf16_copy"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, mxfp8_dense_bf16_copy=True)
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, quantization="mxfp8")
+    assert e.get_model_info()["mxfp8_dense_bf16_copies"] == 0  # the torch reference reads the stored bytes
+    e.shutdown()
+
+
 def test_weight_version_in_every_output(engine):
     out = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=2))
     assert out["meta_info"]["weight_version"] == engine.weight_version

@@ -8,7 +8,9 @@ import torch
 
 from mxroll import configs
 from mxroll.model.dummy import pin_routing
+from mxroll.model.loader import iter_checkpoint
 from mxroll.model.synthetic import make_checkpoint
+from mxroll.precision import MXFP8Tensor
 from mxroll.rollout import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -30,6 +32,39 @@ def test_triton_engine_matches_torch_reference(tmp_path):
     assert out["meta_info"]["completion_tokens"] == 16
     fast.shutdown()
     ref.shutdown()
+
+
+def test_dense_bf16_copies_follow_updates_and_memory_release(tmp_path):
+    cfg = json.loads(configs.model_preset_path("tiny").read_text())
+    path = make_checkpoint(cfg, tmp_path / "tiny8", seed=0, mxfp8=True, progress=False)
+    e = Engine(model_path=str(path), device="cuda", progress=False, max_total_tokens=4096)
+    lin = [m for m in e.model.modules() if getattr(m, "weight_scale_inv", None) is not None]
+    assert lin and e.get_model_info()["mxfp8_dense_bf16_copies"] == len(lin)
+    assert all(torch.equal(m.weight_bf16, m.qweight.dequantize(torch.bfloat16)) for m in lin)
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    before = e.generate(prompt="hello", sampling_params=params)["output_ids"]
+    e.release_memory_occupation(tags=["weights"])
+    assert all(m.weight_bf16 is None for m in lin)
+    e.resume_memory_occupation(tags=["weights"])
+    assert all(torch.equal(m.weight_bf16, m.qweight.dequantize(torch.bfloat16)) for m in lin)
+    assert e.generate(prompt="hello", sampling_params=params)["output_ids"] == before
+    # a weight update (rows of one MXFP8 projection reversed) rebuilds the copies in place
+    state = dict(iter_checkpoint(path, progress=False))
+    name = next(n[:-len(".weight")] for n in state if n.endswith("layers.0.self_attn.o_proj.weight"))
+    target = dict(e.model.named_modules())[name.removeprefix("model.")]
+    ptr = target.weight_bf16.data_ptr()
+    e.update_weights_from_tensor([(name + s, torch.flip(state[name + s], dims=[0])) for s in (".weight",
+                                                                                           ".weight_scale_inv")])
+    assert target.weight_bf16.data_ptr() == ptr
+    assert torch.equal(target.weight_bf16, target.qweight.dequantize(torch.bfloat16))
+    assert torch.equal(target.weight_bf16.cpu(), torch.flip(MXFP8Tensor(state[name + ".weight"], state[
+        name + ".weight_scale_inv"]).dequantize(torch.bfloat16), dims=[0]))
+    e.shutdown()
+    off = Engine(model_path=str(path), device="cuda", progress=False, max_total_tokens=4096,
+                 mxfp8_dense_bf16_copy=False)
+    assert off.get_model_info()["mxfp8_dense_bf16_copies"] == 0
+    assert all(getattr(m, "weight_bf16", None) is None for m in off.model.modules())
+    off.shutdown()
 
 
 def small_moonlight(tmp_path, layers: int = 3):
