@@ -5,7 +5,8 @@ plus the KV bytes attention reads, at 4.3 TB/s.
 
 Variants: "bf16" (bf16 weights: cuBLAS projections, Triton fused MoE), "mxfp8" (the engine's w8a8
 path: Triton MXFP8 GEMMs and fused MoE, input/post-attention norms quantizing for their GEMMs) and
-"mxfp8_separate" (same weights, plain Triton norms, GEMMs quantize their own activations).
+"mxfp8_separate" (same weights, plain Triton norms, GEMMs quantize their own activations) and "mxfp8_no_copy"
+(same weights without the dense weights' bf16 copies that the engine keeps: mid-M kernel / per-call dequantize).
 Parts, each captured in its own graph: "layer" (both norms, attention projections + core, MoE),
 "attn" (input norm, projections, FlashInfer MLA over the paged cache, o_proj), "attn_proj" (the same
 with the attention core replaced by a cache write and a fixed output: projections alone), "moe"
@@ -41,6 +42,7 @@ from mxroll.model.dummy import init_dummy_weights  # noqa: E402
 from mxroll.model.kernels import ModelKernels, select_model_kernels  # noqa: E402
 from mxroll.model.loader import build_model  # noqa: E402
 from mxroll.precision import GemmConfig, Recipe  # noqa: E402
+from mxroll.precision.layout import LayoutCache  # noqa: E402
 from mxroll.rollout.attention import TorchPagedAttention  # noqa: E402
 from mxroll.rollout.kv_cache import PagedLatentCache  # noqa: E402
 from mxroll.rollout.step_inputs import StepInputs  # noqa: E402
@@ -105,8 +107,10 @@ def decode_step(B: int, context: int, device) -> StepInputs:
 
 
 def build(cfg, mode: str, device, gemm_backend: str, kernels: ModelKernels):
+    """As the engine builds it: MXFP8 dense weights on the Triton backend keep their bf16 copies (postprocess)."""
     quant = None if mode == "bf16" else "mxfp8"
-    m = build_model(cfg, torch.bfloat16, quant, Recipe(), GemmConfig("w8a8", "rceil", gemm_backend), kernels=kernels)
+    gemm = GemmConfig("w8a8", "rceil", gemm_backend, bf16_copy=gemm_backend == "triton")
+    m = build_model(cfg, torch.bfloat16, quant, Recipe(), gemm, kernels=kernels)
     return m.to_empty(device=device).eval()
 
 
@@ -182,8 +186,10 @@ def main() -> None:
     gemm_backend = "torch" if cpu else "triton"
     models = {mode: build(cfg, mode, device, gemm_backend, fast_kernels) for mode in ("bf16", "mxfp8")}
     refs = {mode: build(cfg, mode, device, "torch", ModelKernels("torch", "torch")) for mode in ("bf16", "mxfp8")}
+    layouts = LayoutCache()
     for mode, m in models.items():
         init_dummy_weights(m, seed=0)
+        m.postprocess(layouts)
         refs[mode].load_state_dict(m.state_dict())
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     ids = (torch.arange(max(batches) * K, device=device) % E).view(-1, K)
@@ -224,6 +230,8 @@ def main() -> None:
     variants = [("bf16", models["bf16"], None), ("mxfp8", models["mxfp8"], None)]
     if fused:
         variants.append(("mxfp8_separate", models["mxfp8"], "separate"))
+    if any(getattr(mod, "weight_bf16", None) is not None for mod in models["mxfp8"].modules()):
+        variants.append(("mxfp8_no_copy", models["mxfp8"], "no_copy"))
     for B in batches:
         step = decode_step(B, context, device)
         g = torch.Generator(device).manual_seed(B)
@@ -247,6 +255,8 @@ def main() -> None:
             if switch == "separate":
                 for n in norms:
                     n.qdq_mode = None
+            if switch == "no_copy":  # the dense GEMMs without their bf16 copies (mid-M kernel / dequantize)
+                m.drop_derived()
             wb = weight_bytes(cfg, B, vname != "bf16")
             kv_bytes = B * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
             floors = {"attn_proj": wb["attn_proj"], "attn": wb["attn_proj"] + kv_bytes, "moe": wb["moe"],
@@ -278,9 +288,14 @@ def main() -> None:
                       else f"  FAILED {row['error'][:200]}"), flush=True)
             for n, s in zip(norms, saved):
                 n.qdq_mode = s
+            if switch == "no_copy":
+                m.postprocess(layouts)
         check = {"B": B}
         if "mxfp8" in layer_out and "mxfp8_separate" in layer_out:
             check["mxfp8_fused_equals_separate"] = bool(torch.equal(layer_out["mxfp8"], layer_out["mxfp8_separate"]))
+        if "mxfp8" in layer_out and "mxfp8_no_copy" in layer_out:  # equal bits expected above 64 tokens
+            check["mxfp8_copy_equals_no_copy"] = bool(torch.equal(layer_out["mxfp8"], layer_out["mxfp8_no_copy"]))
+            check["mxfp8_copy_rel_diff_vs_no_copy"] = rel(layer_out["mxfp8"], layer_out["mxfp8_no_copy"])
         try:
             prepare()
             with torch.inference_mode():

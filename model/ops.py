@@ -100,12 +100,15 @@ def silu_mul_ref(g_TF: torch.Tensor, u_TF: torch.Tensor) -> torch.Tensor:
     return F.silu(g_TF) * u_TF
 
 
-def silu_mul(g_TF: torch.Tensor, u_TF: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """silu(gate) * up; backend "triton": one kernel, the same bits (model.kernels.triton_act)."""
+def silu_mul(g_TF: torch.Tensor, u_TF: torch.Tensor, backend: str = "torch", qdq_mode: str | None = None
+             ) -> torch.Tensor:
+    """silu(gate) * up; backend "triton": one kernel, the same bits (model.kernels.triton_act). `qdq_mode`: the
+    result also MXFP8 quantize-dequantized along F for an MXFP8 w8a8 consumer (in the same kernel on triton)."""
     if backend == "triton":
         from .kernels.triton_act import silu_mul_triton
-        return silu_mul_triton(g_TF, u_TF)
-    return silu_mul_ref(g_TF, u_TF)
+        return silu_mul_triton(g_TF, u_TF, qdq_mode)
+    h = silu_mul_ref(g_TF, u_TF)
+    return h if qdq_mode is None else fake_quant_mxfp8(h, qdq_mode)
 
 
 # ---------------------------------------------------------------- router top-k

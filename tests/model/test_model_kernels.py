@@ -116,3 +116,23 @@ def test_route_topk_torch_sigmoid_flag():
     ref = route_topk_ref(logits.sigmoid(), bias, 3, 4, 2, False, 2.5)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     assert not torch.equal(route_topk(logits, bias, 3, 4, 2, False, 2.5, "torch")[0], ref[0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
+@pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
+@pytest.mark.parametrize("shape", [(1, 1408), (7, 2816), (3, 96)])
+def test_silu_mul_with_mxfp8_qdq_is_the_two_pass_bits(shape, scale_mode):
+    """silu*up with the MXFP8 quantize-dequantize for a w8a8 down projection, in one kernel: the bits of the
+    separate activation pass over the torch silu*up, and of the torch reference's fake quantization."""
+    from mxroll.model.ops import silu_mul, silu_mul_ref
+    from mxroll.precision.kernels.triton_mxfp8_gemm import act_qdq_triton
+    from mxroll.precision.qat import fake_quant_mxfp8
+
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    gate = (torch.randn(*shape, generator=g) * 3).to(DEVICE, LOW)
+    up = (torch.randn(*shape, generator=g) * torch.logspace(-3, 3, shape[1])).to(DEVICE, LOW)  # spread block maxima
+    got = silu_mul(gate, up, "triton", scale_mode)
+    assert torch.equal(got, act_qdq_triton(silu_mul_ref(gate, up), scale_mode))
+    assert torch.equal(got, silu_mul(gate, up, "torch", scale_mode))
+    assert torch.equal(got, fake_quant_mxfp8(silu_mul_ref(gate, up), scale_mode))
+    assert not torch.equal(got, silu_mul(gate, up, "triton"))  # the quantization is really applied
