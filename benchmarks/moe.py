@@ -60,6 +60,18 @@ def routed_tokens(T, D, E, K, g):
     return x, ids, torch.rand(T, K, device="cuda", generator=g) * 2.5
 
 
+def routing_sets(T, D, E, K, g, n: int = 4):
+    """n routings of T tokens (one CUDA graph replays them in turn, so the touched experts are not all
+    L2-resident from the previous call) and the average number of distinct experts each touches."""
+    sets = [routed_tokens(T, D, E, K, g) for _ in range(n)]
+    return sets, sum(int(torch.unique(ids).numel()) for _, ids, _ in sets) / n
+
+
+def experts_floor_us(touched: float, T: int, D: int, F: int, mxfp8: bool, bw: float) -> float:
+    """Bytes of the touched experts (fp8 + E8M0 scales, or bf16) plus x read and y written, over bw, in us."""
+    return (touched * 3 * F * D * ((1 + 1 / 32) if mxfp8 else 2) + 4 * T * D) / bw * 1e6
+
+
 def grouped_mm_moe(x, ids, w, w13, w2):
     """bf16 baseline: sort rows by expert (groups padded to 16), two torch._grouped_mm, combine."""
     T, K = ids.shape

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
-from benchmarks.moe import routed_tokens, shape_experts  # noqa: E402
+from benchmarks.moe import experts_floor_us, routing_sets, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton, moe_config  # noqa: E402
 from mxroll.precision.moe import experts_ref  # noqa: E402
@@ -62,13 +62,11 @@ def main():
         E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
         for T in TOKENS[name]:
             r_avg = T * K / E
-            sets = [routed_tokens(T, D, E, K, g) for _ in range(ROUTINGS)]
-            touched = sum(int(torch.unique(ids).numel()) for _, ids, _ in sets) / ROUTINGS
+            sets, touched = routing_sets(T, D, E, K, g, ROUTINGS)
             x0, ids0, tw0 = sets[0]
             for quant, (a, b) in (("mxfp8", (w13q, w2q)), ("bf16", (w13b, w2b))):
                 ref = experts_ref(x0, ids0, tw0, a, b, GemmConfig("w8a8"))
-                per = 3 * F_ * D * ((1 + 1 / 32) if quant == "mxfp8" else 2)
-                floor_us = (touched * per + 4 * T * D) / bw * 1e6
+                floor_us = experts_floor_us(touched, T, D, F_, quant == "mxfp8", bw)
                 line = []
                 for vname, cfg in tiles(r_avg, quant == "mxfp8").items():
                     try:
