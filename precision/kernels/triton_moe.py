@@ -24,6 +24,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..mxfp8 import MXFP8Tensor
 from .moe_align import align_block_size
+from .moe_config import moe_config
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
                                 _split_sum, act_qdq_triton)
 
@@ -197,41 +198,6 @@ def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK, D, BD: tl.constexpr, SH
         s = tl.load(s_ptr + t.to(tl.int64) * s_stride + offs, mask=mask, other=0.0)
         y = (y.to(tl.float32) + s.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + t.to(tl.int64) * D + offs, y, mask=mask)
-
-
-def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
-    """Tiles for T tokens routed to `topk` of `experts` experts. The tile height BM follows the average rows
-    per expert r = T * topk / experts (moe_tile_sweep.json, H200, moonlight-16b-a3b r = 12..192 and deepseek-v3
-    r = 4..128: the same token count gives 4x more rows per expert on moonlight): a tile much taller than r
-    multiplies padding, a shorter one re-reads (and for MXFP8 re-dequantizes) each weight tile once per extra
-    block. MXFP8: 16 rows up to r = 16, 32 below r = 32, 64 below 64, then 128 (vs the token-count rule this
-    replaces: moonlight 128 / 512 / 1024 tokens 274 -> 211, 502 -> 378, 694 -> 494 us; deepseek-v3 128 / 256
-    tokens 4683 -> 3436, 4786 -> 3667 us). bf16: 16 rows up to r = 12, 32 below 32, 64 below 64, then 128 x 128
-    tiles (moonlight 512 / 1024 tokens 395 -> 346, 552 -> 406 us).
-    Optional keys (default off, compared by benchmarks/moe_split_sweep.py): SPLIT_GU / SPLIT_DOWN split the
-    gate_up / down contraction over that many programs (fp32 partials summed in split order: deterministic, not
-    the unsplit kernel's bits); USE_TMA loads weight tiles by tensor descriptor; GEMV replaces the tensor-core
-    MMA by fp32 multiply-adds (BM of 1..4 rows).
-    MXFP8 experts at 1..4 tokens take the GEMV path, split 4 ways up to 2 tokens (moe_split_sweep.json, H200,
-    moonlight / deepseek-v3 shapes, vs the 16-row MMA blocks: 1 token 37.9 -> 26.8 / 140.7 -> 123.4 us, 2 tokens
-    51.3 -> 47.0 / 261.7 -> 237.5, 4 tokens 87.4 -> 69.3 / 474.5 -> 415.5). At 8 tokens the sweep's gain was 3-4%
-    and the engine's batch-8 decode step got 9% slower on it (throughput_20261201c_mxfp8_decode.json: 5.67 vs
-    5.21 ms), so the MMA blocks serve from 5 tokens. fp32 accumulation in another order than the MMA path: the
-    reference's sum to fp32 noise."""
-    if quant and T <= 2:
-        return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=4, SPLIT_DOWN=4)
-    if quant and T <= 4:
-        return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True)
-    r = T * topk / max(1, experts)
-    if r <= (16 if quant else 12):
-        return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
-    if r < 32:
-        return dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)
-    if r < 64:
-        return dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3)
-    if quant:  # register dequantization of two weight tiles per step: narrower N tiles
-        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
-    return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
 def _k_split(KDIM: int, BK: int, split: int) -> tuple[int, int]:

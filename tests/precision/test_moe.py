@@ -121,8 +121,7 @@ def test_fused_moe_matches_reference(quant, act_mode):
 
 def test_moe_config_follows_rows_per_expert():
     """Tile height by average rows per expert (T * top_k / experts), not by token count alone."""
-    pytest.importorskip("triton")
-    from mxroll.precision.kernels.triton_moe import moe_config
+    from mxroll.precision.kernels.moe_config import moe_config
     for quant in (False, True):
         # 1024 tokens: 96 rows per expert on a moonlight shape (64 experts, top-6), 32 on deepseek-v3 (256, top-8)
         assert moe_config(1024, quant, 6, 64)["BM"] == 128 and moe_config(1024, quant, 8, 256)["BM"] == 64
