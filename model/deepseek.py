@@ -72,6 +72,10 @@ class DeepseekV3(nn.Module):
             if module is not self and hasattr(module, "postprocess"):
                 module.postprocess(layouts)
 
+    def bf16_copies(self) -> list[torch.Tensor]:
+        """The exact bf16 copies its MXFP8 dense weights keep now (`precision.linear.bf16_copy`)."""
+        return [m.weight_bf16 for m in self.modules() if getattr(m, "weight_bf16", None) is not None]
+
     def drop_derived(self) -> None:
         """Free the postprocessed layouts and weight copies (weights moved to host); postprocess rebuilds them."""
         for module in self.modules():

@@ -68,13 +68,13 @@ class Linear(nn.Module):
         return linear(x, self.qweight, self.gemm, x_qdq=x_qdq)
 
 
-def fused_norm_quant(norm_backend: str, consumers: list[Precision]) -> str | None:
+def fused_norm_quant(backend: str, consumers: list[Precision]) -> str | None:
     """The one decision whether a producer kernel (a norm, or the MLP's silu*up) also MXFP8-quantizes its output
     for the GEMMs it feeds (returns the scale mode, or None): only with the producer's Triton kernel, whose
     values the fused kernel shares, when every consumer is a stored-MXFP8 w8a8 GEMM on the Triton backend.
     Those GEMMs then skip their activation pass (same values: quantize-dequantize is idempotent). Anything
     else keeps the plain output."""
-    fuse = norm_backend == "triton" and bool(consumers) and all(
+    fuse = backend == "triton" and bool(consumers) and all(
         p.mxfp8 and not p.qat and p.gemm.backend == "triton" and p.gemm.act_mode == "w8a8" for p in consumers)
     return consumers[0].gemm.scale_mode if fuse else None
 

@@ -114,8 +114,7 @@ class Engine(WeightUpdateAPI):
             backend, gemm_why = "torch", "torch reference (float32 engine; the Triton kernel takes bf16)"
         if cfg.mxfp8_dense_bf16_copy and backend != "triton":
             raise ValueError(f"mxfp8_dense_bf16_copy=True serves the Triton GEMM backend; this engine runs {backend}")
-        self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend,
-                               bf16_copy=backend == "triton" and cfg.mxfp8_dense_bf16_copy is not False)
+        self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend, bf16_copy=cfg.mxfp8_dense_bf16_copy is not False)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
         shape = ModelConfig.from_file(self.model_path)
@@ -151,8 +150,7 @@ class Engine(WeightUpdateAPI):
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
                                    eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
-        copies = [m.weight_bf16 for m in self.model.modules() if getattr(m, "weight_bf16", None) is not None]
-        self._bf16_copies = len(copies)
+        copies = self.model.bf16_copies()
         if copies:
             mx += (f" (+ exact bf16 copies of {len(copies)} dense weights for GEMMs above 16 tokens, "
                    f"{sum(c.nbytes for c in copies) / 2**30:.2f} GiB: mxfp8_dense_bf16_copy)")
@@ -599,7 +597,7 @@ class Engine(WeightUpdateAPI):
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
-                "gemm_backend": self.gemm.backend, "mxfp8_dense_bf16_copies": self._bf16_copies,
+                "gemm_backend": self.gemm.backend, "mxfp8_dense_bf16_copies": len(self.model.bf16_copies()),
                 "attention_backend": self.attn.name,
                 "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
                 "page_size": self.page_size}

@@ -319,12 +319,11 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     N = data.shape[0]
     quant_x = act_mode == "w8a8"
     copy = w.bf16_copy
-    if copy is not None and M > COPY_MIN_M and config is None and x.dtype == copy.dtype:  # cuBLAS bf16 on it
-        return torch.nn.functional.linear(act_qdq_triton(x, scale_mode) if quant_x else x, copy)
-    cfg = config or pick_config(M, N, K)
-    if cfg["PATH"] == "dequant":  # compute-bound: exact dequantization, then cuBLAS bf16 (fp32 accumulate)
-        xq = act_qdq_triton(x, scale_mode) if quant_x else x
-        return torch.nn.functional.linear(xq, dequant_triton(MXFP8Tensor(data, scale), x.dtype))
+    use_copy = copy is not None and M > COPY_MIN_M and config is None and x.dtype == copy.dtype
+    cfg = None if use_copy else config or pick_config(M, N, K)
+    if use_copy or cfg["PATH"] == "dequant":  # cuBLAS bf16 (fp32 accumulate) on the exact dequantized weight
+        w16 = copy if use_copy else dequant_triton(MXFP8Tensor(data, scale), x.dtype)
+        return torch.nn.functional.linear(act_qdq_triton(x, scale_mode) if quant_x else x, w16)
     if cfg["PATH"] == "mid":
         from .triton_mxfp8_gemm_mid import mxfp8_gemm_mid
         return mxfp8_gemm_mid(x, MXFP8Tensor(data, scale), act_mode, scale_mode, cfg)
