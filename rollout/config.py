@@ -43,6 +43,8 @@ class EngineConfig:
     max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
     chunked_prefill_size: int = 8192  # token budget of one step: prefill is chunked to fit it
     attention_backend: str | None = None  # None = flashinfer on CUDA when importable, else torch | torch | flashinfer
+    # with flashinfer attention: None = Triton split-KV for decode batches of <= 4 rows | flashinfer | triton
+    decode_attention_backend: str | None = None
     # model ops: None = Triton on CUDA (reference roundings) | torch; norm also "flashinfer" (rounds once: opt-in)
     norm_backend: str | None = None
     router_backend: str | None = None  # None = Triton router top-k on CUDA | torch
@@ -211,6 +213,7 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if isinstance(cfg.mem_fraction_static, bool) or not 0 < cfg.mem_fraction_static <= 1:
         raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static!r}: must be in (0, 1]")
     for name, allowed in (("attention_backend", (None, "torch", "flashinfer")),
+                          ("decode_attention_backend", (None, "flashinfer", "triton")),
                           ("sampling_backend", (None, "torch", "triton")), ("load_format", ("auto", "dummy")),
                           ("norm_backend", (None, "torch", "triton", "flashinfer")),
                           ("router_backend", (None, "torch", "triton")),

@@ -27,7 +27,7 @@ from ..model.kernels import select_model_kernels
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
-from .attention import TorchPagedAttention, select_attention
+from .attention import TorchPagedAttention, select_attention, select_decode_attention
 from .config import EngineConfig, check_engine_config, engine_config, resolve_context_length
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
@@ -131,6 +131,8 @@ class Engine(WeightUpdateAPI):
         self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
 
         attn_name, attn_why = select_attention(cfg.attention_backend, self.device, mcfg)
+        self.triton_decode_rows, decode_why = select_decode_attention(cfg.decode_attention_backend, attn_name)
+        attn_why += f" ({decode_why})" if decode_why else ""
         self.page_size = cfg.page_size
         pages = plan_capacity(mcfg, self.dtype, self.device, cfg.page_size, cfg.mem_fraction_static,
                               cfg.max_total_tokens)
@@ -138,7 +140,8 @@ class Engine(WeightUpdateAPI):
         if attn_name == "flashinfer":
             from .attention.flashinfer_mla import FlashInferAttention
             self.attn = FlashInferAttention(self.cache, mcfg.num_attention_heads, mcfg.softmax_scale,
-                                            -(-self.context_length // cfg.page_size) + 1, cfg.attention_fast_plan)
+                                            -(-self.context_length // cfg.page_size) + 1, cfg.attention_fast_plan,
+                                            self.triton_decode_rows)
         else:
             self.attn = TorchPagedAttention(self.cache)
         graphs_why = self._graphs_decision(cfg)
@@ -598,7 +601,7 @@ class Engine(WeightUpdateAPI):
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
                 "gemm_backend": self.gemm.backend, "mxfp8_dense_bf16_copies": len(self.model.bf16_copies()),
-                "attention_backend": self.attn.name,
+                "attention_backend": self.attn.name, "triton_decode_max_rows": self.triton_decode_rows,
                 "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
                 "page_size": self.page_size}
 

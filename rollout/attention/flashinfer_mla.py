@@ -10,6 +10,9 @@ time per step on an H100). A graph's first plan goes through it; later plans of 
 (`GraphReplanner`, when `fast_plan`) call the planner module the wrapper loaded and copy the page
 table into the captured buffers, which is all that plan() changes for a captured FA2/FA3 graph. It
 checks that the schedule's launch shape (the plan info) is the captured one and fails loudly if not.
+Decode batches of up to `triton_decode_rows` rows attend with the Triton split-KV kernel instead
+(`triton_mla.py`: FlashInfer's kernel leaves most SMs idle on a few rows); it reads the page table on the
+GPU, so such a step skips the host-side plan and a captured graph only needs the table copied in.
 Checked against the torch reference on the device (tests/rollout/test_attention_gpu.py).
 Legend: T tokens, H heads, C kv_lora_rank, R qk_rope_head_dim.
 """
@@ -91,7 +94,7 @@ class FlashInferAttention:
     supports_cuda_graphs = True
 
     def __init__(self, cache: PagedLatentCache, num_heads: int, sm_scale: float, max_pages_per_seq: int,
-                 fast_plan: bool = True):
+                 fast_plan: bool = True, triton_decode_rows: int = 0):
         import flashinfer
 
         self.flashinfer = flashinfer
@@ -101,6 +104,12 @@ class FlashInferAttention:
         self.eager = flashinfer.mla.BatchMLAPagedAttentionWrapper(self.workspace)
         self.wrapper = self.eager
         self.step: StepInputs | None = None
+        self.triton_decode_rows = triton_decode_rows
+        if triton_decode_rows:
+            from .triton_mla import decode_splits, mla_decode_triton
+            self.decode_splits, self.mla_decode_triton = decode_splits, mla_decode_triton
+            self.sms = torch.cuda.get_device_properties(cache.device).multi_processor_count
+        self.triton: tuple[PageTable, int] | None = None  # this step's device page table and splits, if Triton decodes
         self.plan_paths: dict[int, str] = {}  # graph batch size -> how its steps are planned (logs, benchmarks)
 
     def graph_wrapper(self, batch_size: int) -> GraphPlan:
@@ -120,12 +129,35 @@ class FlashInferAttention:
         self.step = step
         self.wrapper = graph.wrapper if graph is not None else self.eager
         table = step.page_table()
+        rows = table.kv_lens.numel()
+        self.triton = None
+        if step.is_decode and rows <= self.triton_decode_rows:
+            self.triton = self._device_table(table, graph), self.decode_splits(rows, self.num_heads, self.sms)
+            if graph is not None and graph.path is None:
+                graph.path = self.plan_paths[rows] = f"Triton split-KV decode ({self.triton[1]} splits per row)"
+                log.info("MLA graph batch %d: %s", rows, graph.path)
+            return
         if graph is not None and graph.replanner is not None:
             graph.replanner.plan(table)
             return
         self.plan(self.wrapper, table)
         if graph is not None and graph.path is None:
             self._attach(graph, table.kv_lens.numel())
+
+    def _device_table(self, table: PageTable, graph: GraphPlan | None) -> PageTable:
+        """The page table on the GPU: copied into a captured graph's buffers (fixed addresses), else fresh."""
+        if graph is None:
+            dev = self.cache.device
+            return PageTable(*(t.to(dev, non_blocking=True) for t in (table.qo_indptr, table.kv_indptr,
+                                                                        table.kv_indices, table.kv_lens)))
+        b = graph.buffers
+        if table.kv_lens.numel() != b.kv_lens.numel() or table.kv_indices.numel() > b.kv_indices.numel():
+            raise ValueError(f"Triton decode: {table.kv_lens.numel()} rows / {table.kv_indices.numel()} pages do not "
+                             f"fit the captured buffers ({b.kv_lens.numel()} rows / {b.kv_indices.numel()} pages)")
+        b.kv_indptr.copy_(table.kv_indptr, non_blocking=True)
+        b.kv_indices[:table.kv_indices.numel()].copy_(table.kv_indices, non_blocking=True)
+        b.kv_lens.copy_(table.kv_lens, non_blocking=True)
+        return b
 
     def plan(self, wrapper, table: PageTable) -> None:
         """FlashInfer's public plan() on host tensors."""
@@ -156,6 +188,11 @@ class FlashInferAttention:
         q_lat_THC = mla.absorb(q_nope_THP.to(dtype))
         o_lat_THC = torch.empty(q_lat_THC.shape, dtype=dtype, device=q_lat_THC.device)
         ckv, kpe = self.cache.layer(mla.layer)
+        if self.triton is not None:
+            t, splits = self.triton
+            self.mla_decode_triton(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, t.kv_indptr, t.kv_indices, t.kv_lens,
+                                   self.sm_scale, splits, o_lat_THC)
+            return mla.unabsorb(o_lat_THC)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.wrapper.run(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, out=o_lat_THC)

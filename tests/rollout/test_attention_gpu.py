@@ -31,18 +31,14 @@ class Row:  # what StepInputs.build reads from a scheduler row
         self.start, self.length, self.num_samples = start, length, 1
 
 
-@pytest.mark.parametrize("page_size", [1, 16, 64])
-def test_flashinfer_mla_matches_torch_reference(page_size):
-    from mxroll.rollout.attention.flashinfer_mla import FlashInferAttention
-
+def paged_case(page_size, shapes, seed):
+    """An MLA layer, a shuffled paged cache and one step of rows (cached length, new tokens) with its inputs."""
     cfg = moonlight_attention_cfg()
-    torch.manual_seed(page_size)
+    torch.manual_seed(seed)
     mla = MLA(cfg, torch.bfloat16, layer=1).cuda()
     with torch.no_grad():
         for p in mla.parameters():
             p.copy_(torch.randn_like(p, dtype=torch.float32) / p.shape[-1] ** 0.5)
-    # (cached length before this step, new tokens): decode rows, extend chunks, page boundaries
-    shapes = [(0, 1), (5, 1), (page_size - 1, 1), (page_size, 1), (63, 2), (130, 37), (0, 70), (300, 1), (1000, 16)]
     n_pages = sum(-(-(c + n) // page_size) for c, n in shapes) + 8
     cache = PagedLatentCache(cfg, n_pages, page_size, torch.bfloat16, torch.device("cuda"))
     cache.ckv_LPGC.normal_()
@@ -59,7 +55,17 @@ def test_flashinfer_mla_matches_torch_reference(page_size):
     q_pe = torch.randn(T, H, cfg.qk_rope_head_dim, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(T, cfg.kv_lora_rank, device="cuda", dtype=torch.bfloat16)
     k_pe = torch.randn(T, cfg.qk_rope_head_dim, device="cuda", dtype=torch.bfloat16)
+    return cfg, mla, cache, step, (q_nope, q_pe, kv, k_pe)
 
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_flashinfer_mla_matches_torch_reference(page_size):
+    from mxroll.rollout.attention.flashinfer_mla import FlashInferAttention
+
+    # (cached length before this step, new tokens): decode rows, extend chunks, page boundaries
+    shapes = [(0, 1), (5, 1), (page_size - 1, 1), (page_size, 1), (63, 2), (130, 37), (0, 70), (300, 1), (1000, 16)]
+    cfg, mla, cache, step, (q_nope, q_pe, kv, k_pe) = paged_case(page_size, shapes, page_size)
+    H = cfg.num_attention_heads
     ref_attn = TorchPagedAttention(cache)
     ref_attn.begin(step)
     with torch.inference_mode():
@@ -75,3 +81,36 @@ def test_flashinfer_mla_matches_torch_reference(page_size):
     worst = (got - ref).abs().max().item()
     print(f"page_size={page_size}: rel err {err:.2e}, max abs {worst:.3e}")
     assert err < 1e-2, err  # bf16 q/latent and bf16 probabilities in the kernel vs fp32 reference
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_triton_decode_matches_torch_reference(page_size):
+    """Decode rows through the FlashInfer backend with Triton decode on: eagerly and through a graph's fixed
+    buffers (what a captured graph reads), against the torch reference; prefill steps still use FlashInfer."""
+    from mxroll.rollout.attention.flashinfer_mla import FlashInferAttention
+
+    shapes = [(0, 1), (5, 1), (page_size - 1, 1), (page_size, 1), (300, 1), (1500, 1), (63, 1)]
+    cfg, mla, cache, step, (q_nope, q_pe, kv, k_pe) = paged_case(page_size, shapes, 3 + page_size)
+    H = cfg.num_attention_heads
+    assert step.is_decode
+    ref_attn = TorchPagedAttention(cache)
+    ref_attn.begin(step)
+    with torch.inference_mode():
+        ref = ref_attn.forward(mla, q_nope, q_pe, kv, k_pe)
+        attn = FlashInferAttention(cache, H, cfg.softmax_scale, max_pages_per_seq=1600 // page_size + 2,
+                                   triton_decode_rows=64)
+        attn.begin(step)
+        assert attn.triton is not None and attn.triton[1] > 1
+        eager = attn.forward(mla, q_nope, q_pe, kv, k_pe).float()
+        graph = attn.graph_wrapper(len(shapes))
+        attn.begin(step, graph)
+        assert attn.triton[0] is graph.buffers and "Triton" in attn.plan_paths[len(shapes)]
+        buffered = attn.forward(mla, q_nope, q_pe, kv, k_pe).float()
+        fi = FlashInferAttention(cache, H, cfg.softmax_scale, max_pages_per_seq=1600 // page_size + 2)
+        fi.begin(step)
+        flash = fi.forward(mla, q_nope, q_pe, kv, k_pe).float()
+    assert torch.equal(eager, buffered)
+    err = ((eager - ref).norm() / ref.norm()).item()
+    fi_err = ((flash - ref).norm() / ref.norm()).item()
+    print(f"page_size={page_size}: Triton rel err {err:.2e}, FlashInfer {fi_err:.2e}")
+    assert err < 1e-2 and err < 2 * fi_err + 1e-3, (err, fi_err)

@@ -34,7 +34,7 @@ def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
     (dict(context_length=-5), "context_length"), (dict(context_length=True), "context_length"),
     (dict(log_level="LOUD"), "log_level"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
     (dict(norm_backend="cuda"), "norm_backend"), (dict(router_backend="flashinfer"), "router_backend"),
-    (dict(rope_backend="flashinfer"), "rope_backend"),
+    (dict(rope_backend="flashinfer"), "rope_backend"), (dict(decode_attention_backend="torch"), "decode_attention_backend"),
 ])
 def test_check_engine_config_names_the_field(edit, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -69,3 +69,30 @@ def test_resolve_context_length():
             resolve_context_length(bad, 2048)
     with pytest.raises(ValueError, match="context_length=4096 exceeds .* 2048"):
         resolve_context_length(4096, 2048)
+
+
+def test_decode_attention_choice():
+    from mxroll.rollout.attention import TRITON_DECODE_MAX_ROWS, select_decode_attention
+
+    assert select_decode_attention(None, "torch") == (0, "")
+    assert select_decode_attention("flashinfer", "flashinfer")[0] == 0
+    for requested in ("triton", "flashinfer"):
+        with pytest.raises(ValueError, match=f"decode_attention_backend='{requested}' needs attention_backend"):
+            select_decode_attention(requested, "torch")
+    with pytest.raises(ValueError, match="decode_attention_backend='fa3'"):
+        select_decode_attention("fa3", "flashinfer")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert select_decode_attention(None, "flashinfer") == (0, "FlashInfer MLA for every decode batch "
+                                                                  "(triton not importable)")
+        with pytest.raises(ValueError, match="triton is not importable"):
+            select_decode_attention("triton", "flashinfer")
+    else:
+        assert select_decode_attention(None, "flashinfer")[0] == TRITON_DECODE_MAX_ROWS
+        assert select_decode_attention("triton", "flashinfer")[0] >= 1 << 20
+
+
+def test_decode_attention_request_on_cpu_names_the_field(tiny_checkpoint):
+    with pytest.raises(ValueError, match="decode_attention_backend='triton' needs attention_backend='flashinfer'"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", decode_attention_backend="triton")
