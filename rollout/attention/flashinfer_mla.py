@@ -60,20 +60,29 @@ class GraphReplanner:
         return cls(wrapper, buffers, num_heads, head_dim_ckv, causal), f"direct replan ({backend} planner module)"
 
     def plan(self, table: PageTable) -> None:
-        b = self.buffers
-        B = table.kv_lens.numel()
-        if B != b.kv_lens.numel() or table.kv_indices.numel() > b.kv_indices.numel():
-            raise ValueError(f"GraphReplanner: {B} rows / {table.kv_indices.numel()} pages do not fit the captured "
-                             f"buffers ({b.kv_lens.numel()} rows / {b.kv_indices.numel()} pages)")
+        check_fits(self.buffers, table, "GraphReplanner")
         info = self.module.plan(self.float_ws, self.int_ws, self.pinned_ws, table.qo_indptr, table.kv_indptr,
                                 table.kv_lens, self.num_heads, self.head_dim_ckv, self.causal)
         if _plan_info(info) != self.plan_info:
             raise RuntimeError(f"FlashInfer MLA replan changed the launch shape of a captured graph: "
                                f"{_plan_info(info)} != {self.plan_info}")
-        b.qo_indptr.copy_(table.qo_indptr, non_blocking=True)
-        b.kv_indptr.copy_(table.kv_indptr, non_blocking=True)
-        b.kv_indices[:table.kv_indices.numel()].copy_(table.kv_indices, non_blocking=True)
-        b.kv_lens.copy_(table.kv_lens, non_blocking=True)
+        copy_table(self.buffers, table)
+
+
+def check_fits(buffers: PageTable, table: PageTable, who: str) -> None:
+    """A step's host page table must have the captured graph's rows and fit its page-index buffer."""
+    B, P = table.kv_lens.numel(), table.kv_indices.numel()
+    if B != buffers.kv_lens.numel() or P > buffers.kv_indices.numel():
+        raise ValueError(f"{who}: {B} rows / {P} pages do not fit the captured buffers "
+                         f"({buffers.kv_lens.numel()} rows / {buffers.kv_indices.numel()} pages)")
+
+
+def copy_table(buffers: PageTable, table: PageTable) -> None:
+    """The host page table into a captured graph's device buffers (stream-ordered before the replay)."""
+    buffers.qo_indptr.copy_(table.qo_indptr, non_blocking=True)
+    buffers.kv_indptr.copy_(table.kv_indptr, non_blocking=True)
+    buffers.kv_indices[:table.kv_indices.numel()].copy_(table.kv_indices, non_blocking=True)
+    buffers.kv_lens.copy_(table.kv_lens, non_blocking=True)
 
 
 def _plan_info(info) -> tuple[int, ...]:
@@ -142,7 +151,7 @@ class FlashInferAttention:
             return
         self.plan(self.wrapper, table)
         if graph is not None and graph.path is None:
-            self._attach(graph, table.kv_lens.numel())
+            self._attach(graph, rows)
 
     def _device_table(self, table: PageTable, graph: GraphPlan | None) -> PageTable:
         """The page table on the GPU: copied into a captured graph's buffers (fixed addresses), else fresh."""
@@ -150,14 +159,9 @@ class FlashInferAttention:
             dev = self.cache.device
             return PageTable(*(t.to(dev, non_blocking=True) for t in (table.qo_indptr, table.kv_indptr,
                                                                         table.kv_indices, table.kv_lens)))
-        b = graph.buffers
-        if table.kv_lens.numel() != b.kv_lens.numel() or table.kv_indices.numel() > b.kv_indices.numel():
-            raise ValueError(f"Triton decode: {table.kv_lens.numel()} rows / {table.kv_indices.numel()} pages do not "
-                             f"fit the captured buffers ({b.kv_lens.numel()} rows / {b.kv_indices.numel()} pages)")
-        b.kv_indptr.copy_(table.kv_indptr, non_blocking=True)
-        b.kv_indices[:table.kv_indices.numel()].copy_(table.kv_indices, non_blocking=True)
-        b.kv_lens.copy_(table.kv_lens, non_blocking=True)
-        return b
+        check_fits(graph.buffers, table, "Triton decode")
+        copy_table(graph.buffers, table)
+        return graph.buffers
 
     def plan(self, wrapper, table: PageTable) -> None:
         """FlashInfer's public plan() on host tensors."""
