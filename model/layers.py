@@ -30,6 +30,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.gemm, self.qat = prec.gemm, prec.qat
+        self.fused = False  # set by FusedLinear: the storage is a row range of its buffer
         if prec.mxfp8 and not prec.qat:
             self.weight = frozen(out_features, in_features, dtype=torch.float8_e4m3fn)
             self.weight_scale_inv = frozen(out_features, in_features // BLOCK, dtype=torch.uint8)
@@ -42,7 +43,10 @@ class Linear(nn.Module):
         return (self.in_features,)
 
     def postprocess(self, layouts: LayoutCache) -> None:
-        """Derive kernel-side layouts from the stored bytes (after load and after every update), in place."""
+        """Derive kernel-side layouts from the stored bytes (after load and after every update), in place.
+        A part of a `FusedLinear` derives nothing: the fused module does, once, for all its parts."""
+        if self.fused:
+            return
         if self.gemm.backend == "flashinfer" and self.weight_scale_inv is not None:
             self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
                                                        out=getattr(self, "weight_scale_swizzled", None))
@@ -66,6 +70,76 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, x_qdq: bool = False) -> torch.Tensor:
         return linear(x, self.qweight, self.gemm, x_qdq=x_qdq)
+
+
+class FusedLinear(nn.Module):
+    """Projections that read the same input, run as one GEMM over their weights stacked along N (sglang's
+    fused_qkv_a_proj_with_mqa and gate_up_proj): one launch instead of several, and a narrow projection
+    (kv_a_proj's N=576) no longer runs a poorly parallel GEMM of its own (fusion_check.json). The parts keep
+    their names and Parameters, so loading, weight updates and get_weights_by_name write them in place as
+    before; `postprocess` points their storage at row ranges of one buffer (once; again after the weights
+    went to host memory and back) and derives the kernel layouts of the whole. Holds no Parameter itself.
+    Use `fuse_linears`, which leaves parts of different storage unfused."""
+
+    def __init__(self, parts: list[Linear]):
+        super().__init__()
+        self.parts = tuple(parts)  # a tuple: not registered as children, whose names stay the checkpoint's
+        self.sizes = [p.out_features for p in parts]
+        self.gemm = parts[0].gemm
+        self.weight = self.weight_scale_inv = self.weight_scale_swizzled = self.weight_bf16 = None
+        for p in parts:
+            p.fused = True
+
+    def _fuse(self, attr: str) -> torch.Tensor:
+        """The stacked buffer of the parts' `attr`; the parts' tensors become views of it (copied in when they
+        are not already)."""
+        tensors = [getattr(p, attr) for p in self.parts]
+        buf = getattr(self, attr)
+        if buf is not None and all(t.data_ptr() == v.data_ptr() and t.shape == v.shape
+                                   for t, v in zip(tensors, buf.split(self.sizes))):
+            return buf
+        buf = torch.cat([t.detach() for t in tensors])
+        for t, view in zip(tensors, buf.split(self.sizes)):
+            t.data = view
+        return buf
+
+    def postprocess(self, layouts: LayoutCache) -> None:
+        self.weight = self._fuse("weight")
+        if self.parts[0].weight_scale_inv is None:
+            return
+        self.weight_scale_inv = self._fuse("weight_scale_inv")
+        if self.gemm.backend == "flashinfer":
+            self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
+                                                       out=self.weight_scale_swizzled)
+        self.weight_bf16 = bf16_copy(MXFP8Tensor(self.weight, self.weight_scale_inv), self.gemm, out=self.weight_bf16)
+
+    def drop_derived(self) -> None:
+        """Forget the buffer (the parts' views keep their values; the next postprocess stacks them again)."""
+        self.weight = self.weight_scale_inv = self.weight_scale_swizzled = self.weight_bf16 = None
+
+    def forward(self, x: torch.Tensor, x_qdq: bool = False) -> tuple[torch.Tensor, ...]:
+        """Each part's output, as column views of one GEMM's [T, sum N] result; before the first postprocess
+        (a model used straight after loading) the parts run one by one."""
+        if self.weight is None:
+            return tuple(p(x, x_qdq) for p in self.parts)
+        return linear(x, self.qweight, self.gemm, x_qdq=x_qdq).split(self.sizes, dim=-1)
+
+    @property
+    def qweight(self) -> torch.Tensor | MXFP8Tensor:
+        """The stacked weight (after postprocess), as `Linear.qweight`."""
+        if self.weight_scale_inv is None:
+            return self.weight
+        return MXFP8Tensor(self.weight, self.weight_scale_inv, swizzled_scale=self.weight_scale_swizzled,
+                           bf16_copy=self.weight_bf16)
+
+
+def fuse_linears(parts: list[Linear]) -> FusedLinear | None:
+    """A FusedLinear over `parts`, or None where they cannot share a GEMM: different storage or GEMM settings,
+    different inputs, or a trainer's fake-quantized master weights (which keep their own GEMMs)."""
+    keys = {(p.weight.dtype, p.weight_scale_inv is None, p.gemm, p.in_features, p.qat) for p in parts}
+    if len(keys) != 1 or parts[0].qat:
+        return None
+    return FusedLinear(parts)
 
 
 def fused_norm_quant(backend: str, consumers: list[Precision]) -> str | None:

@@ -23,7 +23,7 @@ from torch import nn
 from ..precision import Precision
 from .config import ModelConfig
 from .kernels import ModelKernels
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, fuse_linears
 from .ops import latent_ref, rope, store_latent
 
 
@@ -58,6 +58,9 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype,
                                 prec.child("kv_b_proj"))
         self.o_proj = Linear(H * cfg.v_head_dim, D, dtype, prec.child("o_proj"))
+        # the two projections of the layer input as one GEMM (None: storage differs, or a trainer's model)
+        self.fused_qkv_a_proj_with_mqa = fuse_linears(
+            [self.q_proj if cfg.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa])
         # A trainer that ran kv_b_proj MXFP8 w8a8 quantized the latent going into it: cache the
         # quantize-dequantized latent, which makes both formulations follow it exactly (absorption
         # is linear in the latent). Quantized once, here: RCEIL re-quantization is not idempotent.
@@ -69,10 +72,13 @@ class MLA(nn.Module):
                 attn: AttentionBackend, x_qdq: bool = False) -> torch.Tensor:
         """x_qdq: x_TD is the input norm's MXFP8 quantize-dequantize (both projections skip their pass)."""
         T = x_TD.shape[0]
-        q = (self.q_proj(x_TD, x_qdq) if hasattr(self, "q_proj")
-             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD, x_qdq))))
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        q, kv = (self.fused_qkv_a_proj_with_mqa(x_TD, x_qdq) if self.fused_qkv_a_proj_with_mqa is not None
+                 else (first(x_TD, x_qdq), self.kv_a_proj_with_mqa(x_TD, x_qdq)))
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
-        kv_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD, x_qdq).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_TC, k_pe_TR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
         o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))

@@ -13,8 +13,12 @@ from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
 from .kernels import ModelKernels
-from .layers import Linear, frozen, fused_norm_quant
+from .layers import Linear, frozen, fuse_linears, fused_norm_quant
 from .ops import route_topk, silu_mul
+
+
+# Shared experts run inside the fused MoE kernel for batches up to this many tokens (see Experts.host_shared).
+SHARED_FUSION_MAX_TOKENS = 64
 
 
 class MLP(nn.Module):
@@ -27,14 +31,16 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter, dtype, prec.child("gate_proj"))
         self.up_proj = Linear(dim, inter, dtype, prec.child("up_proj"))
         self.down_proj = Linear(inter, dim, dtype, prec.child("down_proj"))
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])  # one GEMM (None: storage differs)
         # the silu*up kernel also quantizes its output for an MXFP8 w8a8 down projection (one launch fewer)
         self.act_qdq = fused_norm_quant(act_backend, [prec.child("down_proj")])
 
     def forward(self, x: torch.Tensor | None, routes: RouteRecorder | None = None,
                 x_qdq: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq: x's MXFP8 quantize-dequantize from a fused norm; gate/up then take it (x may be None)."""
-        g, u = (self.gate_proj(x_qdq, True), self.up_proj(x_qdq, True)) if x_qdq is not None else (
-            self.gate_proj(x), self.up_proj(x))
+        x, qdq = (x_qdq, True) if x_qdq is not None else (x, False)
+        g, u = (self.gate_up_proj(x, qdq) if self.gate_up_proj is not None
+                else (self.gate_proj(x, qdq), self.up_proj(x, qdq)))
         return self.down_proj(silu_mul(g, u, self.act_backend, self.act_qdq), self.act_qdq is not None)
 
 
@@ -88,10 +94,71 @@ class Experts(nn.Module):
             self.w13_weight = frozen(E, 2 * F_, D, dtype=dtype)
             self.w2_weight = frozen(E, D, F_, dtype=dtype)
             self.w13_weight_scale_inv = self.w2_weight_scale_inv = None
+        self.hosted: tuple[Linear, Linear, Linear] | None = None  # see host_shared
+        self.S = 0
+        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = self.shared_ids = None
 
     @property
     def k_dims(self) -> tuple[int, ...]:
         return (self.D, self.F)
+
+    def can_host(self, mlp: "MLP") -> bool:
+        """Whether a shared-expert MLP (intermediate S x F) can run as S more experts of this stack: the same
+        storage and GEMM settings, no trainer's fake-quantized masters."""
+        parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return (not self.qat and not any(p.qat for p in parts) and mlp.gate_proj.out_features % self.F == 0
+                and all(p.weight.dtype == self.w13_weight.dtype and p.gemm == self.gemm
+                        and (p.weight_scale_inv is None) == (self.w13_weight_scale_inv is None) for p in parts))
+
+    def host_shared(self, mlp: "MLP") -> None:
+        """Run the shared experts as experts E..E+S-1 of the fused kernel (sglang's shared-experts fusion): one
+        GEMM pair for all instead of the MLP's gate_up, silu*up and down launches. `postprocess` stacks the routed
+        weights into buffers of E + S experts (the routed Parameters become views of their first E) and copies
+        the shared MLP's rows in after them, again after every update; the MLP keeps its own weights (its
+        checkpoint names, and the path for batches above `MoE.shared_fusion_max_tokens`)."""
+        assert self.can_host(mlp)
+        self.hosted = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        self.S = mlp.gate_proj.out_features // self.F
+
+    def _extend(self, attr: str, shared: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        routed = getattr(self, attr)
+        if buf is None or routed.data_ptr() != buf.data_ptr() or buf.shape[1:] != routed.shape[1:]:
+            buf = torch.empty((self.E + self.S, *routed.shape[1:]), dtype=routed.dtype, device=routed.device)
+            buf[:self.E].copy_(routed.detach())
+            routed.data = buf[:self.E]
+        buf[self.E:].copy_(shared)
+        return buf
+
+    @torch.no_grad()
+    def postprocess(self, layouts) -> None:
+        if self.hosted is None:
+            return
+        gate, up, down = self.hosted
+        S, F_, D = self.S, self.F, self.D
+
+        def w13(g, u):  # [S*F, X] gate and up rows -> S experts' [gate; up] blocks
+            return torch.cat([g.view(S, F_, -1), u.view(S, F_, -1)], dim=1)
+
+        def w2(d):  # [D, S*X] down columns -> S experts' [D, X] blocks
+            return d.view(D, S, -1).transpose(0, 1)
+
+        self.w13_all = self._extend("w13_weight", w13(gate.weight, up.weight), self.w13_all)
+        self.w2_all = self._extend("w2_weight", w2(down.weight), self.w2_all)
+        if self.w13_weight_scale_inv is not None:
+            self.w13_scale_all = self._extend("w13_weight_scale_inv", w13(gate.weight_scale_inv, up.weight_scale_inv),
+                                              self.w13_scale_all)
+            self.w2_scale_all = self._extend("w2_weight_scale_inv", w2(down.weight_scale_inv), self.w2_scale_all)
+        if self.shared_ids is None or self.shared_ids.device != self.w13_all.device:
+            self.shared_ids = torch.arange(self.E, self.E + S, device=self.w13_all.device)
+
+    @property
+    def shared_nbytes(self) -> int:
+        """Bytes of the hosted shared experts' copies (weights and scales)."""
+        return sum(t[self.E:].nbytes for t in (self.w13_all, self.w13_scale_all, self.w2_all, self.w2_scale_all)
+                   if t is not None)
+
+    def drop_derived(self) -> None:
+        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = self.shared_ids = None
 
     def _q(self, name: str):
         if self.qat:
@@ -102,6 +169,16 @@ class Experts(nn.Module):
     def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
                        shared_TD)
+
+    def forward_with_shared(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False):
+        """Routed plus hosted shared experts in one fused call: each token also goes to experts E..E+S-1 with
+        weight 1 (the shared output is not scaled by the routed scaling factor)."""
+        T = x_TD.shape[0]
+        ids = torch.cat([ids_TK, self.shared_ids.expand(T, self.S)], dim=1)
+        weights = torch.cat([weights_TK.float(), weights_TK.new_ones(T, self.S, dtype=torch.float32)], dim=1)
+        w13, w2 = ((self.w13_all, self.w2_all) if self.w13_scale_all is None else
+                   (MXFP8Tensor(self.w13_all, self.w13_scale_all), MXFP8Tensor(self.w2_all, self.w2_scale_all)))
+        return experts(x_TD, ids, weights, w13, w2, self.gemm, x_qdq)
 
 
 class RouteRecorder:
@@ -126,11 +203,20 @@ class MoE(nn.Module):
         self.experts = Experts(cfg, dtype, prec.child("experts"))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype,
                                    prec.child("shared_experts"), kernels.act) if cfg.n_shared_experts else None)
+        # the fused MoE kernel also runs the shared experts, for batches up to this many tokens (0: never)
+        self.shared_fusion_max_tokens = 0
+        if (kernels.shared_experts_fusion and self.shared_experts is not None and self.experts.gemm.backend == "triton"
+                and self.experts.can_host(self.shared_experts)):
+            self.experts.host_shared(self.shared_experts)
+            self.shared_fusion_max_tokens = SHARED_FUSION_MAX_TOKENS
 
     def forward(self, x_TD: torch.Tensor, routes: RouteRecorder | None = None,
                 x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq_TD: x's MXFP8 quantize-dequantize from a fused norm, for the experts (the router takes x)."""
         record = routes.rows(self.moe_index, x_TD.shape[0]) if routes is not None else None
         weights_TK, ids_TK = self.gate(x_TD, record)
+        if self.experts.w13_all is not None and x_TD.shape[0] <= self.shared_fusion_max_tokens:
+            return self.experts.forward_with_shared(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK,
+                                                    x_qdq_TD is not None)
         shared_TD = self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else None
         return self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None, shared_TD)

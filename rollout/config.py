@@ -51,6 +51,8 @@ class EngineConfig:
     rope_backend: str | None = None  # None = Triton MLA rope (q and k in one kernel, bit-exact) on CUDA | torch
     latent_backend: str | None = None  # MLA latent norm + cache write: None = one Triton kernel when norm is | torch
     act_backend: str | None = None  # MLP silu(gate) * up: None = one Triton kernel on CUDA (bit-exact) | torch
+    # the Triton fused MoE also runs each layer's shared experts (as extra experts; a copy of their weights)
+    disable_shared_experts_fusion: bool = False
     attention_fast_plan: bool = True  # captured decode graphs re-plan FlashInfer MLA without its plan() wrapper
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -121,11 +121,14 @@ class Engine(WeightUpdateAPI):
         kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,
                                                     cfg.rope_backend, shape.n_routed_experts or 0, shape.n_group or 1,
                                                     cfg.latent_backend, cfg.act_backend)
+        kernels = replace(kernels, shared_experts_fusion=not cfg.disable_shared_experts_fusion)
         self.model = load_model(self.model_path, self.device, self.dtype, progress=cfg.progress,
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
                                 load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)
         self.layouts = LayoutCache()
         self.model.postprocess(self.layouts)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the per-projection storage postprocess stacked (FusedLinear): not in use
         self.model_config = mcfg = self.model.cfg
         self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
         self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
@@ -158,6 +161,11 @@ class Engine(WeightUpdateAPI):
             mx += (f" (+ exact bf16 copies of {len(copies)} dense weights for GEMMs above 16 tokens, "
                    f"{sum(c.nbytes for c in copies) / 2**30:.2f} GiB: mxfp8_dense_bf16_copy)")
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
+        hosting = [m for m in self.model.modules() if getattr(m, "hosted", None) is not None]
+        if hosting:
+            moe += (f" (+ the shared experts of {len(hosting)} layers as {hosting[0].S} extra experts each, "
+                    f"{sum(m.shared_nbytes for m in hosting) / 2**30:.2f} GiB of copies: "
+                    "disable_shared_experts_fusion)")
         fused = sum(1 for m in self.model.modules() if getattr(m, "qdq_mode", None))
         kernels_why += (f", {fused} norms quantize their output for their MXFP8 GEMMs (fused RMSNorm + MXFP8)" if fused
                         else ", MXFP8 GEMMs quantize their own activations")
@@ -577,7 +585,9 @@ class Engine(WeightUpdateAPI):
             if "weights" in tags:
                 for p in self.model.parameters():
                     p.data = p.data.to(self.device)
-                self.model.postprocess(self.layouts)
+                self.model.postprocess(self.layouts)  # stacks the fused projections' storage again
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
             if "kv_cache" in tags and not self.cache.allocated:
                 self.cache.allocate()
             weights_home = next(self.model.parameters()).device.type == self.device.type

@@ -25,12 +25,15 @@ class ModelKernels:
     bit-identical to the reference). latent: the decode write of MLA's latent into the cache, "torch"
     (kv_a_layernorm by `norm`, the optional MXFP8 quantize-dequantize, two index copies) or "triton" (all in one
     kernel with `norm` "triton"'s bits; needs norm "triton"). act: an MLP's silu(gate) * up, "torch" (two kernels)
-    or "triton" (one, the same bits)."""
+    or "triton" (one, the same bits). shared_experts_fusion: a MoE layer whose experts run the Triton fused kernel
+    also runs its shared experts there, as extra experts (`model.moe.Experts.host_shared`; sglang's shared-experts
+    fusion, off with its `disable_shared_experts_fusion`)."""
     norm: str = "torch"
     router: str = "torch"
     rope: str = "torch"
     latent: str = "torch"
     act: str = "torch"
+    shared_experts_fusion: bool = True
 
     def __post_init__(self):
         if self.norm not in NORM_BACKENDS:

@@ -253,8 +253,17 @@ MID_MIN_M, MID_MAX_M = 17, 64  # the mid path (triton_mxfp8_gemm_mid): W dequant
 BIG_WEIGHT = 1 << 24  # elements; larger decode weights take BK=128 and a separate activation-quant pass
 MAX_TILES = 1 << 16
 # A weight's exact bf16 copy (`precision.linear.bf16_copy`), when kept, serves GEMMs above this many tokens through
-# cuBLAS (measured faster there on every moonlight shape); up to it the fused kernel reads half the bytes.
+# cuBLAS (measured faster there on every moonlight shape); up to it the fused kernel reads half the bytes, except
+# for weights below BIG_WEIGHT elements whose input is already quantize-dequantized by its producer (no activation
+# pass to add): there cuBLAS on the copy measured faster (fusion_check.json, H200: moonlight q+kv_a 7.1 vs 10.0 us,
+# shared gate+up 8.9 vs 13.0 us, deepseek-v3 q_a+kv_a 13.3 vs 14.4 us at M=1; the big-weight TMA config wins on
+# deepseek-v3's shared gate+up, 17.5 vs 20.7 us).
 COPY_MIN_M = 16
+
+
+def copy_serves(M: int, N: int, K: int, quant_x: bool) -> bool:
+    """Whether a GEMM of M tokens on an [N, K] weight runs cuBLAS on the weight's bf16 copy (when it keeps one)."""
+    return M > COPY_MIN_M or (not quant_x and N * K < BIG_WEIGHT)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -319,7 +328,7 @@ def mxfp8_gemm_triton(x_MK: torch.Tensor, w: MXFP8Tensor, act_mode: str = "w8a8"
     N = data.shape[0]
     quant_x = act_mode == "w8a8"
     copy = w.bf16_copy
-    use_copy = copy is not None and M > COPY_MIN_M and config is None and x.dtype == copy.dtype
+    use_copy = copy is not None and config is None and x.dtype == copy.dtype and copy_serves(M, N, K, quant_x)
     cfg = None if use_copy else config or pick_config(M, N, K)
     if use_copy or cfg["PATH"] == "dequant":  # cuBLAS bf16 (fp32 accumulate) on the exact dequantized weight
         w16 = copy if use_copy else dequant_triton(MXFP8Tensor(data, scale), x.dtype)

@@ -79,16 +79,21 @@ def test_route_topk_writes_the_recorders_rows(backend):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
 @pytest.mark.parametrize("shape", [(1, 2816), (5, 1408), (3, 100)])
-def test_silu_mul_triton_is_bit_identical(shape):
-    """libdevice expf, an IEEE division and torch's two roundings: F.silu(g) * u bit for bit."""
+@pytest.mark.parametrize("halves", [False, True])
+def test_silu_mul_triton_is_bit_identical(shape, halves):
+    """libdevice expf, an IEEE division and torch's two roundings: F.silu(g) * u bit for bit; also on the two
+    column halves of one fused gate_up output (row stride 2F), with and without the MXFP8 quantize-dequantize."""
     from mxroll.model.ops import silu_mul, silu_mul_ref
 
     g = torch.Generator().manual_seed(shape[1])
-    gate = (torch.randn(*shape, generator=g) * 3).to(DEVICE, LOW)
-    gate.view(-1)[:4] = torch.tensor([0.0, -30.0, 30.0, -0.5])  # zero, saturated tails
-    up = torch.randn(*shape, generator=g).to(DEVICE, LOW)
+    T, F_ = shape
+    gu = (torch.randn(T, 2 * F_, generator=g) * 3).to(DEVICE, LOW)
+    gate, up = gu.split(F_, dim=-1) if halves else (gu[:, :F_].contiguous(), gu[:, F_:].contiguous())
+    gate[0, :4] = torch.tensor([0.0, -30.0, 30.0, -0.5])  # zero, saturated tails
     got, ref = silu_mul(gate, up, "triton"), silu_mul_ref(gate, up)
-    assert got.dtype == LOW and got.shape == gate.shape and torch.equal(got, ref)
+    assert got.dtype == LOW and got.shape == gate.shape and got.is_contiguous() and torch.equal(got, ref)
+    if F_ % 32 == 0:
+        assert torch.equal(silu_mul(gate, up, "triton", "rceil"), silu_mul(gate, up, "torch", "rceil"))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")

@@ -149,9 +149,10 @@ def test_act_quant_bytes(scale_mode):
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_dense_bf16_copy_serves_gemms_above_16_tokens(mode):
     """`precision.linear.bf16_copy`: the exact dequantization, refreshed in place; GEMMs above COPY_MIN_M tokens
-    run cuBLAS on it (bit-equal to the per-call dequantize path above 64 tokens), up to it the MXFP8 kernel."""
+    run cuBLAS on it (bit-equal to the per-call dequantize path above 64 tokens), up to it the MXFP8 kernel, except
+    for a small weight whose input is already quantized (w8a16 here): cuBLAS on the copy at every M."""
     from mxroll.precision import GemmConfig, linear
-    from mxroll.precision.kernels.triton_mxfp8_gemm import COPY_MIN_M, act_qdq_triton
+    from mxroll.precision.kernels.triton_mxfp8_gemm import BIG_WEIGHT, COPY_MIN_M, act_qdq_triton, copy_serves
     from mxroll.precision.linear import bf16_copy
     g = torch.Generator(device="cuda").manual_seed(7)
     w = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
@@ -164,11 +165,14 @@ def test_dense_bf16_copy_serves_gemms_above_16_tokens(mode):
         x = (torch.randn(M, 2048, device="cuda", generator=g) * 3).to(torch.bfloat16)
         y, y0 = linear(x, wc, gemm), linear(x, w, gemm)
         xa = act_qdq_triton(x) if mode == "w8a8" else x
-        if M <= COPY_MIN_M or M > 64:  # the MXFP8 kernel as before / the same cuBLAS GEMM on the same values
+        serves = copy_serves(M, 576, 2048, mode == "w8a8")
+        assert serves == (M > COPY_MIN_M or mode == "w8a16")
+        if not serves or M > 64:  # the MXFP8 kernel as before / the same cuBLAS GEMM on the same values
             assert torch.equal(y, y0), M
-        if M > COPY_MIN_M:
+        if serves:
             assert torch.equal(y, torch.nn.functional.linear(xa, copy)), M
         assert rel(y, mxfp8_gemm_ref(x, w, mode, "rceil")) < 1e-2, M
+    assert not copy_serves(1, 4096, BIG_WEIGHT // 4096, False)  # big weights: the MXFP8 kernel up to 16 tokens
     # a weight update: new bytes land in place, the copy is rebuilt at the same address
     w2 = MXFP8Tensor.quantize(torch.randn(576, 2048, device="cuda", generator=g) * 0.05)
     w.data.copy_(w2.data)
