@@ -63,16 +63,18 @@ class Gate(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                                                     requires_grad=False)
 
-    def forward(self, x_TD: torch.Tensor,
-                record: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_TD: torch.Tensor, record: tuple[torch.Tensor, torch.Tensor] | None = None,
+                shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64); `record`: a route
-        recorder's rows (RouteRecorder.rows) that receive them too."""
+        recorder's rows (RouteRecorder.rows) that receive them too; `shared`: S more columns for the shared
+        experts a fused MoE hosts (experts E..E+S-1, weight 1), written by the same kernel."""
         if self.backend == "torch":
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         else:
             logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
         return route_topk(logits_TE, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                          self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, sigmoid=True)
+                          self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, sigmoid=True,
+                          shared=shared)
 
 
 class Experts(nn.Module):
@@ -96,7 +98,7 @@ class Experts(nn.Module):
             self.w13_weight_scale_inv = self.w2_weight_scale_inv = None
         self.hosted: tuple[Linear, Linear, Linear] | None = None  # see host_shared
         self.S = 0
-        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = self.shared_ids = None
+        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
 
     @property
     def k_dims(self) -> tuple[int, ...]:
@@ -148,8 +150,6 @@ class Experts(nn.Module):
             self.w13_scale_all = self._extend("w13_weight_scale_inv", w13(gate.weight_scale_inv, up.weight_scale_inv),
                                               self.w13_scale_all)
             self.w2_scale_all = self._extend("w2_weight_scale_inv", w2(down.weight_scale_inv), self.w2_scale_all)
-        if self.shared_ids is None or self.shared_ids.device != self.w13_all.device:
-            self.shared_ids = torch.arange(self.E, self.E + S, device=self.w13_all.device)
 
     @property
     def shared_nbytes(self) -> int:
@@ -158,7 +158,7 @@ class Experts(nn.Module):
                    if t is not None)
 
     def drop_derived(self) -> None:
-        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = self.shared_ids = None
+        self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
 
     def _q(self, name: str):
         if self.qat:
@@ -170,15 +170,12 @@ class Experts(nn.Module):
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
                        shared_TD)
 
-    def forward_with_shared(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False):
-        """Routed plus hosted shared experts in one fused call: each token also goes to experts E..E+S-1 with
-        weight 1 (the shared output is not scaled by the routed scaling factor)."""
-        T = x_TD.shape[0]
-        ids = torch.cat([ids_TK, self.shared_ids.expand(T, self.S)], dim=1)
-        weights = torch.cat([weights_TK.float(), weights_TK.new_ones(T, self.S, dtype=torch.float32)], dim=1)
+    def forward_with_shared(self, x_TD, ids_TKS, weights_TKS, x_qdq: bool = False):
+        """Routed plus hosted shared experts in one fused call: the router's K columns and S more (experts
+        E..E+S-1, weight 1: the shared output is not scaled by the routed scaling factor; `Gate`'s `shared`)."""
         w13, w2 = ((self.w13_all, self.w2_all) if self.w13_scale_all is None else
                    (MXFP8Tensor(self.w13_all, self.w13_scale_all), MXFP8Tensor(self.w2_all, self.w2_scale_all)))
-        return experts(x_TD, ids, weights, w13, w2, self.gemm, x_qdq)
+        return experts(x_TD, ids_TKS, weights_TKS, w13, w2, self.gemm, x_qdq)
 
 
 class RouteRecorder:
@@ -214,9 +211,10 @@ class MoE(nn.Module):
                 x_qdq_TD: torch.Tensor | None = None) -> torch.Tensor:
         """x_qdq_TD: x's MXFP8 quantize-dequantize from a fused norm, for the experts (the router takes x)."""
         record = routes.rows(self.moe_index, x_TD.shape[0]) if routes is not None else None
-        weights_TK, ids_TK = self.gate(x_TD, record)
         if self.experts.w13_all is not None and x_TD.shape[0] <= self.shared_fusion_max_tokens:
-            return self.experts.forward_with_shared(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK,
+            weights_TKS, ids_TKS = self.gate(x_TD, record, shared=self.experts.S)
+            return self.experts.forward_with_shared(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TKS, weights_TKS,
                                                     x_qdq_TD is not None)
+        weights_TK, ids_TK = self.gate(x_TD, record)
         shared_TD = self.shared_experts(x_TD, None, x_qdq_TD) if self.shared_experts is not None else None
         return self.experts(x_TD if x_qdq_TD is None else x_qdq_TD, ids_TK, weights_TK, x_qdq_TD is not None, shared_TD)

@@ -136,14 +136,16 @@ def route_topk_ref(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_
 def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                norm_topk_prob: bool, routed_scaling_factor: float, backend: str = "torch",
                record: tuple[torch.Tensor, torch.Tensor] | None = None,
-               sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               sigmoid: bool = False, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """record: (fp32, int32) [T, K] rows of a route recorder that also receive the weights and ids (the Triton
     kernel writes them itself; the torch path copies). sigmoid: scores_TE are the router's logits, turned
-    into scores first (inside the Triton kernel)."""
+    into scores first (inside the Triton kernel). shared: S more columns after the K routed ones, experts
+    E..E+S-1 with weight 1 (the shared experts a fused MoE hosts, `model.moe.Experts.host_shared`); the recorder
+    receives the routed columns only."""
     if backend == "triton":
         from .kernels.triton_router import route_topk_triton
         return route_topk_triton(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
-                                 routed_scaling_factor, record, sigmoid)
+                                 routed_scaling_factor, record, sigmoid, shared)
     if sigmoid:
         scores_TE = scores_TE.sigmoid()
     weights_TK, ids_TK = route_topk_ref(scores_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
@@ -151,6 +153,11 @@ def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_grou
     if record is not None:
         record[0].copy_(weights_TK)
         record[1].copy_(ids_TK)
+    if shared:
+        T, E = scores_TE.shape
+        extra = torch.arange(E, E + shared, device=ids_TK.device)
+        ids_TK = torch.cat([ids_TK, extra.expand(T, shared)], dim=1)
+        weights_TK = torch.cat([weights_TK, weights_TK.new_ones(T, shared)], dim=1)
     return weights_TK, ids_TK
 
 

@@ -21,9 +21,10 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_ids_ptr, scale,
+def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
                   E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
-                  NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr):
+                  NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr, S: tl.constexpr,
+                  SP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E)
     s = tl.load(scores_ptr + row * stride + e)
@@ -57,37 +58,48 @@ def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_ids_ptr, sca
     if NORM:
         ws = tl.math.div_rn(ws, tl.sum(ws, 0) + 1e-20)
     ws = ws * scale
-    tl.store(w_ptr + row * K + k, ws, mask=k < K)
-    tl.store(ids_ptr + row * K + k, ids, mask=k < K)
+    KS: tl.constexpr = K + S
+    tl.store(w_ptr + row * KS + k, ws, mask=k < K)
+    tl.store(ids_ptr + row * KS + k, ids, mask=k < K)
+    if S > 0:  # the hosted shared experts E..E+S-1, weight 1
+        j = tl.arange(0, SP)
+        tl.store(w_ptr + row * KS + K + j, tl.full([SP], 1.0, tl.float32), mask=j < S)
+        tl.store(ids_ptr + row * KS + K + j, (E + j).to(tl.int64), mask=j < S)
     if RECORD:
+        if S > 0:  # the recorder's rows hold the routed choices only
+            tl.store(rec_w_ptr + row * K + k, ws, mask=k < K)
         tl.store(rec_ids_ptr + row * K + k, ids.to(tl.int32), mask=k < K)
 
 
 def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                       norm_topk_prob: bool, routed_scaling_factor: float,
                       record: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      sigmoid: bool = False, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref; with `record` (contiguous fp32 and int32 [T, K]
     rows of a route recorder) the weights returned are record[0] and the ids are also stored in record[1].
-    sigmoid: scores_TE holds the logits (route_topk_ref(logits.sigmoid(), ...))."""
+    sigmoid: scores_TE holds the logits (route_topk_ref(logits.sigmoid(), ...)). shared: S more columns
+    [T, K + S], experts E..E+S-1 with weight 1 (shared experts hosted by the fused MoE; `route_topk`); the
+    recorder then receives the K routed columns."""
     T, E = scores_TE.shape
     assert scores_TE.dtype == torch.float32 and scores_TE.stride(1) == 1, (scores_TE.dtype, scores_TE.stride())
     assert bias_E.shape == (E,) and bias_E.dtype == torch.float32 and bias_E.is_contiguous(), (bias_E.shape,
                                                                                                 bias_E.dtype)
     assert E & (E - 1) == 0 and E % n_group == 0 and (E // n_group) & (E // n_group - 1) == 0, (E, n_group)
     assert 0 < top_k <= E and 0 < topk_group <= n_group, (E, n_group, top_k, topk_group)
+    assert shared >= 0, shared
+    rec_w = rec_ids = None
     if record is not None:
-        weights, rec_ids = record
-        assert weights.shape == rec_ids.shape == (T, top_k) and weights.is_contiguous() and rec_ids.is_contiguous(), (
-            tuple(weights.shape), tuple(rec_ids.shape))
-        assert weights.dtype == torch.float32 and rec_ids.dtype == torch.int32, (weights.dtype, rec_ids.dtype)
-    else:
-        weights = torch.empty(T, top_k, dtype=torch.float32, device=scores_TE.device)
-        rec_ids = None
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=scores_TE.device)
+        rec_w, rec_ids = record
+        assert rec_w.shape == rec_ids.shape == (T, top_k) and rec_w.is_contiguous() and rec_ids.is_contiguous(), (
+            tuple(rec_w.shape), tuple(rec_ids.shape))
+        assert rec_w.dtype == torch.float32 and rec_ids.dtype == torch.int32, (rec_w.dtype, rec_ids.dtype)
+    weights = (rec_w if rec_w is not None and not shared
+               else torch.empty(T, top_k + shared, dtype=torch.float32, device=scores_TE.device))
+    ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=scores_TE.device)
     if T:
-        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, ids if rec_ids is None else rec_ids,
-                            float(routed_scaling_factor), E=E, K=top_k, KP=triton.next_power_of_2(top_k), NG=n_group,
-                            TG=topk_group, NORM=bool(norm_topk_prob), RECORD=rec_ids is not None,
-                            SIGMOID=bool(sigmoid), num_warps=1 if E <= 128 else 2)
+        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, weights if rec_w is None else rec_w,
+                            ids if rec_ids is None else rec_ids, float(routed_scaling_factor), E=E, K=top_k,
+                            KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group, NORM=bool(norm_topk_prob),
+                            RECORD=rec_ids is not None, SIGMOID=bool(sigmoid), S=shared,
+                            SP=triton.next_power_of_2(max(shared, 1)), num_warps=1 if E <= 128 else 2)
     return weights, ids

@@ -77,6 +77,29 @@ def test_route_topk_writes_the_recorders_rows(backend):
     assert (rec.ids[0] == -7).all() and (rec.ids[1, T:] == -7).all() and (rec.weights[1, T:] == -1).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shared,record", [(1, False), (2, True), (3, True)])
+def test_route_topk_shared_columns(backend, shared, record):
+    """`shared`: S columns after the K routed ones, experts E..E+S-1 with weight 1 (a fused MoE's hosted shared
+    experts); the routed columns as without them, and a recorder gets the routed ones only."""
+    from mxroll.model.moe import RouteRecorder
+    from mxroll.model.ops import route_topk
+
+    g = torch.Generator().manual_seed(shared)
+    T, E, k = 6, 64, 6
+    scores = torch.randn(T, E, generator=g).sigmoid().to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    w0, ids0 = route_topk(scores, bias, k, 4, 2, True, 2.5, backend)
+    rec = RouteRecorder(1, T, k, DEVICE) if record else None
+    w, ids = route_topk(scores, bias, k, 4, 2, True, 2.5, backend, rec.rows(0, T) if record else None, shared=shared)
+    assert w.shape == ids.shape == (T, k + shared) and w.dtype == torch.float32 and ids.dtype == torch.int64
+    assert torch.equal(w[:, :k], w0) and torch.equal(ids[:, :k], ids0)
+    assert torch.equal(ids[:, k:].cpu(), torch.arange(E, E + shared).expand(T, shared))
+    assert (w[:, k:] == 1).all()
+    if record:
+        assert torch.equal(rec.weights[0], w0) and torch.equal(rec.ids[0], ids0.to(torch.int32))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter has no libdevice expf")
 @pytest.mark.parametrize("shape", [(1, 2816), (5, 1408), (3, 100)])
 @pytest.mark.parametrize("halves", [False, True])
