@@ -69,10 +69,16 @@ class UniformRoutes(nn.Module):
     def __init__(self, gate: nn.Module, ids_TK: torch.Tensor):
         super().__init__()
         self.gate, self.ids_TK = gate, ids_TK
+        self.ids_TKS = None  # with the hosted shared experts' columns (built on the first, warm-up, call)
 
-    def forward(self, x_TD, record=None):
-        w_TK, _ = self.gate(x_TD, record)
-        return w_TK, self.ids_TK[:x_TD.shape[0]]
+    def forward(self, x_TD, record=None, shared=0):
+        w, ids = self.gate(x_TD, record, shared=shared)
+        T, K = x_TD.shape[0], self.ids_TK.shape[1]
+        if not shared:
+            return w, self.ids_TK[:T]
+        if self.ids_TKS is None:
+            self.ids_TKS = torch.cat([self.ids_TK, ids[:1, K:].expand(self.ids_TK.shape[0], shared)], dim=1)
+        return w, self.ids_TKS[:T]
 
 
 class NoAttention:
