@@ -138,7 +138,8 @@ def main() -> None:
                     try:
                         r = run_case(name, fns(), k, bw, extra)
                     except Exception as e:  # noqa: BLE001 - a backend that does not build or plan is reported
-                        r = {"backend": name, "B": B, "context": ctx, "page_size": page, "error": repr(e)[:400], **extra}
+                        r = {"backend": name, "B": B, "context": ctx, "page_size": page, "error": repr(e)[:400],
+                             **extra}
                         print(f"{name:8} {page:>4} {ctx:>5} {B:>4} failed: {r['error'][:200]}", flush=True)
                         rows.append(r)
                         continue

@@ -22,7 +22,51 @@ def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-class Linear(nn.Module):
+class StoredWeight:
+    """What a module holding a stored weight (`weight`, `weight_scale_inv` or None, `gemm`, `qat`) derives from it
+    for the kernels, and the weight it hands `precision.linear` (Linear and FusedLinear)."""
+
+    def _derive(self, layouts: LayoutCache) -> None:
+        """The MXFP8 weight's kernel-side layouts, rebuilt in place at the same addresses."""
+        if self.weight_scale_inv is None:
+            return
+        if self.gemm.backend == "flashinfer":
+            self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
+                                                       out=getattr(self, "weight_scale_swizzled", None))
+        self.weight_bf16 = bf16_copy(MXFP8Tensor(self.weight, self.weight_scale_inv), self.gemm,
+                                     out=getattr(self, "weight_bf16", None))
+
+    def drop_derived(self) -> None:
+        """Free what `postprocess` derived (weights handed to host memory); the next postprocess rebuilds it."""
+        self.weight_scale_swizzled = self.weight_bf16 = None
+
+    @property
+    def qweight(self) -> torch.Tensor | MXFP8Tensor | QATWeight:
+        if self.qat:
+            return QATWeight(self.weight)
+        if self.weight_scale_inv is None:
+            return self.weight
+        return MXFP8Tensor(self.weight, self.weight_scale_inv,
+                           swizzled_scale=getattr(self, "weight_scale_swizzled", None),
+                           bf16_copy=getattr(self, "weight_bf16", None))
+
+
+def stack_rows(tensors: list[torch.Tensor], buf: torch.Tensor | None, extra: int = 0) -> torch.Tensor:
+    """A buffer holding `tensors` back to back along dim 0, then `extra` more rows, with each tensor (a Parameter)
+    pointed at its row range: `buf` itself when they already are, else a new one with their values copied in.
+    In-place writes into the Parameters (loading, weight updates) then land in the buffer."""
+    sizes = [t.shape[0] for t in tensors] + [extra]
+    if (buf is not None and buf.shape[0] == sum(sizes) and buf.shape[1:] == tensors[0].shape[1:]
+            and all(t.data_ptr() == v.data_ptr() for t, v in zip(tensors, buf.split(sizes)))):
+        return buf
+    buf = torch.empty((sum(sizes), *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=tensors[0].device)
+    for t, view in zip(tensors, buf.split(sizes)):
+        view.copy_(t.detach())
+        t.data = view
+    return buf
+
+
+class Linear(StoredWeight, nn.Module):
     """A GEMM through `precision.linear`; storage (bf16/fp32, or MXFP8 e4m3 + E8M0) is decided by the
     storage plan and passed in as `prec` at construction."""
 
@@ -45,34 +89,14 @@ class Linear(nn.Module):
     def postprocess(self, layouts: LayoutCache) -> None:
         """Derive kernel-side layouts from the stored bytes (after load and after every update), in place.
         A part of a `FusedLinear` derives nothing: the fused module does, once, for all its parts."""
-        if self.fused:
-            return
-        if self.gemm.backend == "flashinfer" and self.weight_scale_inv is not None:
-            self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
-                                                       out=getattr(self, "weight_scale_swizzled", None))
-        if self.weight_scale_inv is not None and not self.qat:
-            self.weight_bf16 = bf16_copy(MXFP8Tensor(self.weight, self.weight_scale_inv), self.gemm,
-                                         out=getattr(self, "weight_bf16", None))
-
-    def drop_derived(self) -> None:
-        """Free what `postprocess` derived (weights handed to host memory); the next postprocess rebuilds it."""
-        self.weight_scale_swizzled = self.weight_bf16 = None
-
-    @property
-    def qweight(self) -> torch.Tensor | MXFP8Tensor | QATWeight:
-        if self.qat:
-            return QATWeight(self.weight)
-        if self.weight_scale_inv is None:
-            return self.weight
-        return MXFP8Tensor(self.weight, self.weight_scale_inv,
-                           swizzled_scale=getattr(self, "weight_scale_swizzled", None),
-                           bf16_copy=getattr(self, "weight_bf16", None))
+        if not self.fused:
+            self._derive(layouts)
 
     def forward(self, x: torch.Tensor, x_qdq: bool = False) -> torch.Tensor:
         return linear(x, self.qweight, self.gemm, x_qdq=x_qdq)
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(StoredWeight, nn.Module):
     """Projections that read the same input, run as one GEMM over their weights stacked along N (sglang's
     fused_qkv_a_proj_with_mqa and gate_up_proj): one launch instead of several, and a narrow projection
     (kv_a_proj's N=576) no longer runs a poorly parallel GEMM of its own (fusion_check.json). The parts keep
@@ -85,37 +109,21 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.parts = tuple(parts)  # a tuple: not registered as children, whose names stay the checkpoint's
         self.sizes = [p.out_features for p in parts]
-        self.gemm = parts[0].gemm
-        self.weight = self.weight_scale_inv = self.weight_scale_swizzled = self.weight_bf16 = None
+        self.gemm, self.qat = parts[0].gemm, False
+        self.weight = self.weight_scale_inv = None
         for p in parts:
             p.fused = True
 
-    def _fuse(self, attr: str) -> torch.Tensor:
-        """The stacked buffer of the parts' `attr`; the parts' tensors become views of it (copied in when they
-        are not already)."""
-        tensors = [getattr(p, attr) for p in self.parts]
-        buf = getattr(self, attr)
-        if buf is not None and all(t.data_ptr() == v.data_ptr() and t.shape == v.shape
-                                   for t, v in zip(tensors, buf.split(self.sizes))):
-            return buf
-        buf = torch.cat([t.detach() for t in tensors])
-        for t, view in zip(tensors, buf.split(self.sizes)):
-            t.data = view
-        return buf
-
     def postprocess(self, layouts: LayoutCache) -> None:
-        self.weight = self._fuse("weight")
-        if self.parts[0].weight_scale_inv is None:
-            return
-        self.weight_scale_inv = self._fuse("weight_scale_inv")
-        if self.gemm.backend == "flashinfer":
-            self.weight_scale_swizzled = layouts.apply("scale_128x4", self.weight_scale_inv,
-                                                       out=self.weight_scale_swizzled)
-        self.weight_bf16 = bf16_copy(MXFP8Tensor(self.weight, self.weight_scale_inv), self.gemm, out=self.weight_bf16)
+        self.weight = stack_rows([p.weight for p in self.parts], self.weight)
+        if self.parts[0].weight_scale_inv is not None:
+            self.weight_scale_inv = stack_rows([p.weight_scale_inv for p in self.parts], self.weight_scale_inv)
+        self._derive(layouts)
 
     def drop_derived(self) -> None:
-        """Forget the buffer (the parts' views keep their values; the next postprocess stacks them again)."""
-        self.weight = self.weight_scale_inv = self.weight_scale_swizzled = self.weight_bf16 = None
+        """Forget the buffer too (the parts' views keep their values; the next postprocess stacks them again)."""
+        super().drop_derived()
+        self.weight = self.weight_scale_inv = None
 
     def forward(self, x: torch.Tensor, x_qdq: bool = False) -> tuple[torch.Tensor, ...]:
         """Each part's output, as column views of one GEMM's [T, sum N] result; before the first postprocess
@@ -123,14 +131,6 @@ class FusedLinear(nn.Module):
         if self.weight is None:
             return tuple(p(x, x_qdq) for p in self.parts)
         return linear(x, self.qweight, self.gemm, x_qdq=x_qdq).split(self.sizes, dim=-1)
-
-    @property
-    def qweight(self) -> torch.Tensor | MXFP8Tensor:
-        """The stacked weight (after postprocess), as `Linear.qweight`."""
-        if self.weight_scale_inv is None:
-            return self.weight
-        return MXFP8Tensor(self.weight, self.weight_scale_inv, swizzled_scale=self.weight_scale_swizzled,
-                           bf16_copy=self.weight_bf16)
 
 
 def fuse_linears(parts: list[Linear]) -> FusedLinear | None:

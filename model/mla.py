@@ -72,10 +72,13 @@ class MLA(nn.Module):
                 attn: AttentionBackend, x_qdq: bool = False) -> torch.Tensor:
         """x_qdq: x_TD is the input norm's MXFP8 quantize-dequantize (both projections skip their pass)."""
         T = x_TD.shape[0]
-        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
-        q, kv = (self.fused_qkv_a_proj_with_mqa(x_TD, x_qdq) if self.fused_qkv_a_proj_with_mqa is not None
-                 else (first(x_TD, x_qdq), self.kv_a_proj_with_mqa(x_TD, x_qdq)))
-        if not hasattr(self, "q_proj"):
+        q_lora = not hasattr(self, "q_proj")
+        if self.fused_qkv_a_proj_with_mqa is not None:
+            q, kv = self.fused_qkv_a_proj_with_mqa(x_TD, x_qdq)
+        else:
+            q = (self.q_a_proj if q_lora else self.q_proj)(x_TD, x_qdq)
+            kv = self.kv_a_proj_with_mqa(x_TD, x_qdq)
+        if q_lora:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
         kv_TC, k_pe_TR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)

@@ -13,7 +13,7 @@ from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
 from .kernels import ModelKernels
-from .layers import Linear, frozen, fuse_linears, fused_norm_quant
+from .layers import Linear, frozen, fuse_linears, fused_norm_quant, stack_rows
 from .ops import route_topk, silu_mul
 
 
@@ -123,11 +123,9 @@ class Experts(nn.Module):
         self.S = mlp.gate_proj.out_features // self.F
 
     def _extend(self, attr: str, shared: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
-        routed = getattr(self, attr)
-        if buf is None or routed.data_ptr() != buf.data_ptr() or buf.shape[1:] != routed.shape[1:]:
-            buf = torch.empty((self.E + self.S, *routed.shape[1:]), dtype=routed.dtype, device=routed.device)
-            buf[:self.E].copy_(routed.detach())
-            routed.data = buf[:self.E]
+        """The [E + S, ...] buffer whose first E rows the routed Parameter `attr` is a view of, with `shared` (the
+        hosted experts' rows) copied in after them."""
+        buf = stack_rows([getattr(self, attr)], buf, extra=self.S)
         buf[self.E:].copy_(shared)
         return buf
 

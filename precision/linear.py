@@ -66,7 +66,8 @@ def bf16_copy(w: MXFP8Tensor, gemm: GemmConfig, out: torch.Tensor | None = None)
     Only the Triton backend reads it: GEMMs of more than `COPY_MIN_M` tokens run cuBLAS bf16 on it instead of
     a Triton MXFP8 kernel (2-3x faster at 17..1024 tokens on moonlight-sized weights, mxfp8_gemm_quick.json)
     or a per-call dequantization; so do smaller GEMMs on weights below `BIG_WEIGHT` elements whose input comes
-    quantize-dequantized from its producer (`copy_serves`). Same values as the stored bytes: e4m3 x 2^(s-127) is exact in bf16."""
+    quantize-dequantized from its producer (`copy_serves`). Same values as the stored bytes: e4m3 x 2^(s-127) is
+    exact in bf16."""
     if not (gemm.bf16_copy and gemm.backend == "triton"):
         return None
     from .kernels.triton_mxfp8_gemm import dequant_triton

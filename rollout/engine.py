@@ -126,9 +126,7 @@ class Engine(WeightUpdateAPI):
                                 quantization=cfg.quantization, recipe=self.recipe, gemm=self.gemm,
                                 load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)
         self.layouts = LayoutCache()
-        self.model.postprocess(self.layouts)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the per-projection storage postprocess stacked (FusedLinear): not in use
+        self._postprocess_weights()
         self.model_config = mcfg = self.model.cfg
         self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
         self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
@@ -585,9 +583,7 @@ class Engine(WeightUpdateAPI):
             if "weights" in tags:
                 for p in self.model.parameters():
                     p.data = p.data.to(self.device)
-                self.model.postprocess(self.layouts)  # stacks the fused projections' storage again
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self._postprocess_weights()
             if "kv_cache" in tags and not self.cache.allocated:
                 self.cache.allocate()
             weights_home = next(self.model.parameters()).device.type == self.device.type
@@ -595,6 +591,14 @@ class Engine(WeightUpdateAPI):
             if not self._released:
                 self.runner.graphs = self._new_graphs()  # new addresses: graphs are captured again
         self._command(run)
+
+    def _postprocess_weights(self) -> None:
+        """The weights' kernel-side layouts, after loading and after the weights come back to the device. It stacks
+        storage (fused projections, hosted shared experts); the per-Parameter storage it replaced goes back to the
+        device, so that the free memory the KV cache is sized from counts it."""
+        self.model.postprocess(self.layouts)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _tags(tags) -> list[str]:

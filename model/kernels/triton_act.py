@@ -53,6 +53,6 @@ def silu_mul_triton(g_TF: torch.Tensor, u_TF: torch.Tensor, qdq_mode: str | None
     out = torch.empty(T, F, dtype=g_TF.dtype, device=g_TF.device)
     n = T * F
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g_TF, u_TF, out, n, F, g_TF.stride(0), u_TF.stride(0), BLOCK=BLOCK, QDQ=qdq_mode is not None,
-                                                    FLOOR=qdq_mode == "floor", num_warps=4)
+        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g_TF, u_TF, out, n, F, g_TF.stride(0), u_TF.stride(0), BLOCK=BLOCK,
+                                                    QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", num_warps=4)
     return out

@@ -113,7 +113,8 @@ def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch
     assert ckv_PGC.is_contiguous() and kpe_PGR.is_contiguous() and out.is_contiguous() and out.shape == (B, H, C)
     dt = ckv_PGC.dtype
     assert q_BHC.dtype == qpe_BHR.dtype == kpe_PGR.dtype == out.dtype == dt, (q_BHC.dtype, qpe_BHR.dtype, dt)
-    assert C & (C - 1) == 0 and R & (R - 1) == 0 and splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS, (C, R, splits)
+    assert C & (C - 1) == 0 and R & (R - 1) == 0, (C, R)
+    assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS, splits
     i32 = torch.int32
     assert kv_indptr.dtype == kv_indices.dtype == kv_lens.dtype == i32 and kv_lens.shape == (B,), (
         kv_indptr.dtype, kv_indices.dtype, kv_lens.dtype, tuple(kv_lens.shape))

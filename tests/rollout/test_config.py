@@ -34,7 +34,8 @@ def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
     (dict(context_length=-5), "context_length"), (dict(context_length=True), "context_length"),
     (dict(log_level="LOUD"), "log_level"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
     (dict(norm_backend="cuda"), "norm_backend"), (dict(router_backend="flashinfer"), "router_backend"),
-    (dict(rope_backend="flashinfer"), "rope_backend"), (dict(decode_attention_backend="torch"), "decode_attention_backend"),
+    (dict(rope_backend="flashinfer"), "rope_backend"),
+    (dict(decode_attention_backend="torch"), "decode_attention_backend"),
 ])
 def test_check_engine_config_names_the_field(edit, field):
     with pytest.raises(ValueError, match=f"^{field}="):
