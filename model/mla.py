@@ -24,7 +24,7 @@ from ..precision import Precision
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, RMSNorm, fuse_linears
-from .ops import latent_ref, rope, store_latent
+from .ops import absorb_ref, latent_ref, rope, store_latent, store_latent_absorb
 
 
 class AttentionBackend(Protocol):
@@ -100,6 +100,15 @@ class MLA(nn.Module):
         store_latent(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, n.weight, n.eps, n.backend, self.latent_qdq,
                      self.latent_backend)
 
+    def store_latents_and_absorb(self, ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor,
+                                 kv_TC: torch.Tensor, k_pe_TR: torch.Tensor, q_nope_THP: torch.Tensor) -> torch.Tensor:
+        """`store_latents`, then `absorb(q_nope)`: one kernel with `ModelKernels.latent` "triton" (a small decode
+        batch's pre-attention work, model.ops.store_latent_absorb)."""
+        n = self.kv_a_layernorm
+        w_uk_HPC, _ = self.absorbed_weights()
+        return store_latent_absorb(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, n.weight, n.eps, q_nope_THP, w_uk_HPC,
+                                   n.backend, self.latent_qdq, self.latent_backend)
+
     # ---- the absorbed weights: W_UK [H, P, C] and W_UV [H, V, C], views of kv_b_proj ----
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
@@ -109,7 +118,7 @@ class MLA(nn.Module):
         """q_nope -> q in latent space [T, H, C] (model dtype, for kernels that attend over the latent): a view
         of the batched product's [H, T, C] result, heads outermost in memory."""
         w_uk_HPC, _ = self.absorbed_weights()
-        return torch.bmm(q_nope_THP.transpose(0, 1), w_uk_HPC.to(q_nope_THP.dtype)).transpose(0, 1)
+        return absorb_ref(q_nope_THP, w_uk_HPC)
 
     def unabsorb(self, o_lat_THC: torch.Tensor) -> torch.Tensor:
         """Latent-space attention output -> per-head values [T, H, V]."""

@@ -94,6 +94,27 @@ def store_latent(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tens
     return store_latent_ref(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode)
 
 
+def store_latent_absorb(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
+                        k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, q_nope_THP: torch.Tensor,
+                        w_uk_HPC: torch.Tensor, norm_backend: str = "torch", qdq_mode: str | None = None,
+                        backend: str = "torch") -> torch.Tensor:
+    """`store_latent`, then MLA's absorb: q_lat [T, H, C] = q_nope @ W_UK per head (a bmm: fp32 sums, one rounding
+    to q's dtype). backend "triton": both in one kernel (model.kernels.triton_latent.latent_absorb_triton: the
+    store's bits, the absorb's values up to the fp32 sum order)."""
+    if backend == "triton":
+        if norm_backend != "triton":
+            raise ValueError(f"the Triton latent store gives triton_norm's bits; the model's norm is {norm_backend!r}")
+        from .kernels.triton_latent import latent_absorb_triton
+        return latent_absorb_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode, q_nope_THP, w_uk_HPC)
+    store_latent(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode, backend)
+    return absorb_ref(q_nope_THP, w_uk_HPC)
+
+
+def absorb_ref(q_nope_THP: torch.Tensor, w_uk_HPC: torch.Tensor) -> torch.Tensor:
+    """q_nope [T, H, P] -> q_lat [T, H, C] in q's dtype: a view of the batched product's [H, T, C] result."""
+    return torch.bmm(q_nope_THP.transpose(0, 1), w_uk_HPC.to(q_nope_THP.dtype)).transpose(0, 1)
+
+
 # ---------------------------------------------------------------- MLP activation
 
 def silu_mul_ref(g_TF: torch.Tensor, u_TF: torch.Tensor) -> torch.Tensor:

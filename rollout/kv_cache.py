@@ -88,6 +88,13 @@ class PagedLatentCache:
         ckv, kpe = self.layer(mla.layer)
         mla.store_latents(ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1]), slots_T, kv_TC, pe_TR)
 
+    def write_and_absorb(self, mla, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor,
+                         q_nope_THP: torch.Tensor) -> torch.Tensor:
+        """`write`, then q in latent space [T, H, C] (`MLA.store_latents_and_absorb`: one kernel on Triton)."""
+        ckv, kpe = self.layer(mla.layer)
+        return mla.store_latents_and_absorb(ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1]), slots_T, kv_TC,
+                                            pe_TR, q_nope_THP)
+
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write of shared partial pages, in every layer, before a forward writes into them."""
         s = torch.tensor(src, dtype=torch.long, device=self.device)

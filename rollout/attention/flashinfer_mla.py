@@ -12,7 +12,9 @@ table into the captured buffers, which is all that plan() changes for a captured
 checks that the schedule's launch shape (the plan info) is the captured one and fails loudly if not.
 Decode batches of up to `triton_decode_rows` rows attend with the Triton split-KV kernel instead
 (`triton_mla.py`: FlashInfer's kernel leaves most SMs idle on a few rows); it reads the page table on the
-GPU, so such a step skips the host-side plan and a captured graph only needs the table copied in.
+GPU, so such a step skips the host-side plan and a captured graph only needs the table copied in. Those steps
+also store the latents and absorb q in one launch (`MLA.store_latents_and_absorb`) and apply W_UV inside the
+split merge.
 Checked against the torch reference on the device (tests/rollout/test_attention_gpu.py).
 Legend: T tokens, H heads, C kv_lora_rank, R qk_rope_head_dim.
 """
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 256 << 20
 FAST_PLAN_BACKENDS = ("fa2", "fa3")  # planners whose replans keep a captured graph valid
+# Triton decode steps store the latents and absorb q in one launch and apply W_UV in the split merge (3 launches
+# per layer instead of 6); False keeps the separate kernels (benchmarks compare the two).
+FUSED_SMALL_DECODE = True
 
 
 class GraphReplanner:
@@ -113,7 +118,7 @@ class FlashInferAttention:
         self.eager = flashinfer.mla.BatchMLAPagedAttentionWrapper(self.workspace)
         self.wrapper = self.eager
         self.step: StepInputs | None = None
-        self.triton_decode_rows = triton_decode_rows
+        self.triton_decode_rows, self.fused_small_decode = triton_decode_rows, FUSED_SMALL_DECODE
         if triton_decode_rows:
             from .triton_mla import decode_splits, mla_decode_triton
             self.decode_splits, self.mla_decode_triton = decode_splits, mla_decode_triton
@@ -184,14 +189,22 @@ class FlashInferAttention:
         log.info("MLA graph batch %d: %s", size, graph.path)
 
     def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
-        self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         dtype = self.cache.dtype
+        ckv, kpe = self.cache.layer(mla.layer)
+        if self.triton is not None and self.fused_small_decode:
+            # three launches: latent store + absorb, split-KV attention, merge + unabsorb (W_UV)
+            t, splits = self.triton
+            q_lat_THC = self.cache.write_and_absorb(mla, self.step.slots_T, kv_TC, k_pe_TR, q_nope_THP.to(dtype))
+            _, w_uv_HVC = mla.absorbed_weights()
+            o_THV = torch.empty(*q_lat_THC.shape[:2], w_uv_HVC.shape[1], dtype=dtype, device=q_lat_THC.device)
+            return self.mla_decode_triton(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, t.kv_indptr, t.kv_indices,
+                                          t.kv_lens, self.sm_scale, splits, o_THV, w_uv_HVC=w_uv_HVC.to(dtype))
+        self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         # q_lat is a [T, H, C] view of the bmm's [H, T, C] result: FlashInfer's MLA kernels read q (and q_pe)
         # through their token and head strides, so no copy. The output is a [T, H, C] contiguous buffer, the
         # layout unabsorb's bmm has always read (a cuBLAS call whose layout changes may change algorithm).
         q_lat_THC = mla.absorb(q_nope_THP.to(dtype))
         o_lat_THC = torch.empty(q_lat_THC.shape, dtype=dtype, device=q_lat_THC.device)
-        ckv, kpe = self.cache.layer(mla.layer)
         if self.triton is not None:
             t, splits = self.triton
             self.mla_decode_triton(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, t.kv_indptr, t.kv_indices, t.kv_lens,

@@ -6,7 +6,11 @@ a handful of rows. Here every row's context is split into `splits` contiguous ch
 (row, chunk, head group); each attends its chunk with an online softmax (fp32 scores and sums, the
 probabilities rounded to the cache dtype for the probability x latent MMA, as FlashInfer does) and writes
 its normalized partial output and log-sum-exp; a second kernel merges the chunks of each (row, head).
-With one split the first kernel writes the output directly.
+With one split the first kernel writes the output directly. Given W_UV, the merge also applies it
+(`_mla_merge_unabsorb_kernel`: MLA.unabsorb's product on the merged latent, rounded to the cache dtype first as
+the separate merge stores it; each program takes a block of latent columns and the last to arrive sums the
+[V] partials in block order, `_split_last` of the split-K GEMMs), so a decode step's attention ends in per-head
+values without another launch.
 Measured (mla_triton_small.json, H200, 16 heads, page 16): 1.0-1.7x as fast as FlashInfer's fa3 kernel
 at 1..4 rows (batch 1: 8.9-11.1 us vs 10.1-18.4 us over contexts 256..4096), 0.8-1.1x at 8 and 16 rows,
 slower above (the chunk loop's MMAs are 16-row mma.sync over latents gathered through registers;
@@ -27,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision.kernels.triton_mxfp8_gemm import MAX_TILES, _split_last, _split_locks, _split_sum
+
 MAX_SPLITS = 64
 
 
@@ -41,7 +47,7 @@ def decode_splits(rows: int, heads: int, sms: int, block_h: int = 16) -> int:
 def _mla_decode_split_kernel(q_ptr, q_sb, q_sh, qpe_ptr, qpe_sb, qpe_sh, ckv_ptr, kpe_ptr, indptr_ptr, indices_ptr,
                              lens_ptr, part_ptr, lse_ptr, out_ptr, H, scale_log2,
                              C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -76,7 +82,7 @@ def _mla_decode_split_kernel(q_ptr, q_sb, q_sh, qpe_ptr, qpe_sb, qpe_sh, ckv_ptr
         m = m_new
     live = l > 0  # an empty chunk (context shorter than its start) contributes nothing
     o = acc / tl.where(live, l, 1.0)[:, None]
-    if SPLITS == 1:
+    if DIRECT:  # one split and no merge: the output itself
         tl.store(out_ptr + (b64 * H + h[:, None]) * C + c[None, :], o.to(out_ptr.dtype.element_ty), mask=hm[:, None])
     else:
         at = (b64 * SPLITS + s) * H + h
@@ -99,18 +105,56 @@ def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H, C: tl.constexpr, SPL
     tl.store(out_ptr + (b * H + h) * C + c, tl.sum(part * w[:, None], 0).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _mla_merge_unabsorb_kernel(part_ptr, lse_ptr, w_ptr, w_sh, out_ptr, pv_ptr, lock_ptr, H, V, C: tl.constexpr,
+                               SPLITS: tl.constexpr, VP: tl.constexpr, BC: tl.constexpr):
+    """Program (b, h, c-block): the merged latent of (b, h) over one C-block (rounded to the output dtype, as the
+    separate merge stores it) times W_UV[h][:, c-block], an fp32 [V] partial. With several C-blocks the last
+    program of (b, h) to arrive sums the partials in C-block order (deterministic) and stores the values."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    cb = tl.program_id(2)
+    NC: tl.constexpr = C // BC
+    s = tl.arange(0, SPLITS)
+    lse = tl.load(lse_ptr + (b * SPLITS + s) * H + h)
+    w = tl.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)
+    c = cb * BC + tl.arange(0, BC)
+    part = tl.load(part_ptr + ((b * SPLITS + s[:, None]) * H + h) * C + c[None, :])
+    o = tl.sum(part * w[:, None], 0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    v = tl.arange(0, VP)
+    vm = v < V
+    wuv = tl.load(w_ptr + h * w_sh + v[:, None] * C + c[None, :], mask=vm[:, None], other=0.0)
+    pv = tl.sum(wuv.to(tl.float32) * o[None, :], 1)
+    out_ptrs = out_ptr + (b * H + h) * V + v
+    if NC == 1:
+        tl.store(out_ptrs, pv.to(out_ptr.dtype.element_ty), mask=vm)
+    else:
+        pv_ptrs = pv_ptr + ((b * H + h) * NC) * VP + v
+        tl.store(pv_ptrs + cb * VP, pv)
+        if _split_last(lock_ptr, b * H + h, NC):
+            tl.store(out_ptrs, _split_sum(pv_ptrs, vm, VP, NC).to(out_ptr.dtype.element_ty), mask=vm)
+
+
 def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch.Tensor, kpe_PGR: torch.Tensor,
                       kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_lens: torch.Tensor, sm_scale: float,
                       splits: int, out: torch.Tensor, block_n: int = 32, num_warps: int = 4,
-                      num_stages: int = 2) -> torch.Tensor:
+                      num_stages: int = 2, w_uv_HVC: torch.Tensor | None = None, block_c: int = 128) -> torch.Tensor:
     """out[b, h] = softmax(sm_scale * (q . ckv + qpe . kpe)) @ ckv over row b's first kv_lens[b] cached tokens.
     q / qpe: [B, H, *] with unit inner stride (any row / head strides); caches contiguous [P, G, *]; the page
-    table int32 on the GPU, every kv_lens[b] >= 1; out [B, H, C] contiguous, the cache dtype."""
+    table int32 on the GPU, every kv_lens[b] >= 1; out [B, H, C] contiguous, the cache dtype.
+    w_uv_HVC: MLA's W_UV [H, V, C] (row stride C), applied in the merge: out is then [B, H, V], the per-head values
+    (the splits' partials are merged even for one split; each merge program takes `block_c` latent columns)."""
     B, H, C = q_BHC.shape
     P, G, R = kpe_PGR.shape
     assert ckv_PGC.shape == (P, G, C) and qpe_BHR.shape == (B, H, R), (tuple(ckv_PGC.shape), tuple(qpe_BHR.shape))
     assert q_BHC.stride(2) == 1 and qpe_BHR.stride(2) == 1, (q_BHC.stride(), qpe_BHR.stride())
-    assert ckv_PGC.is_contiguous() and kpe_PGR.is_contiguous() and out.is_contiguous() and out.shape == (B, H, C)
+    V = C if w_uv_HVC is None else w_uv_HVC.shape[1]
+    assert ckv_PGC.is_contiguous() and kpe_PGR.is_contiguous() and out.is_contiguous() and out.shape == (B, H, V)
+    if w_uv_HVC is not None:
+        assert w_uv_HVC.shape == (H, V, C) and w_uv_HVC.stride(1) == C and w_uv_HVC.stride(2) == 1, (
+            tuple(w_uv_HVC.shape), w_uv_HVC.stride())
+        assert w_uv_HVC.dtype == ckv_PGC.dtype, (w_uv_HVC.dtype, ckv_PGC.dtype)
     dt = ckv_PGC.dtype
     assert q_BHC.dtype == qpe_BHR.dtype == kpe_PGR.dtype == out.dtype == dt, (q_BHC.dtype, qpe_BHR.dtype, dt)
     assert C & (C - 1) == 0 and R & (R - 1) == 0, (C, R)
@@ -121,7 +165,7 @@ def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch
     if B == 0:
         return out
     block_h = 16
-    if splits == 1:
+    if splits == 1 and w_uv_HVC is None:
         part = lse = out  # unused
     else:
         part = torch.empty(B, splits, H, C, dtype=torch.float32, device=out.device)
@@ -130,8 +174,16 @@ def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch
     _mla_decode_split_kernel[grid](q_BHC, q_BHC.stride(0), q_BHC.stride(1), qpe_BHR, qpe_BHR.stride(0),
                                    qpe_BHR.stride(1), ckv_PGC, kpe_PGR, kv_indptr, kv_indices, kv_lens, part, lse, out,
                                    H, sm_scale * math.log2(math.e), C=C, R=R, PAGE=G, SPLITS=splits, BLOCK_H=block_h,
-                                   BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    if splits > 1:
+                                   BLOCK_N=block_n, DIRECT=part is out, num_warps=num_warps, num_stages=num_stages)
+    if w_uv_HVC is not None:
+        block_c = min(C, block_c)
+        VP = triton.next_power_of_2(V)
+        pv = torch.empty(B * H, C // block_c, VP, dtype=torch.float32, device=out.device)
+        assert B * H <= MAX_TILES, (B, H)
+        _mla_merge_unabsorb_kernel[(B, H, C // block_c)](part, lse, w_uv_HVC, w_uv_HVC.stride(0), out, pv,
+                                                         _split_locks(out.device), H, V, C=C, SPLITS=splits, VP=VP,
+                                                         BC=block_c, num_warps=4)
+    elif splits > 1:
         block_c = min(C, 8192 // splits)
         _mla_decode_merge_kernel[(B, H, C // block_c)](part, lse, out, H, C=C, SPLITS=splits, BLOCK_C=block_c,
                                                          num_warps=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mxroll.model.kernels import ModelKernels
-from mxroll.model.ops import store_latent, store_latent_ref
+from mxroll.model.ops import absorb_ref, store_latent, store_latent_absorb, store_latent_ref
 from mxroll.precision.kernels.mxfp8_gemm import fake_quant
 
 triton = pytest.importorskip("triton")
@@ -84,3 +84,44 @@ def test_triton_latent_needs_the_triton_norm():
     kv, k_pe, w, slots, ckv, kpe = inputs(2, 96, 32, N=6, seed=1)
     with pytest.raises(ValueError, match="norm"):
         store_latent(ckv, kpe, slots, kv, k_pe, w, 1e-6, "torch", None, backend="triton")
+
+
+def absorb_inputs(T: int, H: int, P: int, V: int, C: int, seed: int):
+    """q_nope as MLA has it (a split view of q [T, H, P + R]) and W_UK as rows of kv_b_proj [H, P + V, C]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, P + 16, generator=g).to(DEVICE, LOW)
+    kv_b = (torch.randn(H, P + V, C, generator=g) * 0.1).to(DEVICE, LOW)
+    return q[..., :P], kv_b[:, :P]
+
+
+@pytest.mark.parametrize("qdq", [None, "rceil"])
+@pytest.mark.parametrize("T,H,P,C,R", [(1, 16, 128, 512, 64), (4, 16, 128, 512, 64), (19, 3, 24, 96, 32)])
+def test_latent_absorb_is_the_store_and_the_absorb(qdq, T, H, P, C, R):
+    """One launch = store_latent_triton's bits in the caches + absorb's bmm to the fp32 sum order (19 tokens: more
+    than one 16-row block; P and C not powers of two)."""
+    from mxroll.model.kernels.triton_latent import latent_absorb_triton, store_latent_triton
+
+    kv, k_pe, w, slots, ckv, kpe = inputs(T, C, R, N=3 * T + 4, seed=T + C)
+    q_nope, w_uk = absorb_inputs(T, H, P, 32, C, seed=T)
+    ref_ckv, ref_kpe = ckv.clone(), kpe.clone()
+    store_latent_triton(ref_ckv, ref_kpe, slots, kv, k_pe, w, 1e-6, qdq)
+    q_lat = latent_absorb_triton(ckv, kpe, slots, kv, k_pe, w, 1e-6, qdq, q_nope, w_uk)
+    assert torch.equal(ckv, ref_ckv) and torch.equal(kpe, ref_kpe)
+    assert q_lat.shape == (T, H, C) and q_lat.is_contiguous()
+    exact = torch.einsum("thp,hpc->thc", q_nope.double(), w_uk.double())
+    ref = absorb_ref(q_nope, w_uk)
+    tol = 2 * (exact.abs() * 2.0 ** -8 + 1e-6)  # a rounding of the fp32 sum, in either order (bf16: 8 bits)
+    assert ((q_lat.double() - exact).abs() <= tol).all() and ((ref.double() - exact).abs() <= tol).all()
+    assert (q_lat == ref).float().mean() > 0.95  # mostly the same bits: only the fp32 sum order differs
+
+
+def test_store_latent_absorb_dispatch():
+    kv, k_pe, w, slots, ckv, kpe = inputs(3, 512, 64, N=12, seed=3)
+    q_nope, w_uk = absorb_inputs(3, 16, 128, 128, 512, seed=4)
+    old_ckv, old_kpe = ckv.clone(), kpe.clone()
+    old = store_latent_absorb(old_ckv, old_kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "triton", None, "torch")
+    new = store_latent_absorb(ckv, kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "triton", None, "triton")
+    assert torch.equal(ckv, old_ckv) and torch.equal(kpe, old_kpe)
+    assert (new.float() - old.float()).abs().max() <= 2.0 ** -7 * old.float().abs().max()
+    with pytest.raises(ValueError, match="norm"):
+        store_latent_absorb(ckv, kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "torch", None, "triton")

@@ -43,6 +43,29 @@ def test_mla_decode_matches_reference(splits, lens, heads, page):
     assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("splits", [1, 4, 64])
+@pytest.mark.parametrize("lens, heads, V, block_c", [([1, 37, 64, 130], 16, 32, 16), ([300], 20, 48, 64)])
+def test_mla_decode_with_w_uv_is_the_merge_then_unabsorb(splits, lens, heads, V, block_c):
+    """W_UV applied in the merge: the fp32 reference's values through W_UV, and the separate path (merge to the
+    cache dtype, then MLA.unabsorb's bmm) to a rounding; latent columns in 4 blocks (their partials summed by the
+    last program to arrive) or in one."""
+    args = paged_case(lens, heads, 16, seed=splits + V)
+    C = args[0].shape[-1]
+    g = torch.Generator().manual_seed(V)
+    w_uv = (torch.randn(heads, V, C, generator=g) * 0.2).to(DEVICE, LOW)
+    out = torch.empty(len(lens), heads, V, dtype=LOW, device=DEVICE)
+    mla_decode_triton(*args, 0.13, splits, out, block_n=16, w_uv_HVC=w_uv, block_c=block_c)
+    ref = torch.einsum("bhc,hvc->bhv", mla_decode_ref(*args, 0.13), w_uv.float())
+    assert (out.float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+    o_lat = torch.empty(len(lens), heads, C, dtype=LOW, device=DEVICE)
+    mla_decode_triton(*args, 0.13, splits, o_lat, block_n=16)
+    separate = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    assert (out.float() - separate.float()).abs().max().item() <= 2.0 ** -7 * separate.float().abs().max().item()
+    again = torch.empty_like(out)
+    mla_decode_triton(*args, 0.13, splits, again, block_n=16, w_uv_HVC=w_uv, block_c=block_c)
+    assert torch.equal(out, again)
+
+
 def test_mla_decode_rejects_bad_input():
     q, qpe, ckv, kpe, indptr, idx, lens = paged_case([3], 16, 16)
     out = torch.empty(1, 16, 64, dtype=LOW, device=DEVICE)
