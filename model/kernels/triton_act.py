@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
 from ...precision.kernels.triton_mxfp8_gemm import _act_qdq
 
 BLOCK = 1024
@@ -25,7 +26,8 @@ BLOCK = 1024
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, F, stride_g, stride_u, BLOCK: tl.constexpr, QDQ: tl.constexpr,
-                     FLOOR: tl.constexpr):
+                     FLOOR: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     row = offs // F
@@ -54,5 +56,6 @@ def silu_mul_triton(g_TF: torch.Tensor, u_TF: torch.Tensor, qdq_mode: str | None
     n = T * F
     if n:
         _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](g_TF, u_TF, out, n, F, g_TF.stride(0), u_TF.stride(0), BLOCK=BLOCK,
-                                                    QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", num_warps=4)
+                                                    QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", num_warps=4,
+                                                    **pdl_args(out))
     return out

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
 from ...precision.kernels.triton_mxfp8_gemm import _act_qdq
 from .triton_norm import _normed_row, num_warps_for
 
@@ -44,7 +45,9 @@ def _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_pt
 
 @triton.jit
 def _store_latent_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R, inv_d, eps,
-                         BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr):
+                         BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     _store_latent_row(tl.program_id(0).to(tl.int64), kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr,
                       kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR)
 
@@ -53,10 +56,11 @@ def _store_latent_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr,
 def _latent_absorb_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R, inv_d, eps,
                           qn_ptr, qn_st, qn_sh, wk_ptr, wk_sh, ql_ptr, T, P,
                           BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr,
-                          PP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+                          PP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
     """Programs [0, H * D / BC): q_lat[:, h, c-block] = q_nope[:, h] @ W_UK[h][:, c-block] (bf16 MMA, fp32 sums, one
     rounding: the absorb bmm's formulation) for every token in blocks of BT; the T programs after them: one
     token's latent store each (_store_latent_row, the store kernel's bits: launched with its warps)."""
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     nc = tl.cdiv(D, BC)
     n_absorb = tl.num_programs(0) - T
@@ -102,7 +106,8 @@ def store_latent_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: tor
     if T:
         _store_latent_kernel[(T,)](kv_TC, kv_TC.stride(0), k_pe_TR, k_pe_TR.stride(0), w_C, slots_T, ckv_NC, kpe_NR,
                                    C, R, 1.0 / C, eps, BLOCK=triton.next_power_of_2(C), RP=triton.next_power_of_2(R),
-                                   QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", num_warps=num_warps_for(C))
+                                   QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor",
+                                   num_warps=num_warps_for(C), **pdl_args(kv_TC))
 
 
 def latent_absorb_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
@@ -127,5 +132,5 @@ def latent_absorb_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: to
             1.0 / C, eps, q_nope_THP, q_nope_THP.stride(0), q_nope_THP.stride(1), w_uk_HPC, w_uk_HPC.stride(0), q_lat,
             T, P, BLOCK=triton.next_power_of_2(C), RP=triton.next_power_of_2(k_pe_TR.shape[1]),
             QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", PP=max(16, triton.next_power_of_2(P)), BC=BC, BT=16,
-            num_warps=num_warps_for(C))
+            num_warps=num_warps_for(C), **pdl_args(kv_TC))
     return q_lat

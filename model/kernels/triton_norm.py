@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
+
 
 @triton.jit
 def _normed_row(x, w_ptr, offs, mask, inv_d, eps, OUT: tl.constexpr):
@@ -27,7 +29,8 @@ def _normed_row(x, w_ptr, offs, mask, inv_d, eps, OUT: tl.constexpr):
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, x_stride, d_ptr, d_stride, w_ptr, out_ptr, sum_ptr, D, inv_d, eps,
-                    BLOCK: tl.constexpr, ADD: tl.constexpr):
+                    BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -58,7 +61,7 @@ def rmsnorm_triton(x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.T
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     if T:
         _rmsnorm_kernel[(T,)](x_TD, x_TD.stride(0), x_TD, x_TD.stride(0), w_D, out, out, D, 1.0 / D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=False, num_warps=num_warps_for(D))
+                              BLOCK=triton.next_power_of_2(D), ADD=False, num_warps=num_warps_for(D), **pdl_args(x_TD))
     return out
 
 
@@ -72,5 +75,5 @@ def add_rmsnorm_triton(x_TD: torch.Tensor, delta_TD: torch.Tensor, w_D: torch.Te
     s = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     if T:
         _rmsnorm_kernel[(T,)](x_TD, x_TD.stride(0), delta_TD, delta_TD.stride(0), w_D, out, s, D, 1.0 / D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=True, num_warps=num_warps_for(D))
+                              BLOCK=triton.next_power_of_2(D), ADD=True, num_warps=num_warps_for(D), **pdl_args(x_TD))
     return out, s

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
+
 
 @triton.jit
 def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.constexpr):
@@ -33,7 +35,8 @@ def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.cons
 
 @triton.jit
 def _rope_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr, ko_ptr, H, R2,
-                 HP: tl.constexpr, RP: tl.constexpr, INTERLEAVE: tl.constexpr):
+                 HP: tl.constexpr, RP: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, RP)
     im = i < R2
@@ -62,5 +65,6 @@ def rope_triton(q_pe_THR: torch.Tensor, k_pe_TR: torch.Tensor, cos_sin: tuple[to
         HP, RP = triton.next_power_of_2(H), triton.next_power_of_2(R // 2)
         _rope_kernel[(T,)](q_pe_THR, q_pe_THR.stride(0), q_pe_THR.stride(1), k_pe_TR, k_pe_TR.stride(0), cos, sin,
                            cos.stride(0), q_out, k_out, H, R // 2, HP=HP, RP=RP, INTERLEAVE=bool(interleave),
-                           num_warps=num_warps or (1 if HP * RP <= 512 else 2), enable_fp_fusion=False)
+                           num_warps=num_warps or (1 if HP * RP <= 512 else 2),
+                           enable_fp_fusion=False, **pdl_args(q_pe_THR))
     return q_out, k_out

@@ -19,12 +19,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
+
 
 @triton.jit
 def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
                   E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
                   NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr, S: tl.constexpr,
-                  SP: tl.constexpr):
+                  SP: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E)
     s = tl.load(scores_ptr + row * stride + e)
@@ -101,5 +104,6 @@ def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int,
                             ids if rec_ids is None else rec_ids, float(routed_scaling_factor), E=E, K=top_k,
                             KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group, NORM=bool(norm_topk_prob),
                             RECORD=rec_ids is not None, SIGMOID=bool(sigmoid), S=shared,
-                            SP=triton.next_power_of_2(max(shared, 1)), num_warps=1 if E <= 128 else 2)
+                            SP=triton.next_power_of_2(max(shared, 1)),
+                            num_warps=1 if E <= 128 else 2, **pdl_args(scores_TE))
     return weights, ids

@@ -25,6 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..mxfp8 import MXFP8Tensor
 from .moe_align import align_block_size
 from .moe_config import moe_config
+from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
                                 _split_sum, act_qdq_triton)
 
@@ -97,10 +98,11 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
                         E, K_PER_SPLIT, NSPLIT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
                         QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr,
-                        USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+                        USE_TMA: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr):
     """Split-K (NSPLIT > 1): program (b, n, s) sums D-range s; fp32 gate and up partials go to
     p [NSPLIT, 2, n_rows, F] by (token, k) row and the last split to arrive sums them in split order
     (`_split_last`, `_split_sum`) before the epilogue."""
+    pdl_wait(PDL)
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -148,8 +150,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
 def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, topk_w_ptr, n_rows, D,
                      F, E, K_PER_SPLIT, NSPLIT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                     PAIRS: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+                     PAIRS: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr):
     """Split-K as in the gate_up kernel, partials in p [NSPLIT, n_rows, D]."""
+    pdl_wait(PDL)
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -184,9 +187,10 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids
 
 
 @triton.jit
-def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK, D, BD: tl.constexpr, SHARED: tl.constexpr):
+def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK, D, BD: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr):
     """y[t] = sum_k p[t * K + k] in k order (deterministic), cast to y's dtype; SHARED: plus s[t] after that
     rounding, rounded again (torch's add of two tensors of y's dtype)."""
+    pdl_wait(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
@@ -264,14 +268,15 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     _moe_gate_up_kernel[(R // BM, n_gu, split_gu)](
         x, d13, s13, desc13, h, p13, locks, ids, bexp, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN, BK=BK,
         QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x, USE_TMA=use_tma,
-        GEMV=gemv, **cfg)
+        GEMV=gemv, **cfg, **pdl_args(x))
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
     p2 = torch.empty(split_down, T * K, D, dtype=torch.float32, device=x.device) if split_down > 1 else out
     _moe_down_kernel[(R // BM, n_down, split_down)](
         h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, USE_TMA=use_tma, GEMV=gemv,
-        **cfg)
+        **cfg, **pdl_args(x))
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x.device)
     s = shared_TD if shared_TD is not None else y
-    _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, s, s.stride(0), K, D, BD=1024, SHARED=shared_TD is not None)
+    _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, s, s.stride(0), K, D, BD=1024,
+    SHARED=shared_TD is not None, **pdl_args(x))
     return y

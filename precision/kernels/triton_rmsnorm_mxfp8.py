@@ -21,13 +21,15 @@ import triton
 import triton.language as tl
 
 from ..mxfp8 import BLOCK, MXFP8Tensor
+from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import _act_quant, _e8m0
 
 
 @triton.jit
 def _rmsnorm_mxfp8_kernel(x_ptr, dx_ptr, s_out_ptr, w_ptr, y_ptr, q_ptr, s_ptr, d_ptr, D, stride_x, stride_dx,
                           inv_d, eps, BD: tl.constexpr, FLOOR: tl.constexpr, ADD: tl.constexpr,
-                          WRITE_Y: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_QDQ: tl.constexpr):
+                          WRITE_Y: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_QDQ: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BD)
     mask = offs < D
@@ -93,5 +95,5 @@ def _launch(x_TD, weight_D, eps, scale_mode, normed, quant, qdq, delta_TD, s_TD)
                                     y if normed else dummy, q.data if quant else dummy, q.scale if quant else dummy,
                                     d if qdq else dummy, D, x_TD.stride(0), dx.stride(0), 1.0 / D, eps, BD=bd,
                                     FLOOR=scale_mode == "floor", ADD=delta_TD is not None, WRITE_Y=normed,
-                                    WRITE_Q=quant, WRITE_QDQ=qdq, num_warps=4 if D <= 2048 else 8)
+                                    WRITE_Q=quant, WRITE_QDQ=qdq, num_warps=4 if D <= 2048 else 8, **pdl_args(x_TD))
     return y, q, d

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...precision.kernels.pdl import pdl_args, pdl_wait
 from ...precision.kernels.triton_mxfp8_gemm import MAX_TILES, _split_last, _split_locks, _split_sum
 
 MAX_SPLITS = 64
@@ -47,7 +48,8 @@ def decode_splits(rows: int, heads: int, sms: int, block_h: int = 16) -> int:
 def _mla_decode_split_kernel(q_ptr, q_sb, q_sh, qpe_ptr, qpe_sb, qpe_sh, ckv_ptr, kpe_ptr, indptr_ptr, indices_ptr,
                              lens_ptr, part_ptr, lse_ptr, out_ptr, H, scale_log2,
                              C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     s = tl.program_id(1)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -92,7 +94,8 @@ def _mla_decode_split_kernel(q_ptr, q_sb, q_sh, qpe_ptr, qpe_sb, qpe_sh, ckv_ptr
 
 @triton.jit
 def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H, C: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     # every split's slice loaded at once: a loop over the splits would wait out one load latency per split
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -107,10 +110,11 @@ def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H, C: tl.constexpr, SPL
 
 @triton.jit
 def _mla_merge_unabsorb_kernel(part_ptr, lse_ptr, w_ptr, w_sh, out_ptr, pv_ptr, lock_ptr, H, V, C: tl.constexpr,
-                               SPLITS: tl.constexpr, VP: tl.constexpr, BC: tl.constexpr):
+                               SPLITS: tl.constexpr, VP: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr):
     """Program (b, h, c-block): the merged latent of (b, h) over one C-block (rounded to the output dtype, as the
     separate merge stores it) times W_UV[h][:, c-block], an fp32 [V] partial. With several C-blocks the last
     program of (b, h) to arrive sums the partials in C-block order (deterministic) and stores the values."""
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     cb = tl.program_id(2)
@@ -174,7 +178,8 @@ def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch
     _mla_decode_split_kernel[grid](q_BHC, q_BHC.stride(0), q_BHC.stride(1), qpe_BHR, qpe_BHR.stride(0),
                                    qpe_BHR.stride(1), ckv_PGC, kpe_PGR, kv_indptr, kv_indices, kv_lens, part, lse, out,
                                    H, sm_scale * math.log2(math.e), C=C, R=R, PAGE=G, SPLITS=splits, BLOCK_H=block_h,
-                                   BLOCK_N=block_n, DIRECT=part is out, num_warps=num_warps, num_stages=num_stages)
+                                   BLOCK_N=block_n, DIRECT=part is out,
+                                   num_warps=num_warps, num_stages=num_stages, **pdl_args(out))
     if w_uv_HVC is not None:
         block_c = min(C, block_c)
         VP = triton.next_power_of_2(V)
@@ -182,11 +187,11 @@ def mla_decode_triton(q_BHC: torch.Tensor, qpe_BHR: torch.Tensor, ckv_PGC: torch
         assert B * H <= MAX_TILES, (B, H)
         _mla_merge_unabsorb_kernel[(B, H, C // block_c)](part, lse, w_uv_HVC, w_uv_HVC.stride(0), out, pv,
                                                          _split_locks(out.device), H, V, C=C, SPLITS=splits, VP=VP,
-                                                         BC=block_c, num_warps=4)
+                                                         BC=block_c, num_warps=4, **pdl_args(out))
     elif splits > 1:
         block_c = min(C, 8192 // splits)
         _mla_decode_merge_kernel[(B, H, C // block_c)](part, lse, out, H, C=C, SPLITS=splits, BLOCK_C=block_c,
-                                                         num_warps=4)
+                                                         num_warps=4, **pdl_args(out))
     return out
 
 

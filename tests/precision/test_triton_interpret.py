@@ -99,7 +99,7 @@ def test_moe_combine_kernel_sum_order_and_shared_add(shared):
     p = torch.randn(T * K, D, generator=g)
     s = (torch.randn(T, D + 8, generator=g) * 4).half()[:, :D]  # a strided view
     y = torch.empty(T, D, dtype=torch.float16)
-    _combine_kernel[(T, 2)](p, y, s, s.stride(0), K, D, BD=1024, SHARED=shared)
+    _combine_kernel[(T, 2)](p, y, s, s.stride(0), K, D, BD=1024, SHARED=shared, PDL=False)
     acc = p.view(T, K, D)[:, 0].clone()
     for k in range(1, K):
         acc += p.view(T, K, D)[:, k]

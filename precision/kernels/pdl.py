@@ -1,0 +1,43 @@
+"""Programmatic dependent launch (PDL, sm90+) for the small Triton kernels of a decode step.
+
+A kernel launched with `pdl_args(...)` may be scheduled while the kernel before it on the stream is still
+running; its first statement, `pdl_wait(PDL)`, blocks until that kernel has completed and its writes are
+visible (griddepcontrol.wait), then lets the kernel after it be scheduled in turn
+(griddepcontrol.launch_dependents). Nothing is read or written before the wait, so results are those of the
+serial launch; what is saved is the launch gap between back-to-back small kernels (captured into CUDA graphs
+as programmatic edges). Off on CPU, under the Triton interpreter, before sm90, or with `ENABLED` False.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: kernels launch without PDL
+    gdc_launch_dependents = gdc_wait = None
+
+ENABLED = True  # benchmarks compare with False
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """The first statement of a kernel launched with `pdl_args`."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel whose first statement is `pdl_wait(PDL)`, on t's device."""
+    if ENABLED and gdc_wait is not None and t.is_cuda and _sm90(t.device):
+        return dict(PDL=True, launch_pdl=True)
+    return dict(PDL=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
