@@ -5,16 +5,15 @@ Legend: T tokens, D hidden, E routed experts, G groups, K experts per token, F e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..precision import MXFP8Tensor, Precision, QATWeight, experts, linear
+from ..precision import MXFP8Tensor, Precision, QATWeight, experts
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .layers import Linear, frozen, fuse_linears, fused_norm_quant, stack_rows
-from .ops import route_topk, silu_mul
+from .ops import gate_topk, silu_mul
 
 
 # Shared experts run inside the fused MoE kernel for batches up to this many tokens (see Experts.host_shared).
@@ -51,7 +50,8 @@ class Gate(nn.Module):
     unbiased scores of the chosen experts, normalized if norm_topk_prob, then multiplied by
     routed_scaling_factor here, once, for every expert backend. `backend` "triton": the logits GEMM takes
     the bf16 operands with fp32 output (exact products, fp32 accumulation: the same sum as upcasting
-    first, in cuBLAS's order) and the sigmoid and top-k are one kernel (model.ops.route_topk).
+    first, in cuBLAS's order) and the sigmoid and top-k are one kernel (model.ops.route_topk); a small
+    decode batch's logits are computed in that kernel's launch too (model.ops.gate_topk).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend: str = "torch"):
@@ -68,13 +68,8 @@ class Gate(nn.Module):
         """Returns (topk_weights_TK fp32 with the scaling factor applied, topk_ids_TK int64); `record`: a route
         recorder's rows (RouteRecorder.rows) that receive them too; `shared`: S more columns for the shared
         experts a fused MoE hosts (experts E..E+S-1, weight 1), written by the same kernel."""
-        if self.backend == "torch":
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-        else:
-            logits_TE = linear(x_TD, self.weight, out_dtype=torch.float32)
-        return route_topk(logits_TE, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                          self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, sigmoid=True,
-                          shared=shared)
+        return gate_topk(x_TD, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                         self.norm_topk_prob, self.routed_scaling_factor, self.backend, record, shared)
 
 
 class Experts(nn.Module):

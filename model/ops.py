@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..precision.linear import linear
 from ..precision.qat import fake_quant_mxfp8
 from .rope import rotate
 
@@ -180,6 +181,26 @@ def route_topk(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_grou
         ids_TK = torch.cat([ids_TK, extra.expand(T, shared)], dim=1)
         weights_TK = torch.cat([weights_TK, weights_TK.new_ones(T, shared)], dim=1)
     return weights_TK, ids_TK
+
+
+def gate_topk(x_TD: torch.Tensor, gate_ED: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int,
+              topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float, backend: str = "torch",
+              record: tuple[torch.Tensor, torch.Tensor] | None = None,
+              shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid router: fp32 logits x @ gate^T, then `route_topk` (sigmoid=True). torch: both operands upcast
+    first; "triton": the logits GEMM takes the bf16 operands with fp32 output (exact products, fp32 sums) and
+    up to `FUSED_GATE_MAX_TOKENS` tokens on CUDA the logits are computed inside the routing launch
+    (model.kernels.triton_router.gate_route_triton)."""
+    if backend == "triton":
+        from .kernels.triton_router import FUSED_GATE_MAX_TOKENS, gate_route_triton
+        if x_TD.is_cuda and x_TD.shape[0] <= FUSED_GATE_MAX_TOKENS and gate_ED.dtype == x_TD.dtype:
+            return gate_route_triton(x_TD, gate_ED, bias_E, top_k, n_group, topk_group, norm_topk_prob,
+                                     routed_scaling_factor, record, True, shared)
+        logits_TE = linear(x_TD, gate_ED, out_dtype=torch.float32)
+    else:
+        logits_TE = F.linear(x_TD.float(), gate_ED.float())
+    return route_topk(logits_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, backend,
+                      record, sigmoid=True, shared=shared)
 
 
 # ---------------------------------------------------------------- MLA rope

@@ -10,7 +10,9 @@ With a route recorder's rows (`record`), the weights are written there and the i
 recorder keeps), so recording takes no copy kernels. With `sigmoid`, the input is the router's fp32 logits
 and the kernel applies torch's sigmoid first, 1 / (1 + exp(-x)) with libdevice's expf and an IEEE division
 (Triton's own exp and fp32 `/` are approximate), instead of a separate torch kernel.
-Legend: T tokens, E experts, G groups, K experts per token.
+`gate_route_triton` also computes the logits (one program per expert; the last program to arrive routes the few
+tokens of a decode step), so a small batch's router is one launch instead of a GEMM and this kernel.
+Legend: T tokens, E experts, G groups, K experts per token, D hidden.
 """
 from __future__ import annotations
 
@@ -20,17 +22,20 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...precision.kernels.pdl import pdl_args, pdl_wait
+from ...precision.kernels.triton_mxfp8_gemm import _split_last, _split_locks
+
+# Up to this many tokens (a small decode batch) the Gate computes its logits inside the routing launch
+# (`gate_route_triton`) instead of a cuBLAS GEMM before it.
+FUSED_GATE_MAX_TOKENS = 4
 
 
 @triton.jit
-def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
-                  E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
-                  NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr, S: tl.constexpr,
-                  SP: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
+def _route_row(row, scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
+               E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
+               NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr, S: tl.constexpr, SP: tl.constexpr):
+    """Route token `row` (int64) from its E scores (or logits, SIGMOID) at scores_ptr + row * stride."""
     e = tl.arange(0, E)
-    s = tl.load(scores_ptr + row * stride + e)
+    s = tl.load(scores_ptr + row * stride + e, cache_modifier=".cg")  # L2: other programs may have written them
     if SIGMOID:
         s = tl.math.div_rn(1.0, 1.0 + libdevice.exp(-s))
     biased = s + tl.load(bias_ptr + e)
@@ -74,17 +79,45 @@ def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_i
         tl.store(rec_ids_ptr + row * K + k, ids.to(tl.int32), mask=k < K)
 
 
-def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                      norm_topk_prob: bool, routed_scaling_factor: float,
-                      record: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      sigmoid: bool = False, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref; with `record` (contiguous fp32 and int32 [T, K]
-    rows of a route recorder) the weights returned are record[0] and the ids are also stored in record[1].
-    sigmoid: scores_TE holds the logits (route_topk_ref(logits.sigmoid(), ...)). shared: S more columns
-    [T, K + S], experts E..E+S-1 with weight 1 (shared experts hosted by the fused MoE; `route_topk`); the
-    recorder then receives the K routed columns."""
-    T, E = scores_TE.shape
-    assert scores_TE.dtype == torch.float32 and scores_TE.stride(1) == 1, (scores_TE.dtype, scores_TE.stride())
+@triton.jit
+def _route_kernel(scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
+                  E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr, TG: tl.constexpr,
+                  NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr, S: tl.constexpr,
+                  SP: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    _route_row(tl.program_id(0).to(tl.int64), scores_ptr, stride, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr,
+               scale, E, K, KP, NG, TG, NORM, RECORD, SIGMOID, S, SP)
+
+
+@triton.jit
+def _gate_route_kernel(x_ptr, x_stride, g_ptr, logits_ptr, lock_ptr, T, D, bias_ptr, w_ptr, ids_ptr, rec_w_ptr,
+                       rec_ids_ptr, scale, E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NG: tl.constexpr,
+                       TG: tl.constexpr, NORM: tl.constexpr, RECORD: tl.constexpr, SIGMOID: tl.constexpr,
+                       S: tl.constexpr, SP: tl.constexpr, TB: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    """Program e: logits[:, e] = x @ gate[e] (fp32 products of the bf16 operands, exact, summed in fp32); the last
+    program to arrive (`_split_last`) routes every token from the logits."""
+    pdl_wait(PDL)
+    e = tl.program_id(0)
+    t = tl.arange(0, TB)
+    tm = t < T
+    acc = tl.zeros([TB], tl.float32)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        dm = d < D
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + d[None, :], mask=tm[:, None] & dm[None, :],
+                    other=0.0)
+        w = tl.load(g_ptr + e.to(tl.int64) * D + d, mask=dm, other=0.0)
+        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32)[None, :], 1)
+    tl.store(logits_ptr + t * E + e, acc, mask=tm)
+    if _split_last(lock_ptr, 0, E):
+        for row in range(T):
+            _route_row(tl.cast(row, tl.int64), logits_ptr, E, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale, E, K,
+                       KP, NG, TG, NORM, RECORD, SIGMOID, S, SP)
+
+
+def _outputs(T: int, E: int, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int, shared: int,
+             record: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device):
+    """Checked arguments -> (weights, ids, recorder weights, recorder ids, the kernels' constexprs)."""
     assert bias_E.shape == (E,) and bias_E.dtype == torch.float32 and bias_E.is_contiguous(), (bias_E.shape,
                                                                                                 bias_E.dtype)
     assert E & (E - 1) == 0 and E % n_group == 0 and (E // n_group) & (E // n_group - 1) == 0, (E, n_group)
@@ -97,13 +130,52 @@ def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int,
             tuple(rec_w.shape), tuple(rec_ids.shape))
         assert rec_w.dtype == torch.float32 and rec_ids.dtype == torch.int32, (rec_w.dtype, rec_ids.dtype)
     weights = (rec_w if rec_w is not None and not shared
-               else torch.empty(T, top_k + shared, dtype=torch.float32, device=scores_TE.device))
-    ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=scores_TE.device)
+               else torch.empty(T, top_k + shared, dtype=torch.float32, device=device))
+    ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=device)
+    consts = dict(E=E, K=top_k, KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group,
+                  RECORD=rec_ids is not None, S=shared, SP=triton.next_power_of_2(max(shared, 1)))
+    return (weights, ids, weights if rec_w is None else rec_w, ids if rec_ids is None else rec_ids, consts)
+
+
+def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                      norm_topk_prob: bool, routed_scaling_factor: float,
+                      record: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      sigmoid: bool = False, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 [T, K], ids int64 [T, K]) as route_topk_ref; with `record` (contiguous fp32 and int32 [T, K]
+    rows of a route recorder) the weights returned are record[0] and the ids are also stored in record[1].
+    sigmoid: scores_TE holds the logits (route_topk_ref(logits.sigmoid(), ...)). shared: S more columns
+    [T, K + S], experts E..E+S-1 with weight 1 (shared experts hosted by the fused MoE; `route_topk`); the
+    recorder then receives the K routed columns."""
+    T, E = scores_TE.shape
+    assert scores_TE.dtype == torch.float32 and scores_TE.stride(1) == 1, (scores_TE.dtype, scores_TE.stride())
+    weights, ids, rec_w, rec_ids, consts = _outputs(T, E, bias_E, top_k, n_group, topk_group, shared, record,
+                                                    scores_TE.device)
     if T:
-        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, weights if rec_w is None else rec_w,
-                            ids if rec_ids is None else rec_ids, float(routed_scaling_factor), E=E, K=top_k,
-                            KP=triton.next_power_of_2(top_k), NG=n_group, TG=topk_group, NORM=bool(norm_topk_prob),
-                            RECORD=rec_ids is not None, SIGMOID=bool(sigmoid), S=shared,
-                            SP=triton.next_power_of_2(max(shared, 1)),
+        _route_kernel[(T,)](scores_TE, scores_TE.stride(0), bias_E, weights, ids, rec_w, rec_ids,
+                            float(routed_scaling_factor), NORM=bool(norm_topk_prob), SIGMOID=bool(sigmoid), **consts,
                             num_warps=1 if E <= 128 else 2, **pdl_args(scores_TE))
+    return weights, ids
+
+
+def gate_route_triton(x_TD: torch.Tensor, gate_ED: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int,
+                      topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
+                      record: tuple[torch.Tensor, torch.Tensor] | None = None, sigmoid: bool = True,
+                      shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_topk_triton` of the fp32 logits x @ gate^T (bf16/fp16 operands) with the logits GEMV in the same
+    launch: one program per expert, the last to arrive routes every token (serially: for a few tokens, the
+    decode step's; `FUSED_GATE_MAX_TOKENS`). The logits are the fp32 sum of the exact products, in the kernel's
+    order (cuBLAS sums in another: the same values to fp32 rounding)."""
+    T, D = x_TD.shape
+    E = gate_ED.shape[0]
+    assert gate_ED.shape == (E, D) and gate_ED.is_contiguous() and x_TD.stride(1) == 1, (
+        tuple(gate_ED.shape), x_TD.stride())
+    assert x_TD.dtype == gate_ED.dtype and x_TD.dtype in (torch.bfloat16, torch.float16), (x_TD.dtype, gate_ED.dtype)
+    weights, ids, rec_w, rec_ids, consts = _outputs(T, E, bias_E, top_k, n_group, topk_group, shared, record,
+                                                    x_TD.device)
+    if T:
+        logits = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+        _gate_route_kernel[(E,)](x_TD, x_TD.stride(0), gate_ED, logits, _split_locks(x_TD.device), T, D, bias_E,
+                                 weights, ids, rec_w, rec_ids, float(routed_scaling_factor), NORM=bool(norm_topk_prob),
+                                 SIGMOID=bool(sigmoid), **consts, TB=max(2, triton.next_power_of_2(T)),
+                                 BD=min(2048, triton.next_power_of_2(D)), num_warps=4, **pdl_args(x_TD))
     return weights, ids

@@ -164,3 +164,53 @@ def test_silu_mul_with_mxfp8_qdq_is_the_two_pass_bits(shape, scale_mode):
     assert torch.equal(got, silu_mul(gate, up, "torch", scale_mode))
     assert torch.equal(got, fake_quant_mxfp8(silu_mul_ref(gate, up), scale_mode))
     assert not torch.equal(got, silu_mul(gate, up, "triton"))  # the quantization is really applied
+
+
+@pytest.mark.parametrize("T,D,E,n_group,topk_group,k,shared,record", [
+    (1, 2048, 64, 1, 1, 6, 2, True), (4, 2048, 64, 1, 1, 6, 0, False), (3, 7168, 256, 8, 4, 8, 1, True),
+    (2, 100, 64, 4, 2, 6, 0, True)])
+def test_gate_route_is_the_logits_gemm_then_the_router(T, D, E, n_group, topk_group, k, shared, record):
+    """The logits GEMV inside the routing launch (one program per expert, the last to arrive routes): the
+    router's choices and weights on the fp32 logits of the same operands (the logits' sum order differs: the
+    weights to fp32 rounding). On the GPU with the sigmoid; the interpreter has no libdevice expf, so there the
+    kernel routes the raw logits."""
+    from mxroll.model.kernels.triton_router import gate_route_triton
+    from mxroll.model.moe import RouteRecorder
+
+    g = torch.Generator().manual_seed(T * D + E)
+    x = torch.randn(T, D, generator=g).to(DEVICE, LOW)
+    gate = (torch.randn(E, D, generator=g) * 0.05).to(DEVICE, LOW)
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE)
+    sigmoid = DEVICE == "cuda"
+    logits = x.float() @ gate.float().T
+    w_ref, ids_ref = route_topk_ref(logits.sigmoid() if sigmoid else logits, bias, k, n_group, topk_group, True,
+                                    2.5)
+    rec = RouteRecorder(1, T, k, DEVICE) if record else None
+    for _ in range(2):  # the arrival counter is left at zero for the next launch
+        w, ids = gate_route_triton(x, gate, bias, k, n_group, topk_group, True, 2.5,
+                                   rec.rows(0, T) if record else None, sigmoid=sigmoid, shared=shared)
+        assert w.shape == ids.shape == (T, k + shared) and ids.dtype == torch.int64
+        assert torch.equal(ids[:, :k], ids_ref)
+        torch.testing.assert_close(w[:, :k], w_ref, rtol=2e-6, atol=0)
+        assert torch.equal(ids[:, k:].cpu(), torch.arange(E, E + shared).expand(T, shared)) and (w[:, k:] == 1).all()
+        if record:
+            assert torch.equal(rec.weights[0], w[:, :k]) and torch.equal(rec.ids[0], ids_ref.to(torch.int32))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Gate's Triton backend runs on CUDA")
+@pytest.mark.parametrize("T", [1, 4, 5, 33])
+def test_gate_topk_dispatch(T):
+    """model.ops.gate_topk "triton": the fused launch up to FUSED_GATE_MAX_TOKENS tokens, cuBLAS logits + the
+    routing kernel above; both pick the torch path's experts on these inputs, weights to fp32 rounding."""
+    from mxroll.model.kernels.triton_router import FUSED_GATE_MAX_TOKENS
+    from mxroll.model.ops import gate_topk
+
+    assert FUSED_GATE_MAX_TOKENS == 4
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 2048, generator=g).to(DEVICE, LOW)
+    gate = (torch.randn(64, 2048, generator=g) * 0.05).to(DEVICE, LOW)
+    bias = (torch.randn(64, generator=g) * 0.1).to(DEVICE)
+    w_t, ids_t = gate_topk(x, gate, bias, 6, 1, 1, True, 2.5, "torch", shared=2)
+    w, ids = gate_topk(x, gate, bias, 6, 1, 1, True, 2.5, "triton", shared=2)
+    assert torch.equal(ids, ids_t)
+    torch.testing.assert_close(w, w_t, rtol=2e-6, atol=0)
