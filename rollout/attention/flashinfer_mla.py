@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 WORKSPACE_BYTES = 256 << 20
 FAST_PLAN_BACKENDS = ("fa2", "fa3")  # planners whose replans keep a captured graph valid
 # Triton decode steps store the latents and absorb q in one launch and apply W_UV in the split merge (3 launches
-# per layer instead of 6); False keeps the separate kernels (benchmarks compare the two).
+# per layer instead of 5); False keeps the separate kernels (benchmarks compare the two).
 FUSED_SMALL_DECODE = True
 
 
