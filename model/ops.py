@@ -83,13 +83,17 @@ def store_latent_ref(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.
     kpe_NR.index_copy_(0, slots_T, k_pe_TR.to(kpe_NR.dtype))
 
 
+def _check_triton_latent_norm(norm_backend: str) -> None:
+    if norm_backend != "triton":
+        raise ValueError(f"the Triton latent store gives triton_norm's bits; the model's norm is {norm_backend!r}")
+
+
 def store_latent(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
                  k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, norm_backend: str = "torch",
                  qdq_mode: str | None = None, backend: str = "torch") -> None:
     """backend "triton": one kernel, the bits of norm_backend "triton" (model.kernels.triton_latent)."""
     if backend == "triton":
-        if norm_backend != "triton":
-            raise ValueError(f"the Triton latent store gives triton_norm's bits; the model's norm is {norm_backend!r}")
+        _check_triton_latent_norm(norm_backend)
         from .kernels.triton_latent import store_latent_triton
         return store_latent_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode)
     return store_latent_ref(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode)
@@ -103,8 +107,7 @@ def store_latent_absorb(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: tor
     to q's dtype). backend "triton": both in one kernel (model.kernels.triton_latent.latent_absorb_triton: the
     store's bits, the absorb's values up to the fp32 sum order)."""
     if backend == "triton":
-        if norm_backend != "triton":
-            raise ValueError(f"the Triton latent store gives triton_norm's bits; the model's norm is {norm_backend!r}")
+        _check_triton_latent_norm(norm_backend)
         from .kernels.triton_latent import latent_absorb_triton
         return latent_absorb_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode, q_nope_THP, w_uk_HPC)
     store_latent(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode, backend)

@@ -82,18 +82,20 @@ class PagedLatentCache:
         """Contiguous [P, G, C] and [P, G, R] views of one layer."""
         return self.ckv_LPGC[layer], self.kpe_LPGR[layer]
 
+    def _slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's caches as flat [N, C] / [N, R] rows, indexed by slot (page * page_size + offset)."""
+        ckv, kpe = self.layer(layer)
+        return ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1])
+
     def write(self, mla, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor) -> None:
         """Store this step's latents of layer `mla.layer` at flat slots (page * page_size + offset): kv_TC as
         projected, normed on the way in (`MLA.store_latents`), and the rotated rope keys."""
-        ckv, kpe = self.layer(mla.layer)
-        mla.store_latents(ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1]), slots_T, kv_TC, pe_TR)
+        mla.store_latents(*self._slots(mla.layer), slots_T, kv_TC, pe_TR)
 
     def write_and_absorb(self, mla, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor,
                          q_nope_THP: torch.Tensor) -> torch.Tensor:
         """`write`, then q in latent space [T, H, C] (`MLA.store_latents_and_absorb`: one kernel on Triton)."""
-        ckv, kpe = self.layer(mla.layer)
-        return mla.store_latents_and_absorb(ckv.view(-1, ckv.shape[-1]), kpe.view(-1, kpe.shape[-1]), slots_T, kv_TC,
-                                            pe_TR, q_nope_THP)
+        return mla.store_latents_and_absorb(*self._slots(mla.layer), slots_T, kv_TC, pe_TR, q_nope_THP)
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write of shared partial pages, in every layer, before a forward writes into them."""

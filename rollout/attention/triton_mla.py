@@ -93,19 +93,26 @@ def _mla_decode_split_kernel(q_ptr, q_sb, q_sh, qpe_ptr, qpe_sb, qpe_sh, ckv_ptr
 
 
 @triton.jit
-def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H, C: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
-    # every split's slice loaded at once: a loop over the splits would wait out one load latency per split
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _merged(part_ptr, lse_ptr, b, h, H, c, C: tl.constexpr, SPLITS: tl.constexpr):
+    """fp32 merged latent of (row b, head h) at columns c: the splits' partials weighted by their log-sum-exps.
+    Every split's slice is loaded at once: a loop over the splits would wait out one load latency per split."""
     s = tl.arange(0, SPLITS)
     lse = tl.load(lse_ptr + (b * SPLITS + s) * H + h)
     w = tl.exp2(lse - tl.max(lse, 0))
     w = w / tl.sum(w, 0)
     part = tl.load(part_ptr + ((b * SPLITS + s[:, None]) * H + h) * C + c[None, :])
-    tl.store(out_ptr + (b * H + h) * C + c, tl.sum(part * w[:, None], 0).to(out_ptr.dtype.element_ty))
+    return tl.sum(part * w[:, None], 0)
+
+
+@triton.jit
+def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H, C: tl.constexpr, SPLITS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o = _merged(part_ptr, lse_ptr, b, h, H, c, C, SPLITS)
+    tl.store(out_ptr + (b * H + h) * C + c, o.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -119,13 +126,8 @@ def _mla_merge_unabsorb_kernel(part_ptr, lse_ptr, w_ptr, w_sh, out_ptr, pv_ptr, 
     h = tl.program_id(1)
     cb = tl.program_id(2)
     NC: tl.constexpr = C // BC
-    s = tl.arange(0, SPLITS)
-    lse = tl.load(lse_ptr + (b * SPLITS + s) * H + h)
-    w = tl.exp2(lse - tl.max(lse, 0))
-    w = w / tl.sum(w, 0)
     c = cb * BC + tl.arange(0, BC)
-    part = tl.load(part_ptr + ((b * SPLITS + s[:, None]) * H + h) * C + c[None, :])
-    o = tl.sum(part * w[:, None], 0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    o = _merged(part_ptr, lse_ptr, b, h, H, c, C, SPLITS).to(out_ptr.dtype.element_ty).to(tl.float32)
     v = tl.arange(0, VP)
     vm = v < V
     wuv = tl.load(w_ptr + h * w_sh + v[:, None] * C + c[None, :], mask=vm[:, None], other=0.0)
