@@ -52,7 +52,7 @@ class DeepseekV3(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, prec: Precision = Precision(),
                  kernels: ModelKernels = ModelKernels()):
         super().__init__()
-        self.cfg, self.dtype, self.plan, self.kernels = cfg, dtype, prec.plan, kernels
+        self.cfg, self.dtype, self.plan, self.kernels, self.gemm = cfg, dtype, prec.plan, kernels, prec.gemm
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -93,7 +93,7 @@ class DeepseekV3(nn.Module):
 
     def logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         """fp32 logits [S, V]: the lm_head GEMM accumulates and outputs fp32 (DESIGN.md, Logits)."""
-        return linear(h_SD, self.lm_head.weight, out_dtype=torch.float32)
+        return linear(h_SD, self.lm_head.weight, self.gemm, out_dtype=torch.float32)
 
     # ---- one sequence through the torch reference (tests, checks) ----
     def new_cache(self, capacity: int, device: torch.device | str | None = None, mode: str = "auto"):

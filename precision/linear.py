@@ -4,7 +4,8 @@ High-precision weights go to torch (cuBLAS on GPU). A trainer's MXFP8 master wei
 takes the differentiable fake-quant GEMM of `precision.qat`. MXFP8 weights go to the backend chosen
 once per engine by `select_backend` and logged there:
 - "torch": reference on any device (exact dequantize, then matmul);
-- "triton": sm90 kernel (fp8 weights dequantized in registers, bf16 MMA, fp32 accumulate);
+- "triton": sm90 kernels (fp8 weights dequantized in registers, bf16 MMA, fp32 accumulate); on this backend
+  one-token decode GEMMs, bf16 weights included, run the Triton GEMV (`kernels.triton_gemv.SERVE_MAX_M`);
 - "flashinfer": `mm_mxfp8` on sm100+, written to FlashInfer's documented API; not runnable on
   the Hopper machines this project is tested on.
 Legend: T tokens, K in_features, N out_features.
@@ -93,7 +94,10 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         act_mode = "w8a16" if x_qdq else gemm.act_mode
         lead = x_TK.shape[:-1]
         x2 = x_TK.reshape(-1, x_TK.shape[-1])
-        if gemm.backend == "triton":
+        if gemm.backend == "triton" and _gemv_serves(x2, w_NK, act_mode == "w8a8"):
+            from .kernels.triton_gemv import gemv_triton
+            y = gemv_triton(x2, w_NK, act_mode=act_mode, scale_mode=gemm.scale_mode)
+        elif gemm.backend == "triton":
             from .kernels.triton_mxfp8_gemm import mxfp8_gemm_triton
             y = mxfp8_gemm_triton(x2, w_NK, act_mode, gemm.scale_mode)
         elif gemm.backend == "flashinfer":
@@ -106,6 +110,11 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         raise TypeError(f"linear: weight must be a 2-D tensor, MXFP8Tensor or QATWeight, got {type(w_NK).__name__}")
     if x_TK.shape[-1] != w_NK.shape[1]:
         raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
+    if (gemm.backend == "triton" and w_NK.dtype == x_TK.dtype and out_dtype in (None, x_TK.dtype, torch.float32)
+            and _gemv_serves(x_TK.reshape(-1, x_TK.shape[-1]), w_NK)):
+        from .kernels.triton_gemv import gemv_triton
+        y = gemv_triton(x_TK.reshape(-1, x_TK.shape[-1]), w_NK, out_dtype)
+        return y.reshape(*x_TK.shape[:-1], w_NK.shape[0])
     if out_dtype is None or out_dtype == x_TK.dtype:
         return F.linear(x_TK, w_NK.to(x_TK.dtype))
     w = w_NK.to(x_TK.dtype)
@@ -114,3 +123,10 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS fp32 output
     # CPU: products of bf16/fp16 operands are exact in fp32, so upcasting first is the same GEMM
     return F.linear(x_TK.to(out_dtype), w.to(out_dtype))
+
+
+def _gemv_serves(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, quant_x: bool = False) -> bool:
+    if not x_MK.is_cuda:
+        return False
+    from .kernels.triton_gemv import gemv_serves
+    return gemv_serves(x_MK, w_NK, quant_x)

@@ -23,6 +23,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..mxfp8 import MXFP8Tensor
+from . import triton_moe_gemv
 from .moe_align import align_block_size
 from .moe_config import moe_config
 from .pdl import pdl_args, pdl_wait
@@ -234,6 +235,15 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
                                   or shared_TD.stride(1) != 1):
         raise ValueError(f"fused moe: shared output {tuple(shared_TD.shape)} {shared_TD.dtype} must be [T, D] "
                          f"{x_TD.dtype} with unit stride along D")
+    w8a8 = quant and act_mode == "w8a8"
+    quant_x = w8a8 and not x_qdq
+    y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+    if config is None and triton_moe_gemv.serves(T, quant):
+        out = triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13.contiguous(),
+                                       w13.scale.contiguous() if quant else d13, d2.contiguous(),
+                                       w2.scale.contiguous() if quant else d2, quant, w8a8, quant_x,
+                                       scale_mode == "floor")
+        return _combine(out, y, shared_TD, K)
     cfg = dict(config or moe_config(T, quant, K, E))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
@@ -242,8 +252,6 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         raise ValueError("fused moe: USE_TMA is for MXFP8 weight tiles")
     if gemv and BM > 4:
         raise ValueError(f"fused moe: GEMV takes blocks of 1..4 rows, got BM={BM}")
-    w8a8 = quant and act_mode == "w8a8"
-    quant_x = w8a8 and not x_qdq
     fuse_x = quant_x and T <= 64  # prefill keeps one separate pass (the kernel would redo it per N tile)
     x = act_qdq_triton(x_TD.contiguous(), scale_mode) if quant_x and not fuse_x else x_TD.contiguous()
     pairs = T * K <= PAIR_BLOCKS_MAX
@@ -275,8 +283,13 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, USE_TMA=use_tma, GEMV=gemv,
         **cfg, **pdl_args(x))
-    y = torch.empty(T, D, dtype=x_TD.dtype, device=x.device)
+    return _combine(out, y, shared_TD, K)
+
+
+def _combine(out: torch.Tensor, y: torch.Tensor, shared_TD: torch.Tensor | None, K: int) -> torch.Tensor:
+    """y [T, D] = the K fp32 rows of each token summed in k order (+ shared_TD), by `_combine_kernel`."""
+    T, D = y.shape
     s = shared_TD if shared_TD is not None else y
     _combine_kernel[(T, triton.cdiv(D, 1024))](out, y, s, s.stride(0), K, D, BD=1024,
-    SHARED=shared_TD is not None, **pdl_args(x))
+                                               SHARED=shared_TD is not None, **pdl_args(y))
     return y

@@ -198,3 +198,31 @@ def test_fused_moe_tma_loads_keep_the_bits():
         x, ids, w, w13, w2 = moe_case(T, 16, 6, 512, 224, True, seed=T)
         y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
         assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, USE_TMA=False)), y)
+
+
+@cuda
+@pytest.mark.parametrize("quant", [False, True])
+def test_fused_moe_rows_gemv_path(quant, monkeypatch):
+    """With the path on for one and two tokens, triton_moe_gemv (whole weight rows per program): against the tile path of the
+    same call to fp32-summation noise (a bf16 ulp here and there), the same bits twice, x_qdq honoured; turning
+    the path off gives the tile path's bits."""
+    from mxroll.precision.kernels import triton_moe_gemv
+    from mxroll.precision.kernels.moe_config import moe_config
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    from mxroll.precision.mxfp8 import MXFP8Tensor as MX
+    for T in (1, 2):
+        monkeypatch.setattr(triton_moe_gemv, "MAX_TOKENS_MXFP8", 2)
+        monkeypatch.setattr(triton_moe_gemv, "MAX_TOKENS_BF16", 2)
+        x, ids, w, w13, w2 = moe_case(T, 16, 6, 352, 224, quant, seed=T)
+        assert triton_moe_gemv.serves(T, quant)
+        y = fused_moe_triton(x, ids, w, w13, w2, "w8a8")
+        tiles = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=moe_config(T, quant, 6, 16))
+        err = ((y.float() - tiles.float()).norm() / tiles.float().norm()).item()
+        assert err < 5e-3 and torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8"), y), (T, err)
+        if quant:
+            xq = MX.quantize(x).dequantize(torch.bfloat16)
+            assert torch.equal(fused_moe_triton(xq, ids, w, w13, w2, "w8a8", x_qdq=True),
+                               fused_moe_triton(xq, ids, w, w13, w2, "w8a8"))
+        monkeypatch.setattr(triton_moe_gemv, "MAX_TOKENS_MXFP8" if quant else "MAX_TOKENS_BF16", 0)
+        assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8"), tiles)
+        monkeypatch.undo()

@@ -150,8 +150,10 @@ def test_act_quant_bytes(scale_mode):
 def test_dense_bf16_copy_serves_gemms_above_16_tokens(mode):
     """`precision.linear.bf16_copy`: the exact dequantization, refreshed in place; GEMMs above COPY_MIN_M tokens
     run cuBLAS on it (bit-equal to the per-call dequantize path above 64 tokens), up to it the MXFP8 kernel, except
-    for a small weight whose input is already quantized (w8a16 here): cuBLAS on the copy at every M."""
+    for a small weight whose input is already quantized (w8a16 here): cuBLAS on the copy from 2 tokens (one token:
+    the GEMV)."""
     from mxroll.precision import GemmConfig, linear
+    from mxroll.precision.kernels import triton_gemv
     from mxroll.precision.kernels.triton_mxfp8_gemm import BIG_WEIGHT, COPY_MIN_M, act_qdq_triton, copy_serves
     from mxroll.precision.linear import bf16_copy
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -167,9 +169,11 @@ def test_dense_bf16_copy_serves_gemms_above_16_tokens(mode):
         xa = act_qdq_triton(x) if mode == "w8a8" else x
         serves = copy_serves(M, 576, 2048, mode == "w8a8")
         assert serves == (M > COPY_MIN_M or mode == "w8a16")
-        if not serves or M > 64:  # the MXFP8 kernel as before / the same cuBLAS GEMM on the same values
+        if M <= triton_gemv.SERVE_MAX_M:  # one token: the GEMV on the MXFP8 bytes, copy or not (test_gemv.py)
+            assert torch.equal(y, triton_gemv.gemv_triton(x, w, act_mode=mode)) and torch.equal(y, y0), M
+        elif not serves or M > 64:  # the MXFP8 kernel as before / the same cuBLAS GEMM on the same values
             assert torch.equal(y, y0), M
-        if serves:
+        if serves and M > triton_gemv.SERVE_MAX_M:
             assert torch.equal(y, torch.nn.functional.linear(xa, copy)), M
         assert rel(y, mxfp8_gemm_ref(x, w, mode, "rceil")) < 1e-2, M
     assert not copy_serves(1, 4096, BIG_WEIGHT // 4096, False)  # big weights: the MXFP8 kernel up to 16 tokens

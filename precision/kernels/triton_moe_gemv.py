@@ -1,0 +1,90 @@
+"""Fused-MoE GEMV path for one or two decode tokens (sm90): whole weight rows per program, as the dense GEMV
+(`triton_gemv`), over the (token, k) pairs directly (no sort).
+
+1. gate_up: program (pair, BN rows of F) holds the BN gate rows and BN up rows of the pair's expert over all of D,
+   dots them with the token's x (quantize-dequantized along D first for w8a8 unless its producer did), and writes
+   h = SiLU(gate) * up with the fused kernel's bf16 roundings, unquantized.
+2. down: program (pair, BN rows of D) reads the pair's whole h row, quantize-dequantizes it along F for w8a8 (the
+   same 32-element blocks, so the same values, as the fused kernel's gate_up epilogue), dots it with the expert's
+   down rows, rounds to bf16 and scales by the pair's top-k weight into its own fp32 row.
+3. the fused MoE's ordered combine (`triton_moe._combine_kernel`): deterministic.
+Sums: exact products, fp32 sums per 32-wide block, block sums scaled (MXFP8), then summed: another fp32 order than
+the MMA path; the reference's to fp32 noise. Reference: `precision.moe.experts_ref`.
+Legend: P = T * K pairs, D hidden, F expert intermediate, E experts (shared ones hosted included), KP: a
+contraction rounded up to a power of two, BN rows per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pdl import pdl_args, pdl_wait
+from .triton_gemv import _load_rows, _load_x, _row_dots
+
+# fused_moe_triton takes this path up to this many tokens (0: never). gemv_20261201b.json (H200, CUDA graph, expert
+# weights rotated past L2; vs the tile path's GEMV config): MXFP8 at 1 token moonlight 28.8 -> 26.2 us (routed),
+# 39.8 -> 32.2 (routed + 2 hosted shared), deepseek-v3 129.6 -> 126.1; at 2 tokens moonlight 45.3 -> 44.0 but
+# deepseek-v3 234.9 -> 252.0. bf16 experts: slower at 1 and 2 tokens on every shape (33.1 -> 37.1 us moonlight).
+MAX_TOKENS_MXFP8 = 1
+MAX_TOKENS_BF16 = 0
+
+
+def serves(T: int, quant: bool) -> bool:
+    return 1 <= T <= (MAX_TOKENS_MXFP8 if quant else MAX_TOKENS_BF16)
+
+
+@triton.jit
+def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, D, F, BN: tl.constexpr, KP: tl.constexpr,
+                         QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    p = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    x = _load_x(x_ptr + (p // TOPK).to(tl.int64) * D, D, KP, QUANT_X, FLOOR)
+    wg, sg = _load_rows(w_ptr, s_ptr, e * 2 * F + n, n < F, D, KP, QUANT_W)
+    wu, su = _load_rows(w_ptr, s_ptr, e * 2 * F + F + n, n < F, D, KP, QUANT_W)
+    g = _row_dots(wg, sg, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
+    u = _row_dots(wu, su, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
+    h = (g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u
+    tl.store(h_ptr + p.to(tl.int64) * F + n, h.to(tl.bfloat16), mask=n < F)
+
+
+@triton.jit
+def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topk_w_ptr, D, F, BN: tl.constexpr, KP: tl.constexpr,
+                      QUANT_W: tl.constexpr, QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    p = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    h = _load_x(h_ptr + p.to(tl.int64) * F, F, KP, QUANT_H, FLOOR)
+    w, s = _load_rows(w_ptr, s_ptr, e * D + n, n < D, F, KP, QUANT_W)
+    y = _row_dots(w, s, h, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32) * tl.load(topk_w_ptr + p)
+    tl.store(out_ptr + p.to(tl.int64) * D + n, y, mask=n < D)
+
+
+def _tiles(KP: int, matrices: int) -> dict:
+    """BN rows a program: `matrices` x BN x KP weight elements = 8192 (at least one row), 4 warps up to KP 4096."""
+    return dict(BN=max(1, 8192 // (matrices * KP)), num_warps=4 if KP <= 4096 else 8)
+
+
+def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, d13: torch.Tensor,
+             s13: torch.Tensor, d2: torch.Tensor, s2: torch.Tensor, quant: bool, w8a8: bool, quant_x: bool,
+             floor: bool) -> torch.Tensor:
+    """fp32 [T * K, D]: each (token, k) pair's expert output times its top-k weight (before the combine).
+    d13 [E, 2F, D] / d2 [E, D, F] contiguous (e4m3 with E8M0 s13 / s2, or bf16 with s = d)."""
+    E, F2, D = d13.shape
+    F = F2 // 2
+    T, K = topk_ids_TK.shape
+    P = T * K
+    ids = topk_ids_TK.reshape(-1)
+    h = torch.empty(P, F, dtype=torch.bfloat16, device=x.device)
+    KD, KF = triton.next_power_of_2(D), triton.next_power_of_2(F)
+    gu, dn = _tiles(KD, 2), _tiles(KF, 1)
+    _gemv_gate_up_kernel[(P, triton.cdiv(F, gu["BN"]))](
+        x, d13, s13, h, ids, K, D, F, KP=KD, QUANT_W=quant, QUANT_X=quant_x, FLOOR=floor, **gu, **pdl_args(x))
+    out = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    _gemv_down_kernel[(P, triton.cdiv(D, dn["BN"]))](
+        h, d2, s2, out, ids, topk_weights_TK.float().contiguous(), D, F, KP=KF, QUANT_W=quant, QUANT_H=w8a8,
+        FLOOR=floor, **dn, **pdl_args(x))
+    return out
