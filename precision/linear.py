@@ -126,7 +126,8 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
 
 
 def _gemv_serves(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, quant_x: bool = False) -> bool:
-    if not x_MK.is_cuda:
+    """The Triton GEMV has no backward: a product autograd records (a trainer's) stays on torch."""
+    if not x_MK.is_cuda or (torch.is_grad_enabled() and (x_MK.requires_grad or getattr(w_NK, "requires_grad", False))):
         return False
     from .kernels.triton_gemv import gemv_serves
     return gemv_serves(x_MK, w_NK, quant_x)

@@ -151,3 +151,11 @@ def test_dispatch_keeps_long_w8a8_rows_on_the_decode_kernel():
     gemm = GemmConfig(backend="triton")
     assert torch.equal(linear(x, q, gemm), mxfp8_gemm_triton(x, q, "w8a8"))
     assert torch.equal(linear(x, q, gemm, x_qdq=True), gemv_triton(x, q))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch sends CUDA inputs only")
+def test_dispatch_leaves_autograd_products_to_torch():
+    x, w = operands(1, 64, 256, 5)
+    w = w.clone().requires_grad_(True)
+    y = linear(x, w, GemmConfig(backend="triton"))
+    assert y.requires_grad and torch.equal(y.detach(), torch.nn.functional.linear(x, w.detach()))
