@@ -35,12 +35,17 @@ def serves(T: int, quant: bool) -> bool:
 
 
 @triton.jit
+def _pair_rows(ids_ptr, BN: tl.constexpr):
+    """This program's (token, k) pair, its BN output rows, and the pair's expert."""
+    p = tl.program_id(0)
+    return p, tl.program_id(1) * BN + tl.arange(0, BN), tl.load(ids_ptr + p).to(tl.int64)
+
+
+@triton.jit
 def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, D, F, BN: tl.constexpr, KP: tl.constexpr,
                          QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
-    p = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    e = tl.load(ids_ptr + p).to(tl.int64)
+    p, n, e = _pair_rows(ids_ptr, BN)
     x = _load_x(x_ptr + (p // TOPK).to(tl.int64) * D, D, KP, QUANT_X, FLOOR)
     wg, sg = _load_rows(w_ptr, s_ptr, e * 2 * F + n, n < F, D, KP, QUANT_W)
     wu, su = _load_rows(w_ptr, s_ptr, e * 2 * F + F + n, n < F, D, KP, QUANT_W)
@@ -54,9 +59,7 @@ def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, D, F, BN: tl
 def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topk_w_ptr, D, F, BN: tl.constexpr, KP: tl.constexpr,
                       QUANT_W: tl.constexpr, QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
-    p = tl.program_id(0)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    e = tl.load(ids_ptr + p).to(tl.int64)
+    p, n, e = _pair_rows(ids_ptr, BN)
     h = _load_x(h_ptr + p.to(tl.int64) * F, F, KP, QUANT_H, FLOOR)
     w, s = _load_rows(w_ptr, s_ptr, e * D + n, n < D, F, KP, QUANT_W)
     y = _row_dots(w, s, h, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32) * tl.load(topk_w_ptr + p)
