@@ -12,7 +12,7 @@ and for same-bits-twice.
 the tile path it replaces (`moe_config`'s, passed explicitly), per call in a CUDA graph over expert weights rotated
 past L2 (bytes: the experts touched; checked against `experts_ref` and for same-bits-twice).
 
-    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8] [--moe] [--out NAME]
+    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8,16:256:4] [--moe] [--out NAME]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def next_input(x, y, xo):
     _next_input[(x.shape[0],)](x, y, xo, K, y.stride(0), BK=triton.next_power_of_2(K), **pdl_args(x))
 
 
-def variants(mode: str, out32: bool, configs: list[tuple[int, int]]):
+def variants(mode: str, out32: bool, configs: list[tuple[int, ...]]):
     """name -> f(x, w) for one storage mode."""
     gemm = GemmConfig(backend="triton", bf16_copy=True)
     out = {}
@@ -76,14 +76,17 @@ def variants(mode: str, out32: bool, configs: list[tuple[int, int]]):
         out["mxfp8_gemm_w8a8"] = lambda x, w: mxfp8_gemm_triton(x, w, "w8a8")  # input quantized by the GEMM
         out["dispatch_qdq"] = lambda x, w: linear(x, w, gemm, x_qdq=True)
         out["dispatch_w8a8"] = lambda x, w: linear(x, w, gemm)
-    for i, (t, warps) in enumerate(configs):
-        def f(x, w, t=t, warps=warps, act="w8a16"):
-            K = x.shape[1]
-            cfg = dict(BN=max(1, t // triton.next_power_of_2(K)), num_warps=warps)
+    for i, c in enumerate(configs):
+        def f(x, w, c=c, act="w8a16"):
+            if len(c) == 3:  # the LOOP variant: BN rows, BK-wide chunks
+                cfg = dict(BN=c[0], BK=c[1], num_warps=c[2])
+            else:  # whole rows: `t` weight elements a program
+                cfg = dict(BN=max(1, c[0] // triton.next_power_of_2(x.shape[1])), num_warps=c[1])
             return gemv_triton(x, w, torch.float32 if out32 else None, act_mode=act, config=cfg)
-        out[f"gemv_t{t}_w{warps}"] = f
+        name = f"gemv_loop_bn{c[0]}_bk{c[1]}_w{c[2]}" if len(c) == 3 else f"gemv_t{c[0]}_w{c[1]}"
+        out[name] = f
         if mode == "mxfp8" and i == 0:
-            out[f"gemv_t{t}_w{warps}_w8a8"] = lambda x, w, f=f: f(x, w, act="w8a8")
+            out[f"{name}_w8a8"] = lambda x, w, f=f: f(x, w, act="w8a8")
     out["gemv_dispatch"] = lambda x, w: gemv_triton(x, w, torch.float32 if out32 else None)
     return out
 
@@ -95,7 +98,7 @@ def reference(x, w, mode: str, w8a8: bool) -> torch.Tensor:
     return xr.double() @ w.dequantize(torch.float32).double().t()
 
 
-def run(name: str, M: int, mode: str, configs: list[tuple[int, int]], bw: float) -> list[dict]:
+def run(name: str, M: int, mode: str, configs: list[tuple[int, ...]], bw: float) -> list[dict]:
     N, K, out32 = SHAPES[name]
     if mode == "mxfp8" and out32:
         return []
@@ -187,7 +190,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,2,4")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--modes", default="bf16,mxfp8")
-    ap.add_argument("--configs", default="4096:4,8192:4,8192:8", help="weight elements a program : warps")
+    ap.add_argument("--configs", default="4096:4,8192:4,8192:8",
+                    help="whole rows 'elements a program:warps', or the LOOP variant 'BN:BK:warps'")
     ap.add_argument("--moe", action="store_true", help="also the fused MoE at 1..2 tokens")
     ap.add_argument("--moe-only", action="store_true")
     ap.add_argument("--out", default="gemv")

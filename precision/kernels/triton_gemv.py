@@ -32,15 +32,15 @@ TILE_ELEMS = 8192  # weight elements a program holds (BN * KP): 64 registers a t
 
 
 @triton.jit
-def _load_rows(w_ptr, s_ptr, rows, mask_rows, K, KP: tl.constexpr, QUANT_W: tl.constexpr):
-    """Whole rows [len(rows), KP] of a row-major [*, K] weight (columns past K read 0) and, for MXFP8, their E8M0
-    bytes [len(rows), KP // 32] (127, a scale of 1, past K)."""
-    kk = tl.arange(0, KP)
+def _load_rows(w_ptr, s_ptr, rows, mask_rows, k0, K, KP: tl.constexpr, QUANT_W: tl.constexpr):
+    """Columns k0..k0+KP of rows [len(rows), KP] of a row-major [*, K] weight (columns past K read 0) and, for
+    MXFP8, their E8M0 bytes [len(rows), KP // 32] (127, a scale of 1, past K); k0 a multiple of 32."""
+    kk = k0 + tl.arange(0, KP)
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :], mask=mask_rows[:, None] & (kk < K)[None, :],
                 other=0.0, eviction_policy="evict_first")
     s = w
     if QUANT_W:
-        ss = tl.arange(0, KP // 32)
+        ss = k0 // 32 + tl.arange(0, KP // 32)
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // 32) + ss[None, :],
                     mask=mask_rows[:, None] & (ss < K // 32)[None, :], other=127)
     return w, s
@@ -71,11 +71,39 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
                  KP: tl.constexpr, QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr,
                  PDL: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, K, KP, QUANT_W)
+    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, 0, K, KP, QUANT_W)
     pdl_wait(PDL)  # the weights above do not depend on the previous kernel: their loads are already in flight
     for m in tl.static_range(M):
         y = _row_dots(w, s, _load_x(x_ptr + m * stride_xm, K, KP, QUANT_X, FLOOR), BN, KP, QUANT_W)
         tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _gemv_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, MP: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr,
+                      PDL: tl.constexpr):
+    """The LOOP variant (opt-in by config, compared in benchmarks/gemv.py): BN rows over K in BK-wide chunks, all
+    MP rows of x per chunk (each weight chunk converted once for every token; x read once per BN rows); the first
+    chunk's loads go before the PDL wait, each next chunk's at the end of the step before."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.arange(0, MP)
+    acc = tl.zeros((MP, BN), dtype=tl.float32)
+    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, 0, K, BK, QUANT_W)
+    pdl_wait(PDL)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :], mask=(m < M)[:, None] & (kk < K)[None, :],
+                    other=0.0).to(tl.float32)
+        if QUANT_X:
+            x = _act_qdq(x, MP, BK, FLOOR)
+        p = w.to(tl.float32)[None, :, :] * x[:, None, :]
+        if QUANT_W:
+            acc += tl.sum(tl.sum(tl.reshape(p, (MP, BN, BK // 32, 32)), axis=3) * _e8m0(s)[None, :, :], axis=2)
+        else:
+            acc += tl.sum(p, axis=2)
+        w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, k0 + BK, K, BK, QUANT_W)
+    tl.store(y_ptr + m[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(m < M)[:, None] & (rows < N)[None, :])
 
 
 def gemv_config(N: int, K: int, quant: bool) -> dict:
@@ -117,10 +145,16 @@ def gemv_triton(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, out_dtype:
     if x_MK.stride(1) != 1:
         raise ValueError("gemv: x must have unit stride along K")
     cfg = dict(config or gemv_config(N, K, quant))
-    BN = cfg.pop("BN")
+    BN, BK = cfg.pop("BN"), cfg.pop("BK", None)
     y = torch.empty(M, N, dtype=out_dtype or x_MK.dtype, device=x_MK.device)
     s = w_NK.scale if quant else w
-    _gemv_kernel[(triton.cdiv(N, BN),)](
-        x_MK, w, s, y, N, K, x_MK.stride(0), y.stride(0), M=M, BN=BN, KP=triton.next_power_of_2(K), QUANT_W=quant,
-        QUANT_X=act_mode == "w8a8", FLOOR=scale_mode == "floor", **cfg, **pdl_args(x_MK))
+    flags = dict(QUANT_W=quant, QUANT_X=act_mode == "w8a8", FLOOR=scale_mode == "floor", **cfg, **pdl_args(x_MK))
+    if BK is not None:  # the LOOP variant
+        if BK % 32 or BK & (BK - 1):
+            raise ValueError(f"gemv: BK={BK} must be a power of two >= 32")
+        _gemv_loop_kernel[(triton.cdiv(N, BN),)](x_MK, w, s, y, M, N, K, x_MK.stride(0), y.stride(0),
+                                                 MP=triton.next_power_of_2(M), BN=BN, BK=BK, **flags)
+        return y
+    _gemv_kernel[(triton.cdiv(N, BN),)](x_MK, w, s, y, N, K, x_MK.stride(0), y.stride(0), M=M, BN=BN,
+                                        KP=triton.next_power_of_2(K), **flags)
     return y
