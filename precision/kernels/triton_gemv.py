@@ -28,7 +28,11 @@ MAX_M = 4
 # slower on 5 of 7 (each row re-converts the weight tile held in registers).
 SERVE_MAX_M = 1
 QUANT_X_MAX_K = 8192
-TILE_ELEMS = 8192  # weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16
+# weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16. Measured 4096 vs 8192
+# (gemv_20261201a.json: 8192 faster on every K=2048 shape, e.g. MXFP8 q+kv_a 4.26 -> 3.48 us, as each program reads
+# x once for BN rows); MXFP8 at 16384 (the same 16 KB a program as bf16; 56 registers, no spills in ptxas) not yet.
+TILE_ELEMS_BF16 = 8192
+TILE_ELEMS_FP8 = 8192
 
 
 @triton.jit
@@ -107,9 +111,9 @@ def _gemv_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
 
 
 def gemv_config(N: int, K: int, quant: bool) -> dict:
-    """BN rows a program: TILE_ELEMS weight elements (at least one row), 4 warps."""
+    """BN rows a program: TILE_ELEMS_* weight elements (at least one row), 4 warps (8 past K = 8192)."""
     KP = triton.next_power_of_2(K)
-    return dict(BN=max(1, TILE_ELEMS // KP), num_warps=4 if KP <= 8192 else 8)
+    return dict(BN=max(1, (TILE_ELEMS_FP8 if quant else TILE_ELEMS_BF16) // KP), num_warps=4 if KP <= 8192 else 8)
 
 
 def gemv_serves(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, quant_x: bool = False) -> bool:

@@ -66,9 +66,13 @@ def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topk_w_ptr, D, F, B
     tl.store(out_ptr + p.to(tl.int64) * D + n, y, mask=n < D)
 
 
+TILE_ELEMS = 8192  # weight elements a program holds (16384, the same bytes as bf16's 8192: not yet measured)
+
+
 def _tiles(KP: int, matrices: int) -> dict:
-    """BN rows a program: `matrices` x BN x KP weight elements = 8192 (at least one row), 4 warps up to KP 4096."""
-    return dict(BN=max(1, 8192 // (matrices * KP)), num_warps=4 if KP <= 4096 else 8)
+    """BN rows a program: `matrices` x BN x KP weight elements = TILE_ELEMS (at least one row), 4 warps up to KP
+    4096."""
+    return dict(BN=max(1, TILE_ELEMS // (matrices * KP)), num_warps=4 if KP <= 4096 else 8)
 
 
 def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, d13: torch.Tensor,
