@@ -25,7 +25,8 @@ MAX_M = 4
 # (H200, per call in a CUDA graph, L2 flushed): at 1 token faster than cuBLAS bf16 on all 7 shapes (moonlight
 # qkv_a 7.0 -> 5.8 us, o_proj 6.2 -> 3.6, dense gate_up 26.5 -> 24.9, down 17.2 -> 14.8, lm_head 183 -> 172;
 # deepseek-v3 q_a+kv_a 14.2 -> 9.9, o_proj 70.4 -> 64.0); at 2 tokens a tie or slower for K >= 7168, at 4 tokens
-# slower on 5 of 7 (each row re-converts the weight tile held in registers).
+# slower on 5 of 7. Leading suspect (not yet measured apart): every program reads all M rows of x, M x K x 2 bytes
+# against its BN x K of weight (BN = 1 at K >= 8192); ptxas shows no spills. The LOOP variant is the candidate.
 SERVE_MAX_M = 1
 QUANT_X_MAX_K = 8192
 # weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16. Measured 4096 vs 8192
