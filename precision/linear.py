@@ -110,16 +110,15 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         raise TypeError(f"linear: weight must be a 2-D tensor, MXFP8Tensor or QATWeight, got {type(w_NK).__name__}")
     if x_TK.shape[-1] != w_NK.shape[1]:
         raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
+    x2 = x_TK.reshape(-1, x_TK.shape[-1])
     if (gemm.backend == "triton" and w_NK.dtype == x_TK.dtype and out_dtype in (None, x_TK.dtype, torch.float32)
-            and _gemv_serves(x_TK.reshape(-1, x_TK.shape[-1]), w_NK)):
+            and _gemv_serves(x2, w_NK)):
         from .kernels.triton_gemv import gemv_triton
-        y = gemv_triton(x_TK.reshape(-1, x_TK.shape[-1]), w_NK, out_dtype)
-        return y.reshape(*x_TK.shape[:-1], w_NK.shape[0])
+        return gemv_triton(x2, w_NK, out_dtype).reshape(*x_TK.shape[:-1], w_NK.shape[0])
     if out_dtype is None or out_dtype == x_TK.dtype:
         return F.linear(x_TK, w_NK.to(x_TK.dtype))
     w = w_NK.to(x_TK.dtype)
     if x_TK.is_cuda and out_dtype == torch.float32 and x_TK.dtype in (torch.bfloat16, torch.float16):
-        x2 = x_TK.reshape(-1, x_TK.shape[-1])
         return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS fp32 output
     # CPU: products of bf16/fp16 operands are exact in fp32, so upcasting first is the same GEMM
     return F.linear(x_TK.to(out_dtype), w.to(out_dtype))

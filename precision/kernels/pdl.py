@@ -1,11 +1,14 @@
 """Programmatic dependent launch (PDL, sm90+) for the small Triton kernels of a decode step.
 
 A kernel launched with `pdl_args(...)` may be scheduled while the kernel before it on the stream is still
-running; its first statement, `pdl_wait(PDL)`, blocks until that kernel has completed and its writes are
-visible (griddepcontrol.wait), then lets the kernel after it be scheduled in turn
-(griddepcontrol.launch_dependents). Nothing is read or written before the wait, so results are those of the
-serial launch; what is saved is the launch gap between back-to-back small kernels (captured into CUDA graphs
-as programmatic edges). Off on CPU, under the Triton interpreter, before sm90, or with `ENABLED` False.
+running; `pdl_wait(PDL)` blocks until that kernel has completed and its writes are visible (griddepcontrol.wait),
+then lets the kernel after it be scheduled in turn (griddepcontrol.launch_dependents). It is each kernel's first
+statement, except in the dense decode GEMV (`triton_gemv`), which loads its weights first: a kernel starts only
+once the one before it has passed its own wait (or completed, without PDL), so every kernel before that one has
+completed, and weights are written only between steps (loads, updates), never by the kernel just before a GEMV.
+So results are those of the serial launch; what is saved is the launch gap between back-to-back small kernels
+(captured into CUDA graphs as programmatic edges) and, for the GEMV, the weight fetch's latency.
+Off on CPU, under the Triton interpreter, before sm90, or with `ENABLED` False.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 def pdl_args(t: torch.Tensor) -> dict:
-    """Launch keywords for a kernel whose first statement is `pdl_wait(PDL)`, on t's device."""
+    """Launch keywords for a kernel that calls `pdl_wait(PDL)` before reading anything but weights, on t's device."""
     if ENABLED and gdc_wait is not None and t.is_cuda and _sm90(t.device):
         return dict(PDL=True, launch_pdl=True)
     return dict(PDL=False)

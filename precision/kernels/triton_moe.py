@@ -238,11 +238,12 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     w8a8 = quant and act_mode == "w8a8"
     quant_x = w8a8 and not x_qdq
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+    d13, d2 = d13.contiguous(), d2.contiguous()
+    s13 = w13.scale.contiguous() if quant else d13
+    s2 = w2.scale.contiguous() if quant else d2
     if config is None and triton_moe_gemv.serves(T, quant):
-        out = triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13.contiguous(),
-                                       w13.scale.contiguous() if quant else d13, d2.contiguous(),
-                                       w2.scale.contiguous() if quant else d2, quant, w8a8, quant_x,
-                                       scale_mode == "floor")
+        out = triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant, w8a8,
+                                       quant_x, scale_mode == "floor")
         return _combine(out, y, shared_TD, K)
     cfg = dict(config or moe_config(T, quant, K, E))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
@@ -261,9 +262,6 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         al = align_block_size(topk_ids_TK, E, BM)
         ids, bexp, R = al.sorted_ids, al.block_expert, al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
-    d13, d2 = d13.contiguous(), d2.contiguous()
-    s13 = w13.scale.contiguous() if quant else d13
-    s2 = w2.scale.contiguous() if quant else d2
     n_gu, n_down = triton.cdiv(F, BN), triton.cdiv(D, BN)
     split_gu, k_gu = _k_split(D, BK, split_gu if R // BM * n_gu <= MAX_TILES else 1)
     split_down, k_down = _k_split(F, BK, split_down if R // BM * n_down <= MAX_TILES else 1)
