@@ -10,9 +10,11 @@ Every variant is checked in the same run against an fp64 reference of the same (
 and for same-bits-twice.
 --moe: the fused MoE at 1..2 tokens (`fused_moe_triton`), its whole-rows GEMV path (`triton_moe_gemv`) against
 the tile path it replaces (`moe_config`'s, passed explicitly), per call in a CUDA graph over expert weights rotated
-past L2 (bytes: the experts touched; checked against `experts_ref` and for same-bits-twice).
+past L2 (bytes: the experts touched; checked against `experts_ref` and for same-bits-twice); `--moe-tiles` adds
+the rows path forced on (bf16 experts too) at other tile sizes.
 
-    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8,16:256:4] [--moe] [--out NAME]
+    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8,16:256:4]
+                              [--moe | --moe-only] [--moe-tokens 1,2] [--moe-tiles 8192,16384] [--out NAME]
 """
 from __future__ import annotations
 
@@ -146,7 +148,22 @@ MOE_SHAPES = {  # name: (E, K pairs a token, D, F); deepseek-v3 with 32 of its 2
 }
 
 
-def run_moe(name: str, T: int, mode: str, bw: float) -> list[dict]:
+def forced_rows(f, tile: int, T: int):
+    """f with the fused MoE's rows path on for T tokens (either format) at TILE_ELEMS = tile."""
+    from mxroll.precision.kernels import triton_moe_gemv as m
+
+    def g(*a):
+        saved = m.TILE_ELEMS, m.MAX_TOKENS_MXFP8, m.MAX_TOKENS_BF16
+        m.TILE_ELEMS, m.MAX_TOKENS_MXFP8, m.MAX_TOKENS_BF16 = tile, T, T
+        try:
+            return f(*a)
+        finally:
+            m.TILE_ELEMS, m.MAX_TOKENS_MXFP8, m.MAX_TOKENS_BF16 = saved
+    return g
+
+
+def run_moe(name: str, T: int, mode: str, bw: float, tiles: list[int]) -> list[dict]:
+    from mxroll.precision.kernels import triton_moe_gemv
     from mxroll.precision.kernels.moe_config import moe_config
     from mxroll.precision.kernels.triton_moe import fused_moe_triton
     from mxroll.precision.moe import experts_ref
@@ -168,8 +185,14 @@ def run_moe(name: str, T: int, mode: str, bw: float) -> list[dict]:
     floor_us = (T * K * 3 * F * D * per_el + T * D * 4) / bw * 1e6  # distinct experts a pair: upper bound on bytes
     ref = experts_ref(x, ids, tw, *ws[0], GemmConfig("w8a8"), x_qdq=quant)
     rows = []
-    for vname, cfg in (("tiles", moe_config(T, quant, K, E)), ("rows_gemv", None)):
+    variants = [("tiles", moe_config(T, quant, K, E), None)]
+    if triton_moe_gemv.serves(T, quant):
+        variants.append(("rows_gemv", None, None))
+    variants += [(f"rows_gemv_t{n}", None, n) for n in tiles]  # TILE_ELEMS n, path forced on
+    for vname, cfg, tile in variants:
         f = lambda w13, w2, cfg=cfg: fused_moe_triton(x, ids, tw, w13, w2, "w8a8", config=cfg, x_qdq=quant)  # noqa: E731
+        if tile is not None:
+            f = forced_rows(f, tile, T)
         y = f(*ws[0])
         rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
         same = torch.equal(y, f(*ws[0]))
@@ -178,7 +201,7 @@ def run_moe(name: str, T: int, mode: str, bw: float) -> list[dict]:
                          same_bits_twice=same, correct=bool(rel < 1e-2 and same), us=t * 1e6, floor_us=floor_us,
                          x_floor=t * 1e6 / floor_us))
         r = rows[-1]
-        print(f"moe {name:24s} T={T} {mode:5s} {vname:10s} {r['us']:8.2f} us floor {floor_us:7.2f} "
+        print(f"moe {name:24s} T={T} {mode:5s} {vname:16s} {r['us']:8.2f} us floor {floor_us:7.2f} "
               f"({r['x_floor']:.2f}x) rel {rel:.1e} {'ok' if r['correct'] else 'WRONG'}", flush=True)
     del ws
     torch.cuda.empty_cache()
@@ -194,6 +217,9 @@ def main() -> None:
                     help="whole rows 'elements a program:warps', or the LOOP variant 'BN:BK:warps'")
     ap.add_argument("--moe", action="store_true", help="also the fused MoE at 1..2 tokens")
     ap.add_argument("--moe-only", action="store_true")
+    ap.add_argument("--moe-tiles", default="",
+                    help="also the MoE rows path forced on (either format) at these TILE_ELEMS, e.g. 8192,16384")
+    ap.add_argument("--moe-tokens", default="1,2")
     ap.add_argument("--out", default="gemv")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -205,9 +231,9 @@ def main() -> None:
             for mode in a.modes.split(","):
                 rows += run(name, M, mode, configs, bw)
     for name in (MOE_SHAPES if a.moe or a.moe_only else []):
-        for T in (1, 2):
+        for T in (int(t) for t in a.moe_tokens.split(",")):
             for mode in a.modes.split(","):
-                rows += run_moe(name, T, mode, bw)
+                rows += run_moe(name, T, mode, bw, [int(n) for n in a.moe_tiles.split(",") if n])
     path = write_results(a.out, dict(benchmark="gemv", **environment(), copy_GBps=bw / 1e9, rows=rows))
     print(f"wrote {path}; all correct: {all(r['correct'] for r in rows)}")
 

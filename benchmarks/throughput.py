@@ -12,6 +12,7 @@ batch (logprob difference reported), and one request alone vs inside a batch of 
 
     python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8] [--skip-hf] [--out NAME]
                                     [--sections correctness,decode,offline,rl,hf_workload]
+                                    [--decode-batches 1,8,32,128,256] [--decode-schedules overlap,serial]
 """
 from __future__ import annotations
 
@@ -166,7 +167,8 @@ def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
 SECTIONS = ("correctness", "decode", "offline", "rl", "hf_workload")
 
 
-def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTIONS) -> dict:
+def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTIONS,
+             decode_batches=(1, 8, 32, 128, 256), schedules=("overlap", "serial")) -> dict:
     res = {"mode": mode}
     for pinned in (True, False) if "correctness" in sections else ():
         res["correctness_pinned_routes" if pinned else "correctness"] = guarded(correctness, mode, cfg, pinned)
@@ -179,9 +181,9 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTI
     e.generate(input_ids=warm, sampling_params={"max_new_tokens": 8, "ignore_eos": True})
     # (c) decode step times: the engine as it runs (overlap schedule), then the serial loop in the same run
     res["decode"], res["decode_serial"] = [], []
-    for serial in (False, True) if "decode" in sections else ():
+    for serial in (s == "serial" for s in schedules) if "decode" in sections else ():
         e.config.disable_overlap_schedule = serial
-        for b in (1, 8, 32, 128, 256):
+        for b in decode_batches:
             r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
             res["decode_serial" if serial else "decode"].append(r)
             if "step_ms" in r:
@@ -251,6 +253,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="throughput")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--decode-batches", default="1,8,32,128,256", help="(c)'s batch sizes")
+    ap.add_argument("--decode-schedules", default="overlap,serial",
+                    help="(c) with the overlap schedule (the engine's default), the serial loop, or both")
     args = ap.parse_args()
     sections = args.sections.split(",")
     if set(sections) - set(SECTIONS):
@@ -262,7 +267,9 @@ def main() -> None:
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s", flush=True)
     results = {"env": env, "copy_GBps": bw / 1e9, "model": PRESET, "modes": {}}
     for mode in args.modes.split(","):
-        results["modes"][mode] = run_mode(mode, cfg, bw, args.quick, sections)
+        results["modes"][mode] = run_mode(mode, cfg, bw, args.quick, sections,
+                                          [int(b) for b in args.decode_batches.split(",")],
+                                          args.decode_schedules.split(","))
         saved = write_results(args.out, results)
         if os.environ.get("OUT"):  # the device runner brings back what is under $OUT, even after a timeout
             Path(os.environ["OUT"], saved.name).write_text(saved.read_text())

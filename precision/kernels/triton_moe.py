@@ -242,9 +242,8 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     s13 = w13.scale.contiguous() if quant else d13
     s2 = w2.scale.contiguous() if quant else d2
     if config is None and triton_moe_gemv.serves(T, quant):
-        out = triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant, w8a8,
-                                       quant_x, scale_mode == "floor")
-        return _combine(out, y, shared_TD, K)
+        return triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant,
+                                        w8a8, quant_x, scale_mode == "floor", y, shared_TD)
     cfg = dict(config or moe_config(T, quant, K, E))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)

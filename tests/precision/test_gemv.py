@@ -129,10 +129,12 @@ def test_dispatch_sends_decode_products_to_the_gemv(monkeypatch):
 @pytest.mark.parametrize("quant", [False, True])
 @pytest.mark.parametrize("T", [1, 2])
 def test_moe_rows_gemv_matches_reference(quant, T):
-    """The fused MoE's one-or-two-token path (triton_moe_gemv) per (token, k) pair against an fp64 reference:
-    D and F not powers of two (masked rows and columns). MXFP8 on the GPU: w8a8 (x and h quantize-dequantized
-    along K in the kernels); under the interpreter (casts round toward zero) x arrives quantize-dequantized and h
-    is not quantized."""
+    """The fused MoE's one-token path (triton_moe_gemv; two tokens too) against an fp64 reference: each token's
+    K expert outputs times their top-k weights, summed; D and F not powers of two (masked rows and columns). The
+    combine in the down kernel's last-arriving program: with a shared output, exactly torch's bf16 add of it to the
+    result without; the same bits twice (the arrival counters reset). MXFP8 on the GPU: w8a8 (x and h
+    quantize-dequantized along K in the kernels); under the interpreter (casts round toward zero) x arrives
+    quantize-dequantized and h is not quantized."""
     from mxroll.precision.kernels.triton_moe_gemv import moe_gemv
     E, K, D, F = 6, 3, 352, 224
     g = torch.Generator().manual_seed(T)
@@ -141,6 +143,7 @@ def test_moe_rows_gemv_matches_reference(quant, T):
     tw = torch.rand(T, K, generator=g) * 2
     w13 = torch.randn(E, 2 * F, D, generator=g) / D ** 0.5
     w2 = torch.randn(E, D, F, generator=g) / F ** 0.5
+    shared = torch.randn(T, D, generator=g).to(LOW)
     if quant:
         q13, q2 = MXFP8Tensor.quantize(w13), MXFP8Tensor.quantize(w2)
         d13, s13, d2, s2 = (t.to(DEVICE) for t in (q13.data, q13.scale, q2.data, q2.scale))
@@ -152,16 +155,21 @@ def test_moe_rows_gemv_matches_reference(quant, T):
     w8a8 = quant and torch.cuda.is_available()
     if quant and not w8a8:
         x = fake_quant(x, "rceil")
-    out = moe_gemv(x.to(DEVICE), ids.to(DEVICE), tw.to(DEVICE), d13, s13, d2, s2, quant, w8a8, w8a8, False).cpu()
-    assert out.shape == (T * K, D)
-    for p in range(T * K):
-        t, e = p // K, ids.reshape(-1)[p].item()
+    args = (x.to(DEVICE), ids.to(DEVICE), tw.to(DEVICE), d13, s13, d2, s2, quant, w8a8, w8a8, False)
+    y = moe_gemv(*args).cpu()
+    assert y.shape == (T, D) and y.dtype == x.dtype
+    assert torch.equal(moe_gemv(*args).cpu(), y)
+    assert torch.equal(moe_gemv(*args, shared_TD=shared.to(DEVICE)).cpu(), y + shared)
+    for t in range(T):
         xt = fake_quant(x[t:t + 1].float(), "rceil") if quant else x[t:t + 1].float()
-        gu = (xt.double() @ w13[e].double().t()).to(torch.bfloat16).float()  # the kernel's bf16 roundings
-        h = (torch.nn.functional.silu(gu[:, :F]).to(torch.bfloat16).float() * gu[:, F:]).to(torch.bfloat16)
-        h = fake_quant(h, "rceil").double() if w8a8 else h.double()
-        ref = (h @ w2[e].double().t())[0] * tw.reshape(-1)[p].item()
-        assert ((out[p].double() - ref).norm() / ref.norm()).item() < 3e-2, p  # interpreter: roundings toward 0
+        ref = torch.zeros(D, dtype=torch.float64)
+        for k in range(K):
+            e = ids[t, k].item()
+            gu = (xt.double() @ w13[e].double().t()).to(torch.bfloat16).float()  # the kernel's bf16 roundings
+            h = (torch.nn.functional.silu(gu[:, :F]).to(torch.bfloat16).float() * gu[:, F:]).to(torch.bfloat16)
+            h = fake_quant(h, "rceil").double() if w8a8 else h.double()
+            ref += (h @ w2[e].double().t())[0] * tw[t, k].item()
+        assert ((y[t].double() - ref).norm() / ref.norm()).item() < 3e-2, t  # interpreter: roundings toward 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch sends CUDA inputs only")
