@@ -8,6 +8,7 @@ Many `generate` / `async_generate` calls in flight are batched together by the s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
@@ -16,6 +17,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future
 from dataclasses import asdict, is_dataclass, replace
 from typing import Any
@@ -99,6 +101,9 @@ class Engine(WeightUpdateAPI):
         self._last_finish = 0.0
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
+        # a script that never calls shutdown(): stop the loop before the interpreter tears torch down under it
+        # (a daemon thread still inside torch at exit can abort the process: "terminate called ...")
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def _build(self, cfg: EngineConfig) -> None:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -654,6 +659,12 @@ class Engine(WeightUpdateAPI):
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
 
 
 def _group_done(group: Group) -> bool:

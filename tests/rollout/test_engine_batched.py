@@ -276,3 +276,22 @@ def test_generate_after_shutdown(tiny_checkpoint):
     e.shutdown()  # idempotent
     with pytest.raises(EngineShutdownError, match="shut down"):
         e.generate(input_ids=[0, 5])
+
+
+def test_a_script_that_never_shuts_down_stops_the_loop_at_exit(tmp_path):
+    """An engine left running at interpreter exit is shut down by its atexit hook, before torch is torn down under
+    its loop thread (without it such scripts could abort with "terminate called without an active exception")."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import atexit
+        from mxroll import Engine
+        held = []
+        atexit.register(lambda: print("loop alive at exit:", held[0].is_alive()))  # runs after the engine's hook
+        held.append(Engine(model_path="preset:tiny", device="cpu", cache_dir={str(tmp_path)!r}, progress=False))
+        print(held[0].generate(input_ids=[0, 5, 6], sampling_params={{"max_new_tokens": 2}})["output_ids"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "loop alive at exit: False", proc.stdout
