@@ -260,6 +260,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if set(sections) - set(SECTIONS):
         ap.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
+    if set(args.decode_schedules.split(",")) - {"overlap", "serial"}:
+        ap.error(f"--decode-schedules: {args.decode_schedules!r}; choose from overlap, serial")
     cfg_dict = json.loads(configs.model_preset_path(PRESET).read_text())
     cfg = ModelConfig.from_dict(cfg_dict)
     env = environment()
