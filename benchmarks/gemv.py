@@ -13,7 +13,7 @@ the tile path it replaces (`moe_config`'s, passed explicitly), per call in a CUD
 past L2 (bytes: the experts touched; checked against `experts_ref` and for same-bits-twice); `--moe-tiles` adds
 the rows path forced on (bf16 experts too) at other tile sizes.
 
-    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8,16:256:4]
+    python benchmarks/gemv.py [--ms 1,2,4] [--shapes moonlight.qkv_a,...] [--configs 4096:4,8192:8]
                               [--moe | --moe-only] [--moe-tokens 1,2] [--moe-tiles 8192,16384] [--out NAME]
 """
 from __future__ import annotations
@@ -79,13 +79,10 @@ def variants(mode: str, out32: bool, configs: list[tuple[int, ...]]):
         out["dispatch_qdq"] = lambda x, w: linear(x, w, gemm, x_qdq=True)
         out["dispatch_w8a8"] = lambda x, w: linear(x, w, gemm)
     for i, c in enumerate(configs):
-        def f(x, w, c=c, act="w8a16"):
-            if len(c) == 3:  # the LOOP variant: BN rows, BK-wide chunks
-                cfg = dict(BN=c[0], BK=c[1], num_warps=c[2])
-            else:  # whole rows: `t` weight elements a program
-                cfg = dict(BN=max(1, c[0] // triton.next_power_of_2(x.shape[1])), num_warps=c[1])
+        def f(x, w, c=c, act="w8a16"):  # whole rows: c[0] weight elements a program, c[1] warps
+            cfg = dict(BN=max(1, c[0] // triton.next_power_of_2(x.shape[1])), num_warps=c[1])
             return gemv_triton(x, w, torch.float32 if out32 else None, act_mode=act, config=cfg)
-        name = f"gemv_loop_bn{c[0]}_bk{c[1]}_w{c[2]}" if len(c) == 3 else f"gemv_t{c[0]}_w{c[1]}"
+        name = f"gemv_t{c[0]}_w{c[1]}"
         out[name] = f
         if mode == "mxfp8" and i == 0:
             out[f"{name}_w8a8"] = lambda x, w, f=f: f(x, w, act="w8a8")
@@ -214,7 +211,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--modes", default="bf16,mxfp8")
     ap.add_argument("--configs", default="4096:4,8192:4,8192:8",
-                    help="whole rows 'elements a program:warps', or the LOOP variant 'BN:BK:warps'")
+                    help="whole-rows configs 'elements a program:warps'")
     ap.add_argument("--moe", action="store_true", help="also the fused MoE at 1..2 tokens")
     ap.add_argument("--moe-only", action="store_true")
     ap.add_argument("--moe-tiles", default="",
@@ -225,6 +222,8 @@ def main() -> None:
     torch.manual_seed(0)
     bw = measure_copy_bandwidth()
     configs = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
+    if any(len(c) != 2 for c in configs):
+        ap.error(f"--configs: {a.configs!r}; each 'elements a program:warps'")
     rows = []
     for name in ([] if a.moe_only else a.shapes.split(",")):
         for M in (int(m) for m in a.ms.split(",")):

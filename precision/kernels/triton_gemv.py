@@ -25,8 +25,10 @@ MAX_M = 4
 # (H200, per call in a CUDA graph, L2 flushed): at 1 token faster than cuBLAS bf16 on all 7 shapes (moonlight
 # qkv_a 7.0 -> 5.8 us, o_proj 6.2 -> 3.6, dense gate_up 26.5 -> 24.9, down 17.2 -> 14.8, lm_head 183 -> 172;
 # deepseek-v3 q_a+kv_a 14.2 -> 9.9, o_proj 70.4 -> 64.0); at 2 tokens a tie or slower for K >= 7168, at 4 tokens
-# slower on 5 of 7. Leading suspect (not yet measured apart): every program reads all M rows of x, M x K x 2 bytes
-# against its BN x K of weight (BN = 1 at K >= 8192); ptxas shows no spills. The LOOP variant is the candidate.
+# slower on 5 of 7. Time grows with the tokens (gemv_20261201c_variants.json: deepseek-v3 o_proj MXFP8 43 / 91 / 157
+# us at 1 / 2 / 4), consistent with x's re-reads (every program reads all M rows of x, M x K x 2 bytes, against its
+# BN x K of weight; BN = 1 at K >= 8192) bounding it; ptxas shows no spills. Tried and removed: a variant with BN
+# rows over K in chunks, every token a chunk (1.3-5.9x slower at every shape and token count, same file).
 SERVE_MAX_M = 1
 QUANT_X_MAX_K = 8192
 # weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16. Measured 4096 vs 8192
@@ -83,34 +85,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
         tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
-@triton.jit
-def _gemv_loop_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, MP: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr,
-                      PDL: tl.constexpr):
-    """The LOOP variant (opt-in by config, compared in benchmarks/gemv.py): BN rows over K in BK-wide chunks, all
-    MP rows of x per chunk (each weight chunk converted once for every token; x read once per BN rows); the first
-    chunk's loads go before the PDL wait, each next chunk's at the end of the step before."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    m = tl.arange(0, MP)
-    acc = tl.zeros((MP, BN), dtype=tl.float32)
-    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, 0, K, BK, QUANT_W)
-    pdl_wait(PDL)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :], mask=(m < M)[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
-        if QUANT_X:
-            x = _act_qdq(x, MP, BK, FLOOR)
-        p = w.to(tl.float32)[None, :, :] * x[:, None, :]
-        if QUANT_W:
-            acc += tl.sum(tl.sum(tl.reshape(p, (MP, BN, BK // 32, 32)), axis=3) * _e8m0(s)[None, :, :], axis=2)
-        else:
-            acc += tl.sum(p, axis=2)
-        w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, k0 + BK, K, BK, QUANT_W)
-    tl.store(y_ptr + m[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(m < M)[:, None] & (rows < N)[None, :])
-
-
 def gemv_config(N: int, K: int, quant: bool) -> dict:
     """BN rows a program: TILE_ELEMS_* weight elements (at least one row), 4 warps (8 past K = 8192)."""
     KP = triton.next_power_of_2(K)
@@ -150,16 +124,10 @@ def gemv_triton(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, out_dtype:
     if x_MK.stride(1) != 1:
         raise ValueError("gemv: x must have unit stride along K")
     cfg = dict(config or gemv_config(N, K, quant))
-    BN, BK = cfg.pop("BN"), cfg.pop("BK", None)
+    BN = cfg.pop("BN")
     y = torch.empty(M, N, dtype=out_dtype or x_MK.dtype, device=x_MK.device)
     s = w_NK.scale if quant else w
     flags = dict(QUANT_W=quant, QUANT_X=act_mode == "w8a8", FLOOR=scale_mode == "floor", **cfg, **pdl_args(x_MK))
-    if BK is not None:  # the LOOP variant
-        if BK % 32 or BK & (BK - 1):
-            raise ValueError(f"gemv: BK={BK} must be a power of two >= 32")
-        _gemv_loop_kernel[(triton.cdiv(N, BN),)](x_MK, w, s, y, M, N, K, x_MK.stride(0), y.stride(0),
-                                                 MP=triton.next_power_of_2(M), BN=BN, BK=BK, **flags)
-        return y
     _gemv_kernel[(triton.cdiv(N, BN),)](x_MK, w, s, y, N, K, x_MK.stride(0), y.stride(0), M=M, BN=BN,
                                         KP=triton.next_power_of_2(K), **flags)
     return y

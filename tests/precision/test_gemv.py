@@ -61,29 +61,6 @@ def test_gemv_mxfp8_weights(M, N, K, rows_per_program):
         close(gemv_triton(x, q, act_mode=act, config=cfg), ref, LOW, x, q.dequantize(torch.float32))
 
 
-@pytest.mark.parametrize("M", [1, 3, 4])
-@pytest.mark.parametrize("quant", [False, True])
-def test_gemv_loop_variant(M, quant):
-    """The opt-in LOOP variant (BK-wide chunks of BN rows, all tokens per chunk): K not a multiple of BK (a short
-    last chunk), N not a multiple of BN; same bits twice."""
-    N, K = 37, 352
-    x, w = operands(M, N, K, 6)
-    cfg = dict(BN=8, BK=64, num_warps=4)
-    if quant:
-        x = fake_quant(x, "rceil")
-        q = MXFP8Tensor.quantize(w)
-        wd = q.dequantize(torch.float32)
-        for act in ("w8a16", "w8a8"):
-            y = gemv_triton(x, q, act_mode=act, config=cfg)
-            close(y, x.double() @ wd.double().t(), LOW, x, wd)
-    else:
-        y = gemv_triton(x, w, torch.float32, config=cfg)
-        close(y, x.double() @ w.double().t(), torch.float32, x, w)
-        assert torch.equal(y, gemv_triton(x, w, torch.float32, config=cfg))
-    with pytest.raises(ValueError, match="BK"):
-        gemv_triton(x, w, config=dict(BN=8, BK=48))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="round-to-nearest-even casts: GPU only (interpreter rounds "
                     "toward zero)")
 @pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
