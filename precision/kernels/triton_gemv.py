@@ -33,21 +33,22 @@ SERVE_MAX_M = 1
 QUANT_X_MAX_K = 8192
 # weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16. Measured 4096 vs 8192
 # (gemv_20261201a.json: 8192 faster on every K=2048 shape, e.g. MXFP8 q+kv_a 4.26 -> 3.48 us, as each program reads
-# x once for BN rows); MXFP8 at 16384 (the same 16 KB a program as bf16; 56 registers, no spills in ptxas) not yet.
+# x once for BN rows). MXFP8 at 16384 (the same 16 KB a program as bf16): 3-8% faster alone on K=2048 shapes
+# (gemv_20261201c_variants.json), the engine's batch-1 step unchanged (1.81 vs 1.81 ms, throughput_20261201w_*): 8192 kept.
 TILE_ELEMS_BF16 = 8192
 TILE_ELEMS_FP8 = 8192
 
 
 @triton.jit
-def _load_rows(w_ptr, s_ptr, rows, mask_rows, k0, K, KP: tl.constexpr, QUANT_W: tl.constexpr):
-    """Columns k0..k0+KP of rows [len(rows), KP] of a row-major [*, K] weight (columns past K read 0) and, for
-    MXFP8, their E8M0 bytes [len(rows), KP // 32] (127, a scale of 1, past K); k0 a multiple of 32."""
-    kk = k0 + tl.arange(0, KP)
+def _load_rows(w_ptr, s_ptr, rows, mask_rows, K, KP: tl.constexpr, QUANT_W: tl.constexpr):
+    """Whole rows [len(rows), KP] of a row-major [*, K] weight (columns past K read 0) and, for MXFP8, their E8M0
+    bytes [len(rows), KP // 32] (127, a scale of 1, past K)."""
+    kk = tl.arange(0, KP)
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + kk[None, :], mask=mask_rows[:, None] & (kk < K)[None, :],
                 other=0.0, eviction_policy="evict_first")
     s = w
     if QUANT_W:
-        ss = k0 // 32 + tl.arange(0, KP // 32)
+        ss = tl.arange(0, KP // 32)
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // 32) + ss[None, :],
                     mask=mask_rows[:, None] & (ss < K // 32)[None, :], other=127)
     return w, s
@@ -78,7 +79,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
                  KP: tl.constexpr, QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr,
                  PDL: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, 0, K, KP, QUANT_W)
+    w, s = _load_rows(w_ptr, s_ptr, rows, rows < N, K, KP, QUANT_W)
     pdl_wait(PDL)  # the weights above do not depend on the previous kernel: their loads are already in flight
     for m in tl.static_range(M):
         y = _row_dots(w, s, _load_x(x_ptr + m * stride_xm, K, KP, QUANT_X, FLOOR), BN, KP, QUANT_W)

@@ -56,8 +56,8 @@ def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, D, F, BN: tl
     pdl_wait(PDL)
     p, n, e = _pair_rows(ids_ptr, BN)
     x = _load_x(x_ptr + (p // TOPK).to(tl.int64) * D, D, KP, QUANT_X, FLOOR)
-    wg, sg = _load_rows(w_ptr, s_ptr, e * 2 * F + n, n < F, 0, D, KP, QUANT_W)
-    wu, su = _load_rows(w_ptr, s_ptr, e * 2 * F + F + n, n < F, 0, D, KP, QUANT_W)
+    wg, sg = _load_rows(w_ptr, s_ptr, e * 2 * F + n, n < F, D, KP, QUANT_W)
+    wu, su = _load_rows(w_ptr, s_ptr, e * 2 * F + F + n, n < F, D, KP, QUANT_W)
     g = _row_dots(wg, sg, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
     u = _row_dots(wu, su, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
     h = (g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u
@@ -69,7 +69,7 @@ def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, p_ptr, y_ptr, sh_ptr, sh_stride, lock
                       BN: tl.constexpr, KP: tl.constexpr, QUANT_W: tl.constexpr, QUANT_H: tl.constexpr,
                       FLOOR: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr):
     p, n, e = _pair_rows(ids_ptr, BN)  # ids: written before gate_up, the launch before this one (module docstring)
-    w, s = _load_rows(w_ptr, s_ptr, e * D + n, n < D, 0, F, KP, QUANT_W)
+    w, s = _load_rows(w_ptr, s_ptr, e * D + n, n < D, F, KP, QUANT_W)
     pdl_wait(PDL)  # h comes from gate_up
     h = _load_x(h_ptr + p.to(tl.int64) * F, F, KP, QUANT_H, FLOOR)
     y = _row_dots(w, s, h, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32) * tl.load(topk_w_ptr + p)
