@@ -34,7 +34,8 @@ QUANT_X_MAX_K = 8192
 # weight elements a program holds (BN * KP): 64 registers a thread at 4 warps for bf16. Measured 4096 vs 8192
 # (gemv_20261201a.json: 8192 faster on every K=2048 shape, e.g. MXFP8 q+kv_a 4.26 -> 3.48 us, as each program reads
 # x once for BN rows). MXFP8 at 16384 (the same 16 KB a program as bf16): 3-8% faster alone on K=2048 shapes
-# (gemv_20261201c_variants.json), the engine's batch-1 step unchanged (1.81 vs 1.81 ms, throughput_20261201w_*): 8192 kept.
+# (gemv_20261201c_variants.json), the engine's batch-1 step unchanged (1.81 vs 1.81 ms, throughput_20261201w_*):
+# 8192 kept.
 TILE_ELEMS_BF16 = 8192
 TILE_ELEMS_FP8 = 8192
 
