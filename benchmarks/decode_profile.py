@@ -1,8 +1,10 @@
 """Where a decode step's time goes (moonlight-16b-a3b shape, dummy weights, one GPU): host-side pieces
 (scheduling, step inputs, the attention plan, sampling) timed alone, the CUDA-graph replay alone, and
-the top kernels of a replay by device time (torch.profiler).
+the top kernels of a replay by device time (torch.profiler). --routes: rows per expert in the MoE layers of
+one decode step of the same batch (random prompts, dummy weights), per layer and summed up: how uneven the
+routing the fused MoE sees is (its tiles are chosen by the mean).
 
-    python benchmarks/decode_profile.py [--batch 1] [--mode bf16|mxfp8]
+    python benchmarks/decode_profile.py [--batch 1] [--mode bf16|mxfp8] [--routes]
 """
 from __future__ import annotations
 
@@ -35,10 +37,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--mode", default="bf16")
+    ap.add_argument("--routes", action="store_true", help="rows per expert of one decode step instead of timings")
     args = ap.parse_args()
     e = Engine(model_path="preset:moonlight-16b-a3b", load_format="dummy", device="cuda", progress=False,
                quantization="mxfp8" if args.mode == "mxfp8" else None, max_total_tokens=1 << 18)
     results = {"env": environment(), "mode": args.mode, "batches": {}}
+    if args.routes:
+        results["routes"] = {B: route_spread(e, B) for B in args.batch}
+        write_results(f"decode_routes_{args.mode}", results)
+        e.shutdown()
+        return
     for B in args.batch:
         ids = torch.randint(3, 150000, (B, 512), generator=torch.Generator().manual_seed(B)).tolist()
         e.pause_generation(mode="in_place")
@@ -58,6 +66,31 @@ def main() -> None:
         call.future.result()
     write_results(f"decode_profile_{args.mode}", results)
     e.shutdown()
+
+
+def route_spread(e: Engine, B: int, prompt: int = 512, steps: int = 4) -> dict:
+    """Rows per expert at the last decode position of B random prompts, per MoE layer."""
+    vocab = min(150000, e.model_config.vocab_size)
+    ids = torch.randint(3, vocab, (B, prompt), generator=torch.Generator().manual_seed(B)).tolist()
+    outs = e.generate(input_ids=ids, sampling_params={"max_new_tokens": steps, "ignore_eos": True},
+                      return_routed_experts=True)
+    routes = torch.stack([torch.as_tensor(o["meta_info"]["routed_experts"])[-1] for o in outs])  # B, layers, K
+    E, K = e.model_config.n_routed_experts, routes.shape[-1]
+    layers = []
+    for layer in range(routes.shape[1]):
+        r = routes[:, layer].reshape(-1).long()
+        if (r < 0).all():  # a dense layer
+            continue
+        c = torch.bincount(r[r >= 0], minlength=E)
+        layers.append({"layer": layer, "max": int(c.max()), "top4": c.sort(descending=True).values[:4].tolist(),
+                       "experts_used": int((c > 0).sum()), "rows_over_2x_mean": int(c[c > 2 * B * K / E].sum())})
+    mx = [x["max"] for x in layers]
+    share = sum(x["rows_over_2x_mean"] for x in layers) / (len(layers) * B * K)
+    print(f"B={B}: mean rows/expert {B * K / E:.1f}, busiest expert per layer {min(mx)}..{max(mx)} "
+          f"(mean {sum(mx) / len(mx):.0f}), rows in experts over 2x the mean {100 * share:.0f}%", flush=True)
+    for x in layers:
+        print(f"  layer {x['layer']:2d}: max {x['max']:4d} top4 {x['top4']} used {x['experts_used']}")
+    return {"mean_rows": B * K / E, "busiest": mx, "share_over_2x_mean": share, "layers": layers}
 
 
 def measure(e: Engine, B: int) -> dict:

@@ -3,7 +3,8 @@ and the roofline; plus weight post-processing (cached layout gathers) first vs c
 
 Roofline: bytes of the experts actually touched (fp8 + E8M0 scales, or bf16) + activations
 (x read, y write) over measured copy bandwidth, or 2*T*K*3*F*D FLOPs over the measured bf16
-peak, whichever is larger. Routing: K distinct uniformly random experts per token.
+peak, whichever is larger. Routing: K distinct uniformly random experts per token; moonlight also at
+64 / 256 / 1024 tokens with uneven routing (`routed_tokens`' skew), the spread the engine's decode steps show.
 
     python benchmarks/moe.py [--quick]
 """
@@ -29,6 +30,7 @@ from mxroll.precision.moe import experts_ref  # noqa: E402
 
 SHAPES = {"moonlight-16b-a3b": dict(E=64, K=6, D=2048, F=1408), "deepseek-v3": dict(E=256, K=8, D=7168, F=2048)}
 TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192]  # decode batches 1..1024 (issue 10), prefill 4096+
+SKEW, SKEW_TOKENS = 0.9, [64, 256, 1024]  # moonlight again with uneven routing (`routed_tokens`)
 
 
 def quantize_chunked(w, chunk=16):
@@ -53,10 +55,18 @@ def shape_experts(name: str):
     return s["E"], s["K"], s["D"], s["F"], g, expert_weights(s["E"], s["D"], s["F"], g)
 
 
-def routed_tokens(T, D, E, K, g):
-    """x [T, D] bf16, K distinct uniformly random experts per token, top-k weights in [0, 2.5)."""
+def routed_tokens(T, D, E, K, g, skew: float = 0.0):
+    """x [T, D] bf16, K distinct experts per token, top-k weights in [0, 2.5). skew 0: uniformly random experts;
+    skew > 0: Gumbel top-k over expert popularity logits ~ N(0, skew), uneven like the engine's decode steps on
+    dummy weights (moonlight, batch 256: busiest expert 73-152 rows against a mean of 24, decode_profile.py
+    --routes); 0.9 gives a similar spread."""
     x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
-    ids = torch.rand(T, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
+    noise = torch.rand(T, E, device="cuda", generator=g)
+    if skew > 0:
+        pop = torch.randn(E, device="cuda", generator=g) * skew
+        ids = (pop - torch.log(-torch.log(noise.clamp_min(1e-12)))).topk(K, dim=1).indices
+    else:
+        ids = noise.argsort(dim=1)[:, :K]
     return x, ids, torch.rand(T, K, device="cuda", generator=g) * 2.5
 
 
@@ -92,9 +102,9 @@ def grouped_mm_moe(x, ids, w, w13, w2):
     return out[:-1].view(T, K, -1).sum(1).to(x.dtype)
 
 
-def bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak):
+def bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak, skew=0.0):
     g = torch.Generator(device="cuda").manual_seed(T)
-    x, ids, w = routed_tokens(T, D, E, K, g)
+    x, ids, w = routed_tokens(T, D, E, K, g, skew)
     w13, w2 = (w13q, w2q) if quant else (w13b, w2b)
     y = fused_moe_triton(x, ids, w, w13, w2, "w8a8")
     ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
@@ -106,7 +116,10 @@ def bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak):
     per_expert = 3 * F_ * D * (1 + 1 / 32) if quant else 3 * F_ * D * 2
     nbytes = touched * per_expert + 2 * T * D * 2
     floor = max(nbytes / bw, 2 * T * K * 3 * F_ * D / peak)
-    return {"shape": name, "tokens": T, "experts_dtype": "mxfp8" if quant else "bf16", "act_mode": "w8a8" if quant else "-",
+    rows_max = int(torch.bincount(ids.reshape(-1), minlength=E).max())
+    return {"shape": name, "tokens": T, "routing": f"skew {skew}" if skew else "uniform",
+            "max_rows_per_expert": rows_max, "mean_rows_per_expert": T * K / E,
+            "experts_dtype": "mxfp8" if quant else "bf16", "act_mode": "w8a8" if quant else "-",
             "rel_err": err, "correct": err < 1e-2, "fused_us": t_fused * 1e6, "grouped_mm_bf16_us": t_gmm * 1e6,
             "loop_bf16_us": t_loop * 1e6, "speedup_vs_grouped_mm": t_gmm / t_fused, "floor_us": floor * 1e6,
             "frac_of_roofline": floor / t_fused, "experts_touched": touched}
@@ -150,16 +163,21 @@ def main():
     bw, peak = measure_copy_bandwidth(), measure_bf16_peak()
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s, bf16 {peak / 1e12:.0f} TFLOP/s")
     rows = []
-    print(f"{'shape':<18}{'T':>6}{'experts':>8}{'err':>9}{'fused_us':>10}{'gmm_us':>9}{'loop_us':>10}{'x_gmm':>7}{'%roof':>7}")
+    print(f"{'shape':<18}{'T':>6}{'routing':>9}{'experts':>8}{'err':>9}{'fused_us':>10}{'gmm_us':>9}{'loop_us':>10}"
+          f"{'x_gmm':>7}{'%roof':>7}")
     for name in SHAPES:
         E, K, D, F_, g, (w13b, w2b, w13q, w2q) = shape_experts(name)
-        for T in ([1, 16, 4096] if args.quick else TOKENS):
+        cases = [(T, 0.0) for T in ([1, 16, 4096] if args.quick else TOKENS)]
+        if name == "moonlight-16b-a3b" and not args.quick:
+            cases += [(T, SKEW) for T in SKEW_TOKENS]
+        for T, skew in cases:
             for quant in (False, True):
-                r = bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak)
+                r = bench(name, E, K, D, F_, T, quant, w13b, w2b, w13q, w2q, bw, peak, skew)
                 rows.append(r)
-                print(f"{name:<18}{T:>6}{r['experts_dtype']:>8}{r['rel_err']:>9.1e}{r['fused_us']:>10.1f}"
-                      f"{r['grouped_mm_bf16_us']:>9.1f}{r['loop_bf16_us']:>10.1f}{r['speedup_vs_grouped_mm']:>7.2f}"
-                      f"{100 * r['frac_of_roofline']:>7.0f}" + ("" if r["correct"] else "  WRONG"), flush=True)
+                print(f"{name:<18}{T:>6}{'skew' if skew else 'uniform':>9}{r['experts_dtype']:>8}{r['rel_err']:>9.1e}"
+                      f"{r['fused_us']:>10.1f}{r['grouped_mm_bf16_us']:>9.1f}{r['loop_bf16_us']:>10.1f}"
+                      f"{r['speedup_vs_grouped_mm']:>7.2f}{100 * r['frac_of_roofline']:>7.0f}"
+                      + ("" if r["correct"] else "  WRONG"), flush=True)
         del w13b, w2b, w13q, w2q
         torch.cuda.empty_cache()
     post = postprocess_timing()
