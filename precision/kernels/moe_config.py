@@ -12,27 +12,32 @@ def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
     replaces: moonlight 128 / 512 / 1024 tokens 274 -> 211, 502 -> 378, 694 -> 494 us; deepseek-v3 128 / 256
     tokens 4683 -> 3436, 4786 -> 3667 us). bf16: 16 rows up to r = 12, 32 below 32, 64 below 64, then 128 x 128
     tiles (moonlight 512 / 1024 tokens 395 -> 346, 552 -> 406 us).
-    Optional keys (default off, compared by benchmarks/moe_split_sweep.py): SPLIT_GU / SPLIT_DOWN split the
-    gate_up / down contraction over that many programs (fp32 partials summed in split order: deterministic, not
-    the unsplit kernel's bits); USE_TMA loads weight tiles by tensor descriptor; GEMV replaces the tensor-core
-    MMA by fp32 multiply-adds (BM of 1..4 rows).
+    Optional keys (compared by benchmarks/moe_split_sweep.py): SPLIT_GU / SPLIT_DOWN split the gate_up / down
+    contraction over that many programs (fp32 partials summed in split order: deterministic, not the unsplit
+    kernel's bits; off); USE_TMA loads weight tiles by tensor descriptor (on for MXFP8 tiles, below); GEMV replaces
+    the tensor-core MMA by fp32 multiply-adds (BM of 1..4 rows).
     MXFP8 experts at 1..4 tokens take the GEMV path, split 4 ways up to 2 tokens (moe_split_sweep.json, H200,
     moonlight / deepseek-v3 shapes, vs the 16-row MMA blocks: 1 token 37.9 -> 26.8 / 140.7 -> 123.4 us, 2 tokens
     51.3 -> 47.0 / 261.7 -> 237.5, 4 tokens 87.4 -> 69.3 / 474.5 -> 415.5). At 8 tokens the sweep's gain was 3-4%
     and the engine's batch-8 decode step got 9% slower on it (throughput_20261201c_mxfp8_decode.json: 5.67 vs
     5.21 ms), so the MMA blocks serve from 5 tokens. fp32 accumulation in another order than the MMA path: the
-    reference's sum to fp32 noise."""
+    reference's sum to fp32 noise.
+    MXFP8 tiles load their weights by tensor descriptor (TMA) and, below 128 rows, take 128 weight rows by 64
+    columns a step (moe_tma_sweep.json, H200, against the 64 x 128 register-loaded tiles, same run; uneven routing
+    included): moonlight 64..512 tokens 1.06-1.19x, deepseek-v3 64..1024 1.09-1.20x; at 128 rows TMA alone
+    1.02-1.11x. The profile behind it (ncu, moonlight 256 tokens): the register-loaded gate_up tile held 220
+    registers a thread (2 programs an SM) and issued an instruction every ~3.4 cycles: bound by issue and
+    occupancy, not by HBM (28% of its bandwidth)."""
     if quant and T <= 2:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=4, SPLIT_DOWN=4)
     if quant and T <= 4:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True)
     r = T * topk / max(1, experts)
-    if r <= (16 if quant else 12):
-        return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3)
-    if r < 32:
-        return dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)
-    if r < 64:
-        return dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3)
+    bm = 16 if r <= (16 if quant else 12) else 32 if r < 32 else 64 if r < 64 else 128
+    if quant and bm < 128:
+        return dict(BM=bm, BN=128, BK=64, num_warps=4, num_stages=3, USE_TMA=True)
     if quant:  # register dequantization of two weight tiles per step: narrower N tiles
-        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, USE_TMA=True)
+    if bm < 128:
+        return dict(BM=bm, BN=64, BK=128, num_warps=4, num_stages=3)
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
