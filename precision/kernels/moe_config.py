@@ -24,8 +24,8 @@ def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
     reference's sum to fp32 noise.
     MXFP8 tiles load their weights by tensor descriptor (TMA) and, below 128 rows, take 128 weight rows by 64
     columns a step (moe_tma_sweep.json, H200, against the 64 x 128 register-loaded tiles, same run; uneven routing
-    included): moonlight 64..512 tokens 1.06-1.19x, deepseek-v3 64..1024 1.09-1.20x; at 128 rows TMA alone
-    1.02-1.11x. The profile behind it (ncu, moonlight 256 tokens): the register-loaded gate_up tile held 220
+    included): moonlight 64..512 tokens 1.05-1.19x, deepseek-v3 64..1024 1.08-1.21x; at 128 rows TMA alone
+    1.02-1.13x. The profile behind it (ncu, moonlight 256 tokens): the register-loaded gate_up tile held 220
     registers a thread (2 programs an SM) and issued an instruction every ~3.4 cycles: bound by issue and
     occupancy, not by HBM (28% of its bandwidth)."""
     if quant and T <= 2:

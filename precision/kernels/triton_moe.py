@@ -2,7 +2,8 @@
 
 1. `align_block_size` (a Triton counting sort): (token, k) rows sorted by expert, each run padded to BM.
 2. gate_up kernel: per block of one expert's rows, x rows are gathered by index and multiplied by
-   that expert's gate and up rows of w13 (MXFP8: e4m3 + E8M0 dequantized in registers); the
+   that expert's gate and up rows of w13 (MXFP8: e4m3 tiles arrive by TMA where `moe_config` asks,
+   e4m3 + E8M0 dequantized in registers); the
    epilogue applies SiLU(gate) * up and, for w8a8, quantize-dequantizes h along F in registers.
 3. down kernel: h @ w2[e]^T, scaled by the row's top-k weight (routed scaling already fused by
    the router), written to its own (token, k) row; the K rows of a token are then summed in

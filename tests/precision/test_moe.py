@@ -128,6 +128,9 @@ def test_moe_config_follows_rows_per_expert():
         assert moe_config(128, quant, 8, 256)["BM"] == 16 and moe_config(256, quant, 6, 64)["BM"] == 32
         heights = [moe_config(T, quant, 6, 64)["BM"] for T in range(5, 4097, 7)]
         assert heights == sorted(heights) and set(heights) == {16, 32, 64, 128}
+    # TMA weight loads are for MXFP8 tiles only (the kernel rejects them for bf16 experts)
+    assert all(moe_config(T, True, 6, 64).get("USE_TMA") for T in range(5, 4097, 7))
+    assert not any(moe_config(T, False, 6, 64).get("USE_TMA") for T in range(1, 4097, 7))
     assert moe_config(1, True, 8, 256).get("GEMV") and moe_config(4, True, 8, 256).get("GEMV")
     assert not moe_config(5, True, 8, 256).get("GEMV") and not moe_config(1, False, 8, 256).get("GEMV")
 
