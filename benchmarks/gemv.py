@@ -187,7 +187,8 @@ def run_moe(name: str, T: int, mode: str, bw: float, tiles: list[int]) -> list[d
         variants.append(("rows_gemv", None, None))
     variants += [(f"rows_gemv_t{n}", None, n) for n in tiles]  # TILE_ELEMS n, path forced on
     for vname, cfg, tile in variants:
-        f = lambda w13, w2, cfg=cfg: fused_moe_triton(x, ids, tw, w13, w2, "w8a8", config=cfg, x_qdq=quant)  # noqa: E731
+        def f(w13, w2, cfg=cfg):
+            return fused_moe_triton(x, ids, tw, w13, w2, "w8a8", config=cfg, x_qdq=quant)
         if tile is not None:
             f = forced_rows(f, tile, T)
         y = f(*ws[0])

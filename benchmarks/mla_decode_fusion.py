@@ -37,7 +37,8 @@ class Layer:
     def __init__(self, B: int, ctx: int, seed: int):
         g = torch.Generator(device="cuda").manual_seed(seed)
         bf = dict(device="cuda", dtype=torch.bfloat16)
-        rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale).to(torch.bfloat16)  # noqa: E731
+        def rnd(*s, scale=1.0):
+            return (torch.randn(*s, generator=g, device="cuda") * scale).to(torch.bfloat16)
         self.kv_b = rnd(H, P + V, C, scale=0.05)
         self.w_uk, self.w_uv = self.kv_b.split([P, V], dim=1)
         per = -(-ctx // PAGE)

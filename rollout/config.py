@@ -30,7 +30,9 @@ class EngineConfig:
     act_mode: str = "w8a8"  # MXFP8 GEMMs: w8a8 quantizes activations along K (as the trainer does) | w8a16
     scale_mode: str = "rceil"  # E8M0 scale rule for quantizing: rceil | floor
     high_precision: list[str] = field(default_factory=lambda: ["kv_b_proj"])  # extra modules kept bf16
-    gemm_backend: str | None = None  # MXFP8 GEMM backend: None = best for the device | torch | triton | flashinfer (triton also runs one-token bf16 GEMVs)
+    # MXFP8 GEMM backend: None = best for the device | torch | triton | flashinfer (triton also runs one-token bf16
+    # GEMVs)
+    gemm_backend: str | None = None
     # stored-MXFP8 dense weights also kept as an exact bf16 copy (refreshed after every weight update) that GEMMs of
     # more than 16 tokens read through cuBLAS: +2 bytes per dense weight element; None = on with the Triton backend
     mxfp8_dense_bf16_copy: bool | None = None

@@ -111,8 +111,8 @@ def _gate_route_kernel(x_ptr, x_stride, g_ptr, logits_ptr, lock_ptr, T, D, bias_
     tl.store(logits_ptr + t * E + e, acc, mask=tm)
     if _split_last(lock_ptr, 0, E):
         for row in range(T):
-            _route_row(tl.cast(row, tl.int64), logits_ptr, E, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale, E, K,
-                       KP, NG, TG, NORM, RECORD, SIGMOID, S, SP)
+            _route_row(tl.cast(row, tl.int64), logits_ptr, E, bias_ptr, w_ptr, ids_ptr, rec_w_ptr, rec_ids_ptr, scale,
+                       E, K, KP, NG, TG, NORM, RECORD, SIGMOID, S, SP)
 
 
 def _outputs(T: int, E: int, bias_E: torch.Tensor, top_k: int, n_group: int, topk_group: int, shared: int,

@@ -206,9 +206,9 @@ def test_fused_moe_tma_loads_keep_the_bits():
 @cuda
 @pytest.mark.parametrize("quant", [False, True])
 def test_fused_moe_rows_gemv_path(quant, monkeypatch):
-    """With the path on for one and two tokens, triton_moe_gemv (whole weight rows per program): against the tile path of the
-    same call to fp32-summation noise (a bf16 ulp here and there), the same bits twice, x_qdq honoured; turning
-    the path off gives the tile path's bits."""
+    """With the path on for one and two tokens, triton_moe_gemv (whole weight rows per program): against the tile
+    path of the same call to fp32-summation noise (a bf16 ulp here and there), the same bits twice, x_qdq honoured;
+    turning the path off gives the tile path's bits."""
     from mxroll.precision.kernels import triton_moe_gemv
     from mxroll.precision.kernels.moe_config import moe_config
     from mxroll.precision.kernels.triton_moe import fused_moe_triton
