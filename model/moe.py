@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..precision import MXFP8Tensor, Precision, QATWeight, experts
+from ..precision.kernels.moe_config import DEQUANT_ONCE_MIN_ROWS, dequant_once
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
@@ -94,6 +95,14 @@ class Experts(nn.Module):
         self.hosted: tuple[Linear, Linear, Linear] | None = None  # see host_shared
         self.S = 0
         self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
+        # bf16 scratch, shared by every layer, that the fused kernel dequantizes MXFP8 experts into once for a
+        # prefill-size call (moe_config.dequant_once); the engine attaches it (`workspace_numel`), or None
+        self.workspace: torch.Tensor | None = None
+
+    @property
+    def workspace_numel(self) -> int:
+        """bf16 elements a dequantize-once workspace needs for these experts (w13 and w2)."""
+        return 3 * self.E * self.F * self.D
 
     @property
     def k_dims(self) -> tuple[int, ...]:
@@ -152,6 +161,7 @@ class Experts(nn.Module):
 
     def drop_derived(self) -> None:
         self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
+        self.workspace = None
 
     def _q(self, name: str):
         if self.qat:
@@ -161,7 +171,7 @@ class Experts(nn.Module):
 
     def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
-                       shared_TD)
+                       shared_TD, self.workspace)
 
     def forward_with_shared(self, x_TD, ids_TKS, weights_TKS, x_qdq: bool = False):
         """Routed plus hosted shared experts in one fused call: the router's K columns and S more (experts
@@ -169,6 +179,37 @@ class Experts(nn.Module):
         w13, w2 = ((self.w13_all, self.w2_all) if self.w13_scale_all is None else
                    (MXFP8Tensor(self.w13_all, self.w13_scale_all), MXFP8Tensor(self.w2_all, self.w2_scale_all)))
         return experts(x_TD, ids_TKS, weights_TKS, w13, w2, self.gemm, x_qdq)
+
+
+def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, enabled: bool = True,
+                             max_fraction: float = 0.1) -> str:
+    """Give the model's MXFP8 expert stacks (Triton backend, CUDA) one bf16 workspace, shared by all layers, that
+    the fused MoE dequantizes them into once for a call of `dequant_once` size (prefill chunks), when the engine's
+    chunk reaches that size and the workspace takes at most `max_fraction` of the device's memory. Call before the
+    KV cache is sized (it counts the workspace) and again after the weights come back. Returns what it decided,
+    for the start-up log ("" when no stack is MXFP8 on the Triton backend)."""
+    stacks = [m for m in model.modules() if isinstance(m, Experts) and m.w13_weight_scale_inv is not None
+              and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
+    if not stacks:
+        return ""
+    E, numel = stacks[0].E, max(m.workspace_numel for m in stacks)
+    gib = numel * 2 / 2**30
+    if not enabled:
+        return "MXFP8 expert tiles at every size (disable_moe_prefill_dequant)"
+    if not dequant_once(chunk_tokens, top_k, E):
+        return (f"MXFP8 expert tiles at every size (a {chunk_tokens}-token chunk routes {chunk_tokens * top_k / E:.0f}"
+                f" rows an expert, dequantize-once starts at {DEQUANT_ONCE_MIN_ROWS})")
+    device = stacks[0].w13_weight.device
+    total = torch.cuda.get_device_properties(device).total_memory
+    if numel * 2 > max_fraction * total:
+        return (f"MXFP8 expert tiles at every size (a dequantize-once workspace would take {gib:.2f} GiB, over "
+                f"{max_fraction:.0%} of the device)")
+    workspace = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    for m in stacks:
+        m.workspace = workspace
+    first = -(-DEQUANT_ONCE_MIN_ROWS * E // top_k)
+    return (f"MXFP8 experts dequantized once per call from {first} tokens into a shared {gib:.2f} GiB bf16 workspace "
+            "(disable_moe_prefill_dequant)")
 
 
 class RouteRecorder:

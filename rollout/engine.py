@@ -26,6 +26,7 @@ import torch
 
 from ..model import ModelConfig, load_model
 from ..model.kernels import select_model_kernels
+from ..model.moe import attach_dequant_workspace
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
@@ -132,6 +133,7 @@ class Engine(WeightUpdateAPI):
                                 load_format=cfg.load_format, seed=cfg.seed, kernels=kernels)
         self.layouts = LayoutCache()
         self._postprocess_weights()
+        moe_workspace = self._attach_moe_workspace()
         self.model_config = mcfg = self.model.cfg
         self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
         self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
@@ -164,6 +166,7 @@ class Engine(WeightUpdateAPI):
             mx += (f" (+ exact bf16 copies of {len(copies)} dense weights for GEMMs above 16 tokens, "
                    f"{sum(c.nbytes for c in copies) / 2**30:.2f} GiB: mxfp8_dense_bf16_copy)")
         moe = "Triton fused MoE" if backend == "triton" else "torch reference MoE"
+        moe += f" ({moe_workspace})" if moe_workspace else ""
         hosting = [m for m in self.model.modules() if getattr(m, "hosted", None) is not None]
         if hosting:
             moe += (f" (+ the shared experts of {len(hosting)} layers as {hosting[0].S} extra experts each, "
@@ -589,6 +592,7 @@ class Engine(WeightUpdateAPI):
                 for p in self.model.parameters():
                     p.data = p.data.to(self.device)
                 self._postprocess_weights()
+                self._attach_moe_workspace()
             if "kv_cache" in tags and not self.cache.allocated:
                 self.cache.allocate()
             weights_home = next(self.model.parameters()).device.type == self.device.type
@@ -604,6 +608,11 @@ class Engine(WeightUpdateAPI):
         self.model.postprocess(self.layouts)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _attach_moe_workspace(self) -> str:
+        """The MXFP8 experts' dequantize-once workspace for prefill chunks (`attach_dequant_workspace`)."""
+        return attach_dequant_workspace(self.model, self.config.chunked_prefill_size, self.model.cfg.num_experts_per_tok
+                                        or 1, not self.config.disable_moe_prefill_dequant)
 
     @staticmethod
     def _tags(tags) -> list[str]:

@@ -41,3 +41,15 @@ def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
     if bm < 128:
         return dict(BM=bm, BN=64, BK=128, num_warps=4, num_stages=3)
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+
+
+DEQUANT_ONCE_MIN_ROWS = 512
+
+
+def dequant_once(T: int, topk: int, experts: int) -> bool:
+    """Whether an MXFP8 MoE call of T tokens dequantizes all expert weights once into a bf16 workspace and runs
+    the bf16 tiles (when the caller provides one), instead of dequantizing each weight tile once per 128-row block:
+    from 512 rows an expert on average (moe_prefill_tiles_20261201_*.json, H200, same run: moonlight 8192 / 16384
+    tokens 3085 -> 2433 / 5902 -> 4533 us, the dequantize pass 454 us of it; at 4096 tokens, 384 rows, 1517 vs 1548;
+    deepseek-v3's pass takes 9.3 ms, more than it saves at 2048..8192 tokens, 64..256 rows)."""
+    return T * topk >= DEQUANT_ONCE_MIN_ROWS * max(1, experts)

@@ -26,10 +26,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..mxfp8 import MXFP8Tensor
 from . import triton_moe_gemv
 from .moe_align import align_block_size
-from .moe_config import moe_config
+from .moe_config import dequant_once, moe_config
 from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
-                                _split_sum, act_qdq_triton)
+                                _split_sum, act_qdq_triton, dequant_triton)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,25 @@ PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one blo
 
 
 @triton.jit
-def _load_w(w_ptr, ws_ptr, w_desc, row0, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr,
+def _load_s(ws_ptr, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The E8M0 bytes [BN, BK // 32] of the weight tile at (rows, k) (127 past KDIM; a dummy when not QUANT_W).
+    The kernels fetch them a step ahead of their tile: the pipeliner stages only the tiles' own loads, and a
+    scale load issued beside its use stalls each step for a global-memory round trip (SASS: the byte load sat
+    ~20 instructions before its first use, inside a loop that also waits for its MMAs)."""
+    if QUANT_W:
+        ss = k // 32 + tl.arange(0, BK // 32)
+        s = tl.load(ws_ptr + rows[:, None] * (KDIM // 32) + ss[None, :],
+                    mask=mask_rows[:, None] & (ss[None, :] < KDIM // 32), other=127)
+    else:
+        s = tl.zeros((BN, BK // 32), dtype=tl.uint8)
+    return s
+
+
+@triton.jit
+def _load_w(w_ptr, s, w_desc, row0, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr,
             BK: tl.constexpr, USE_TMA: tl.constexpr):
-    """The [BN, BK] weight tile at (rows, k): fp32 dequantized when QUANT_W, else bf16.
-    USE_TMA: one bulk tensor copy of rows row0.. of the flattened [E * rows, KDIM] weight; rows past the
+    """The [BN, BK] weight tile at (rows, k): fp32 dequantized by its scale bytes s (`_load_s`) when QUANT_W, else
+    bf16. USE_TMA: one bulk tensor copy of rows row0.. of the flattened [E * rows, KDIM] weight; rows past the
     expert's own belong to the next one (or arrive as zeros at the end) and only feed output columns
     that the caller masks; columns past KDIM arrive as zeros."""
     kk = k + tl.arange(0, BK)
@@ -50,9 +65,6 @@ def _load_w(w_ptr, ws_ptr, w_desc, row0, rows, mask_rows, k, KDIM, QUANT_W: tl.c
         w = tl.load(w_ptr + rows[:, None] * KDIM + kk[None, :], mask=mask_rows[:, None] & (kk[None, :] < KDIM),
                     other=0.0)
     if QUANT_W:
-        ss = k // 32 + tl.arange(0, BK // 32)
-        s = tl.load(ws_ptr + rows[:, None] * (KDIM // 32) + ss[None, :],
-                    mask=mask_rows[:, None] & (ss[None, :] < KDIM // 32), other=127)
         w = _dequant_tile(w, s, BN, BK)
     return w
 
@@ -119,8 +131,13 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
     k_start = pid_k * K_PER_SPLIT
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    sg_next = _load_s(ws_e, offs_n, mask_n, k_start, D, QUANT_W, BN, BK)
+    su_next = _load_s(ws_e, F + offs_n, mask_n, k_start, D, QUANT_W, BN, BK)
     for k0 in range(0, K_PER_SPLIT, BK):
         k = tl.multiple_of(k_start + k0, BK)  # K_PER_SPLIT is a multiple of BK: keeps the loads vectorized
+        sg, su = sg_next, su_next
+        sg_next = _load_s(ws_e, offs_n, mask_n, k + BK, D, QUANT_W, BN, BK)
+        su_next = _load_s(ws_e, F + offs_n, mask_n, k + BK, D, QUANT_W, BN, BK)
         kk = k + tl.arange(0, BK)
         mask_k = kk < D  # a split's range ends on a BK multiple: only the contraction's end is masked
         x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :],
@@ -128,10 +145,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
         if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
             x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
         x = x.to(tl.bfloat16)
-        wg = _load_w(w_e, ws_e, w_desc, e * 2 * F + pid_n * BN, offs_n, mask_n, k, D, QUANT_W, BN, BK,
+        wg = _load_w(w_e, sg, w_desc, e * 2 * F + pid_n * BN, offs_n, mask_n, k, D, QUANT_W, BN, BK, USE_TMA)
+        wu = _load_w(w_e, su, w_desc, e * 2 * F + F + pid_n * BN, F + offs_n, mask_n, k, D, QUANT_W, BN, BK,
                      USE_TMA)
-        wu = _load_w(w_e, ws_e, w_desc, e * 2 * F + F + pid_n * BN, F + offs_n, mask_n, k, D, QUANT_W, BN,
-                     BK, USE_TMA)
         acc_g = _mac(acc_g, x, wg, GEMV)
         acc_u = _mac(acc_u, x, wu, GEMV)
     mask = valid[:, None] & mask_n[None, :]
@@ -167,13 +183,16 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids
     ws_e = ws_ptr + e.to(tl.int64) * D * (F // 32)
     k_start = pid_k * K_PER_SPLIT
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    s_next = _load_s(ws_e, offs_n, mask_n, k_start, F, QUANT_W, BN, BK)
     for k0 in range(0, K_PER_SPLIT, BK):
         k = tl.multiple_of(k_start + k0, BK)  # K_PER_SPLIT is a multiple of BK: keeps the loads vectorized
+        s = s_next
+        s_next = _load_s(ws_e, offs_n, mask_n, k + BK, F, QUANT_W, BN, BK)
         kk = k + tl.arange(0, BK)
         mask_k = kk < F
         h = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + kk[None, :], mask=valid[:, None] & mask_k[None, :],
                     other=0.0)
-        w = _load_w(w_e, ws_e, w_desc, e * D + pid_n * BN, offs_n, mask_n, k, F, QUANT_W, BN, BK, USE_TMA)
+        w = _load_w(w_e, s, w_desc, e * D + pid_n * BN, offs_n, mask_n, k, F, QUANT_W, BN, BK, USE_TMA)
         acc = _mac(acc, h, w, GEMV)
     mask = valid[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
@@ -215,9 +234,12 @@ def _k_split(KDIM: int, BK: int, split: int) -> tuple[int, int]:
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
                      config: dict | None = None, x_qdq: bool = False,
-                     shared_TD: torch.Tensor | None = None) -> torch.Tensor:
+                     shared_TD: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here. shared_TD:
-    added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch)."""
+    added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch).
+    workspace: a contiguous bf16 buffer of at least 3 * E * F * D elements (w13's and w2's); MXFP8 calls with
+    enough rows an expert (`moe_config.dequant_once`, prefill chunks) dequantize w13 and w2 into it once (exact)
+    and run the bf16 tiles, the activations still MXFP8 quantize-dequantized as the recipe says."""
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
@@ -245,11 +267,15 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     if config is None and triton_moe_gemv.serves(T, quant):
         return triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant,
                                         w8a8, quant_x, scale_mode == "floor", y, shared_TD)
-    cfg = dict(config or moe_config(T, quant, K, E))
+    tiles_quant = quant  # False when the experts are dequantized once for this call: bf16 tiles, QUANT_H kept
+    if quant and workspace is not None and config is None and dequant_once(T, K, E):
+        d13, d2 = _dequantize_experts(MXFP8Tensor(d13, s13), MXFP8Tensor(d2, s2), workspace)
+        s13, s2, tiles_quant = d13, d2, False
+    cfg = dict(config or moe_config(T, tiles_quant, K, E))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
     use_tma, gemv = cfg.pop("USE_TMA", False), cfg.pop("GEMV", False)
-    if use_tma and not quant:
+    if use_tma and not tiles_quant:
         raise ValueError("fused moe: USE_TMA is for MXFP8 weight tiles")
     if gemv and BM > 4:
         raise ValueError(f"fused moe: GEMV takes blocks of 1..4 rows, got BM={BM}")
@@ -273,15 +299,31 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     p13 = torch.empty(split_gu, 2, T * K, F, dtype=torch.float32, device=x.device) if split_gu > 1 else h
     _moe_gate_up_kernel[(R // BM, n_gu, split_gu)](
         x, d13, s13, desc13, h, p13, locks, ids, bexp, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN, BK=BK,
-        QUANT_W=quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x, USE_TMA=use_tma,
-        GEMV=gemv, **cfg, **pdl_args(x))
+        QUANT_W=tiles_quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x,
+        USE_TMA=use_tma, GEMV=gemv, **cfg, **pdl_args(x))
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
     p2 = torch.empty(split_down, T * K, D, dtype=torch.float32, device=x.device) if split_down > 1 else out
     _moe_down_kernel[(R // BM, n_down, split_down)](
         h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
-        D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=quant, PAIRS=pairs, USE_TMA=use_tma, GEMV=gemv,
-        **cfg, **pdl_args(x))
+        D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=tiles_quant, PAIRS=pairs, USE_TMA=use_tma,
+        GEMV=gemv, **cfg, **pdl_args(x))
     return _combine(out, y, shared_TD, K)
+
+
+def _dequantize_experts(w13: MXFP8Tensor, w2: MXFP8Tensor, workspace: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Exact bf16 w13 [E, 2F, D] and w2 [E, D, F] in the workspace's first elements (`dequant_triton`)."""
+    n13, n2 = w13.data.numel(), w2.data.numel()
+    if workspace.dtype != torch.bfloat16 or not workspace.is_contiguous() or workspace.numel() < n13 + n2 \
+            or workspace.device != w13.data.device:
+        raise ValueError(f"fused moe: workspace {workspace.dtype} [{workspace.numel()}] on {workspace.device} must be "
+                         f"a contiguous bf16 buffer of >= {n13 + n2} elements on {w13.data.device}")
+    D, F = w13.data.shape[2], w2.data.shape[2]
+    flat13 = MXFP8Tensor(w13.data.view(-1, D), w13.scale.view(-1, D // 32))
+    flat2 = MXFP8Tensor(w2.data.view(-1, F), w2.scale.view(-1, F // 32))
+    b13 = dequant_triton(flat13, torch.bfloat16, out=workspace[:n13].view(-1, D))
+    b2 = dequant_triton(flat2, torch.bfloat16, out=workspace[n13:n13 + n2].view(-1, F))
+    return b13.view(w13.data.shape), b2.view(w2.data.shape)
 
 
 def _combine(out: torch.Tensor, y: torch.Tensor, shared_TD: torch.Tensor | None, K: int) -> torch.Tensor:

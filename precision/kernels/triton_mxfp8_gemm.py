@@ -45,6 +45,16 @@ def _dequant_tile(w, s, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _tile_scales(ws_ptr, offs_n, stride_wsn, k, k_end, mask_n, BK: tl.constexpr):
+    """E8M0 bytes [BN, BK // 32] of the weight tile of rows offs_n at k (127 from k_end on). The loops fetch them a
+    step ahead of their tile: the pipeliner stages the tiles' own loads but not these, and a byte load issued beside
+    its use stalls every step for a global-memory round trip."""
+    ss = k // 32 + tl.arange(0, BK // 32)
+    return tl.load(ws_ptr + offs_n[:, None] * stride_wsn + ss[None, :],
+                   mask=mask_n[:, None] & (ss[None, :] < k_end // 32), other=127)
+
+
+@triton.jit
 def _act_quant(x, BM: tl.constexpr, BK: tl.constexpr, FLOOR: tl.constexpr):
     """MXFP8 quantization of an fp32 [BM, BK] tile along K, 32-element blocks (bf16/fp16-valued input):
     (e4m3 [BM, BK // 32, 32], E8M0 bytes as int32 [BM, BK // 32])."""
@@ -125,16 +135,19 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, w_desc, ws_ptr, y_ptr, p_ptr, lock_ptr, M, 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    offs_s = tl.arange(0, BK // 32)
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    s_next = _tile_scales(ws_ptr, offs_n, stride_wsn, k_start, k_end, mask_n, BK)
     for k0 in range(0, K_PER_SPLIT, BK):
         k = k_start + k0
         kk = k + offs_k
         mask_k = kk < k_end
+        s = s_next
+        if not GATHER_SCALES:
+            s_next = _tile_scales(ws_ptr, offs_n, stride_wsn, k + BK, k_end, mask_n, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0)
         if ACT_QUANT:
@@ -151,9 +164,6 @@ def _mxfp8_gemm_kernel(x_ptr, w_ptr, w_desc, ws_ptr, y_ptr, p_ptr, lock_ptr, M, 
                         mask=mask_n[:, None] & mask_k[None, :], other=127)
             wb = (w.to(tl.float32) * _e8m0(s)).to(MMA_DTYPE)
         else:
-            ss = k // 32 + offs_s
-            s = tl.load(ws_ptr + offs_n[:, None] * stride_wsn + ss[None, :],
-                        mask=mask_n[:, None] & (ss[None, :] < k_end // 32), other=127)
             wb = _dequant_tile(w, s, BN, BK).to(MMA_DTYPE)
         acc = tl.dot(x, tl.trans(wb), acc)
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -193,11 +203,12 @@ def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constex
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
     offs_s = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-    s = tl.load(ws_ptr + offs_n[:, None] * (K // 32) + offs_s[None, :],
+    rows = offs_n.to(tl.int64)[:, None]  # stacked experts reach past 2^31 elements (deepseek-v3: 7.5e9 in w13)
+    w = tl.load(w_ptr + rows * K + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(ws_ptr + rows * (K // 32) + offs_s[None, :],
                 mask=(offs_n[:, None] < N) & (offs_s[None, :] < K // 32), other=127)
     y = _dequant_tile(w, s, BN, BK)
-    tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def act_qdq_triton(x_MK: torch.Tensor, scale_mode: str = "rceil") -> torch.Tensor:

@@ -135,6 +135,43 @@ def test_moe_config_follows_rows_per_expert():
     assert not moe_config(5, True, 8, 256).get("GEMV") and not moe_config(1, False, 8, 256).get("GEMV")
 
 
+def test_dequant_once_from_512_rows_an_expert():
+    """The fused MoE dequantizes MXFP8 experts once (into a workspace) from 512 rows an expert on average."""
+    from mxroll.precision.kernels.moe_config import dequant_once
+    assert not dequant_once(4096, 6, 64) and dequant_once(8192, 6, 64)  # moonlight: 384 / 768 rows an expert
+    assert not dequant_once(8192, 8, 256) and dequant_once(16384, 8, 256)  # deepseek-v3: 256 / 512
+    assert dequant_once(2048, 2, 8) and not dequant_once(2047, 2, 8)
+
+
+@cuda
+@pytest.mark.parametrize("act_mode", ["w8a8", "w8a16"])
+def test_fused_moe_dequantize_once_into_the_workspace(act_mode):
+    """With a workspace at dequant-once sizes: the experts dequantized exactly into it, the bf16 tiles, h still
+    quantize-dequantized for w8a8: against the reference as the MXFP8 tiles are, within a few bf16 roundings of
+    them, deterministic, whatever the workspace held before; below the size, or without a workspace, the MXFP8
+    tiles' bits; a workspace too small, or not bf16, is an error naming it."""
+    from mxroll.precision.kernels.moe_config import dequant_once
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    T, E, K, D, F = 2048, 8, 2, 256, 160
+    assert dequant_once(T, K, E)
+    x, ids, w, w13, w2 = moe_case(T, E, K, D, F, True, hot=True, seed=3)
+    ws = torch.full((3 * E * F * D,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = fused_moe_triton(x, ids, w, w13, w2, act_mode, workspace=ws)
+    tiles = fused_moe_triton(x, ids, w, w13, w2, act_mode)
+    ref = experts_ref(x, ids, w, w13, w2, GemmConfig(act_mode)).float()
+    err, err_tiles = (((v.float() - ref).norm() / ref.norm()).item() for v in (y, tiles))
+    assert torch.isfinite(y).all() and err < 1e-2 and err < 2 * err_tiles + 1e-3, (err, err_tiles)
+    assert ((y.float() - tiles.float()).norm() / tiles.float().norm()).item() < 1e-2
+    assert torch.equal(ws[:E * 2 * F * D].view(E, 2 * F, D), w13.dequantize())  # exact, in place
+    ws.fill_(float("nan"))
+    assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, act_mode, workspace=ws), y)
+    small = fused_moe_triton(x[:1000], ids[:1000], w[:1000], w13, w2, act_mode, workspace=ws)
+    assert torch.equal(small, fused_moe_triton(x[:1000], ids[:1000], w[:1000], w13, w2, act_mode))
+    for bad in (ws[:100], ws.float()):
+        with pytest.raises(ValueError, match="workspace"):
+            fused_moe_triton(x, ids, w, w13, w2, act_mode, workspace=bad)
+
+
 @cuda
 def test_fused_moe_all_tokens_on_one_expert_and_determinism():
     from mxroll.precision.kernels.triton_moe import fused_moe_triton

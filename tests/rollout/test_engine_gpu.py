@@ -165,3 +165,34 @@ def test_shared_experts_fusion_switch(tmp_path, quantization):
              for x, y in zip(*outs)]
     assert any(lx[1] == ly[1] for lx, ly in pairs), pairs
     assert all(abs(lx[0] - ly[0]) < 0.05 for lx, ly in pairs if lx[1] == ly[1]), pairs
+
+
+def test_moe_prefill_dequant_switch(tmp_path):
+    """MXFP8 experts: a prefill chunk of >= 512 rows an expert dequantizes them once into a workspace the layers
+    share (dropped and made again with the weights' memory); the first-token logprobs match the MXFP8 tiles'
+    (disable_moe_prefill_dequant) within bf16 noise."""
+    path = small_moonlight(tmp_path / "m", layers=2)
+    common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, quantization="mxfp8",
+                  max_total_tokens=1 << 14)
+    # two prompts in one 8192-token chunk: 5600 tokens, 525 rows an expert (64 experts, top-6)
+    prompts = [torch.randint(2, 4096, (2800,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 2)]
+    one = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
+    outs = []
+    for disable in (False, True):
+        e = Engine(**common, disable_moe_prefill_dequant=disable)
+        experts = e.model.layers[1].mlp.experts
+        assert (experts.workspace is None) == disable
+        if not disable:
+            assert experts.workspace.numel() == experts.workspace_numel
+            e.release_memory_occupation(["weights"])
+            assert experts.workspace is None
+            e.resume_memory_occupation(["weights"])
+            assert experts.workspace is not None
+        pin_routing(e.model)
+        outs.append(e.generate(input_ids=prompts, sampling_params=one, return_logprob=True))
+        e.shutdown()
+    pairs = [(x["meta_info"]["output_token_logprobs"][0], y["meta_info"]["output_token_logprobs"][0])
+             for x, y in zip(*outs)]
+    print("dequant-once vs MXFP8 tiles, first tokens:", pairs)
+    assert any(lx[1] == ly[1] for lx, ly in pairs), pairs
+    assert all(abs(lx[0] - ly[0]) < 0.05 for lx, ly in pairs if lx[1] == ly[1]), pairs
