@@ -614,6 +614,11 @@ class Engine(WeightUpdateAPI):
         return attach_dequant_workspace(self.model, self.config.chunked_prefill_size, self.model.cfg.num_experts_per_tok
                                         or 1, not self.config.disable_moe_prefill_dequant)
 
+    def _moe_workspace_bytes(self) -> int:
+        spaces = {id(m.workspace): m.workspace for m in self.model.modules()
+                  if getattr(m, "workspace", None) is not None}
+        return sum(w.nbytes for w in spaces.values())
+
     @staticmethod
     def _tags(tags) -> list[str]:
         tags = list(MEMORY_TAGS) if tags is None else list(tags)
@@ -629,6 +634,7 @@ class Engine(WeightUpdateAPI):
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
                 "gemm_backend": self.gemm.backend, "mxfp8_dense_bf16_copies": len(self.model.bf16_copies()),
+                "moe_dequant_workspace_bytes": self._moe_workspace_bytes(),
                 "attention_backend": self.attn.name, "triton_decode_max_rows": self.triton_decode_rows,
                 "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
                 "page_size": self.page_size}

@@ -225,6 +225,7 @@ def test_dense_bf16_copy_needs_the_triton_backend(tiny_checkpoint):
         Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, mxfp8_dense_bf16_copy=True)
     e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, quantization="mxfp8")
     assert e.get_model_info()["mxfp8_dense_bf16_copies"] == 0  # the torch reference reads the stored bytes
+    assert e.get_model_info()["moe_dequant_workspace_bytes"] == 0  # no fused MoE on CPU
     e.shutdown()
 
 

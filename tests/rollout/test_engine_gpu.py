@@ -182,6 +182,7 @@ def test_moe_prefill_dequant_switch(tmp_path):
         e = Engine(**common, disable_moe_prefill_dequant=disable)
         experts = e.model.layers[1].mlp.experts
         assert (experts.workspace is None) == disable
+        assert e.get_model_info()["moe_dequant_workspace_bytes"] == (0 if disable else 2 * experts.workspace_numel)
         if not disable:
             assert experts.workspace.numel() == experts.workspace_numel
             e.release_memory_occupation(["weights"])
