@@ -29,7 +29,7 @@ from .moe_align import align_block_size
 from .moe_config import dequant_once, moe_config
 from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
-                                _split_sum, act_qdq_triton, dequant_triton)
+                                _split_sum, _tile_scales, act_qdq_triton, dequant_triton)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,11 @@ PAIR_BLOCKS_MAX = 32  # up to this many (token, k) pairs, skip the sort: one blo
 
 @triton.jit
 def _load_s(ws_ptr, rows, mask_rows, k, KDIM, QUANT_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """The E8M0 bytes [BN, BK // 32] of the weight tile at (rows, k) (127 past KDIM; a dummy when not QUANT_W).
-    The kernels fetch them a step ahead of their tile: the pipeliner stages only the tiles' own loads, and a
-    scale load issued beside its use stalls each step for a global-memory round trip (SASS: the byte load sat
-    ~20 instructions before its first use, inside a loop that also waits for its MMAs)."""
+    """The E8M0 bytes [BN, BK // 32] of the weight tile at (rows, k) (`_tile_scales`: 127 past KDIM; a dummy when
+    not QUANT_W). The kernels fetch them a step ahead of their tile, as the dense kernel does (SASS: a byte load
+    beside its use sat ~20 instructions before it, inside a loop that also waits for its MMAs)."""
     if QUANT_W:
-        ss = k // 32 + tl.arange(0, BK // 32)
-        s = tl.load(ws_ptr + rows[:, None] * (KDIM // 32) + ss[None, :],
-                    mask=mask_rows[:, None] & (ss[None, :] < KDIM // 32), other=127)
+        s = _tile_scales(ws_ptr, rows, KDIM // 32, k, KDIM, mask_rows, BK)
     else:
         s = tl.zeros((BN, BK // 32), dtype=tl.uint8)
     return s
