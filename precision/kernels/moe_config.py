@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
+def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) -> dict:
     """Tiles for T tokens routed to `topk` of `experts` experts. The tile height BM follows the average rows
     per expert r = T * topk / experts (moe_tile_sweep.json, H200, moonlight-16b-a3b r = 12..192 and deepseek-v3
     r = 4..128: the same token count gives 4x more rows per expert on moonlight): a tile much taller than r
@@ -27,7 +27,13 @@ def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
     included): moonlight 64..512 tokens 1.05-1.19x, deepseek-v3 64..1024 1.08-1.21x; at 128 rows TMA alone
     1.02-1.13x. The profile behind it (ncu, moonlight 256 tokens): the register-loaded gate_up tile held 220
     registers a thread (2 programs an SM) and issued an instruction every ~3.4 cycles: bound by issue and
-    occupancy, not by HBM (28% of its bandwidth)."""
+    occupancy, not by HBM (28% of its bandwidth).
+    BN_DOWN: the down kernel's N tile (over the `hidden` size D) where it differs from gate_up's. 128-row MXFP8
+    tiles take 128 columns there (gate_up keeps 64: it dequantizes a gate and an up tile a step), and 128-row tiles
+    of either format take 256 from D = 4096 (moe_down_tiles.json, H200, whole fused MoE, same bits: MXFP8 moonlight
+    1024 / 2048 / 8192 tokens 457 -> 433, 864 -> 819, 3105 -> 2656 us; deepseek-v3 D = 7168, 2048 / 4096 / 8192
+    tokens 8792 -> 7876, 13825 -> 11824, 24089 -> 20568 us; bf16 deepseek-v3 5-8%; 256 on moonlight's D = 2048
+    lost 1-4%, and the shorter tiles gained < 4%, within run-to-run spread)."""
     if quant and T <= 2:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=4, SPLIT_DOWN=4)
     if quant and T <= 4:
@@ -36,11 +42,12 @@ def moe_config(T: int, quant: bool, topk: int, experts: int) -> dict:
     bm = 16 if r <= (16 if quant else 12) else 32 if r < 32 else 64 if r < 64 else 128
     if quant and bm < 128:
         return dict(BM=bm, BN=128, BK=64, num_warps=4, num_stages=3, USE_TMA=True)
-    if quant:  # register dequantization of two weight tiles per step: narrower N tiles
-        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, USE_TMA=True)
+    if quant:  # gate_up dequantizes two weight tiles a step: narrower N tiles there
+        return dict(BM=128, BN=64, BN_DOWN=256 if hidden >= 4096 else 128, BK=64, num_warps=8, num_stages=3,
+                    USE_TMA=True)
     if bm < 128:
         return dict(BM=bm, BN=64, BK=128, num_warps=4, num_stages=3)
-    return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, BN_DOWN=256 if hidden >= 4096 else 128, BK=64, num_warps=8, num_stages=3)
 
 
 DEQUANT_ONCE_MIN_ROWS = 512

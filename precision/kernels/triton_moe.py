@@ -268,8 +268,9 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     if quant and workspace is not None and config is None and dequant_once(T, K, E):
         d13, d2 = _dequantize_experts(MXFP8Tensor(d13, s13), MXFP8Tensor(d2, s2), workspace)
         s13, s2, tiles_quant = d13, d2, False
-    cfg = dict(config or moe_config(T, tiles_quant, K, E))
+    cfg = dict(config or moe_config(T, tiles_quant, K, E, D))
     BM, BN, BK = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    bn_down = cfg.pop("BN_DOWN", BN)
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
     use_tma, gemv = cfg.pop("USE_TMA", False), cfg.pop("GEMV", False)
     if use_tma and not tiles_quant:
@@ -285,14 +286,14 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         al = align_block_size(topk_ids_TK, E, BM)
         ids, bexp, R = al.sorted_ids, al.block_expert, al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
-    n_gu, n_down = triton.cdiv(F, BN), triton.cdiv(D, BN)
+    n_gu, n_down = triton.cdiv(F, BN), triton.cdiv(D, bn_down)
     split_gu, k_gu = _k_split(D, BK, split_gu if R // BM * n_gu <= MAX_TILES else 1)
     split_down, k_down = _k_split(F, BK, split_down if R // BM * n_down <= MAX_TILES else 1)
     locks = _split_locks(x.device) if max(split_gu, split_down) > 1 else h
     desc13 = TensorDescriptor.from_tensor(d13.view(E * F2, D), [BN, BK]) if use_tma else None
-    desc2 = TensorDescriptor.from_tensor(d2.view(E * D, F), [BN, BK]) if use_tma else None
-    log.debug("fused moe T=%d K=%d: BM=%d BN=%d BK=%d split %d/%d tma=%s gemv=%s pairs=%s", T, K, BM, BN, BK,
-              split_gu, split_down, use_tma, gemv, pairs)
+    desc2 = TensorDescriptor.from_tensor(d2.view(E * D, F), [bn_down, BK]) if use_tma else None
+    log.debug("fused moe T=%d K=%d: BM=%d BN=%d/%d BK=%d split %d/%d tma=%s gemv=%s pairs=%s", T, K, BM, BN, bn_down,
+              BK, split_gu, split_down, use_tma, gemv, pairs)
     p13 = torch.empty(split_gu, 2, T * K, F, dtype=torch.float32, device=x.device) if split_gu > 1 else h
     _moe_gate_up_kernel[(R // BM, n_gu, split_gu)](
         x, d13, s13, desc13, h, p13, locks, ids, bexp, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN, BK=BK,
@@ -302,7 +303,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     p2 = torch.empty(split_down, T * K, D, dtype=torch.float32, device=x.device) if split_down > 1 else out
     _moe_down_kernel[(R // BM, n_down, split_down)](
         h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
-        D, F, E, k_down, split_down, BM=BM, BN=BN, BK=BK, QUANT_W=tiles_quant, PAIRS=pairs, USE_TMA=use_tma,
+        D, F, E, k_down, split_down, BM=BM, BN=bn_down, BK=BK, QUANT_W=tiles_quant, PAIRS=pairs, USE_TMA=use_tma,
         GEMV=gemv, **cfg, **pdl_args(x))
     return _combine(out, y, shared_TD, K)
 

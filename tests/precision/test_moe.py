@@ -133,6 +133,11 @@ def test_moe_config_follows_rows_per_expert():
     assert not any(moe_config(T, False, 6, 64).get("USE_TMA") for T in range(1, 4097, 7))
     assert moe_config(1, True, 8, 256).get("GEMV") and moe_config(4, True, 8, 256).get("GEMV")
     assert not moe_config(5, True, 8, 256).get("GEMV") and not moe_config(1, False, 8, 256).get("GEMV")
+    # the down kernel's N tile: 128 for 128-row MXFP8 tiles (gate_up keeps 64), 256 from a 4096-wide hidden size
+    tall_q, tall_b = moe_config(2048, True, 6, 64, 2048), moe_config(2048, False, 6, 64, 2048)
+    assert (tall_q["BN"], tall_q["BN_DOWN"], tall_b["BN"], tall_b["BN_DOWN"]) == (64, 128, 128, 128)
+    assert moe_config(4096, True, 8, 256, 7168)["BN_DOWN"] == moe_config(4096, False, 8, 256, 7168)["BN_DOWN"] == 256
+    assert "BN_DOWN" not in moe_config(512, True, 6, 64, 2048) and "BN_DOWN" not in moe_config(64, False, 8, 256, 7168)
 
 
 def test_dequant_once_from_512_rows_an_expert():
@@ -238,6 +243,25 @@ def test_fused_moe_tma_loads_keep_the_bits():
         x, ids, w, w13, w2 = moe_case(T, 16, 6, 512, 224, True, seed=T)
         y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
         assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, USE_TMA=False)), y)
+
+
+@cuda
+@pytest.mark.parametrize("quant", [False, True])
+def test_fused_moe_down_tile_width(quant):
+    """The down kernel's own N tile (BN_DOWN, narrower or wider than gate_up's, D not a multiple of it) changes no
+    bit: each output element sums the same K steps in the same order; the default config at 128-row tiles uses it."""
+    from mxroll.precision.kernels.moe_config import moe_config
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    T = 200  # 75 rows an expert: 128-row tiles
+    x, ids, w, w13, w2 = moe_case(T, 16, 6, 352, 224, quant, seed=3)
+    cfg = moe_config(T, quant, 6, 16, 352)
+    assert cfg["BM"] == 128 and cfg["BN_DOWN"] == 128
+    base = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config={k: v for k, v in cfg.items() if k != "BN_DOWN"})
+    assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8"), base)
+    for bn in (64, 256):
+        assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, BN_DOWN=bn)), base), bn
+    ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
+    assert ((base.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
 @cuda
