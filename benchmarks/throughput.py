@@ -4,7 +4,9 @@ bf16 and MXFP8 weights (seeded random weights made on the GPU: load_format="dumm
 (a) offline: 200 prompts x 1000 input / 100 output tokens, ignore_eos -> req/s, output tok/s
 (b) RL shape: 64 prompts x n=16, 256 input / 1024 output tokens, temperature 1 -> output tok/s
     (a) and (b) each run twice on one engine; the second call is reported, the first as `first_call_*`
-    (it includes one-time Triton compiles and lazy CUDA-graph captures of new batch sizes)
+    (it includes one-time Triton compiles of new shapes; decode graphs are captured at engine start-up)
+start: engine start-up seconds (weights made on the GPU, KV cache, every decode graph captured), and again with
+    cuda_graph_lazy_capture
 (c) decode step time at batch 1, 8, 32, 128, 256 against its floor: (weight bytes touched + KV bytes
     read) / same-run device copy bandwidth; experts touched per MoE layer estimated for uniform routing.
     Measured with the overlap schedule (as the engine runs) and again with the serial loop in the same run.
@@ -13,7 +15,7 @@ Correctness in the same run: greedy tokens of the fast path vs the torch referen
 batch (logprob difference reported), and one request alone vs inside a batch of 64.
 
     python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8] [--skip-hf] [--out NAME]
-                                    [--sections correctness,decode,offline,rl,hf_workload]
+                                    [--sections correctness,start,decode,offline,rl,hf_workload]
                                     [--decode-batches 1,8,32,128,256] [--decode-schedules overlap,serial]
 """
 from __future__ import annotations
@@ -166,7 +168,7 @@ def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
     return res
 
 
-SECTIONS = ("correctness", "decode", "offline", "rl", "hf_workload")
+SECTIONS = ("correctness", "start", "decode", "offline", "rl", "hf_workload")
 
 
 def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTIONS,
@@ -176,7 +178,20 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTI
         res["correctness_pinned_routes" if pinned else "correctness"] = guarded(correctness, mode, cfg, pinned)
         gc.collect()
         torch.cuda.empty_cache()
+    if "start" in sections:  # start-up without the graph captures, for comparison (the engine below captures them)
+        t0 = time.perf_counter()
+        lazy = engine(mode, cuda_graph_lazy_capture=True)
+        res["engine_start_lazy_capture_s"] = time.perf_counter() - t0
+        lazy.shutdown()
+        del lazy
+        gc.collect()
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
     e = engine(mode)
+    res["engine_start_s"] = time.perf_counter() - t0
+    print(f"[{mode}] engine start-up {res['engine_start_s']:.1f} s (decode graphs captured at start-up)"
+          + (f", {res['engine_start_lazy_capture_s']:.1f} s with cuda_graph_lazy_capture" if "start" in sections
+             else ""), flush=True)
     info = e.get_model_info()
     res["kv_cache_tokens"] = info["max_total_tokens"]
     warm = prompts(8, 64, cfg.vocab_size, seed=1)

@@ -62,6 +62,9 @@ class EngineConfig:
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton
     disable_cuda_graph: bool = False  # decode runs eagerly (CUDA graphs are on by default on GPU)
     cuda_graph_max_bs: int = 1024  # largest decode batch captured in a CUDA graph (default: max_running_requests')
+    # capture each decode graph the first time a step of its size runs, not all at start-up (a faster start; the
+    # first rollouts pay the captures)
+    cuda_graph_lazy_capture: bool = False
     weight_update_timeout: float = 300.0  # seconds a weight-update rendezvous or broadcast may wait (then an error)
     weight_update_check_finite: bool = True  # reject updates holding NaN/inf (one batched check per update)
     disable_overlap_schedule: bool = False  # launch step N + 1 before reading step N's tokens (decode) unless set

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per padded batch size, captured on first use.
+"""CUDA graphs for decode steps: one graph per padded batch size, all captured at engine start-up (largest first)
+or each on first use (`cuda_graph_lazy_capture`).
 
 Inputs (token ids, positions, cache slots) live in the step builder's fixed device buffer: a step
 padded to size n finds them at the same addresses every time (`StepBuilder.token_views(n)`). The
@@ -6,7 +7,7 @@ graph runs the model and the lm_head into a fixed fp32 logits buffer. Before a r
 backend re-plans into its per-size index buffers (on the host; padding rows point at the cache's
 scratch page). Weights, cache and buffers keep their addresses for the engine's lifetime (weight
 updates copy in place), so graphs stay valid across updates; releasing memory drops them (they are
-captured again on demand).
+captured again when the memory comes back).
 Legend: B rows, V vocab, D hidden.
 """
 from __future__ import annotations
@@ -55,6 +56,15 @@ class DecodeGraphs:
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
 
+    def capture_all(self, progress: bool = False) -> None:
+        """Capture every size not captured yet, largest first: the pool's blocks, sized by the largest batch, serve
+        the smaller ones, and a batch that does not fit in memory fails here rather than in a rollout."""
+        from tqdm import tqdm
+        todo = [s for s in reversed(self.sizes) if s not in self.graphs]
+        with torch.inference_mode():
+            for size in tqdm(todo, desc="capturing decode CUDA graphs", unit="graph", disable=not progress):
+                self.graphs[size] = self._capture(size, quiet=True)
+
     def run(self, step: StepInputs) -> torch.Tensor:
         """Logits [B, V] (fp32) of the step's rows; a view into the graph's buffer until the next replay."""
         size = step.num_rows + step.pad_rows
@@ -67,7 +77,7 @@ class DecodeGraphs:
         graph.replay()
         return self.logits[:step.num_rows]
 
-    def _capture(self, size: int):
+    def _capture(self, size: int, quiet: bool = False):
         wrapper = self.attn.graph_wrapper(size)
         step = self.builder.build([], pad_to=size)  # every row a padding row
         self.attn.begin(step, wrapper)
@@ -81,7 +91,7 @@ class DecodeGraphs:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
             self._forward(size)
         self.builder.release()
-        log.info("captured a CUDA graph for decode batch size %d", size)
+        log.log(logging.DEBUG if quiet else logging.INFO, "captured a CUDA graph for decode batch size %d", size)
         return graph, wrapper
 
     def _forward(self, size: int) -> None:

@@ -156,6 +156,7 @@ class Engine(WeightUpdateAPI):
         self.step_builder = StepBuilder(cfg.page_size, max((cfg.chunked_prefill_size, *self._graph_sizes)),
                                         cfg.max_running_requests, self.device, self.cache.scratch_page)
         self.runner = ModelRunner(self.model, self.cache, self.attn, self.step_builder, self._new_graphs())
+        graphs_why += self._capture_graphs()
         self.sampler = Sampler(self.device, cfg.sampling_backend)
         self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
@@ -193,6 +194,18 @@ class Engine(WeightUpdateAPI):
         top = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)  # no decode batch is larger than the latter
         self._graph_sizes = tuple(s for s in DEFAULT_SIZES if s < top) + (top,)
         return f"CUDA graphs for decode batches up to {top}"
+
+    def _capture_graphs(self) -> str:
+        """Capture every decode graph now (unless cuda_graph_lazy_capture); what was done, for the start-up log."""
+        graphs = self.runner.graphs
+        if graphs is None:
+            return ""
+        if self.config.cuda_graph_lazy_capture:
+            return ", each captured on first use (cuda_graph_lazy_capture)"
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device):
+            graphs.capture_all(self.config.progress)
+        return f", {len(graphs.graphs)} captured at start-up in {time.perf_counter() - t0:.1f} s"
 
     def _new_graphs(self) -> DecodeGraphs | None:
         if not self._graph_sizes:
@@ -599,6 +612,7 @@ class Engine(WeightUpdateAPI):
             self._released = not (self.cache.allocated and weights_home)
             if not self._released:
                 self.runner.graphs = self._new_graphs()  # new addresses: graphs are captured again
+                self._capture_graphs()
         self._command(run)
 
     def _postprocess_weights(self) -> None:

@@ -197,3 +197,29 @@ def test_moe_prefill_dequant_switch(tmp_path):
     print("dequant-once vs MXFP8 tiles, first tokens:", pairs)
     assert any(lx[1] == ly[1] for lx, ly in pairs), pairs
     assert all(abs(lx[0] - ly[0]) < 0.05 for lx, ly in pairs if lx[1] == ly[1]), pairs
+
+
+def test_decode_graphs_captured_at_start_or_on_first_use(tmp_path):
+    """By default every decode graph size is captured at start-up (and again when the KV cache comes back);
+    cuda_graph_lazy_capture leaves each to the first step of its size. Both decode the same greedy tokens."""
+    path = small_moonlight(tmp_path / "m", layers=2)
+    common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, max_total_tokens=1 << 14,
+                  max_running_requests=16)
+    start = Engine(**common)
+    lazy = Engine(**common, cuda_graph_lazy_capture=True)
+    sizes = start.runner.graphs.sizes
+    assert sizes == [1, 2, 4, 8, 16] and sorted(start.runner.graphs.graphs) == sizes
+    assert lazy.runner.graphs.sizes == sizes and not lazy.runner.graphs.graphs
+    prompts = [torch.randint(2, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 30)]
+    greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+    a = [o["output_ids"] for o in start.generate(input_ids=prompts, sampling_params=greedy)]
+    assert [o["output_ids"] for o in lazy.generate(input_ids=prompts, sampling_params=greedy)] == a
+    captured = set(lazy.runner.graphs.graphs)  # the sizes its steps used: three rows pad to 4
+    assert 4 in captured and captured < set(sizes), captured
+    start.release_memory_occupation(["kv_cache"])
+    assert start.runner.graphs is None
+    start.resume_memory_occupation(["kv_cache"])
+    assert sorted(start.runner.graphs.graphs) == sizes
+    assert [o["output_ids"] for o in start.generate(input_ids=prompts, sampling_params=greedy)] == a
+    start.shutdown()
+    lazy.shutdown()
