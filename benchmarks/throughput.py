@@ -14,7 +14,7 @@ start: engine start-up seconds (weights made on the GPU, KV cache, every decode 
 Correctness in the same run: greedy tokens of the fast path vs the torch reference path for a small
 batch (logprob difference reported), and one request alone vs inside a batch of 64.
 
-    python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8] [--skip-hf] [--out NAME]
+    python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8,mxfp8_moe_copy] [--skip-hf] [--out NAME]
                                     [--sections correctness,start,decode,offline,rl,hf_workload]
                                     [--decode-batches 1,8,32,128,256] [--decode-schedules overlap,serial]
 """
@@ -47,8 +47,11 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def engine(mode: str, **kw) -> Engine:
+    """mode: bf16 | mxfp8 | mxfp8_moe_copy (MXFP8 plus exact bf16 expert copies for large MoE calls)."""
+    if mode == "mxfp8_moe_copy" and kw.get("gemm_backend") != "torch":
+        kw["mxfp8_moe_bf16_copy"] = True
     return Engine(model_path=f"preset:{PRESET}", load_format="dummy", device="cuda", dtype="bfloat16",
-                  quantization="mxfp8" if mode == "mxfp8" else None, progress=False, **kw)
+                  quantization="mxfp8" if mode.startswith("mxfp8") else None, progress=False, **kw)
 
 
 def timed_generate(e: Engine, ids, params) -> tuple[float, list]:
@@ -201,7 +204,7 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTI
     for serial in (s == "serial" for s in schedules) if "decode" in sections else ():
         e.config.disable_overlap_schedule = serial
         for b in decode_batches:
-            r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode == "mxfp8")
+            r = guarded(decode_steps, e, b, 1024, 32 if quick else 64, cfg, bw, mode.startswith("mxfp8"))
             res["decode_serial" if serial else "decode"].append(r)
             if "step_ms" in r:
                 print(f"[{mode}{' serial' if serial else ''}] decode B={b}: {r['step_ms']:.2f} ms/step, floor "

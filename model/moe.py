@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..precision import MXFP8Tensor, Precision, QATWeight, experts
-from ..precision.kernels.moe_config import DEQUANT_ONCE_MIN_ROWS, dequant_once
+from ..precision.kernels.moe_config import COPY_MIN_ROWS, DEQUANT_ONCE_MIN_ROWS, dequant_once
 from ..precision.mxfp8 import BLOCK
 
 from .config import ModelConfig
@@ -98,6 +98,8 @@ class Experts(nn.Module):
         # bf16 scratch, shared by every layer, that the fused kernel dequantizes MXFP8 experts into once for a
         # prefill-size call (moe_config.dequant_once); the engine attaches it (`workspace_numel`), or None
         self.workspace: torch.Tensor | None = None
+        # exact bf16 copies (w13, w2) of MXFP8 experts that large calls run on (`attach_bf16_copies`), or None
+        self.bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def workspace_numel(self) -> int:
@@ -134,7 +136,19 @@ class Experts(nn.Module):
         return buf
 
     @torch.no_grad()
+    def fill_bf16_copy(self) -> None:
+        """Dequantize the stored MXFP8 experts into their bf16 copies, in place (same addresses: captured graphs stay
+        valid); after loading and after every weight update (`postprocess`)."""
+        from ..precision.kernels.triton_mxfp8_gemm import dequant_triton
+        for name, dim, copy in (("w13_weight", self.D, self.bf16_copy[0]), ("w2_weight", self.F, self.bf16_copy[1])):
+            w = MXFP8Tensor(getattr(self, name).view(-1, dim),
+                            getattr(self, name + "_scale_inv").view(-1, dim // BLOCK))
+            dequant_triton(w, torch.bfloat16, out=copy.view(-1, dim))
+
+    @torch.no_grad()
     def postprocess(self, layouts) -> None:
+        if self.bf16_copy is not None:
+            self.fill_bf16_copy()
         if self.hosted is None:
             return
         gate, up, down = self.hosted
@@ -161,7 +175,7 @@ class Experts(nn.Module):
 
     def drop_derived(self) -> None:
         self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
-        self.workspace = None
+        self.workspace = self.bf16_copy = None
 
     def _q(self, name: str):
         if self.qat:
@@ -171,7 +185,7 @@ class Experts(nn.Module):
 
     def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
-                       shared_TD, self.workspace)
+                       shared_TD, self.workspace, self.bf16_copy)
 
     def forward_with_shared(self, x_TD, ids_TKS, weights_TKS, x_qdq: bool = False):
         """Routed plus hosted shared experts in one fused call: the router's K columns and S more (experts
@@ -210,6 +224,33 @@ def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, en
     first = -(-DEQUANT_ONCE_MIN_ROWS * E // top_k)
     return (f"MXFP8 experts dequantized once per call from {first} tokens into a shared {gib:.2f} GiB bf16 workspace "
             "(disable_moe_prefill_dequant)")
+
+
+def attach_bf16_copies(model: nn.Module, enabled: bool) -> str:
+    """Give each MXFP8 expert stack (Triton backend, CUDA) exact bf16 copies of its weights, filled now and after
+    every weight update, that the fused MoE runs calls of 64+ rows an expert on (`moe_config.copy_serves`: prefill
+    chunks, large decode batches) instead of dequantizing tiles per block. Costs 3 * E * F * D bf16 elements a layer
+    (the experts' bf16 size); raises when that does not fit in free device memory. Call before the KV cache is
+    sized and again after the weights come back. Returns what it did, for the start-up log."""
+    stacks = [m for m in model.modules() if isinstance(m, Experts) and m.w13_weight_scale_inv is not None
+              and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
+    if not enabled:
+        return ""
+    if not stacks:
+        return "no MXFP8 experts on the Triton backend to keep bf16 copies of (mxfp8_moe_bf16_copy)"
+    need = sum(2 * m.workspace_numel for m in stacks)
+    free = torch.cuda.mem_get_info(stacks[0].w13_weight.device)[0]
+    if need > 0.9 * free:
+        raise ValueError(f"mxfp8_moe_bf16_copy: bf16 copies of {len(stacks)} MXFP8 expert stacks need "
+                         f"{need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB of device memory is free")
+    for m in stacks:
+        dev = m.w13_weight.device
+        m.bf16_copy = (torch.empty(m.w13_weight.shape, dtype=torch.bfloat16, device=dev),
+                       torch.empty(m.w2_weight.shape, dtype=torch.bfloat16, device=dev))
+        m.fill_bf16_copy()
+        m.workspace = None  # the copies serve every call the workspace would
+    return (f"MXFP8 experts also kept as exact bf16 copies, {need / 2**30:.2f} GiB, for calls of >= "
+            f"{COPY_MIN_ROWS} rows an expert (mxfp8_moe_bf16_copy)")
 
 
 class RouteRecorder:

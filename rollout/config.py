@@ -36,6 +36,10 @@ class EngineConfig:
     # stored-MXFP8 dense weights also kept as an exact bf16 copy (refreshed after every weight update) that GEMMs of
     # more than 16 tokens read through cuBLAS: +2 bytes per dense weight element; None = on with the Triton backend
     mxfp8_dense_bf16_copy: bool | None = None
+    # stored-MXFP8 experts also kept as exact bf16 copies (refreshed after every weight update) that fused-MoE calls of
+    # >= 64 rows an expert run on (prefill chunks, large decode batches): +2 bytes per expert weight element (28.8 GB
+    # on moonlight-16b-a3b); MXFP8 tiles below that
+    mxfp8_moe_bf16_copy: bool = False
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
     # batched engine (sglang names where sglang has one)

@@ -26,7 +26,7 @@ import torch
 
 from ..model import ModelConfig, load_model
 from ..model.kernels import select_model_kernels
-from ..model.moe import attach_dequant_workspace
+from ..model.moe import attach_bf16_copies, attach_dequant_workspace
 from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
@@ -118,8 +118,9 @@ class Engine(WeightUpdateAPI):
             if cfg.gemm_backend == "triton":
                 raise ValueError("gemm_backend='triton' takes bf16 activations; use dtype='bfloat16'")
             backend, gemm_why = "torch", "torch reference (float32 engine; the Triton kernel takes bf16)"
-        if cfg.mxfp8_dense_bf16_copy and backend != "triton":
-            raise ValueError(f"mxfp8_dense_bf16_copy=True serves the Triton GEMM backend; this engine runs {backend}")
+        for name in ("mxfp8_dense_bf16_copy", "mxfp8_moe_bf16_copy"):
+            if getattr(cfg, name) and backend != "triton":
+                raise ValueError(f"{name}=True serves the Triton GEMM backend; this engine runs {backend}")
         self.gemm = GemmConfig(cfg.act_mode, cfg.scale_mode, backend, bf16_copy=cfg.mxfp8_dense_bf16_copy is not False)
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
@@ -624,7 +625,11 @@ class Engine(WeightUpdateAPI):
             torch.cuda.empty_cache()
 
     def _attach_moe_workspace(self) -> str:
-        """The MXFP8 experts' dequantize-once workspace for prefill chunks (`attach_dequant_workspace`)."""
+        """The MXFP8 experts' bf16 copies (`attach_bf16_copies`, mxfp8_moe_bf16_copy), or else their dequantize-once
+        workspace for prefill chunks (`attach_dequant_workspace`)."""
+        copies = attach_bf16_copies(self.model, self.config.mxfp8_moe_bf16_copy)
+        if copies:
+            return copies
         return attach_dequant_workspace(self.model, self.config.chunked_prefill_size, self.model.cfg.num_experts_per_tok
                                         or 1, not self.config.disable_moe_prefill_dequant)
 
@@ -649,6 +654,8 @@ class Engine(WeightUpdateAPI):
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,
                 "gemm_backend": self.gemm.backend, "mxfp8_dense_bf16_copies": len(self.model.bf16_copies()),
                 "moe_dequant_workspace_bytes": self._moe_workspace_bytes(),
+                "moe_bf16_copy_bytes": sum(c.nbytes for m in self.model.modules()
+                                           for c in (getattr(m, "bf16_copy", None) or ())),
                 "attention_backend": self.attn.name, "triton_decode_max_rows": self.triton_decode_rows,
                 "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
                 "page_size": self.page_size}

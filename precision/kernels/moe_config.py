@@ -60,3 +60,17 @@ def dequant_once(T: int, topk: int, experts: int) -> bool:
     tokens 3085 -> 2433 / 5902 -> 4533 us, the dequantize pass 454 us of it; at 4096 tokens, 384 rows, 1517 vs 1548;
     deepseek-v3's pass takes 9.3 ms, more than it saves at 2048..8192 tokens, 64..256 rows)."""
     return T * topk >= DEQUANT_ONCE_MIN_ROWS * max(1, experts)
+
+
+COPY_MIN_ROWS = 64
+
+
+def copy_serves(T: int, topk: int, experts: int) -> bool:
+    """Whether an MXFP8 MoE call of T tokens runs the bf16 tiles on exact bf16 copies of the experts (when the caller
+    keeps them: the engine's `mxfp8_moe_bf16_copy`) instead of the MXFP8 tiles: from 64 rows an expert on average,
+    the tier where the tiles are 128 rows tall and each block dequantizes its expert's weights again
+    (moe_down_tiles.json, H200, whole MoE, today's configs: bf16 / MXFP8 tiles moonlight 1024 / 2048 / 8192 tokens
+    405 / 436, 640 / 824, 2084 / 2655 us; deepseek-v3 2048 / 4096 / 8192 7405 / 7833, 9639 / 11906, 15622 / 20413;
+    uneven routing at 1024 tokens 441 / 537, moe.json). Below it the MXFP8 tiles win (moonlight 512 tokens 343 / 283,
+    deepseek-v3 1024 6875 / 5203 us) and run."""
+    return T * topk >= COPY_MIN_ROWS * max(1, experts)

@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..mxfp8 import MXFP8Tensor
 from . import triton_moe_gemv
 from .moe_align import align_block_size
-from .moe_config import dequant_once, moe_config
+from .moe_config import copy_serves, dequant_once, moe_config
 from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
                                 _split_sum, _tile_scales, act_qdq_triton, dequant_triton)
@@ -231,12 +231,15 @@ def _k_split(KDIM: int, BK: int, split: int) -> tuple[int, int]:
 def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
                      config: dict | None = None, x_qdq: bool = False,
-                     shared_TD: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+                     shared_TD: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
+                     bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here. shared_TD:
     added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch).
     workspace: a contiguous bf16 buffer of at least 3 * E * F * D elements (w13's and w2's); MXFP8 calls with
     enough rows an expert (`moe_config.dequant_once`, prefill chunks) dequantize w13 and w2 into it once (exact)
-    and run the bf16 tiles, the activations still MXFP8 quantize-dequantized as the recipe says."""
+    and run the bf16 tiles, the activations still MXFP8 quantize-dequantized as the recipe says.
+    bf16_copy: exact bf16 copies (w13 [E, 2F, D], w2 [E, D, F]) of MXFP8 experts that the caller keeps in step with
+    them; calls of `moe_config.copy_serves` size run the bf16 tiles on them (no dequantize pass at all)."""
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
@@ -265,7 +268,16 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         return triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant,
                                         w8a8, quant_x, scale_mode == "floor", y, shared_TD)
     tiles_quant = quant  # False when the experts are dequantized once for this call: bf16 tiles, QUANT_H kept
-    if quant and workspace is not None and config is None and dequant_once(T, K, E):
+    if quant and bf16_copy is not None:
+        c13, c2 = bf16_copy
+        if (c13.dtype, c2.dtype) != (torch.bfloat16,) * 2 or c13.shape != d13.shape or c2.shape != d2.shape \
+                or not (c13.is_contiguous() and c2.is_contiguous()):
+            raise ValueError(f"fused moe: bf16 copies {c13.dtype} {tuple(c13.shape)} / {c2.dtype} {tuple(c2.shape)} "
+                             f"must be contiguous bf16 tensors shaped as w13 {tuple(d13.shape)} / w2 {tuple(d2.shape)}")
+    if quant and bf16_copy is not None and config is None and copy_serves(T, K, E):
+        d13, d2 = bf16_copy
+        s13, s2, tiles_quant = d13, d2, False
+    elif quant and workspace is not None and config is None and dequant_once(T, K, E):
         d13, d2 = _dequantize_experts(MXFP8Tensor(d13, s13), MXFP8Tensor(d2, s2), workspace)
         s13, s2, tiles_quant = d13, d2, False
     cfg = dict(config or moe_config(T, tiles_quant, K, E, D))

@@ -140,6 +140,14 @@ def test_moe_config_follows_rows_per_expert():
     assert "BN_DOWN" not in moe_config(512, True, 6, 64, 2048) and "BN_DOWN" not in moe_config(64, False, 8, 256, 7168)
 
 
+def test_bf16_copies_serve_from_64_rows_an_expert():
+    """Kept bf16 expert copies serve the calls of the 128-row tier (64+ rows an expert on average)."""
+    from mxroll.precision.kernels.moe_config import copy_serves, moe_config
+    assert not copy_serves(682, 6, 64) and copy_serves(683, 6, 64) and copy_serves(8192, 6, 64)
+    assert not copy_serves(2047, 8, 256) and copy_serves(2048, 8, 256)
+    assert all(copy_serves(T, 6, 64) == (moe_config(T, True, 6, 64)["BM"] == 128) for T in range(5, 4097, 7))
+
+
 def test_dequant_once_from_512_rows_an_expert():
     """The fused MoE dequantizes MXFP8 experts once (into a workspace) from 512 rows an expert on average."""
     from mxroll.precision.kernels.moe_config import dequant_once
@@ -262,6 +270,31 @@ def test_fused_moe_down_tile_width(quant):
         assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, BN_DOWN=bn)), base), bn
     ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
     assert ((base.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@cuda
+def test_fused_moe_runs_large_calls_on_bf16_copies(monkeypatch):
+    """bf16_copy: from 64 rows an expert the call runs the bf16 tiles on the copies (the bits of the dequantize-once
+    workspace path; NaN copies show they are read), below it the MXFP8 tiles (the copies are not read); bad copies
+    are rejected."""
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    x, ids, w, w13, w2 = moe_case(300, 16, 6, 352, 224, True, seed=5)  # 112 rows an expert
+    copy = (w13.dequantize(torch.bfloat16).contiguous(), w2.dequantize(torch.bfloat16).contiguous())
+    ws = torch.empty(3 * 16 * 224 * 352, dtype=torch.bfloat16, device="cuda")
+    with_copy = fused_moe_triton(x, ids, w, w13, w2, "w8a8", bf16_copy=copy)
+    from mxroll.precision.kernels import moe_config
+    monkeypatch.setattr(moe_config, "DEQUANT_ONCE_MIN_ROWS", 64)  # the workspace path at this size: bf16 tiles
+    assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", workspace=ws), with_copy)
+    monkeypatch.undo()
+    nan = (torch.full_like(copy[0], float("nan")), torch.full_like(copy[1], float("nan")))
+    assert torch.isnan(fused_moe_triton(x, ids, w, w13, w2, "w8a8", bf16_copy=nan)).all()
+    xs, ids_s, w_s = x[:40], ids[:40], w[:40]  # 15 rows an expert: MXFP8 tiles, copies unread
+    assert torch.equal(fused_moe_triton(xs, ids_s, w_s, w13, w2, "w8a8", bf16_copy=nan),
+                       fused_moe_triton(xs, ids_s, w_s, w13, w2, "w8a8"))
+    ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
+    assert ((with_copy.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="bf16 copies"):
+        fused_moe_triton(x, ids, w, w13, w2, "w8a8", bf16_copy=(copy[0][:8], copy[1]))
 
 
 @cuda

@@ -97,3 +97,10 @@ def test_decode_attention_choice():
 def test_decode_attention_request_on_cpu_names_the_field(tiny_checkpoint):
     with pytest.raises(ValueError, match="decode_attention_backend='triton' needs attention_backend='flashinfer'"):
         Engine(model_path=str(tiny_checkpoint), device="cpu", decode_attention_backend="triton")
+
+
+@pytest.mark.parametrize("field", ["mxfp8_dense_bf16_copy", "mxfp8_moe_bf16_copy"])
+def test_bf16_copy_request_on_cpu_names_the_field(tiny_checkpoint, field):
+    """The exact bf16 copies serve the Triton GEMM backend only: asking for them on the torch one is an error."""
+    with pytest.raises(ValueError, match=f"{field}=True serves the Triton GEMM backend; this engine runs torch"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", quantization="mxfp8", progress=False, **{field: True})

@@ -223,3 +223,47 @@ def test_decode_graphs_captured_at_start_or_on_first_use(tmp_path):
     assert [o["output_ids"] for o in start.generate(input_ids=prompts, sampling_params=greedy)] == a
     start.shutdown()
     lazy.shutdown()
+
+
+def test_moe_bf16_copies_follow_updates_and_memory_release(tmp_path):
+    """mxfp8_moe_bf16_copy: every MXFP8 expert stack keeps exact bf16 copies (refilled at the same addresses by a
+    weight update, dropped and rebuilt with the weights' memory; no dequantize-once workspace then); a prefill chunk
+    of 64+ rows an expert runs on them and gives the bits of the engine that dequantizes into its workspace."""
+    path = small_moonlight(tmp_path / "m", layers=2)
+    common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, quantization="mxfp8",
+                  max_total_tokens=1 << 14)
+    e = Engine(**common, mxfp8_moe_bf16_copy=True)
+    stacks = [m for m in e.model.modules() if getattr(m, "bf16_copy", None) is not None]
+
+    def exact(m):
+        return all(torch.equal(c, MXFP8Tensor(getattr(m, n), getattr(m, n + "_scale_inv")).dequantize(torch.bfloat16))
+                   for c, n in zip(m.bf16_copy, ("w13_weight", "w2_weight")))
+
+    assert stacks and all(exact(m) and m.workspace is None for m in stacks)
+    info = e.get_model_info()
+    assert info["moe_bf16_copy_bytes"] == sum(2 * m.workspace_numel for m in stacks)
+    assert info["moe_dequant_workspace_bytes"] == 0
+    prompts = [torch.randint(2, 4096, (2800,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 2)]
+    params = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True}
+    ref = Engine(**common)  # MXFP8 tiles, and one dequantize-once workspace for the 5600-token chunk
+    assert ref.get_model_info()["moe_bf16_copy_bytes"] == 0 and ref.get_model_info()["moe_dequant_workspace_bytes"]
+    a = e.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    b = ref.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    assert [x["meta_info"]["output_token_logprobs"] for x in a] == [x["meta_info"]["output_token_logprobs"] for x in b]
+    ref.shutdown()
+    # a weight update (expert 5's gate rows reversed) refills the copy in place
+    m = stacks[0]
+    layer = next(i for i, b in enumerate(e.model.layers) if getattr(b.mlp, "experts", None) is m)
+    F_ = m.F
+    name = f"model.layers.{layer}.mlp.experts.5.gate_proj.weight"
+    w = m.w13_weight[5, :F_].view(torch.uint8).flip(0).view(torch.float8_e4m3fn).clone()
+    s = m.w13_weight_scale_inv[5, :F_].flip(0).clone()
+    ptrs = [c.data_ptr() for c in m.bf16_copy]
+    e.update_weights_from_tensor([(name, w), (name + "_scale_inv", s)])
+    assert [c.data_ptr() for c in m.bf16_copy] == ptrs and exact(m)
+    assert torch.equal(m.bf16_copy[0][5, :F_], MXFP8Tensor(w, s).dequantize(torch.bfloat16))
+    e.release_memory_occupation(tags=["weights"])
+    assert all(m.bf16_copy is None for m in stacks)
+    e.resume_memory_occupation(tags=["weights"])
+    assert all(m.bf16_copy is not None and exact(m) and m.workspace is None for m in stacks)
+    e.shutdown()
