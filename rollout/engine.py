@@ -204,8 +204,13 @@ class Engine(WeightUpdateAPI):
         if self.config.cuda_graph_lazy_capture:
             return ", each captured on first use (cuda_graph_lazy_capture)"
         t0 = time.perf_counter()
-        with torch.cuda.device(self.device):
-            graphs.capture_all(self.config.progress)
+        try:
+            with torch.cuda.device(self.device):
+                graphs.capture_all(self.config.progress)
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(f"capturing the decode CUDA graphs (batches up to {graphs.max_size} rows) ran out of "
+                               "device memory: lower cuda_graph_max_bs or mem_fraction_static, or set "
+                               f"cuda_graph_lazy_capture or disable_cuda_graph ({str(e).splitlines()[0]})") from None
         return f", {len(graphs.graphs)} captured at start-up in {time.perf_counter() - t0:.1f} s"
 
     def _new_graphs(self) -> DecodeGraphs | None:

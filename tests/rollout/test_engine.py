@@ -134,3 +134,37 @@ def test_preset_model_path_is_written_once(tmp_path):
     Engine(model_path="preset:tiny", cache_dir=str(tmp_path), progress=False, seed=2)
     assert (tmp_path / "presets" / "tiny-seed2" / "model.safetensors").stat().st_mtime_ns == first
     assert e.generate(prompt="x", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] >= 1
+
+
+def test_graph_capture_at_start_up_and_its_out_of_memory_error(monkeypatch):
+    """Start-up capture (the engine's `_capture_graphs`, driven here with a stand-in for the graphs): every size by
+    default, nothing with cuda_graph_lazy_capture, and running out of memory names the settings that help."""
+    import contextlib
+    import types
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    calls = []
+
+    class Graphs:
+        max_size, graphs = 1024, {}
+
+        def capture_all(self, progress):
+            calls.append(progress)
+            if fail:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+            self.graphs.update({1: None, 1024: None})
+
+    e = Engine.__new__(Engine)
+    e.device, e.runner = torch.device("cuda", 0), types.SimpleNamespace(graphs=Graphs())
+    e.config = types.SimpleNamespace(cuda_graph_lazy_capture=True, progress=False)
+    fail = False
+    assert "first use" in e._capture_graphs() and not calls
+    e.config.cuda_graph_lazy_capture = False
+    assert "2 captured at start-up" in e._capture_graphs() and calls == [False]
+    fail = True
+    with pytest.raises(RuntimeError, match=r"batches up to 1024 rows\) ran out of device memory: lower "
+                                           r"cuda_graph_max_bs .*Tried to allocate 2.00 GiB\)$"):
+        e._capture_graphs()
+    e.runner.graphs = None
+    assert e._capture_graphs() == ""
