@@ -31,9 +31,10 @@ def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) ->
     BN_DOWN: the down kernel's N tile (over the `hidden` size D) where it differs from gate_up's. 128-row MXFP8
     tiles take 128 columns there (gate_up keeps 64: it dequantizes a gate and an up tile a step), and 128-row tiles
     of either format take 256 from D = 4096 (moe_down_tiles.json, H200, whole fused MoE, same bits: MXFP8 moonlight
-    1024 / 2048 / 8192 tokens 457 -> 433, 864 -> 819, 3105 -> 2656 us; deepseek-v3 D = 7168, 2048 / 4096 / 8192
-    tokens 8792 -> 7876, 13825 -> 11824, 24089 -> 20568 us; bf16 deepseek-v3 5-8%; 256 on moonlight's D = 2048
-    lost 1-4%, and the shorter tiles gained < 4%, within run-to-run spread)."""
+    1024 / 2048 / 8192 tokens 461 -> 436, 866 -> 824, 3052 -> 2655 us; deepseek-v3 D = 7168, 2048 / 4096 / 8192
+    tokens 8273 -> 7833, 13270 -> 11906, 23058 -> 20413 us; bf16 deepseek-v3 1.05-1.08x; 256 columns on moonlight's
+    D = 2048 lost 1-5%; on the shorter tiles other widths moved by up to 5%, no more than two graphs of one
+    unchanged config differed in the same run (up to 5.6%), so those keep one N tile)."""
     if quant and T <= 2:
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True, SPLIT_GU=4, SPLIT_DOWN=4)
     if quant and T <= 4:
