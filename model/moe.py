@@ -139,11 +139,8 @@ class Experts(nn.Module):
     def fill_bf16_copy(self) -> None:
         """Dequantize the stored MXFP8 experts into their bf16 copies, in place (same addresses: captured graphs stay
         valid); after loading and after every weight update (`postprocess`)."""
-        from ..precision.kernels.triton_mxfp8_gemm import dequant_triton
-        for name, dim, copy in (("w13_weight", self.D, self.bf16_copy[0]), ("w2_weight", self.F, self.bf16_copy[1])):
-            w = MXFP8Tensor(getattr(self, name).view(-1, dim),
-                            getattr(self, name + "_scale_inv").view(-1, dim // BLOCK))
-            dequant_triton(w, torch.bfloat16, out=copy.view(-1, dim))
+        from ..precision.kernels.triton_moe import dequantize_experts
+        dequantize_experts(self._q("w13_weight"), self._q("w2_weight"), *self.bf16_copy)
 
     @torch.no_grad()
     def postprocess(self, layouts) -> None:
@@ -195,6 +192,12 @@ class Experts(nn.Module):
         return experts(x_TD, ids_TKS, weights_TKS, w13, w2, self.gemm, x_qdq)
 
 
+def _mxfp8_triton_stacks(model: nn.Module) -> list[Experts]:
+    """The model's stored-MXFP8 expert stacks that the Triton fused MoE runs on a CUDA device."""
+    return [m for m in model.modules() if isinstance(m, Experts) and m.w13_weight_scale_inv is not None
+            and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
+
+
 def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, enabled: bool = True,
                              max_fraction: float = 0.1) -> str:
     """Give the model's MXFP8 expert stacks (Triton backend, CUDA) one bf16 workspace, shared by all layers, that
@@ -202,8 +205,7 @@ def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, en
     chunk reaches that size and the workspace takes at most `max_fraction` of the device's memory. Call before the
     KV cache is sized (it counts the workspace) and again after the weights come back. Returns what it decided,
     for the start-up log ("" when no stack is MXFP8 on the Triton backend)."""
-    stacks = [m for m in model.modules() if isinstance(m, Experts) and m.w13_weight_scale_inv is not None
-              and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
+    stacks = _mxfp8_triton_stacks(model)
     if not stacks:
         return ""
     E, numel = stacks[0].E, max(m.workspace_numel for m in stacks)
@@ -232,10 +234,9 @@ def attach_bf16_copies(model: nn.Module, enabled: bool) -> str:
     chunks, large decode batches) instead of dequantizing tiles per block. Costs 3 * E * F * D bf16 elements a layer
     (the experts' bf16 size); raises when that does not fit in free device memory. Call before the KV cache is
     sized and again after the weights come back. Returns what it did, for the start-up log."""
-    stacks = [m for m in model.modules() if isinstance(m, Experts) and m.w13_weight_scale_inv is not None
-              and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
     if not enabled:
         return ""
+    stacks = _mxfp8_triton_stacks(model)
     if not stacks:
         return "no MXFP8 experts on the Triton backend to keep bf16 copies of (mxfp8_moe_bf16_copy)"
     need = sum(2 * m.workspace_numel for m in stacks)
@@ -248,7 +249,6 @@ def attach_bf16_copies(model: nn.Module, enabled: bool) -> str:
         m.bf16_copy = (torch.empty(m.w13_weight.shape, dtype=torch.bfloat16, device=dev),
                        torch.empty(m.w2_weight.shape, dtype=torch.bfloat16, device=dev))
         m.fill_bf16_copy()
-        m.workspace = None  # the copies serve every call the workspace would
     return (f"MXFP8 experts also kept as exact bf16 copies, {need / 2**30:.2f} GiB, for calls of >= "
             f"{COPY_MIN_ROWS} rows an expert (mxfp8_moe_bf16_copy)")
 

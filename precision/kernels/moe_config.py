@@ -43,12 +43,12 @@ def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) ->
     bm = 16 if r <= (16 if quant else 12) else 32 if r < 32 else 64 if r < 64 else 128
     if quant and bm < 128:
         return dict(BM=bm, BN=128, BK=64, num_warps=4, num_stages=3, USE_TMA=True)
-    if quant:  # gate_up dequantizes two weight tiles a step: narrower N tiles there
-        return dict(BM=128, BN=64, BN_DOWN=256 if hidden >= 4096 else 128, BK=64, num_warps=8, num_stages=3,
-                    USE_TMA=True)
     if bm < 128:
         return dict(BM=bm, BN=64, BK=128, num_warps=4, num_stages=3)
-    return dict(BM=128, BN=128, BN_DOWN=256 if hidden >= 4096 else 128, BK=64, num_warps=8, num_stages=3)
+    bn_down = 256 if hidden >= 4096 else 128
+    if quant:  # gate_up dequantizes two weight tiles a step: narrower N tiles there
+        return dict(BM=128, BN=64, BN_DOWN=bn_down, BK=64, num_warps=8, num_stages=3, USE_TMA=True)
+    return dict(BM=128, BN=128, BN_DOWN=bn_down, BK=64, num_warps=8, num_stages=3)
 
 
 DEQUANT_ONCE_MIN_ROWS = 512

@@ -328,12 +328,18 @@ def _dequantize_experts(w13: MXFP8Tensor, w2: MXFP8Tensor, workspace: torch.Tens
             or workspace.device != w13.data.device:
         raise ValueError(f"fused moe: workspace {workspace.dtype} [{workspace.numel()}] on {workspace.device} must be "
                          f"a contiguous bf16 buffer of >= {n13 + n2} elements on {w13.data.device}")
-    D, F = w13.data.shape[2], w2.data.shape[2]
-    flat13 = MXFP8Tensor(w13.data.view(-1, D), w13.scale.view(-1, D // 32))
-    flat2 = MXFP8Tensor(w2.data.view(-1, F), w2.scale.view(-1, F // 32))
-    b13 = dequant_triton(flat13, torch.bfloat16, out=workspace[:n13].view(-1, D))
-    b2 = dequant_triton(flat2, torch.bfloat16, out=workspace[n13:n13 + n2].view(-1, F))
-    return b13.view(w13.data.shape), b2.view(w2.data.shape)
+    out = workspace[:n13].view(w13.data.shape), workspace[n13:n13 + n2].view(w2.data.shape)
+    dequantize_experts(w13, w2, *out)
+    return out
+
+
+def dequantize_experts(w13: MXFP8Tensor, w2: MXFP8Tensor, out13: torch.Tensor, out2: torch.Tensor) -> None:
+    """Exact bf16 dequantization of stacked MXFP8 experts (w13 [E, 2F, D], w2 [E, D, F]) into contiguous bf16
+    tensors of their shapes, in place (`dequant_triton` over the experts' rows)."""
+    for w, out in ((w13, out13), (w2, out2)):
+        K = w.data.shape[-1]
+        dequant_triton(MXFP8Tensor(w.data.view(-1, K), w.scale.view(-1, K // 32)), torch.bfloat16,
+                       out=out.view(-1, K))
 
 
 def _combine(out: torch.Tensor, y: torch.Tensor, shared_TD: torch.Tensor | None, K: int) -> torch.Tensor:
