@@ -4,7 +4,7 @@ the top kernels of a replay by device time (torch.profiler). --routes: rows per 
 one decode step of the same batch (random prompts, dummy weights), per layer and summed up: how uneven the
 routing the fused MoE sees is (its tiles are chosen by the mean).
 
-    python benchmarks/decode_profile.py [--batch 1] [--mode bf16|mxfp8] [--routes]
+    python benchmarks/decode_profile.py [--batch 1] [--mode bf16|mxfp8|mxfp8_moe_copy] [--context 512] [--routes]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.throughput import engine  # noqa: E402
 from mxroll import Engine  # noqa: E402
 from mxroll.rollout.step_inputs import StepInputs  # noqa: E402
 
@@ -36,19 +37,21 @@ def timed(fn, n: int = 50, sync: bool = True) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--mode", default="bf16")
+    ap.add_argument("--mode", default="bf16", help="bf16 | mxfp8 | mxfp8_moe_copy (as benchmarks/throughput.py)")
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens per row before the timed step")
+    ap.add_argument("--out", default="", help="suffix of the results file name")
     ap.add_argument("--routes", action="store_true", help="rows per expert of one decode step instead of timings")
     args = ap.parse_args()
-    e = Engine(model_path="preset:moonlight-16b-a3b", load_format="dummy", device="cuda", progress=False,
-               quantization="mxfp8" if args.mode == "mxfp8" else None, max_total_tokens=1 << 18)
-    results = {"env": environment(), "mode": args.mode, "batches": {}}
+    cache = max(1 << 18, int(max(args.batch) * (args.context + 64) * 1.1))  # + the scheduler's 1% watermark
+    e = engine(args.mode, max_total_tokens=cache)
+    results = {"env": environment(), "mode": args.mode, "context": args.context, "batches": {}}
     if args.routes:
         results["routes"] = {B: route_spread(e, B) for B in args.batch}
-        write_results(f"decode_routes_{args.mode}", results)
+        write_results(f"decode_routes_{args.mode}{args.out}", results)
         e.shutdown()
         return
     for B in args.batch:
-        ids = torch.randint(3, 150000, (B, 512), generator=torch.Generator().manual_seed(B)).tolist()
+        ids = torch.randint(3, 150000, (B, args.context), generator=torch.Generator().manual_seed(B)).tolist()
         e.pause_generation(mode="in_place")
         e._command(lambda: None)
         call = e._submit(None, ids, {"max_new_tokens": 400, "ignore_eos": True}, False, None, False, None)
@@ -56,7 +59,7 @@ def main() -> None:
         def run_steps(k):
             for _ in range(k):
                 e._command(e.step)
-        run_steps(-(-B * 512 // e.config.chunked_prefill_size) + 4)
+        run_steps(-(-B * args.context // e.config.chunked_prefill_size) + 32)  # + decode rows riding along
         with torch.inference_mode():  # the hand-run step plans attention on inference tensors
             res = measure(e, B)
         print(f"B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "top_kernels"), flush=True)
@@ -64,7 +67,7 @@ def main() -> None:
         e.abort_request(abort_all=True)
         e.continue_generation()
         call.future.result()
-    write_results(f"decode_profile_{args.mode}", results)
+    write_results(f"decode_profile_{args.mode}{args.out}", results)
     e.shutdown()
 
 

@@ -91,9 +91,10 @@ class DeepseekV3(nn.Module):
             x_TD, delta_TD = block(x_TD, delta_TD, cos_sin, attn, routes)
         return self.norm.add(x_TD, delta_TD)[0]
 
-    def logits(self, h_SD: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [S, V]: the lm_head GEMM accumulates and outputs fp32 (DESIGN.md, Logits)."""
-        return linear(h_SD, self.lm_head.weight, self.gemm, out_dtype=torch.float32)
+    def logits(self, h_SD: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [S, V]: the lm_head GEMM accumulates and outputs fp32 (DESIGN.md, Logits); written into
+        `out` when given (a CUDA graph's fixed buffer: no copy of S x V fp32 values afterwards)."""
+        return linear(h_SD, self.lm_head.weight, self.gemm, out_dtype=torch.float32, out=out)
 
     # ---- one sequence through the torch reference (tests, checks) ----
     def new_cache(self, capacity: int, device: torch.device | str | None = None, mode: str = "auto"):

@@ -76,11 +76,15 @@ def bf16_copy(w: MXFP8Tensor, gemm: GemmConfig, out: torch.Tensor | None = None)
 
 
 def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gemm: GemmConfig = REFERENCE,
-           out_dtype: torch.dtype | None = None, x_qdq: bool = False) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, x_qdq: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T in x's dtype, or in `out_dtype` (the lm_head's fp32 logits: fp32 accumulate and fp32
     output from the bf16 operands, never a bf16 result cast up afterwards). `x_qdq`: x is already MXFP8
     quantize-dequantized along K by its producer (a fused norm), so a w8a8 GEMM skips its activation
-    pass and runs as w8a16 on it: the same values, quantize-dequantize being idempotent."""
+    pass and runs as w8a16 on it: the same values, quantize-dequantize being idempotent.
+    `out`: a [T, N] tensor of the result's dtype that receives y and is returned (a CUDA graph's fixed logits
+    buffer): cuBLAS's fp32-output GEMM writes it directly, other paths copy their result in."""
+    if out is not None:
+        return _linear_into(x_TK, w_NK, gemm, out_dtype, x_qdq, out)
     if x_qdq and not isinstance(w_NK, MXFP8Tensor):
         raise TypeError(f"linear: x_qdq is for stored MXFP8 weights, got {type(w_NK).__name__}")
     if isinstance(w_NK, QATWeight):
@@ -122,6 +126,24 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor | QATWeight, gem
         return torch.mm(x2, w.t(), out_dtype=out_dtype).reshape(*x_TK.shape[:-1], w.shape[0])  # cuBLAS fp32 output
     # CPU: products of bf16/fp16 operands are exact in fp32, so upcasting first is the same GEMM
     return F.linear(x_TK.to(out_dtype), w.to(out_dtype))
+
+
+def _linear_into(x_TK: torch.Tensor, w_NK, gemm: GemmConfig, out_dtype: torch.dtype | None, x_qdq: bool,
+                 out: torch.Tensor) -> torch.Tensor:
+    """`linear` into `out` (see there)."""
+    want = (x_TK.numel() // x_TK.shape[-1], w_NK.shape[0])
+    dtype = out_dtype or x_TK.dtype
+    if tuple(out.shape) != want or out.dtype != dtype or out.device != x_TK.device:
+        raise ValueError(f"linear: out is {tuple(out.shape)} {out.dtype} on {out.device}, the result is {want} "
+                         f"{dtype} on {x_TK.device}")
+    x2 = x_TK.reshape(want[0], -1)
+    if (isinstance(w_NK, torch.Tensor) and w_NK.dim() == 2 and x_TK.is_cuda and dtype == torch.float32
+            and x_TK.dtype in (torch.bfloat16, torch.float16) and w_NK.dtype == x_TK.dtype
+            and not (gemm.backend == "triton" and _gemv_serves(x2, w_NK)) and out.is_contiguous()):
+        if x_TK.shape[-1] != w_NK.shape[1]:
+            raise ValueError(f"linear: x has K={x_TK.shape[-1]} but weight is {tuple(w_NK.shape)}")
+        return torch.mm(x2, w_NK.t(), out_dtype=torch.float32, out=out)
+    return out.copy_(linear(x2, w_NK, gemm, out_dtype, x_qdq))
 
 
 def _gemv_serves(x_MK: torch.Tensor, w_NK: torch.Tensor | MXFP8Tensor, quant_x: bool = False) -> bool:

@@ -97,4 +97,4 @@ class DecodeGraphs:
     def _forward(self, size: int) -> None:
         ids, pos, _ = self.builder.token_views(size)
         h = self.model(ids, pos, self.attn, self.routes)
-        self.logits[:size].copy_(self.model.logits(h))
+        self.model.logits(h, out=self.logits[:size])

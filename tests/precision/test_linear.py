@@ -48,3 +48,39 @@ def test_backend_selection_on_cpu_is_explicit():
         select_backend(torch.device("cpu"), "triton")
     with pytest.raises(ValueError, match="supported"):
         select_backend(torch.device("cpu"), "cutlass")
+
+
+def _into_case(M: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 64, generator=g).bfloat16().to(device)
+    w = torch.randn(40, 64, generator=g).bfloat16().to(device)
+    return x, w, torch.full((M + 2, 40), float("nan"), device=device)
+
+
+def test_linear_into_out_buffer():
+    """out=: the plain call's values land in the given rows (nothing beyond them), the buffer is returned; a buffer
+    of another shape or dtype than the result is an error naming both."""
+    x, w, buf = _into_case(3)
+    y = linear(x, w, out_dtype=torch.float32, out=buf[:3])
+    assert y.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:3], linear(x, w, out_dtype=torch.float32)) and torch.isnan(buf[3:]).all()
+    q = MXFP8Tensor.quantize(w.float())
+    qbuf = torch.empty(3, 40)
+    assert torch.equal(linear(x.float(), q, out=qbuf), linear(x.float(), q))
+    with pytest.raises(ValueError, match=r"out is \(4, 40\).*\(3, 40\)"):
+        linear(x, w, out_dtype=torch.float32, out=buf[:4])
+    with pytest.raises(ValueError, match="torch.float32.*torch.bfloat16"):
+        linear(x, w, out=buf[:3])  # the result would be bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's fp32-output GEMM into the buffer")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("M", [1, 5, 300])
+def test_linear_into_out_buffer_cuda(M, backend):
+    """The lm_head's fp32 logits written into a graph's buffer: the same bits as the allocating call, on the GEMV
+    (one token, Triton backend) and on cuBLAS."""
+    x, w, buf = _into_case(M, "cuda")
+    gemm = GemmConfig(backend=backend)
+    y = linear(x, w, gemm, out_dtype=torch.float32, out=buf[:M])
+    assert y.data_ptr() == buf.data_ptr() and torch.isnan(buf[M:]).all()
+    assert torch.equal(buf[:M], linear(x, w, gemm, out_dtype=torch.float32))
