@@ -267,3 +267,22 @@ def test_moe_bf16_copies_follow_updates_and_memory_release(tmp_path):
     e.resume_memory_occupation(tags=["weights"])
     assert all(m.bf16_copy is not None and exact(m) and m.workspace is None for m in stacks)
     e.shutdown()
+
+
+def test_moe_bf16_copies_that_do_not_fit_are_refused(tmp_path, monkeypatch):
+    """When the copies would not fit in free device memory, attaching them raises an error naming the option and
+    the sizes, attaches nothing, and the engine serves on its MXFP8 tiles as before."""
+    from mxroll.model.moe import attach_bf16_copies
+    e = Engine(model_path=small_moonlight(tmp_path / "m", layers=2), load_format="dummy", device="cuda",
+               progress=False, quantization="mxfp8", max_total_tokens=1 << 12)
+    params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+    before = e.generate(input_ids=[[5, 6, 7, 8]], sampling_params=params)[0]["output_ids"]
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (256 << 20, total))
+    with pytest.raises(ValueError, match=r"mxfp8_moe_bf16_copy: bf16 copies of 1 MXFP8 expert stacks need 1\.0\d GiB; "
+                                         r"0\.25 GiB of device memory is free"):
+        attach_bf16_copies(e.model, True)
+    monkeypatch.undo()
+    assert all(getattr(m, "bf16_copy", None) is None for m in e.model.modules())
+    assert e.generate(input_ids=[[5, 6, 7, 8]], sampling_params=params)[0]["output_ids"] == before
+    e.shutdown()
