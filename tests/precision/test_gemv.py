@@ -16,7 +16,8 @@ from mxroll.precision.kernels.triton_gemv import gemv_triton  # noqa: E402
 from mxroll.precision.linear import GemmConfig, linear  # noqa: E402
 from mxroll.precision.mxfp8 import MXFP8Tensor  # noqa: E402
 
-SHAPES = [(37, 96), (130, 256), (8, 2048)]  # N not a multiple of the rows per program; K not a power of two
+# N not a multiple of the rows per program; K not a power of two (96, 1408: moonlight's expert width, 1440)
+SHAPES = [(37, 96), (130, 256), (8, 2048), (20, 1408), (9, 1440)]
 
 
 def operands(M, N, K, seed=0):

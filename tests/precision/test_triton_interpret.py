@@ -119,6 +119,21 @@ def moe_case(T, E=8, K=3, D=128, F=96, seed=0):
     return (x, ids, w, w13, w2), experts_ref(x, ids, w, w13, w2, GemmConfig("w8a16"))
 
 
+@pytest.mark.parametrize("D, F", [(128, 96), (352, 224), (1440, 1408)])
+def test_moe_rows_gemv_contractions_not_powers_of_two(D, F):
+    """The one-token MXFP8 MoE path (triton_moe_gemv: whole rows, a contraction padded to a power of two and masked
+    past its end) at widths that are not powers of two (moonlight's F = 1408 among them): against the reference to
+    the interpreter's truncating bf16 casts, and the same bits twice. (The w8a8 paths are compared on the GPU,
+    test_moe.py: the interpreter's in-kernel quantize does not round as the GPU's does.)"""
+    from mxroll.precision.kernels import triton_moe_gemv
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    args, ref = moe_case(1, D=D, F=F, seed=D)
+    assert triton_moe_gemv.serves(1, True)
+    y = fused_moe_triton(*args, "w8a16")
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-2
+    assert torch.equal(fused_moe_triton(*args, "w8a16"), y)
+
+
 @pytest.mark.parametrize("T", [2, 13])  # 6 pairs: one block per pair; 39 pairs: sorted blocks
 def test_fused_moe_split_k_and_gemv(T):
     """Split-K indexing (partials by (token, k) row, arrival counters, a short last split) and the GEMV
