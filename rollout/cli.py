@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "$MXROLL_ADMIN_TOKEN; the environment keeps it out of the process list)")
     sv.add_argument("--api-key", default=None,
                     help="bearer token required by the generation and info endpoints (default: $MXROLL_API_KEY)")
+    sv.add_argument("--routed-experts-format", default=None, choices=["list", "base64"],
+                    help="how /generate returns return_routed_experts: nested lists (default) or sglang's base64 "
+                         "of int32 [tokens, num_hidden_layers, top_k]")
     _engine_flags(sv)
     sv.add_argument("overrides", nargs="*",
                     help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
@@ -248,7 +251,7 @@ def _serve(args) -> int:
 
     env = {key: os.environ[var] for key, var in (("admin_token", "MXROLL_ADMIN_TOKEN"), ("api_key", "MXROLL_API_KEY"))
            if os.environ.get(var)}
-    flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key")
+    flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key", "routed_experts_format")
              if getattr(args, key) is not None}
     engine = {"model_path": args.model_path} if args.model_path is not None else {}
     if args.log_level:
@@ -260,7 +263,7 @@ def _serve(args) -> int:
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
     s = cfg.server
     run_server(cfg.engine, host=s.host, port=s.port, admin_token=s.admin_token, api_key=s.api_key,
-               log_level=cfg.engine.log_level)
+               log_level=cfg.engine.log_level, routed_experts_format=s.routed_experts_format)
     return 0
 
 

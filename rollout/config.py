@@ -135,6 +135,9 @@ class ServerConfig:
     port: int = 30000
     admin_token: str | None = None  # bearer token of the weight-sync and control endpoints; env MXROLL_ADMIN_TOKEN
     api_key: str | None = None  # bearer token of the generation and info endpoints; env MXROLL_API_KEY
+    # /generate's return_routed_experts: "list" (nested JSON lists [tokens][moe layers][top_k]) or "base64"
+    # (sglang's: little-endian int32 [tokens, num_hidden_layers, top_k], dense layers 0)
+    routed_experts_format: str = "list"
 
 
 @dataclass

@@ -40,7 +40,8 @@ from .config import EngineConfig
 from .engine import Engine, EngineShutdownError
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
-                         UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest, jsonable)
+                         ROUTED_EXPERTS_FORMATS, UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
+                         jsonable, routes_base64)
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,21 @@ def _engine_alive(engine: Engine) -> bool:
 
 
 def create_app(engine: Engine, admin_token: str | None = None, api_key: str | None = None, *,
-               owns_engine: bool = False) -> FastAPI:
-    """The FastAPI app serving `engine`. With owns_engine, the app shuts the engine down when it stops."""
+               owns_engine: bool = False, routed_experts_format: str = "list") -> FastAPI:
+    """The FastAPI app serving `engine`. With owns_engine, the app shuts the engine down when it stops.
+    routed_experts_format: how /generate sends `return_routed_experts` — "list", nested JSON lists [tokens][moe
+    layers][top_k] (the Engine API's array), or "base64", sglang's encoding (`server_api.routes_base64`) that RL
+    frameworks written against sglang decode."""
+    if routed_experts_format not in ROUTED_EXPERTS_FORMATS:
+        raise ValueError(f"routed_experts_format={routed_experts_format!r}; supported: {list(ROUTED_EXPERTS_FORMATS)}")
+    mcfg = engine.model_config
+    moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
+
+    def routes_out(out, asked):
+        """/generate's output with its routes in the server's format."""
+        if routed_experts_format == "base64" and asked:
+            return routes_base64(out, moe_layers, mcfg.num_hidden_layers)
+        return out
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -221,10 +235,11 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
                     return_routed_experts=req.return_routed_experts, rid=req.rid)
         if args["rid"] is None:
             args["rid"] = _new_rids(_batch_size(args))
+        asked = req.return_routed_experts
         if req.stream:
             events = await engine.async_generate(**args, stream=True)  # bad requests raise here: a 400
-            return streamed(sse(events, args["rid"], lambda out: out))
-        return _json(await until_done(request, args))
+            return streamed(sse(events, args["rid"], lambda out: routes_out(out, asked)))
+        return _json(routes_out(await until_done(request, args), asked))
 
     @app.post("/v1/completions", dependencies=[Depends(user)])
     async def completions(req: CompletionRequest, request: Request):
@@ -427,14 +442,18 @@ class BackgroundServer:
 
 
 def run_server(engine_config: EngineConfig | dict, host: str = "127.0.0.1", port: int = 30000,
-               admin_token: str | None = None, api_key: str | None = None, log_level: str = "INFO") -> None:
+               admin_token: str | None = None, api_key: str | None = None, log_level: str = "INFO",
+               routed_experts_format: str = "list") -> None:
     """Load the engine, serve it until interrupted (Ctrl-C / SIGTERM), then shut the engine down."""
     import uvicorn
 
     check_exposure(host, admin_token, api_key)  # before the model loads: a refused start costs nothing
+    if routed_experts_format not in ROUTED_EXPERTS_FORMATS:
+        raise ValueError(f"routed_experts_format={routed_experts_format!r}; supported: {list(ROUTED_EXPERTS_FORMATS)}")
     engine = Engine(engine_config)
     try:
-        app = create_app(engine, admin_token=admin_token, api_key=api_key, owns_engine=True)
+        app = create_app(engine, admin_token=admin_token, api_key=api_key, owns_engine=True,
+                         routed_experts_format=routed_experts_format)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                                access_log=log_level.upper() == "DEBUG", timeout_graceful_shutdown=5))
         log.info("serving %s on http://%s:%d", engine.model_path, host, port)

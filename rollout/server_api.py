@@ -238,3 +238,31 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
         return jsonable(value.tolist())
     return value
+
+
+ROUTED_EXPERTS_FORMATS = ("list", "base64")
+
+
+def routes_base64(outputs: Json | list[Json], moe_layers: list[int], num_layers: int) -> Json | list[Json]:
+    """sglang's encoding of `return_routed_experts` (`--routed-experts-format base64`), in place: meta_info's
+    `routed_experts` [tokens, moe layers, top_k] becomes base64 of a little-endian int32 C-order array [tokens,
+    num_layers, top_k] over all the model's layers (dense layers' rows 0, as sglang leaves them), and
+    `routed_expert_weights` the same layout in float32 (an mxroll extra; sglang sends ids only)."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    for out in outputs if isinstance(outputs, list) else [outputs]:
+        meta = out.get("meta_info", {})
+        for key, dtype in (("routed_experts", "<i4"), ("routed_expert_weights", "<f4")):
+            if key not in meta:
+                continue
+            moe = torch.as_tensor(meta[key]).cpu().numpy()
+            if moe.ndim != 3 or moe.shape[1] not in (0, len(moe_layers)):
+                raise ValueError(f"{key}: shape {moe.shape} is not [tokens, {len(moe_layers)} moe layers, top_k]")
+            full = np.zeros((moe.shape[0], num_layers, moe.shape[2]), dtype=dtype)
+            if moe.shape[1]:
+                full[:, moe_layers] = moe
+            meta[key] = base64.b64encode(full.tobytes()).decode("ascii")
+    return outputs

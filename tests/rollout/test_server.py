@@ -121,6 +121,39 @@ def test_generate_returns_logprobs_and_routes(engine, client):
     assert len(routes[0][0]) == cfg.num_experts_per_tok
 
 
+def test_generate_routes_in_sglang_base64(engine):
+    """--routed-experts-format base64: meta_info["routed_experts"] is sglang's encoding (little-endian int32 [prompt +
+    completion - 1, num_hidden_layers, top_k], dense layers 0) of the Engine API's array, streamed too; the weights
+    the same layout in float32; a request without return_routed_experts gets neither; an unknown format is refused."""
+    import base64
+
+    import numpy as np
+    cfg = engine.model_config
+    L, K = cfg.num_hidden_layers, cfg.num_experts_per_tok
+    moe = [i for i in range(L) if cfg.is_moe_layer(i)]
+    dense = [i for i in range(L) if i not in moe]
+    ref = engine.generate(input_ids=[0, 9, 8], sampling_params=GREEDY, return_routed_experts=True)["meta_info"]
+
+    def decode(meta, key, dtype):
+        a = np.frombuffer(base64.b64decode(meta[key]), dtype=dtype).reshape(3 + 6 - 1, L, K)
+        assert not a[:, dense].any()
+        return torch.from_numpy(a[:, moe].copy())
+
+    body = {"input_ids": [0, 9, 8], "sampling_params": GREEDY, "return_routed_experts": True}
+    with BackgroundServer(create_app(engine, routed_experts_format="base64")) as server:
+        status, out = http(server.url, "/generate", body)
+        assert status == 200 and isinstance(out["meta_info"]["routed_experts"], str)
+        assert torch.equal(decode(out["meta_info"], "routed_experts", "<i4"), ref["routed_experts"].to(torch.int32))
+        assert torch.equal(decode(out["meta_info"], "routed_expert_weights", "<f4"), ref["routed_expert_weights"])
+        final = sse(server.url, "/generate", {**body, "stream": True})[-2]
+        assert torch.equal(decode(final["meta_info"], "routed_experts", "<i4"), ref["routed_experts"].to(torch.int32))
+        status, plain = http(server.url, "/generate", {"input_ids": [0, 9, 8], "sampling_params": GREEDY})
+        assert status == 200 and "routed_experts" not in plain["meta_info"]
+    assert dense and moe  # the tiny model has both kinds, so the layout above is exercised
+    with pytest.raises(ValueError, match="routed_experts_format='csv'"):
+        create_app(engine, routed_experts_format="csv")
+
+
 def test_generate_stream_is_cumulative_and_ends_with_done(engine, url, client):
     events = sse(url, "/generate", {"input_ids": [0, 5, 6], "sampling_params": GREEDY, "stream": True})
     assert events[-1] == "[DONE]"
@@ -484,7 +517,10 @@ def test_serve_cli_settings(captured_run, monkeypatch, tmp_path):
                      "engine.device=cpu", "server.host=::1"]) == 0
     (cfg, kw), = captured_run
     assert (cfg.device, cfg.model_path, cfg.max_total_tokens) == ("cpu", "preset:tiny", 512)
-    assert kw == {"host": "::1", "port": 8001, "admin_token": "from-env", "api_key": "k", "log_level": "INFO"}
+    assert kw == {"host": "::1", "port": 8001, "admin_token": "from-env", "api_key": "k", "log_level": "INFO",
+                  "routed_experts_format": "list"}
+    assert cli.main(["serve", "--routed-experts-format", "base64", "engine.device=cpu"]) == 0
+    assert captured_run[-1][1]["routed_experts_format"] == "base64"
 
 
 def test_serve_cli_takes_every_engine_option_as_a_flag(captured_run, capsys):
