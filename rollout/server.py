@@ -335,8 +335,19 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def destroy_weights_update_group(req: DestroyGroupRequest | None = None):
         return done(await call(engine.destroy_weights_update_group, **(req or DestroyGroupRequest()).model_dump()))
 
-    @app.post("/get_weights_by_name", dependencies=[Depends(admin)])
-    async def get_weights_by_name(req: GetWeightsRequest):
+    async def body_or_query(request: Request, model: type, lists: tuple[str, ...] = ()):
+        """The request of one of sglang's GET-or-POST endpoints: its JSON body when it has one, else its query
+        string (`?name=...&truncate_size=2`; repeated keys for the list fields `lists`), validated by `model`."""
+        raw = await request.body()
+        if raw.strip():
+            return model.model_validate_json(raw)
+        q = request.query_params
+        data = {k: (q.getlist(k) if k in lists else q[k]) for k in q.keys()}
+        return model.model_validate(data, strict=False)  # query values arrive as strings
+
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def get_weights_by_name(request: Request):
+        req = await body_or_query(request, GetWeightsRequest)
         return _json(await call(engine.get_weights_by_name, req.name, req.truncate_size))
 
     # ---- controls (admin) --------------------------------------------------------------------
@@ -364,15 +375,15 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         await call(engine.abort_request, req.rid, req.abort_all)
         return {"success": True, "message": "aborted all requests" if req.abort_all else f"aborted {req.rid!r}"}
 
-    @app.post("/release_memory_occupation", dependencies=[Depends(admin)])
-    async def release_memory_occupation(req: MemoryRequest | None = None):
-        tags = (req or MemoryRequest()).tags
+    @app.api_route("/release_memory_occupation", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def release_memory_occupation(request: Request):
+        tags = (await body_or_query(request, MemoryRequest, lists=("tags",))).tags
         await call(engine.release_memory_occupation, tags)
         return {"success": True, "message": f"released {tags or 'all'}"}
 
-    @app.post("/resume_memory_occupation", dependencies=[Depends(admin)])
-    async def resume_memory_occupation(req: MemoryRequest | None = None):
-        tags = (req or MemoryRequest()).tags
+    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def resume_memory_occupation(request: Request):
+        tags = (await body_or_query(request, MemoryRequest, lists=("tags",))).tags
         await call(engine.resume_memory_occupation, tags)
         return {"success": True, "message": f"resumed {tags or 'all'}"}
 

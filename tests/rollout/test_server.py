@@ -351,6 +351,27 @@ def test_memory_release_and_resume(client):
     assert len(client.generate(input_ids=[0, 5], sampling_params=GREEDY)["output_ids"]) == 6
 
 
+def test_sglang_get_or_post_endpoints(engine, url, client):
+    """As sglang's, /get_weights_by_name and the memory endpoints answer GET too: a JSON body, or the query string;
+    a bad value is a 400 naming its field."""
+    name = "model.norm.weight"
+    want = engine.get_weights_by_name(name, truncate_size=4)
+    for method, path, body in (("GET", f"/get_weights_by_name?name={name}&truncate_size=4", None),
+                               ("GET", "/get_weights_by_name", {"name": name, "truncate_size": 4}),
+                               ("POST", "/get_weights_by_name", {"name": name, "truncate_size": 4})):
+        status, got = http(url, path, body, method=method)
+        assert status == 200 and torch.equal(torch.tensor(got), torch.as_tensor(want).float()), (method, path)
+    status, out = http(url, f"/get_weights_by_name?name={name}&truncate_size=four", method="GET")
+    assert status == 400 and "truncate_size" in out["message"]
+    client.pause_generation(mode="abort")
+    status, out = http(url, "/release_memory_occupation?tags=kv_cache", method="GET")
+    assert status == 200 and out["success"] and client.get_server_info()["memory_released"] is True
+    status, out = http(url, "/resume_memory_occupation?tags=kv_cache", method="GET")
+    assert status == 200 and out["success"] and client.get_server_info()["memory_released"] is False
+    client.continue_generation()
+    assert len(client.generate(input_ids=[0, 5], sampling_params=GREEDY)["output_ids"]) == 6
+
+
 def test_info_endpoints(engine, url, client):
     assert client.get_model_info() == engine.get_model_info()
     assert client.get_weight_version() == engine.weight_version
