@@ -41,7 +41,7 @@ from .engine import Engine, EngineShutdownError
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
                          ROUTED_EXPERTS_FORMATS, UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
-                         jsonable, routes_base64)
+                         WeightVersionRequest, jsonable, routes_base64)
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,11 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     @app.post("/destroy_weights_update_group", dependencies=[Depends(admin)])
     async def destroy_weights_update_group(req: DestroyGroupRequest | None = None):
         return done(await call(engine.destroy_weights_update_group, **(req or DestroyGroupRequest()).model_dump()))
+
+    @app.post("/update_weight_version", dependencies=[Depends(admin)])
+    async def update_weight_version(req: WeightVersionRequest):
+        return done(await call(engine.update_weight_version, req.new_version, req.abort_all_requests),
+                    new_version=engine.weight_version)
 
     async def body_or_query(request: Request, model: type, lists: tuple[str, ...] = ()):
         """The request of one of sglang's GET-or-POST endpoints: its JSON body when it has one, else its query

@@ -75,6 +75,11 @@ class DestroyGroupRequest(_Body):
     group_name: str = "weight_update_group"
 
 
+class WeightVersionRequest(_Body):
+    new_version: str
+    abort_all_requests: bool = True
+
+
 class GetWeightsRequest(_Body):
     name: str
     truncate_size: int = 100

@@ -109,6 +109,26 @@ class WeightUpdateAPI:
             self.model_path = Path(model_path)
             return ok, msg
 
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> tuple[bool, str]:
+        """sglang's: relabel the weights being served as `new_version` (no weight changes), between two steps;
+        requests in flight are aborted first unless `abort_all_requests=False` (then their later tokens carry the
+        new label, listed in meta_info's `weight_version_switches`)."""
+        if isinstance(new_version, bool) or not isinstance(new_version, (str, int)) or str(new_version) == "":
+            raise ValueError(f"new_version={new_version!r}: must be a non-empty string")
+        if not isinstance(abort_all_requests, bool):
+            raise ValueError(f"abort_all_requests={abort_all_requests!r}: must be true or false")
+        self._check_open()
+        if abort_all_requests:
+            self.abort_request(abort_all=True)
+
+        def relabel():
+            old, self.weight_version = self.weight_version, str(new_version)
+            return old
+
+        old = self._command(relabel)
+        log.info("weight_version %s -> %s (relabelled, weights unchanged)", old, self.weight_version)
+        return True, f"weight_version updated to {self.weight_version}"
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """A stored weight's first `truncate_size` rows as nested lists (MXFP8 data as its e4m3 values,
         `..._scale_inv` as the E8M0 bytes): read between two steps."""

@@ -142,6 +142,10 @@ class EngineClient:
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
         return self._weights("/destroy_weights_update_group", {"group_name": group_name})
 
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> tuple[bool, str]:
+        return self._weights("/update_weight_version", {"new_version": new_version,
+                                                        "abort_all_requests": abort_all_requests})
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         return self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
 

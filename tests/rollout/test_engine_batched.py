@@ -234,6 +234,42 @@ def test_weight_version_in_every_output(engine):
     assert out["meta_info"]["weight_version"] == engine.weight_version
 
 
+def test_update_weight_version_relabels_between_steps(engine):
+    """sglang's update_weight_version: later outputs carry the new label; with abort_all_requests=False a request
+    in flight (held by an in-place pause) finishes and lists the switch; by default it is aborted; bad values are
+    errors naming the argument."""
+    old = engine.weight_version
+    try:
+        assert engine.update_weight_version("policy-7") == (True, "weight_version updated to policy-7")
+        out = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=2))
+        assert out["meta_info"]["weight_version"] == "policy-7"
+        stream = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=60), stream=True)
+        first = next(stream)
+        engine.pause_generation(mode="in_place")
+        engine.update_weight_version("policy-8", abort_all_requests=False)
+        engine.continue_generation()
+        *_, final = stream
+        assert final["meta_info"]["finish_reason"]["type"] == "length" and len(final["output_ids"]) == 60
+        switches = final["meta_info"]["weight_version_switches"]
+        assert [w["weight_version"] for w in switches] == ["policy-7", "policy-8"]
+        assert len(first["output_ids"]) <= switches[1]["output_index"] < 60
+        stream = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=60), stream=True)
+        next(stream)
+        engine.pause_generation(mode="in_place")
+        engine.update_weight_version("policy-9")  # aborts what is in flight
+        engine.continue_generation()
+        *_, final = stream
+        assert final["meta_info"]["finish_reason"]["type"] == "abort" and len(final["output_ids"]) < 60
+        for bad in ("", None, True, 1.5):
+            with pytest.raises(ValueError, match="new_version"):
+                engine.update_weight_version(bad)
+        with pytest.raises(ValueError, match="abort_all_requests"):
+            engine.update_weight_version("x", abort_all_requests="no")
+        assert engine.weight_version == "policy-9"
+    finally:
+        engine.update_weight_version(old)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(input_ids=[1, 2], sampling_params={"bogus": 1}), "bogus"),
     (dict(input_ids=[1, 2], sampling_params={"temperature": float("inf")}), "temperature"),

@@ -219,6 +219,8 @@ def test_admin_endpoints_need_the_admin_token(secured_url, token):
     body = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2}
     assert http(secured_url, "/init_weights_update_group", body, token=token)[0] == 401
     assert http(secured_url, "/flush_cache", token=token)[0] == 401
+    assert http(secured_url, "/update_weight_version", {"new_version": "x"}, token=token)[0] == 401
+    assert http(secured_url, "/get_weights_by_name?name=lm_head.weight", token=token, method="GET")[0] == 401
 
 
 def test_generation_needs_the_api_key(secured_url):
@@ -349,6 +351,22 @@ def test_memory_release_and_resume(client):
     client.resume_memory_occupation(["kv_cache"])
     client.continue_generation()
     assert len(client.generate(input_ids=[0, 5], sampling_params=GREEDY)["output_ids"]) == 6
+
+
+def test_update_weight_version_over_http(engine, url, client):
+    """/update_weight_version (sglang's body and answer): relabels what the engine serves; the client mirrors it;
+    a missing field is a 400 naming it."""
+    old = engine.weight_version
+    try:
+        status, out = http(url, "/update_weight_version", {"new_version": "rl-step-3", "abort_all_requests": False})
+        assert status == 200 and out["success"] is True and out["new_version"] == "rl-step-3"
+        assert client.get_weight_version() == "rl-step-3"
+        assert client.generate(input_ids=[0, 5], sampling_params=GREEDY)["meta_info"]["weight_version"] == "rl-step-3"
+        assert client.update_weight_version("rl-step-4")[0] is True and engine.weight_version == "rl-step-4"
+        status, out = http(url, "/update_weight_version", {"abort_all_requests": False})
+        assert status == 400 and "new_version" in out["message"]
+    finally:
+        engine.update_weight_version(old)
 
 
 def test_sglang_get_or_post_endpoints(engine, url, client):
