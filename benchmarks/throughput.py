@@ -243,11 +243,16 @@ def rl_shape(e: Engine, cfg: ModelConfig, mode: str, n_prompts: int, out_len: in
     params = {"max_new_tokens": out_len, "ignore_eos": True, "temperature": 1.0, "n": 16}
     first, (t, out) = warm_twice(e, ids, params)
     toks = sum(o["meta_info"]["completion_tokens"] for o in out)
+    steps = [s for s in list(e.steps)[-out_len:] if s.decode]  # the second call's last decode steps
+    loop = {"decode_steps": len(steps), "mean_step_ms": 1e3 * sum(s.seconds for s in steps) / max(1, len(steps)),
+            "mean_launch_ms": 1e3 * sum(s.launch_s for s in steps) / max(1, len(steps)),
+            "mean_device_wait_ms": 1e3 * sum(s.wait_s for s in steps) / max(1, len(steps))}
     print(f"[{mode}] RL: {toks / t:.0f} output tok/s, {len(out) / t:.1f} samples/s (first call: "
-          f"{toks / first:.0f} tok/s)", flush=True)
+          f"{toks / first:.0f} tok/s); decode steps {loop['mean_step_ms']:.2f} ms, host launch "
+          f"{loop['mean_launch_ms']:.2f} ms, blocked on the device {loop['mean_device_wait_ms']:.2f} ms", flush=True)
     return {"prompts": n_prompts, "n": 16, "input": 256, "output": out_len, "seconds": t,
             "output_tok_per_s": toks / t, "samples_per_s": len(out) / t, "first_call_seconds": first,
-            "first_call_output_tok_per_s": toks / first}
+            "first_call_output_tok_per_s": toks / first, "loop": loop}
 
 
 def warm_twice(e: Engine, ids, params) -> tuple[float, tuple[float, list]]:

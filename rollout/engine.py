@@ -306,6 +306,7 @@ class Engine(WeightUpdateAPI):
     def _launch(self, batch, clock: PhaseClock, prev: InFlight | None = None) -> InFlight:
         """Enqueue a step's forward and sampling and the copies of its results to the host; no sync.
         prev: the step whose sampled tokens are this decode step's inputs (still on the device)."""
+        t0 = time.perf_counter()
         next_ids = None
         if prev is not None:
             next_ids = prev.tokens if len(batch.rows) == len(prev.batch.rows) else prev.tokens.index_select(
@@ -321,7 +322,8 @@ class Engine(WeightUpdateAPI):
         if out.routes is not None and wants_routes:  # the recorder is overwritten by the next step
             T = step.num_tokens
             routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
-        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock)
+        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock,
+                        time.perf_counter() - t0)
 
     def _launch_next(self, cur: InFlight) -> None:
         """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
@@ -349,7 +351,7 @@ class Engine(WeightUpdateAPI):
         seconds = now - max(cur.clock.start, self._last_finish)
         self._last_finish = now
         self.steps.append(StepStat(cur.step.num_rows, cur.step.num_tokens, len(tokens), cur.step.is_decode, seconds,
-                                   cur.clock.phases, cur.batch.ahead_of is not None))
+                                   cur.clock.phases, cur.batch.ahead_of is not None, cur.launch_s, cur.host.waited_s))
 
     def _drain(self) -> None:
         """Finish a step launched ahead (before commands that change state between steps)."""
@@ -674,7 +676,11 @@ class Engine(WeightUpdateAPI):
                 "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
                 "recent_steps_launched_ahead": sum(s.ahead for s in recent) / len(recent) if recent else 0.0,
                 "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
-                "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0}
+                "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0,
+                # where the loop's time went: blocked on the device (near 1: the device is the bound) and host
+                # time enqueueing steps, both as shares of the steps' wall time
+                "recent_device_wait_share": sum(s.wait_s for s in recent) / secs if secs else 0.0,
+                "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0}
 
     def is_alive(self) -> bool:
         """The engine loop runs and accepts requests (False after shutdown or a crashed loop)."""

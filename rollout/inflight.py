@@ -22,6 +22,9 @@ class StepStat:
     seconds: float  # wall time from its launch (or the previous step's end, if later) to its end: steps tile time
     phases: dict | None = None  # seconds per phase, with step_timing on (the device is synced between phases)
     ahead: bool = False  # launched before the previous step's tokens were read back (overlap schedule)
+    launch_s: float = 0.0  # host time enqueueing it (inputs, attention plan, forward, sampler, copies back)
+    wait_s: float = 0.0  # time the loop then blocked until its results were on the host: ~0 when the host is the
+    #                      bound (the device finished first), most of `seconds` when the device is
 
 
 class PhaseClock:
@@ -52,6 +55,7 @@ class HostCopy:
         if routes is not None:
             named["route_ids"], named["route_weights"] = routes
         self.event = None
+        self.waited_s = 0.0  # set by wait()
         if device.type == "cuda":
             pinned = {}
             for k, t in named.items():
@@ -66,8 +70,10 @@ class HostCopy:
         self.named = named
 
     def wait(self) -> dict:
+        t0 = time.perf_counter()
         if self.event is not None:
             self.event.synchronize()  # the step's one wait on the device
+        self.waited_s = time.perf_counter() - t0
         out = {k: (t if k.startswith("route") else t.tolist()) for k, t in self.named.items()}
         for k in ("top_ids", "top_logprobs", "route_ids", "route_weights"):
             out.setdefault(k, None)
@@ -82,3 +88,4 @@ class InFlight:
     tokens: torch.Tensor
     host: HostCopy
     clock: PhaseClock
+    launch_s: float = 0.0  # host time `Engine._launch` took
