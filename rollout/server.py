@@ -41,7 +41,7 @@ from .engine import Engine, EngineShutdownError
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
                          ROUTED_EXPERTS_FORMATS, UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
-                         WeightVersionRequest, jsonable, routes_base64)
+                         WeightVersionRequest, jsonable, logprob_texts, routes_base64)
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,12 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     mcfg = engine.model_config
     moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
 
-    def routes_out(out, asked):
-        """/generate's output with its routes in the server's format."""
-        if routed_experts_format == "base64" and asked:
-            return routes_base64(out, moe_layers, mcfg.num_hidden_layers)
+    def generate_out(out, req: GenerateRequest):
+        """/generate's output with its routes in the server's format and, when asked, token texts in its logprobs."""
+        if routed_experts_format == "base64" and req.return_routed_experts:
+            out = routes_base64(out, moe_layers, mcfg.num_hidden_layers)
+        if req.return_text_in_logprobs:  # generate() checked that there is a tokenizer
+            out = logprob_texts(out, engine.tokenizer.decode)
         return out
 
     @contextlib.asynccontextmanager
@@ -230,16 +232,19 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
             raise ValueError("pass exactly one of text or input_ids")
+        if (why := req.unsupported()) is not None:
+            raise ValueError(why)
+        if req.return_text_in_logprobs and engine.tokenizer is None:
+            raise ValueError("return_text_in_logprobs: this model has no tokenizer")
         args = dict(prompt=req.text, input_ids=req.input_ids, sampling_params=req.sampling_params,
                     return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
                     return_routed_experts=req.return_routed_experts, rid=req.rid)
         if args["rid"] is None:
             args["rid"] = _new_rids(_batch_size(args))
-        asked = req.return_routed_experts
         if req.stream:
             events = await engine.async_generate(**args, stream=True)  # bad requests raise here: a 400
-            return streamed(sse(events, args["rid"], lambda out: routes_out(out, asked)))
-        return _json(routes_out(await until_done(request, args), asked))
+            return streamed(sse(events, args["rid"], lambda out: generate_out(out, req)))
+        return _json(generate_out(await until_done(request, args), req))
 
     @app.post("/v1/completions", dependencies=[Depends(user)])
     async def completions(req: CompletionRequest, request: Request):

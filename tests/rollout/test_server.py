@@ -121,6 +121,30 @@ def test_generate_returns_logprobs_and_routes(engine, client):
     assert len(routes[0][0]) == cfg.num_experts_per_tok
 
 
+def test_generate_takes_the_fields_sglang_clients_send(engine, url):
+    """The body sglang's bench_serving and RL clients send (logprob_start_len -1, return_text_in_logprobs, lora_path
+    / image_data null, top_logprobs_num 0) is served; return_text_in_logprobs fills the logprob tuples' text; values
+    this engine does not do are 400s naming the field."""
+    body = {"input_ids": [0, 9, 8], "sampling_params": GREEDY, "return_logprob": True, "logprob_start_len": -1,
+            "top_logprobs_num": 0, "return_text_in_logprobs": False, "lora_path": None, "image_data": None,
+            "stream": False, "rid": "sglang-shaped"}
+    status, out = http(url, "/generate", body)
+    ref = engine.generate(input_ids=[0, 9, 8], sampling_params=GREEDY, return_logprob=True)
+    assert status == 200 and out["output_ids"] == ref["output_ids"]
+    assert all(text is None for _, _, text in out["meta_info"]["output_token_logprobs"])
+    status, out = http(url, "/generate", {**body, "return_text_in_logprobs": True, "top_logprobs_num": 2})
+    assert status == 200
+    assert [text for _, _, text in out["meta_info"]["output_token_logprobs"]] == [
+        engine.tokenizer.decode([t]) for t in out["output_ids"]]
+    assert all(text == engine.tokenizer.decode([t]) for row in out["meta_info"]["output_top_logprobs"]
+               for _, t, text in row)
+    for field, value in (("logprob_start_len", 0), ("lora_path", "adapter"), ("image_data", "img.png"),
+                         ("token_ids_logprob", [5]), ("return_hidden_states", True), ("custom_logit_processor", "x")):
+        status, out = http(url, "/generate", {**body, field: value})
+        assert status == 400 and field in out["error"]["message"], (field, out)
+    assert http(url, "/generate", body)[0] == 200  # still serving
+
+
 def test_generate_routes_in_sglang_base64(engine):
     """--routed-experts-format base64: meta_info["routed_experts"] is sglang's encoding (little-endian int32 [prompt +
     completion - 1, num_hidden_layers, top_k], dense layers 0) of the Engine API's array, streamed too; the weights
