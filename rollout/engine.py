@@ -34,7 +34,7 @@ from .attention import TorchPagedAttention, select_attention, select_decode_atte
 from .config import EngineConfig, check_engine_config, engine_config, resolve_context_length
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
-from .intake import PromptRequest, build_requests, prompt_ids
+from .intake import SGLANG_FIELDS, PromptRequest, build_requests, check_sglang_fields, prompt_ids
 from .kv_cache import PagedLatentCache, plan_capacity
 from .output import Record, format_output
 from .pages import PagePool
@@ -222,39 +222,49 @@ class Engine(WeightUpdateAPI):
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params: dict | list | None = None,
                  return_logprob: bool | list = False, top_logprobs_num: int | list | None = None,
-                 return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False):
+                 return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False,
+                 **sglang_fields):
         """One prompt -> a dict (a list of n dicts when n > 1); a batch -> a list (prompt-major, n each).
-        stream=True returns an iterator of partial outputs (cumulative), the last one final."""
+        stream=True returns an iterator of partial outputs (cumulative), the last one final.
+        sglang_fields: `return_text_in_logprobs` (token texts in the logprob tuples), and what sglang clients pass at
+        its defaults (`logprob_start_len=-1`, `lora_path` / `image_data` / `custom_logit_processor` /
+        `token_ids_logprob` None, `return_hidden_states=False`; other values are errors: `check_sglang_fields`)."""
         if stream:
             events: queue.Queue = queue.Queue()
             call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
-                                return_routed_experts, rid, notify=events.put)
+                                return_routed_experts, rid, notify=events.put, **sglang_fields)
             return self._stream(call, events)
         call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
-                            return_routed_experts, rid)
+                            return_routed_experts, rid, **sglang_fields)
         return call.future.result()
 
     async def async_generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob=False,
-                             top_logprobs_num=None, return_routed_experts=False, rid=None, stream: bool = False):
+                             top_logprobs_num=None, return_routed_experts=False, rid=None, stream: bool = False,
+                             **sglang_fields):
         """Awaitable generate; concurrent calls are batched together. stream=True -> an async iterator."""
         if stream:
             aloop, events = asyncio.get_running_loop(), asyncio.Queue()
             call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
                                 return_routed_experts, rid,
-                                notify=lambda e: aloop.call_soon_threadsafe(events.put_nowait, e))
+                                notify=lambda e: aloop.call_soon_threadsafe(events.put_nowait, e), **sglang_fields)
             return self._astream(call, events)
         call = self._submit(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
-                            return_routed_experts, rid)
+                            return_routed_experts, rid, **sglang_fields)
         return await asyncio.wrap_future(call.future)
 
     def _submit(self, prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
-                return_routed_experts, rid, notify=None) -> _Call:
+                return_routed_experts, rid, notify=None, **sglang_fields) -> _Call:
         self._check_open()
+        unknown = sorted(set(sglang_fields) - SGLANG_FIELDS)
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
+        check_sglang_fields(self.tokenizer, **sglang_fields)
+        texts = sglang_fields.get("return_text_in_logprobs", False)
         prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self.model_path)
         requests = build_requests(prompts, sampling_params, return_logprob, top_logprobs_num,
                                   return_routed_experts, rid, self.model_config.vocab_size, self.context_length)
         call = _Call([self._group(i, r) for i, r in enumerate(requests)],
-                     [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts) for r in requests],
+                     [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts, texts) for r in requests],
                      single=not batched and requests[0].params.n == 1, notify=notify)
         self._command(lambda: self._admit(call), wait=False)
         return call

@@ -97,3 +97,34 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
             raise ValueError(f"rid must be a string, got {rids[i]!r}")
         requests.append(PromptRequest(ids, p, logprob[i] or top > 0, top, routed[i], rids[i]))
     return requests
+
+
+SGLANG_FIELDS = frozenset({"return_text_in_logprobs", "logprob_start_len", "lora_path", "image_data",
+                           "custom_logit_processor", "token_ids_logprob", "return_hidden_states"})
+
+
+def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_len=None, lora_path=None,
+                        image_data=None, custom_logit_processor=None, token_ids_logprob=None,
+                        return_hidden_states=False) -> None:
+    """generate()'s sglang arguments that sglang clients pass at their defaults (verl passes image_data=None, sglang's
+    bench_serving logprob_start_len=-1, lora_path=None): those values are accepted, anything else is an error naming
+    the argument (this engine does not do it), never silently ignored."""
+    if not isinstance(return_text_in_logprobs, bool):
+        raise ValueError(f"return_text_in_logprobs={return_text_in_logprobs!r}: must be true or false")
+    if return_text_in_logprobs and tokenizer is None:
+        raise ValueError("return_text_in_logprobs: this model has no tokenizer")
+    starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len]
+    if any(v is not None and (isinstance(v, bool) or v != -1) for v in starts):
+        raise ValueError(f"logprob_start_len={logprob_start_len!r}: only -1 (logprobs of the output tokens) is "
+                         "supported; prompt-token logprobs are not")
+    for name, value, why in (("lora_path", lora_path, "LoRA adapters are not supported"),
+                             ("image_data", image_data, "this engine serves text-only models"),
+                             ("custom_logit_processor", custom_logit_processor,
+                              "custom logit processors are not supported"),
+                             ("token_ids_logprob", token_ids_logprob,
+                              "logprobs of chosen token ids are not supported; use top_logprobs_num")):
+        if value is not None and not (isinstance(value, list) and all(v is None for v in value)):
+            raise ValueError(f"{name}: {why}")
+    if return_hidden_states is not False:
+        raise ValueError(f"return_hidden_states={return_hidden_states!r}: hidden states are not returned")
+

@@ -21,6 +21,7 @@ class Record:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_routed_experts: bool = False
+    text_in_logprobs: bool = False  # sglang's return_text_in_logprobs: token texts in the logprob tuples
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
     routes: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32, positions in order
@@ -49,7 +50,7 @@ class Record:
 
     def fork(self) -> "Record":
         """A sibling of a group shares the prompt's routes."""
-        return Record(self.return_logprob, self.top_logprobs_num, self.return_routed_experts,
+        return Record(self.return_logprob, self.top_logprobs_num, self.return_routed_experts, self.text_in_logprobs,
                       routes=list(self.routes), route_weights=list(self.route_weights),
                       routed_positions=self.routed_positions, created=self.created)
 
@@ -62,10 +63,12 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
             "e2e_latency": time.perf_counter() - rec.created}
     if len(rec.versions) > 1:
         meta["weight_version_switches"] = [{"output_index": i, "weight_version": v} for i, v in rec.versions]
+    text = (lambda t: tokenizer.decode([t])) if rec.text_in_logprobs and tokenizer is not None else (lambda t: None)
     if rec.return_logprob:
-        meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(rec.logprobs, outputs)]
+        meta["output_token_logprobs"] = [(lp, t, text(t)) for lp, t in zip(rec.logprobs, outputs)]
     if rec.top_logprobs_num:
-        meta["output_top_logprobs"] = rec.top_logprobs
+        meta["output_top_logprobs"] = ([[(lp, t, text(t)) for lp, t, _ in row] for row in rec.top_logprobs]
+                                       if rec.text_in_logprobs else rec.top_logprobs)
     if rec.return_routed_experts:
         n = max(len(seq.tokens) - 1, 0)
         ids = torch.cat(rec.routes) if rec.routes else torch.zeros(0, 0, 0, dtype=torch.int32)

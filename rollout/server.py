@@ -38,10 +38,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .config import EngineConfig
 from .engine import Engine, EngineShutdownError
+from .intake import SGLANG_FIELDS
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
                          ROUTED_EXPERTS_FORMATS, UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
-                         WeightVersionRequest, jsonable, logprob_texts, routes_base64)
+                         WeightVersionRequest, jsonable, routes_base64)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,9 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
 
     def generate_out(out, req: GenerateRequest):
-        """/generate's output with its routes in the server's format and, when asked, token texts in its logprobs."""
+        """/generate's output with its routes in the server's format."""
         if routed_experts_format == "base64" and req.return_routed_experts:
             out = routes_base64(out, moe_layers, mcfg.num_hidden_layers)
-        if req.return_text_in_logprobs:  # generate() checked that there is a tokenizer
-            out = logprob_texts(out, engine.tokenizer.decode)
         return out
 
     @contextlib.asynccontextmanager
@@ -232,13 +231,10 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
             raise ValueError("pass exactly one of text or input_ids")
-        if (why := req.unsupported()) is not None:
-            raise ValueError(why)
-        if req.return_text_in_logprobs and engine.tokenizer is None:
-            raise ValueError("return_text_in_logprobs: this model has no tokenizer")
         args = dict(prompt=req.text, input_ids=req.input_ids, sampling_params=req.sampling_params,
                     return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
-                    return_routed_experts=req.return_routed_experts, rid=req.rid)
+                    return_routed_experts=req.return_routed_experts, rid=req.rid,
+                    **req.model_dump(include=SGLANG_FIELDS))
         if args["rid"] is None:
             args["rid"] = _new_rids(_batch_size(args))
         if req.stream:

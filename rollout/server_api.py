@@ -31,31 +31,14 @@ class GenerateRequest(_Body):
     rid: str | list[str] | None = None
     stream: bool = False
     return_text_in_logprobs: bool = False  # the third element of each logprob tuple: the token's text
-    # fields sglang clients send with these values (its bench_serving, RL frameworks); any other value is refused
+    # fields sglang clients send at these values (its bench_serving, RL frameworks): the engine refuses others
+    # (`intake.check_sglang_fields`)
     logprob_start_len: int | list[int] | None = None  # -1: logprobs of the output tokens only
     lora_path: str | list[str | None] | None = None
     image_data: Any = None
     custom_logit_processor: str | list[str | None] | None = None
     token_ids_logprob: list[int] | list[list[int]] | None = None
     return_hidden_states: bool = False
-
-    def unsupported(self) -> str | None:
-        """The first field set to something this engine does not do, described, or None."""
-        starts = self.logprob_start_len if isinstance(self.logprob_start_len, list) else [self.logprob_start_len]
-        if any(v not in (None, -1) for v in starts):
-            return (f"logprob_start_len={self.logprob_start_len!r}: only -1 (logprobs of the output tokens) is "
-                    "supported; prompt-token logprobs are not")
-        for name, why in (("lora_path", "LoRA adapters are not supported"),
-                          ("image_data", "this engine serves text-only models"),
-                          ("custom_logit_processor", "custom logit processors are not supported"),
-                          ("token_ids_logprob", "logprobs of chosen token ids are not supported; use "
-                                                "top_logprobs_num")):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, list) and all(v is None for v in value)):
-                return f"{name}: {why}"
-        if self.return_hidden_states:
-            return "return_hidden_states: hidden states are not returned"
-        return None
 
 
 class InitGroupRequest(_Body):
@@ -269,19 +252,6 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
         return jsonable(value.tolist())
     return value
-
-
-def logprob_texts(outputs: Json | list[Json], decode) -> Json | list[Json]:
-    """sglang's `return_text_in_logprobs`, in place: each (logprob, token id, None) of meta_info's
-    output_token_logprobs / output_top_logprobs gets the token's text (`decode([id])`) as its third element."""
-    for out in outputs if isinstance(outputs, list) else [outputs]:
-        meta = out.get("meta_info", {})
-        if "output_token_logprobs" in meta:
-            meta["output_token_logprobs"] = [(lp, t, decode([t])) for lp, t, _ in meta["output_token_logprobs"]]
-        if meta.get("output_top_logprobs"):
-            meta["output_top_logprobs"] = [[(lp, t, decode([t])) for lp, t, *_ in row] for row in
-                                           meta["output_top_logprobs"]]
-    return outputs
 
 
 ROUTED_EXPERTS_FORMATS = ("list", "base64")

@@ -76,12 +76,14 @@ class EngineClient:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params=None,
                  return_logprob: bool | list = False, top_logprobs_num: int | list | None = None,
-                 return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False):
+                 return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False,
+                 **sglang_fields):
         """As `Engine.generate`: a dict (one prompt, n = 1) or a list; stream=True -> an iterator of
-        cumulative partial outputs, the last one final."""
+        cumulative partial outputs, the last one final. sglang_fields (`return_text_in_logprobs`, ...) go in the body
+        as they are; the server names any it refuses."""
         body = {"text": prompt, "input_ids": _plain(input_ids), "sampling_params": sampling_params,
                 "return_logprob": return_logprob, "top_logprobs_num": top_logprobs_num,
-                "return_routed_experts": return_routed_experts, "rid": rid, "stream": stream}
+                "return_routed_experts": return_routed_experts, "rid": rid, "stream": stream, **sglang_fields}
         body = {k: v for k, v in body.items() if v is not None}
         if stream:
             return self._stream(body)

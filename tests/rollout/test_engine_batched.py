@@ -239,6 +239,32 @@ def test_steps_record_where_the_loop_time_goes(engine):
     assert 0.5 < info["recent_launch_share"] <= 1.0 and info["recent_device_wait_share"] < 0.1
 
 
+def test_generate_takes_sglang_fields_at_their_defaults(engine):
+    """What sglang clients pass at its defaults is accepted (verl's image_data=None, bench_serving's
+    logprob_start_len=-1); return_text_in_logprobs fills the logprob tuples' text, streamed too; other values, and
+    unknown arguments, are errors naming them."""
+    kw = dict(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=3), return_logprob=True)
+    ref = engine.generate(**kw)
+    out = engine.generate(**kw, image_data=None, lora_path=None, logprob_start_len=-1, custom_logit_processor=None,
+                          token_ids_logprob=None, return_hidden_states=False, return_text_in_logprobs=False)
+    assert out["output_ids"] == ref["output_ids"]
+    assert all(text is None for *_, text in out["meta_info"]["output_token_logprobs"])
+    out = engine.generate(**kw, top_logprobs_num=2, return_text_in_logprobs=True)
+    decode = engine.tokenizer.decode
+    assert [text for *_, text in out["meta_info"]["output_token_logprobs"]] == [decode([t]) for t in out["output_ids"]]
+    assert all(text == decode([t]) for row in out["meta_info"]["output_top_logprobs"] for _, t, text in row)
+    *_, final = engine.generate(**kw, return_text_in_logprobs=True, stream=True)
+    assert [text for *_, text in final["meta_info"]["output_token_logprobs"]] == [decode([t]) for t in ref["output_ids"]]
+    for name, value in (("logprob_start_len", 0), ("lora_path", "adapter"), ("image_data", ["img.png"]),
+                        ("custom_logit_processor", "fn"), ("token_ids_logprob", [3]), ("return_hidden_states", True),
+                        ("return_text_in_logprobs", "yes")):
+        with pytest.raises(ValueError, match=name):
+            engine.generate(**kw, **{name: value})
+    with pytest.raises(TypeError, match="bootstrap_host"):
+        engine.generate(**kw, bootstrap_host="x")
+    assert engine.generate(**kw)["output_ids"] == ref["output_ids"]  # still serving
+
+
 def test_weight_version_in_every_output(engine):
     out = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=2))
     assert out["meta_info"]["weight_version"] == engine.weight_version

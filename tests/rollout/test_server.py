@@ -143,6 +143,10 @@ def test_generate_takes_the_fields_sglang_clients_send(engine, url):
         status, out = http(url, "/generate", {**body, field: value})
         assert status == 400 and field in out["error"]["message"], (field, out)
     assert http(url, "/generate", body)[0] == 200  # still serving
+    out = EngineClient(url).generate(input_ids=[0, 9, 8], sampling_params=GREEDY, return_logprob=True,
+                                     return_text_in_logprobs=True, image_data=None)
+    assert [text for _, _, text in out["meta_info"]["output_token_logprobs"]] == [
+        engine.tokenizer.decode([t]) for t in out["output_ids"]]
 
 
 def test_generate_routes_in_sglang_base64(engine):
