@@ -2,6 +2,7 @@
 bad request is that request's error and the engine serves the next one normally."""
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 
@@ -99,10 +100,6 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
     return requests
 
 
-SGLANG_FIELDS = frozenset({"return_text_in_logprobs", "logprob_start_len", "lora_path", "image_data",
-                           "custom_logit_processor", "token_ids_logprob", "return_hidden_states"})
-
-
 def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_len=None, lora_path=None,
                         image_data=None, custom_logit_processor=None, token_ids_logprob=None,
                         return_hidden_states=False) -> None:
@@ -128,3 +125,5 @@ def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_
     if return_hidden_states is not False:
         raise ValueError(f"return_hidden_states={return_hidden_states!r}: hidden states are not returned")
 
+
+SGLANG_FIELDS = frozenset(inspect.signature(check_sglang_fields).parameters) - {"tokenizer"}  # generate()'s names

@@ -41,8 +41,9 @@ from .engine import Engine, EngineShutdownError
 from .intake import SGLANG_FIELDS
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
-                         ROUTED_EXPERTS_FORMATS, UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
-                         WeightVersionRequest, jsonable, routes_base64)
+                         UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
+                         WeightVersionRequest, check_routed_experts_format, jsonable,
+                         routes_base64)
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +122,12 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     routed_experts_format: how /generate sends `return_routed_experts` — "list", nested JSON lists [tokens][moe
     layers][top_k] (the Engine API's array), or "base64", sglang's encoding (`server_api.routes_base64`) that RL
     frameworks written against sglang decode."""
-    if routed_experts_format not in ROUTED_EXPERTS_FORMATS:
-        raise ValueError(f"routed_experts_format={routed_experts_format!r}; supported: {list(ROUTED_EXPERTS_FORMATS)}")
-    mcfg = engine.model_config
-    moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
+    check_routed_experts_format(routed_experts_format)
 
     def generate_out(out, req: GenerateRequest):
         """/generate's output with its routes in the server's format."""
         if routed_experts_format == "base64" and req.return_routed_experts:
-            out = routes_base64(out, moe_layers, mcfg.num_hidden_layers)
+            out = routes_base64(out, engine.model.moe_layers, engine.model_config.num_hidden_layers)
         return out
 
     @contextlib.asynccontextmanager
@@ -465,8 +463,7 @@ def run_server(engine_config: EngineConfig | dict, host: str = "127.0.0.1", port
     import uvicorn
 
     check_exposure(host, admin_token, api_key)  # before the model loads: a refused start costs nothing
-    if routed_experts_format not in ROUTED_EXPERTS_FORMATS:
-        raise ValueError(f"routed_experts_format={routed_experts_format!r}; supported: {list(ROUTED_EXPERTS_FORMATS)}")
+    check_routed_experts_format(routed_experts_format)  # before the model loads, as the exposure check
     engine = Engine(engine_config)
     try:
         app = create_app(engine, admin_token=admin_token, api_key=api_key, owns_engine=True,

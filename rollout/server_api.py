@@ -257,6 +257,11 @@ def jsonable(value: Any) -> Any:
 ROUTED_EXPERTS_FORMATS = ("list", "base64")
 
 
+def check_routed_experts_format(fmt: str) -> None:
+    if fmt not in ROUTED_EXPERTS_FORMATS:
+        raise ValueError(f"routed_experts_format={fmt!r}; supported: {list(ROUTED_EXPERTS_FORMATS)}")
+
+
 def routes_base64(outputs: Json | list[Json], moe_layers: list[int], num_layers: int) -> Json | list[Json]:
     """sglang's encoding of `return_routed_experts` (`--routed-experts-format base64`), in place: meta_info's
     `routed_experts` [tokens, moe layers, top_k] becomes base64 of a little-endian int32 C-order array [tokens,
