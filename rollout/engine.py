@@ -100,6 +100,7 @@ class Engine(WeightUpdateAPI):
         self._paused = self._released = self._closed = False
         self._ahead: InFlight | None = None  # a step launched before the previous one was finished (overlap)
         self._last_finish = 0.0
+        self._launches: list[tuple[float, float]] = []  # (start, end) of the launches since the last finished step
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
         # a script that never calls shutdown(): stop the loop before the interpreter tears torch down under it
@@ -332,8 +333,8 @@ class Engine(WeightUpdateAPI):
         if out.routes is not None and wants_routes:  # the recorder is overwritten by the next step
             T = step.num_tokens
             routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
-        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock,
-                        time.perf_counter() - t0)
+        self._launches.append((t0, time.perf_counter()))
+        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock)
 
     def _launch_next(self, cur: InFlight) -> None:
         """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
@@ -358,10 +359,14 @@ class Engine(WeightUpdateAPI):
         self._complete(finished)
         cur.clock.mark("outputs")
         now = time.perf_counter()
-        seconds = now - max(cur.clock.start, self._last_finish)
+        start = max(cur.clock.start, self._last_finish)
+        # the host's launch time inside this step's wall time (a launch of a failed step before it is left out)
+        launch_s = sum(max(0.0, end - max(begin, start)) for begin, end in self._launches)
+        self._launches.clear()
         self._last_finish = now
-        self.steps.append(StepStat(cur.step.num_rows, cur.step.num_tokens, len(tokens), cur.step.is_decode, seconds,
-                                   cur.clock.phases, cur.batch.ahead_of is not None, cur.launch_s, cur.host.waited_s))
+        self.steps.append(StepStat(cur.step.num_rows, cur.step.num_tokens, len(tokens), cur.step.is_decode,
+                                   now - start, cur.clock.phases, cur.batch.ahead_of is not None, launch_s,
+                                   cur.host.waited_s))
 
     def _drain(self) -> None:
         """Finish a step launched ahead (before commands that change state between steps)."""

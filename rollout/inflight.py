@@ -22,7 +22,10 @@ class StepStat:
     seconds: float  # wall time from its launch (or the previous step's end, if later) to its end: steps tile time
     phases: dict | None = None  # seconds per phase, with step_timing on (the device is synced between phases)
     ahead: bool = False  # launched before the previous step's tokens were read back (overlap schedule)
-    launch_s: float = 0.0  # host time enqueueing it (inputs, attention plan, forward, sampler, copies back)
+    launch_s: float = 0.0  # host time spent enqueueing steps (inputs, attention plan, forward, sampler, copies back)
+    #                        within this step's `seconds`: its own launch, or with the overlap schedule the next
+    #                        step's, which runs while this one computes; so launch_s <= seconds and the steps' sums
+    #                        give the host's share of the loop's wall time
     wait_s: float = 0.0  # time the loop then blocked until its results were on the host: ~0 when the host is the
     #                      bound (the device finished first), most of `seconds` when the device is
 
@@ -88,4 +91,3 @@ class InFlight:
     tokens: torch.Tensor
     host: HostCopy
     clock: PhaseClock
-    launch_s: float = 0.0  # host time `Engine._launch` took
