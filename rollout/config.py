@@ -42,6 +42,7 @@ class EngineConfig:
     mxfp8_moe_bf16_copy: bool = False
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
+    skip_tokenizer_init: bool = False  # load no tokenizer: prompts come as input_ids, outputs carry no text
     # batched engine (sglang names where sglang has one)
     page_size: int = 16  # tokens per KV-cache page
     mem_fraction_static: float = 0.85  # GPU: fraction of device memory for weights + KV cache
@@ -175,6 +176,45 @@ def _load_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{path}: the top level must be a mapping of config keys, got a {type(loaded).__name__}")
     return loaded
+
+
+# sglang Engine / ServerArgs keywords that RL frameworks pass: renamed ones, and the single-GPU, single-process
+# values of sglang's parallel layout (mxroll runs one engine per GPU; other values are errors naming them)
+SGLANG_RENAMED = {"random_seed": "seed"}
+SGLANG_SINGLE_GPU = {"tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0}
+# booleans with nothing to switch here: checkpoint code is never run (config.json and safetensors are read
+# directly), and release / resume_memory_occupation always work
+SGLANG_NO_EFFECT = ("trust_remote_code", "enable_memory_saver")
+
+
+def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine keyword arguments with sglang's names mapped to mxroll's (`random_seed` -> `seed`, `base_gpu_id` N ->
+    `device` cuda:N) and the neutral ones checked and dropped; other keys pass through unchanged."""
+    out = dict(kwargs)
+    for old, new in SGLANG_RENAMED.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ValueError(f"{old}={out[old]!r} and {new}={out[new]!r}: give one ({old} is sglang's name for "
+                                 f"{new})")
+            out[new] = out.pop(old)
+    for name, only in SGLANG_SINGLE_GPU.items():
+        if name in out:
+            value = out.pop(name)
+            if value != only or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: an mxroll engine runs on one GPU in one process ({name}={only}); "
+                                 "start one engine per GPU")
+    for name in SGLANG_NO_EFFECT:
+        if name in out and not isinstance(out.pop(name), bool):
+            raise ValueError(f"{name}={kwargs[name]!r}: must be true or false")
+    if "base_gpu_id" in out:
+        gpu = out.pop("base_gpu_id")
+        if not _is_int(gpu) or gpu < 0:
+            raise ValueError(f"base_gpu_id={gpu!r}: must be an integer >= 0")
+        if gpu > 0:  # 0: the default device
+            if out.get("device") not in (None, f"cuda:{gpu}"):
+                raise ValueError(f"base_gpu_id={gpu} and device={out['device']!r} disagree: give one")
+            out["device"] = f"cuda:{gpu}"
+    return out
 
 
 def engine_config(*sources: Any) -> EngineConfig:

@@ -31,7 +31,7 @@ from ..model.tokenizer import load_tokenizer
 from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
 from .attention import TorchPagedAttention, select_attention, select_decode_attention
-from .config import EngineConfig, check_engine_config, engine_config, resolve_context_length
+from .config import EngineConfig, check_engine_config, engine_config, from_sglang_args, resolve_context_length
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
 from .intake import SGLANG_FIELDS, PromptRequest, build_requests, check_sglang_fields, prompt_ids
@@ -85,7 +85,7 @@ class Engine(WeightUpdateAPI):
         explicit = {k: v for k, v in dict(model_path=model_path, device=device, dtype=dtype,
                                             quantization=quantization).items() if v is not None}
         base = asdict(config) if is_dataclass(config) else config
-        self.config = cfg = engine_config(base, explicit, overrides)
+        self.config = cfg = engine_config(base, from_sglang_args({**overrides, **explicit}))
         check_engine_config(cfg)
         self._build(cfg)
         self.weight_version = "default"
@@ -138,7 +138,7 @@ class Engine(WeightUpdateAPI):
         moe_workspace = self._attach_moe_workspace()
         self.model_config = mcfg = self.model.cfg
         self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
-        self.tokenizer = load_tokenizer(self.model_path, mcfg.bos_token_id)
+        self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(self.model_path, mcfg.bos_token_id)
 
         attn_name, attn_why = select_attention(cfg.attention_backend, self.device, mcfg)
         self.triton_decode_rows, decode_why = select_decode_attention(cfg.decode_attention_backend, attn_name)
@@ -253,6 +253,10 @@ class Engine(WeightUpdateAPI):
                             return_routed_experts, rid, **sglang_fields)
         return await asyncio.wrap_future(call.future)
 
+    def _no_tokenizer(self) -> str:
+        return ("the engine was started with skip_tokenizer_init=True" if self.config.skip_tokenizer_init
+                else f"{self.model_path} has no tokenizer (tokenizer.json)")
+
     def _submit(self, prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
                 return_routed_experts, rid, notify=None, **sglang_fields) -> _Call:
         self._check_open()
@@ -261,7 +265,7 @@ class Engine(WeightUpdateAPI):
             raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
         check_sglang_fields(self.tokenizer, **sglang_fields)
         texts = sglang_fields.get("return_text_in_logprobs", False)
-        prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self.model_path)
+        prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self._no_tokenizer())
         requests = build_requests(prompts, sampling_params, return_logprob, top_logprobs_num,
                                   return_routed_experts, rid, self.model_config.vocab_size, self.context_length)
         call = _Call([self._group(i, r) for i, r in enumerate(requests)],

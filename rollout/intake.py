@@ -32,13 +32,13 @@ def _token_list(ids, where: str) -> list[int]:
     return out
 
 
-def prompt_ids(prompt, input_ids, tokenizer, model_path) -> tuple[list[list[int]], bool]:
-    """(one token list per prompt, batched?)."""
+def prompt_ids(prompt, input_ids, tokenizer, no_tokenizer: str) -> tuple[list[list[int]], bool]:
+    """(one token list per prompt, batched?). no_tokenizer: why there is no tokenizer, for the error."""
     if (prompt is None) == (input_ids is None):
         raise ValueError("pass exactly one of prompt= or input_ids=")
     if prompt is not None:
         if tokenizer is None:
-            raise ValueError(f"{model_path} has no tokenizer (tokenizer.json); pass input_ids instead")
+            raise ValueError(f"prompt: {no_tokenizer}; pass input_ids instead")
         batched = isinstance(prompt, (list, tuple))
         texts = list(prompt) if batched else [prompt]
         if not all(isinstance(t, str) for t in texts):

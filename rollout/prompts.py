@@ -83,7 +83,7 @@ def prompt_token_ids(records: list[dict], tokenizer, source: str) -> list[list[i
         if "input_ids" in record:
             ids.append(list(record["input_ids"]))
         elif tokenizer is None:
-            raise ValueError(f"{source}: prompt {i} is text but the model has no tokenizer; give input_ids instead")
+            raise ValueError(f"{source}: prompt {i} is text but the engine has no tokenizer; give input_ids instead")
         else:
             ids.append(tokenizer.encode(record["prompt"]))
     return ids

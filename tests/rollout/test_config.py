@@ -1,13 +1,15 @@
 """Engine and job configs: bad YAML files, engine fields and the context length, each error naming its source."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
 from mxroll.rollout import Engine
-from mxroll.rollout.config import EngineConfig, check_engine_config, resolve_context_length, rollout_config
+from mxroll.rollout.config import (EngineConfig, check_engine_config, from_sglang_args, resolve_context_length,
+                                   rollout_config)
 
 
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "engine: [1\n", "steps: 1\n  x: 2\n", "3\n", "\t"])
@@ -104,3 +106,28 @@ def test_bf16_copy_request_on_cpu_names_the_field(tiny_checkpoint, field):
     """The exact bf16 copies serve the Triton GEMM backend only: asking for them on the torch one is an error."""
     with pytest.raises(ValueError, match=f"{field}=True serves the Triton GEMM backend; this engine runs torch"):
         Engine(model_path=str(tiny_checkpoint), device="cpu", quantization="mxfp8", progress=False, **{field: True})
+
+
+def test_sglang_engine_args_map_to_mxroll_names():
+    """sglang's keywords RL frameworks pass: renamed ones are mapped, single-GPU values dropped, the rest kept."""
+    out = from_sglang_args(dict(random_seed=7, tp_size=1, dp_size=1, nnodes=1, node_rank=0, trust_remote_code=True,
+                                enable_memory_saver=False, base_gpu_id=0, page_size=32))
+    assert out == {"seed": 7, "page_size": 32}
+    assert from_sglang_args(dict(base_gpu_id=3)) == {"device": "cuda:3"}
+    assert from_sglang_args(dict(base_gpu_id=3, device="cuda:3")) == {"device": "cuda:3"}
+    assert from_sglang_args({}) == {}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tp_size=2), "tp_size=2: an mxroll engine runs on one GPU"),
+    (dict(ep_size=8), "ep_size=8"),
+    (dict(tp_size=True), "tp_size=True"),
+    (dict(nnodes=2), "nnodes=2"),
+    (dict(trust_remote_code="yes"), "trust_remote_code='yes': must be true or false"),
+    (dict(random_seed=1, seed=2), "random_seed=1 and seed=2"),
+    (dict(base_gpu_id=-1), "base_gpu_id=-1"),
+    (dict(base_gpu_id=1, device="cuda:0"), "base_gpu_id=1 and device='cuda:0' disagree"),
+])
+def test_sglang_engine_args_refused_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_sglang_args(kwargs)

@@ -370,3 +370,22 @@ def test_a_script_that_never_shuts_down_stops_the_loop_at_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "loop alive at exit: False", proc.stdout
+
+
+def test_engine_takes_sglang_constructor_arguments(tiny_checkpoint):
+    """An sglang Engine(...) call of an RL framework: random_seed is the engine's seed, the single-GPU layout is
+    accepted, skip_tokenizer_init loads no tokenizer (input_ids in, no text out; a text prompt is an error naming it)."""
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, random_seed=7, tp_size=1, dp_size=1,
+               trust_remote_code=True, enable_memory_saver=True, skip_tokenizer_init=True)
+    try:
+        assert e.config.seed == 7 and e.tokenizer is None
+        out = e.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=4))
+        assert "text" not in out and len(out["output_ids"]) == 4
+        with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
+            e.generate(prompt="hello", sampling_params=GREEDY)
+        again = e.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=4))
+        assert again["output_ids"] == out["output_ids"]  # the engine serves on after the refused prompt
+    finally:
+        e.shutdown()
+    with pytest.raises(ValueError, match="tp_size=2"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, tp_size=2)
