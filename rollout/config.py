@@ -88,6 +88,7 @@ class SamplingConfig:
     min_p: float = 0.0  # drop tokens below min_p times the top probability (0 = off)
     n: int = 4  # samples per prompt (one group sharing the prompt's KV cache)
     ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    stop: list[str] = field(default_factory=list)  # stop strings: a sample ends once its text holds one
     seed: int | None = None  # seeded job: step i samples with seed + 1000 * i; null = the engine's RNG
 
 

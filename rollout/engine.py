@@ -162,7 +162,8 @@ class Engine(WeightUpdateAPI):
         self.sampler = Sampler(self.device, cfg.sampling_backend)
         self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
-                                   eos_ids=mcfg.eos_token_ids, max_context=self.context_length)
+                                   eos_ids=mcfg.eos_token_ids, max_context=self.context_length,
+                                   decode=self.tokenizer.decode if self.tokenizer is not None else None)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         copies = self.model.bf16_copies()
         if copies:
@@ -268,6 +269,9 @@ class Engine(WeightUpdateAPI):
         prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self._no_tokenizer())
         requests = build_requests(prompts, sampling_params, return_logprob, top_logprobs_num,
                                   return_routed_experts, rid, self.model_config.vocab_size, self.context_length)
+        if self.tokenizer is None and any(r.params.stop for r in requests):
+            raise ValueError(f"sampling_params.stop: stop strings need a tokenizer and {self._no_tokenizer()}; "
+                             "use stop_token_ids")
         call = _Call([self._group(i, r) for i, r in enumerate(requests)],
                      [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts, texts) for r in requests],
                      single=not batched and requests[0].params.n == 1, notify=notify)

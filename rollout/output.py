@@ -76,5 +76,20 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
         meta["routed_experts"], meta["routed_expert_weights"] = ids[:n], w[:n]
     out = {"output_ids": outputs, "meta_info": meta}
     if tokenizer is not None:
-        out["text"] = tokenizer.decode(outputs)
+        out["text"] = trim_stop(tokenizer.decode(outputs), seq.params, seq.finish_reason)
     return out
+
+
+def trim_stop(text: str, params, finish_reason: dict | None) -> str:
+    """A sample's text with its stop strings (unless no_stop_trim): ended before the one it matched; while it runs,
+    without an end that may begin one (a stream never sends text that the final output takes back)."""
+    if not params.stop or params.no_stop_trim:
+        return text
+    if finish_reason is None:
+        for k in range(min(len(text), max(len(s) for s in params.stop) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in params.stop):
+                return text[:-k]
+        return text
+    matched = finish_reason.get("matched")
+    cut = text.find(matched) if isinstance(matched, str) else -1
+    return text[:cut] if cut >= 0 else text

@@ -8,6 +8,7 @@ from the same logits, and the n - 1 siblings fork off the leader, sharing its ca
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .sampling_params import SamplingParams
@@ -70,15 +71,33 @@ class Sequence:
         return (self.group.arrival, self.seq_id)
 
 
-def stop_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_context: int | None) -> dict | None:
-    """sglang's finish_reason for a sequence that just appended `token`, or None to go on."""
+def stop_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_context: int | None,
+                decode: Callable[[list[int]], str] | None = None) -> dict | None:
+    """sglang's finish_reason for a sequence that just appended `token`, or None to go on. decode: the tokenizer's,
+    for stop strings (the last output tokens are decoded; a string found there ends the sample)."""
     p = seq.params
     if token in p.stop_token_ids:
         return {"type": "stop", "matched": token}
     if not p.ignore_eos and token in eos_ids:
         return {"type": "stop", "matched": token}
+    if p.stop and decode is not None:
+        matched = next((s for s in p.stop if s in _tail_text(seq, decode)), None)
+        if matched is not None:
+            return {"type": "stop", "matched": matched}
     if seq.num_outputs >= p.max_new_tokens:
         return {"type": "length", "length": seq.num_outputs}
     if max_context is not None and len(seq.tokens) >= max_context:
         return {"type": "length", "length": seq.num_outputs}
     return None
+
+
+def _tail_text(seq: Sequence, decode: Callable[[list[int]], str]) -> str:
+    """The text of the last output tokens, long enough to hold any of the sequence's stop strings: as many tokens as
+    the longest string has UTF-8 bytes, + 1, and more while tokens that decode to nothing keep it shorter."""
+    n, longest = seq.params.stop_tail, max(len(s) for s in seq.params.stop)
+    while True:
+        start = max(seq.num_prompt, len(seq.tokens) - n)
+        text = decode(seq.tokens[start:])
+        if start == seq.num_prompt or len(text) > longest:
+            return text
+        n *= 2

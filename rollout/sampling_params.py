@@ -11,9 +11,9 @@ GREEDY_EPS = 1e-5
 SEED_LIMIT = 2**64  # seeds are any integer in [0, 2**64), the range of torch.Generator.manual_seed
 # sglang keys RL frameworks send with every request: accepted, and ignored, when they do not change the
 # tokens. Text-only formatting keys take any bool; the others only their neutral value.
-TEXT_ONLY = ("skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+TEXT_ONLY = ("skip_special_tokens", "spaces_between_special_tokens")
 NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_new_tokens": 0,
-           "stop": None, "regex": None, "json_schema": None, "ebnf": None}
+           "regex": None, "json_schema": None, "ebnf": None}
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class SamplingParams:
     min_p: float = 0.0
     n: int = 1
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # stop strings: a sample ends once its decoded output contains one (finish_reason {"type": "stop", "matched":
+    # the string}); its output_ids keep every sampled token, its text ends before the string unless no_stop_trim
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    no_stop_trim: bool = False
     ignore_eos: bool = False
     seed: int | None = None
     # Logprobs are of the sampling distribution (logits / temperature); True reports raw (temperature 1).
@@ -54,6 +58,13 @@ class SamplingParams:
             if not isinstance(stop, (list, tuple)):
                 raise ValueError(f"sampling_params.stop_token_ids={stop!r}: must be a list of non-negative integers")
             d["stop_token_ids"] = tuple(stop)
+        stop = d.pop("stop", None)
+        if isinstance(stop, str):
+            stop = [stop] if stop else []
+        if stop is not None:
+            if not isinstance(stop, (list, tuple)):
+                raise ValueError(f"sampling_params.stop={stop!r}: must be a string or a list of strings")
+            d["stop"] = tuple(stop)
         params = cls(**d)
         params.validate()
         return params
@@ -76,12 +87,20 @@ class SamplingParams:
             bad("n", "must be an integer >= 1")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative integers")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", "must be true or false")
+        if not all(isinstance(t, str) and t for t in self.stop):
+            bad("stop", "must be a non-empty string or a list of non-empty strings")
+        for name in ("ignore_eos", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
             bad("seed", "must be null or an integer in [0, 2**64)")
         if not isinstance(self.raw_logprob, bool):
             bad("raw_logprob", "must be true or false")
+
+    @property
+    def stop_tail(self) -> int:
+        """Output tokens decoded to look for a stop string: enough for the longest one at one byte a token."""
+        return max((len(t.encode("utf-8")) for t in self.stop), default=0) + 1
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .pages import PagePool
@@ -55,8 +56,11 @@ def _key(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, page_size: int, max_running: int, max_batch_tokens: int,
-                 eos_ids: tuple[int, ...] = (), max_context: int | None = None):
+                 eos_ids: tuple[int, ...] = (), max_context: int | None = None,
+                 decode: Callable[[list[int]], str] | None = None):
+        """decode: token ids -> text (the tokenizer's), for requests with stop strings."""
         self.pool, self.page_size = pool, page_size
+        self.decode = decode
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.eos_ids, self.max_context = tuple(eos_ids), max_context
         self.waiting: list[Sequence] = []  # arrival order
@@ -279,7 +283,7 @@ class Scheduler:
         return done
 
     def _check(self, seq: Sequence, token: int) -> list[Sequence]:
-        reason = stop_reason(seq, token, self.eos_ids, self.max_context)
+        reason = stop_reason(seq, token, self.eos_ids, self.max_context, self.decode)
         if reason is None:
             return []
         self._release(seq)

@@ -119,7 +119,7 @@ class CompletionRequest(_Body):
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
-    stop: str | list[str] | None = None  # refused when given: stop strings are not supported
+    stop: str | list[str] | None = None  # stop strings: the text ends before the one matched
     seed: int | None = None
     logprobs: int | None = None  # top logprobs per token (0: only the sampled token's)
     stream: bool = False
@@ -135,8 +135,6 @@ class CompletionRequest(_Body):
 
     def engine_args(self) -> Json:
         """Keyword arguments of `Engine.async_generate` (ValueError names an unsupported field)."""
-        if self.stop:
-            raise ValueError("stop: stop strings are not supported; pass stop_token_ids (a list of token ids)")
         if self.echo:
             raise ValueError("echo: only false is supported")
         if self.max_tokens < 0:
@@ -148,6 +146,8 @@ class CompletionRequest(_Body):
                     "seed": self.seed}
         if self.stop_token_ids:
             sampling["stop_token_ids"] = self.stop_token_ids
+        if self.stop:
+            sampling["stop"] = self.stop
         args: Json = {"sampling_params": sampling, "return_logprob": self.logprobs is not None,
                       "top_logprobs_num": self.logprobs or 0}
         p = self.prompt

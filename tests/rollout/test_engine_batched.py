@@ -374,7 +374,8 @@ def test_a_script_that_never_shuts_down_stops_the_loop_at_exit(tmp_path):
 
 def test_engine_takes_sglang_constructor_arguments(tiny_checkpoint):
     """An sglang Engine(...) call of an RL framework: random_seed is the engine's seed, the single-GPU layout is
-    accepted, skip_tokenizer_init loads no tokenizer (input_ids in, no text out; a text prompt is an error naming it)."""
+    accepted, skip_tokenizer_init loads no tokenizer (input_ids in, no text out; a text prompt is an error naming
+    it)."""
     e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, random_seed=7, tp_size=1, dp_size=1,
                trust_remote_code=True, enable_memory_saver=True, skip_tokenizer_init=True)
     try:
@@ -383,9 +384,50 @@ def test_engine_takes_sglang_constructor_arguments(tiny_checkpoint):
         assert "text" not in out and len(out["output_ids"]) == 4
         with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
             e.generate(prompt="hello", sampling_params=GREEDY)
+        with pytest.raises(ValueError, match="sampling_params.stop: stop strings need a tokenizer"):
+            e.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, stop="x"))
         again = e.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=4))
         assert again["output_ids"] == out["output_ids"]  # the engine serves on after the refused prompt
     finally:
         e.shutdown()
     with pytest.raises(ValueError, match="tp_size=2"):
         Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, tp_size=2)
+
+
+def stopped_at(tokenizer, ids: list[int], stop: list[str]) -> tuple[int | None, str | None]:
+    """Reference: the shortest prefix of `ids` whose decoded text holds a stop string, and that string."""
+    for j in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:j])
+        hit = next((s for s in stop if s in text), None)
+        if hit is not None:
+            return j, hit
+    return None, None
+
+
+def test_stop_strings_end_samples_where_their_text_first_holds_one(engine):
+    """sglang's stop strings: a seeded sample with them is the same sample cut where its decoded output first holds
+    one (every sampled token kept in output_ids, finish_reason matched = the string); the text ends before the string
+    unless no_stop_trim. Samples of one request stop independently."""
+    params = dict(temperature=1.0, seed=5, n=3, max_new_tokens=48)
+    free = engine.generate(prompt="The quick", sampling_params=params)
+    ids = free[0]["output_ids"]
+    chars = [engine.tokenizer.decode([t]) for t in ids]
+    # a string of two printable one-character tokens of the first sample, with tokens decoding to nothing between
+    k = next(i for i in range(len(ids)) if len(chars[i]) == 1 and chars[i].isprintable())
+    rest = [i for i in range(k + 1, len(ids)) if chars[i]]
+    stop = [chars[k] + chars[rest[0]], "\n"]
+    outs = engine.generate(prompt="The quick", sampling_params=dict(params, stop=stop))
+    for f, o in zip(free, outs, strict=True):
+        j, hit = stopped_at(engine.tokenizer, f["output_ids"], stop)
+        if j is None:
+            assert o["output_ids"] == f["output_ids"]
+            assert o["meta_info"]["finish_reason"] == f["meta_info"]["finish_reason"]
+        else:
+            assert o["output_ids"] == f["output_ids"][:j]
+            assert o["meta_info"]["finish_reason"] == {"type": "stop", "matched": hit}
+            full = engine.tokenizer.decode(o["output_ids"])
+            assert o["text"] == full[:full.find(hit)] and hit not in o["text"]
+    assert outs[0]["meta_info"]["finish_reason"]["type"] == "stop"
+    kept = engine.generate(prompt="The quick", sampling_params=dict(params, stop=stop, no_stop_trim=True))
+    assert [o["output_ids"] for o in kept] == [o["output_ids"] for o in outs]
+    assert [o["text"] for o in kept] == [engine.tokenizer.decode(o["output_ids"]) for o in outs]

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from mxroll.rollout.pages import PagePool
-from mxroll.rollout.request import ENDED, Group, SeqStatus
+from mxroll.rollout.request import ENDED, Group, Sequence, SeqStatus, stop_reason
 from mxroll.rollout.sampling_params import SamplingParams
 from mxroll.rollout.scheduler import RequestError, Scheduler
 
@@ -292,3 +292,23 @@ def test_schedule_next_decode():
     assert t.schedule_next_decode(step) is None and t.pool.num_free == 0  # no preemption on this path
     t.pool.free(taken)
     assert [r.start for r in t.schedule_next_decode(step).rows] == [4] and t.pool.num_free == 0
+
+
+def test_stop_strings_look_only_at_outputs_and_past_tokens_that_decode_to_nothing():
+    """A stop string is looked for in the decoded outputs (never the prompt), across tokens that decode to nothing
+    (special tokens, partial bytes), however many; eos and stop_token_ids still end the sample first."""
+    pieces = {1: "a", 2: "", 3: "b", 4: "x"}
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids)
+
+    seq = Sequence(0, Group("r", [1, 3], SamplingParams(stop=("ab",), max_new_tokens=99), [0], 0), 0, [1, 3], 2)
+    for t in [2, 1, 2, 2, 2, 2, 2]:
+        seq.tokens.append(t)
+        assert stop_reason(seq, t, (), None, decode) is None  # "ab" of the prompt does not count
+    seq.tokens.append(3)
+    assert stop_reason(seq, 3, (), None, decode) == {"type": "stop", "matched": "ab"}
+    assert stop_reason(seq, 3, (3,), None, decode) == {"type": "stop", "matched": 3}  # eos first
+    assert stop_reason(seq, 3, (), None, None) is None  # no tokenizer: the engine refuses such requests
+    seq.tokens.append(4)
+    assert stop_reason(seq, 4, (), None, decode) == {"type": "stop", "matched": "ab"}  # still held in the tail

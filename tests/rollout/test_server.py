@@ -230,6 +230,26 @@ def test_completions_stream(engine, url):
     assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"]
 
 
+def test_stop_strings_over_http(engine, url):
+    """/v1/completions' stop and /generate's sampling_params.stop: the text ends before the stop string, whole or
+    streamed (streamed texts only grow; the deltas add up to the whole text)."""
+    free = engine.generate(prompt="hi there", sampling_params=dict(GREEDY, max_new_tokens=24, ignore_eos=True))["text"]
+    i = next(i for i in range(2, len(free) - 1) if free[i:i + 2].isprintable() and "\ufffd" not in free[i:i + 2])
+    stop = free[i:i + 2]
+    ref = engine.generate(prompt="hi there", sampling_params=dict(GREEDY, max_new_tokens=24, ignore_eos=True,
+                                                                  stop=stop))
+    assert ref["text"] == free[:free.find(stop)] and ref["meta_info"]["finish_reason"]["matched"] == stop
+    body = {"prompt": "hi there", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    status, out = http(url, "/v1/completions", body)
+    assert status == 200 and out["choices"][0]["text"] == ref["text"] and out["choices"][0]["finish_reason"] == "stop"
+    chunks = sse(url, "/v1/completions", {**body, "stream": True})[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"]
+    events = sse(url, "/generate", {"text": "hi there", "stream": True, "sampling_params": dict(
+        GREEDY, max_new_tokens=24, ignore_eos=True, stop=stop)})[:-1]
+    texts = [e["text"] for e in events]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and texts[-1] == ref["text"]
+
+
 def test_concurrent_requests_all_succeed(engine, client):
     prompts = [[0] + list(range(5, 5 + k)) for k in range(1, 9)]
     params = dict(GREEDY, max_new_tokens=12)
@@ -288,7 +308,7 @@ def test_non_loopback_hosts_need_an_admin_token():
     ("/generate", {"sampling_params": {}}, "text or input_ids"),
     ("/generate", {"input_ids": [0, 10**6]}, "outside the vocabulary"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stop": "\n"}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -2}, "max_tokens"),
 ], ids=["unknown-param", "negative-max-new", "non-json", "ids-type", "bool-type", "unknown-field", "no-prompt",
         "vocab", "completions-no-prompt", "completions-stop", "completions-negative"])
