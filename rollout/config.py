@@ -49,6 +49,9 @@ class EngineConfig:
     max_total_tokens: int | None = None  # KV-cache capacity cap in tokens (sizes it on CPU; default 65536 there)
     max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
     chunked_prefill_size: int = 8192  # token budget of one step: prefill is chunked to fit it
+    # keep ended requests' full KV pages for later requests that start with the same tokens (multi-turn rollouts);
+    # off by default: a cached prefix's KV was computed in other batches, so its bits may differ from a fresh prefill
+    enable_prefix_caching: bool = False
     attention_backend: str | None = None  # None = flashinfer on CUDA when importable, else torch | torch | flashinfer
     # with flashinfer attention: None = Triton split-KV for decode batches of <= 4 rows | flashinfer | triton
     decode_attention_backend: str | None = None
@@ -190,7 +193,8 @@ SGLANG_NO_EFFECT = ("trust_remote_code", "enable_memory_saver")
 
 def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine keyword arguments with sglang's names mapped to mxroll's (`random_seed` -> `seed`, `base_gpu_id` N ->
-    `device` cuda:N) and the neutral ones checked and dropped; other keys pass through unchanged."""
+    `device` cuda:N, `disable_radix_cache` -> not `enable_prefix_caching`) and the neutral ones checked and dropped;
+    other keys pass through unchanged."""
     out = dict(kwargs)
     for old, new in SGLANG_RENAMED.items():
         if old in out:
@@ -198,6 +202,12 @@ def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{old}={out[old]!r} and {new}={out[new]!r}: give one ({old} is sglang's name for "
                                  f"{new})")
             out[new] = out.pop(old)
+    if "disable_radix_cache" in out:  # sglang's switch for its prefix cache (on by default there, off here)
+        off = out.pop("disable_radix_cache")
+        if not isinstance(off, bool):
+            raise ValueError(f"disable_radix_cache={off!r}: must be true or false")
+        if out.setdefault("enable_prefix_caching", not off) == off:
+            raise ValueError(f"disable_radix_cache={off} and enable_prefix_caching={not off} disagree: give one")
     for name, only in SGLANG_SINGLE_GPU.items():
         if name in out:
             value = out.pop(name)

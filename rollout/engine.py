@@ -163,7 +163,8 @@ class Engine(WeightUpdateAPI):
         self.scheduler = Scheduler(PagePool(self.cache.usable_pages), page_size=cfg.page_size,
                                    max_running=cfg.max_running_requests, max_batch_tokens=cfg.chunked_prefill_size,
                                    eos_ids=mcfg.eos_token_ids, max_context=self.context_length,
-                                   decode=self.tokenizer.decode if self.tokenizer is not None else None)
+                                   decode=self.tokenizer.decode if self.tokenizer is not None else None,
+                                   prefix_cache=cfg.enable_prefix_caching)
         mx = "MXFP8 GEMMs: " + gemm_why if self.model.plan.mxfp8_modules else "no MXFP8 weights"
         copies = self.model.bf16_copies()
         if copies:
@@ -601,8 +602,9 @@ class Engine(WeightUpdateAPI):
         self._command(run)
 
     def flush_cache(self) -> bool:
-        """mxroll keeps no prefix cache across requests, so there is nothing stale to drop: True."""
+        """Drop the prefix cache (enable_prefix_caching); requests in flight keep the pages they use. True."""
         self._check_open()
+        self._command(self.scheduler.flush_prefix_cache)
         return True
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
@@ -618,6 +620,7 @@ class Engine(WeightUpdateAPI):
             self._memory_epoch += 1
             self.runner.graphs = None
             if "kv_cache" in tags:
+                self.scheduler.flush_prefix_cache()
                 self.cache.release()
             if "weights" in tags:
                 self.model.drop_derived()
@@ -694,6 +697,7 @@ class Engine(WeightUpdateAPI):
         """Engine state and recent figures (the last steps' throughput)."""
         recent = list(self.steps)[-1000:]
         secs = sum(s.seconds for s in recent)
+        prefix = self.scheduler.prefix
         return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
@@ -702,6 +706,9 @@ class Engine(WeightUpdateAPI):
                 "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0,
                 # where the loop's time went: blocked on the device (near 1: the device is the bound) and host
                 # time enqueueing steps, both as shares of the steps' wall time
+                "prefix_cache_pages": len(prefix) if prefix is not None else 0,
+                "prefix_cache_hit_rate": prefix.hit_tokens / prefix.query_tokens if prefix and prefix.query_tokens
+                else 0.0,
                 "recent_device_wait_share": sum(s.wait_s for s in recent) / secs if secs else 0.0,
                 "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0}
 

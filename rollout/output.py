@@ -59,7 +59,7 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
     outputs = seq.tokens[seq.num_prompt:]
     version = rec.versions[-1][1] if rec.versions else current_version
     meta = {"id": seq.group.rid, "finish_reason": seq.finish_reason, "prompt_tokens": seq.num_prompt,
-            "completion_tokens": len(outputs), "cached_tokens": 0, "weight_version": version,
+            "completion_tokens": len(outputs), "cached_tokens": seq.group.seqs[0].num_cached, "weight_version": version,
             "e2e_latency": time.perf_counter() - rec.created}
     if len(rec.versions) > 1:
         meta["weight_version_switches"] = [{"output_index": i, "weight_version": v} for i, v in rec.versions]

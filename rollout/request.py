@@ -53,6 +53,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)  # cache pages of positions [0, num_computed) (+ this step's)
     fork: int = 1  # > 1: a leader whose prompt prefill is not done; that step samples `fork` tokens
     finish_reason: dict | None = None
+    num_cached: int = 0  # leading prompt tokens whose KV came from the prefix cache
 
     @property
     def num_outputs(self) -> int:

@@ -7,6 +7,9 @@ none is free, the newest running sequence not yet in this step is preempted by r
 are freed and it waits again, keeping its tokens, to prefill them all when it is admitted again.
 Copy-on-write: a sequence about to write into a partially filled page it shares (the prompt's last
 page after a group forks) gets its own copy first (recorded in the batch; the runner copies).
+With the prefix cache on, a sequence that ends or is preempted leaves its full pages in the cache, and an admitted
+sequence starts after the longest run of cached pages spelling its leading tokens (at least its last token is
+computed); cached pages nobody uses are evicted, least recently used first, before anyone is preempted.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .pages import PagePool
+from .prefix_cache import PrefixCache
 from .request import ENDED, Group, Sequence, SeqStatus, stop_reason
 
 
@@ -57,9 +61,11 @@ def _key(seq: Sequence) -> tuple[int, int]:
 class Scheduler:
     def __init__(self, pool: PagePool, *, page_size: int, max_running: int, max_batch_tokens: int,
                  eos_ids: tuple[int, ...] = (), max_context: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None):
-        """decode: token ids -> text (the tokenizer's), for requests with stop strings."""
+                 decode: Callable[[list[int]], str] | None = None, prefix_cache: bool = False):
+        """decode: token ids -> text (the tokenizer's), for requests with stop strings. prefix_cache: keep ended
+        sequences' pages for later requests with the same leading tokens."""
         self.pool, self.page_size = pool, page_size
+        self.prefix = PrefixCache(pool, page_size) if prefix_cache else None
         self.decode = decode
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.eos_ids, self.max_context = tuple(eos_ids), max_context
@@ -77,7 +83,11 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"waiting": len(self.waiting), "running": len(self.running), "free_pages": self.pool.num_free,
-                "preemptions": self.num_preemptions}
+                "preemptions": self.num_preemptions, "prefix_cache_pages": len(self.prefix) if self.prefix else 0}
+
+    def flush_prefix_cache(self) -> int:
+        """Drop the prefix cache's pages (sequences keep the ones they use); returns how many it held."""
+        return self.prefix.flush() if self.prefix is not None else 0
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, group: Group) -> list[Sequence]:
@@ -137,10 +147,16 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + seq.fork > self.max_running:
                 break
-            length = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self._fits(seq, length, watermark):
+            admit = self._admission(seq, budget, watermark)
+            if admit is None:
                 break  # first come, first served: no overtaking
+            chain, length = admit
             self.waiting.pop(0)
+            if self.prefix is not None:
+                seq.pages = self.prefix.acquire(chain, len(seq.tokens))
+                seq.num_computed = len(seq.pages) * self.page_size
+                if seq.num_outputs == 0:
+                    seq.num_cached = seq.num_computed
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=_key)
             self._reserve(seq, length, batch, scheduled, preempt=False)
@@ -176,11 +192,11 @@ class Scheduler:
             need += max(0, -(-(start + 1) // G) - len(seq.pages))
             rows.append(Row(seq, start, 1, 1))
             src.append(i)
-        if not rows or need > self.pool.num_free or (ready is not None and not ready(rows)):
+        if not rows or need > self._available() or (ready is not None and not ready(rows)):
             return None
         for row in rows:
             while len(row.seq.pages) < -(-(row.start + 1) // G):
-                row.seq.pages.append(self.pool.alloc())
+                row.seq.pages.append(self._new_page())
         return Batch(rows, ahead_of=src)
 
     def _admissible(self, decode_rows: int) -> bool:
@@ -191,11 +207,29 @@ class Scheduler:
         seq, budget = self.waiting[0], self.max_batch_tokens - decode_rows
         if budget <= 0 or len(self.running) + seq.fork > self.max_running:
             return False
-        return self._fits(seq, min(len(seq.tokens) - seq.num_computed, budget), max(1, self.pool.num_pages // 100))
+        return self._admission(seq, budget, max(1, self.pool.num_pages // 100)) is not None
 
-    def _fits(self, seq: Sequence, length: int, watermark: int) -> bool:
-        """The free pages cover `length` more tokens of a waiting `seq`, keeping `watermark` pages spare."""
-        return -(-(seq.num_computed + length) // self.page_size) - len(seq.pages) + watermark <= self.pool.num_free
+    def _admission(self, seq: Sequence, budget: int, watermark: int) -> tuple[list, int] | None:
+        """(the cached chain it would start from, tokens it would compute) when the pages of a waiting `seq`'s next
+        chunk fit with `watermark` pages to spare (cached pages nobody uses count as free), else None."""
+        G, chain = self.page_size, []
+        if self.prefix is not None:  # a waiting sequence holds no pages: new, or preempted
+            chain = self.prefix.lookup(seq.tokens, (len(seq.tokens) - 1) // G)
+        start = len(chain) * G if chain else seq.num_computed
+        length = min(len(seq.tokens) - start, budget)
+        taken = sum(self.pool.refcount(node.page) == 1 for node in chain)  # evictable now, in use once taken
+        need = -(-(start + length) // G) - (len(chain) or len(seq.pages))
+        return (chain, length) if need + watermark <= self._available() - taken else None
+
+    def _available(self) -> int:
+        """Pages an allocation can get: free ones, and cached ones nobody uses (evicted on demand)."""
+        return self.pool.num_free + self.pool.num_evictable
+
+    def _new_page(self) -> int | None:
+        page = self.pool.alloc()
+        if page is None and self.prefix is not None and self.prefix.evict(1):
+            page = self.pool.alloc()
+        return page
 
     def _add_row(self, batch: Batch, seq: Sequence, length: int, scheduled: set[int]) -> int:
         end = seq.num_computed + length
@@ -224,7 +258,7 @@ class Scheduler:
 
     def _alloc(self, seq: Sequence, scheduled: set[int], preempt: bool) -> int | None:
         while True:
-            page = self.pool.alloc()
+            page = self._new_page()
             if page is not None or not preempt:
                 return page
             victims = [s for s in self.running if s.seq_id not in scheduled]
@@ -240,7 +274,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        """Free the sequence's pages and take it off both queues."""
+        """Free the sequence's pages (its full computed ones stay in the prefix cache) and take it off both
+        queues."""
+        if self.prefix is not None and seq.pages:
+            self.prefix.insert(seq.tokens, seq.pages, min(seq.num_computed // self.page_size, len(seq.pages)))
         for page in seq.pages:
             self.pool.free(page)
         seq.pages = []

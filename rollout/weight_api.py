@@ -139,6 +139,8 @@ class WeightUpdateAPI:
     def _apply(self, stage, weight_version, flush_cache, stats: dict, t0: float) -> tuple[bool, str]:
         if weight_version is not None and not isinstance(weight_version, (str, int)):
             raise WeightUpdateError(f"weight_version={weight_version!r}: must be a string")
+        if not isinstance(flush_cache, bool):
+            raise WeightUpdateError(f"flush_cache={flush_cache!r}: must be true or false")
         epoch = self._memory_epoch
         staged = stage()  # validates the whole update; raises before anything is written
         t1 = time.perf_counter()
@@ -150,8 +152,8 @@ class WeightUpdateAPI:
             self.receiver.commit(staged)
             old = self.weight_version
             self.weight_version = str(weight_version) if weight_version is not None else _next_version(old)
-            if flush_cache:
-                self.flush_cache()
+            self.scheduler.flush_prefix_cache()  # cached KV of the old weights never serves a new request, whatever
+            #                                      flush_cache says (requests in flight keep theirs: pause_generation)
             return old
 
         old = self._command(commit)

@@ -116,6 +116,8 @@ def test_sglang_engine_args_map_to_mxroll_names():
     assert from_sglang_args(dict(base_gpu_id=3)) == {"device": "cuda:3"}
     assert from_sglang_args(dict(base_gpu_id=3, device="cuda:3")) == {"device": "cuda:3"}
     assert from_sglang_args({}) == {}
+    assert from_sglang_args(dict(disable_radix_cache=False)) == {"enable_prefix_caching": True}
+    assert from_sglang_args(dict(disable_radix_cache=True)) == {"enable_prefix_caching": False}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -127,6 +129,8 @@ def test_sglang_engine_args_map_to_mxroll_names():
     (dict(random_seed=1, seed=2), "random_seed=1 and seed=2"),
     (dict(base_gpu_id=-1), "base_gpu_id=-1"),
     (dict(base_gpu_id=1, device="cuda:0"), "base_gpu_id=1 and device='cuda:0' disagree"),
+    (dict(disable_radix_cache=True, enable_prefix_caching=True), "disable_radix_cache=True and enable_prefix"),
+    (dict(disable_radix_cache="no"), "disable_radix_cache='no': must be true or false"),
 ])
 def test_sglang_engine_args_refused_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -431,3 +431,35 @@ def test_stop_strings_end_samples_where_their_text_first_holds_one(engine):
     kept = engine.generate(prompt="The quick", sampling_params=dict(params, stop=stop, no_stop_trim=True))
     assert [o["output_ids"] for o in kept] == [o["output_ids"] for o in outs]
     assert [o["text"] for o in kept] == [engine.tokenizer.decode(o["output_ids"]) for o in outs]
+
+
+def test_prefix_cache_serves_the_next_turn_of_a_conversation(tiny_checkpoint, engine):
+    """enable_prefix_caching: a second turn resending the first (prompt + outputs) computes only after the first
+    turn's full pages (meta_info cached_tokens), with the tokens of an engine without the cache and logprobs within
+    float32 noise; flush_cache and every weight update drop the cache."""
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, enable_prefix_caching=True)
+    try:
+        turn1 = [0] + list(range(5, 44))  # 40 tokens: two full pages of 16 and a partial one
+        params = dict(GREEDY, max_new_tokens=8)
+        first = e.generate(input_ids=turn1, sampling_params=params)
+        assert first["meta_info"]["cached_tokens"] == 0
+        turn2 = turn1 + first["output_ids"] + [7, 8, 9]
+        second = e.generate(input_ids=turn2, sampling_params=dict(params, n=2), return_logprob=True)
+        ref = engine.generate(input_ids=turn2, sampling_params=dict(params, n=2), return_logprob=True)
+        # the first turn computed 47 positions (its last token was sampled, never fed back): 2 full pages
+        assert [o["meta_info"]["cached_tokens"] for o in second] == [32, 32]
+        assert [o["meta_info"]["cached_tokens"] for o in ref] == [0, 0]
+        for o, r in zip(second, ref, strict=True):
+            assert o["output_ids"] == r["output_ids"]
+            assert [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] == pytest.approx(
+                [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]], abs=1e-4)
+        info = e.get_server_info()
+        assert info["prefix_cache_pages"] >= 3 and 0 < info["prefix_cache_hit_rate"] < 1
+        assert e.flush_cache() is True and e.get_server_info()["prefix_cache_pages"] == 0
+        assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 0
+        assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 48
+        ok, _ = e.update_weights_from_disk(str(tiny_checkpoint), flush_cache=False)
+        assert ok and e.get_server_info()["prefix_cache_pages"] == 0  # KV of old weights never serves
+        assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 0
+    finally:
+        e.shutdown()

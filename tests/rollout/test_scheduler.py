@@ -154,6 +154,20 @@ def test_randomized_invariants(seed, overlap):
     _random_run(seed, overlap)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+@pytest.mark.parametrize("seed", range(16))
+def test_randomized_invariants_with_the_prefix_cache(seed, overlap):
+    """As above, prompts sharing prefixes and the prefix cache on: every position a row reads holds its own token
+    (cached pages spell the sequence's prefix), refcounts are the sequences' and the cache's, and a flush at the end
+    frees every page."""
+    _random_run(seed, overlap, prefix=True)
+
+
+def test_randomized_prefix_cache_runs_hit_and_evict():
+    runs = [_random_run(seed, prefix=True) for seed in range(16)]
+    assert sum(r["hit_tokens"] for r in runs) > 0 and sum(r["evicted"] for r in runs) > 0
+
+
 def test_randomized_runs_exercise_preemption_and_copy_on_write():
     runs = [_random_run(seed) for seed in range(24)]
     assert sum(r["preemptions"] for r in runs) > 0 and sum(r["copies"] for r in runs) > 0
@@ -164,7 +178,7 @@ def test_randomized_overlap_runs_exercise_ahead_steps_and_dropped_rows():
     assert sum(r["ahead"] for r in runs) > 100 and sum(r["dropped"] for r in runs) > 0
 
 
-def _random_run(seed: int, overlap: bool = False) -> dict:
+def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
     """Random arrivals (n in 1..3), aborts, retracts, stops and a small pool; checks after every step.
     overlap: as the engine's overlap schedule does, the next decode step is scheduled (and its cache writes
     done) before the current step's tokens are applied; requests, aborts and retracts come between steps
@@ -174,7 +188,19 @@ def _random_run(seed: int, overlap: bool = False) -> dict:
     page_size = rng.choice([1, 2, 4, 16])
     pages = rng.randint(12, 40) * (4 // min(page_size, 4))
     s = Scheduler(PagePool(pages), page_size=page_size, max_running=rng.randint(3, 10),
-                  max_batch_tokens=rng.randint(4, 40), eos_ids=(1,), max_context=rng.choice([None, 60]))
+                  max_batch_tokens=rng.randint(4, 40), eos_ids=(1,), max_context=rng.choice([None, 60]),
+                  prefix_cache=prefix)
+    bases = [[rng.randint(2, 50) for _ in range(30)] for _ in range(3)]  # shared leading tokens (prefix runs)
+    evicted = 0
+    if prefix:
+        evict = s.prefix.evict
+
+        def counting_evict(n):
+            nonlocal evicted
+            done = evict(n)
+            evicted += done
+            return done
+        s.prefix.evict = counting_evict
     shadow: dict[int, dict[int, tuple]] = {}  # page -> offset -> (seq_id, position, token)
     groups, arrivals, ahead = [], 0, None
 
@@ -215,7 +241,11 @@ def _random_run(seed: int, overlap: bool = False) -> dict:
         if rng.random() < 0.3 and arrivals < 30:
             cap = pages * page_size
             plen = rng.randint(1, min(30, cap // 2))
-            g = group(f"r{arrivals}", [rng.randint(2, 50) for _ in range(plen)], arrivals, n=rng.randint(1, 3),
+            prompt = [rng.randint(2, 50) for _ in range(plen)]
+            if prefix:
+                shared = rng.randint(0, plen)
+                prompt = rng.choice(bases)[:shared] + prompt[shared:]
+            g = group(f"r{arrivals}", prompt, arrivals, n=rng.randint(1, 3),
                       max_new_tokens=rng.randint(0, min(25, cap - plen)), stop_token_ids=[rng.randint(2, 50)],
                       ignore_eos=rng.random() < 0.5)
             arrivals += 1
@@ -237,12 +267,15 @@ def _random_run(seed: int, overlap: bool = False) -> dict:
             write_and_read(batch)
         run_step(batch)
     _check_pages(s, pages, page_size)
-    assert s.pool.num_free == pages
+    hits = s.prefix.hit_tokens if prefix else 0
+    s.flush_prefix_cache()
+    _check_pages(s, pages, page_size)
+    assert s.pool.num_free == pages and s.pool.num_evictable == 0
     for g in groups:
         assert g.done
         if g.seqs[0].status == SeqStatus.FINISHED and g.params.max_new_tokens > 0:
             assert len(g.seqs) == g.params.n
-    return dict(stats, preemptions=s.num_preemptions)
+    return dict(stats, preemptions=s.num_preemptions, hit_tokens=hits, evicted=evicted)
 
 
 def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:
@@ -253,9 +286,14 @@ def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:
             held[p] = held.get(p, 0) + 1
     for q in s.waiting:
         assert q.pages == [] and q.num_computed == 0
+    cached = s.prefix.pages() if s.prefix is not None else []
+    assert len(set(cached)) == len(cached)
+    for p in cached:
+        held[p] = held.get(p, 0) + 1
     for p in range(pages):
         assert s.pool.refcount(p) == held.get(p, 0), p
     assert s.pool.num_free == pages - len(held)
+    assert s.pool.num_evictable == sum(s.pool.refcount(p) == 1 for p in cached)
 
 
 def test_schedule_next_decode():
