@@ -39,9 +39,10 @@ from .kv_cache import PagedLatentCache, plan_capacity
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
-from .request import ENDED, Group, SeqStatus
+from .request import ENDED, Group, SeqStatus, Sequence
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
+from .scoring import ScoreRows
 from .scheduler import Scheduler
 from .step_builder import StepBuilder
 from .step_inputs import StepInputs
@@ -269,12 +270,14 @@ class Engine(WeightUpdateAPI):
         texts = sglang_fields.get("return_text_in_logprobs", False)
         prompts, batched = prompt_ids(prompt, input_ids, self.tokenizer, self._no_tokenizer())
         requests = build_requests(prompts, sampling_params, return_logprob, top_logprobs_num,
-                                  return_routed_experts, rid, self.model_config.vocab_size, self.context_length)
+                                  return_routed_experts, rid, self.model_config.vocab_size, self.context_length,
+                                  sglang_fields.get("logprob_start_len"))
         if self.tokenizer is None and any(r.params.stop for r in requests):
             raise ValueError(f"sampling_params.stop: stop strings need a tokenizer and {self._no_tokenizer()}; "
                              "use stop_token_ids")
         call = _Call([self._group(i, r) for i, r in enumerate(requests)],
-                     [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts, texts) for r in requests],
+                     [Record(r.return_logprob, r.top_logprobs_num, r.return_routed_experts, texts,
+                             input_start=r.input_start) for r in requests],
                      single=not batched and requests[0].params.n == 1, notify=notify)
         self._command(lambda: self._admit(call), wait=False)
         return call
@@ -287,7 +290,7 @@ class Engine(WeightUpdateAPI):
                      else [self._seeds.getrandbits(64) for _ in range(p.n)])
             arrival = next(self._arrivals)
         return Group(rid=req.rid or uuid.uuid4().hex, prompt=req.input_ids, params=p, seeds=seeds,
-                     arrival=arrival, seqs=[])
+                     arrival=arrival, seqs=[], compute_from=req.input_start if req.return_logprob else None)
 
     def _stream(self, call: _Call, events: queue.Queue):
         while True:
@@ -331,11 +334,13 @@ class Engine(WeightUpdateAPI):
         if prev is not None:
             next_ids = prev.tokens if len(batch.rows) == len(prev.batch.rows) else prev.tokens.index_select(
                 0, host_to_device(torch.tensor(batch.ahead_of, dtype=torch.int64), self.device))
-        step = self.runner.prepare(batch.rows, next_ids)
+        plan = self._score_plan(batch)
+        step = self.runner.prepare(batch.rows, next_ids, eager=bool(plan))
         rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
+        scores = self._score_rows(plan, batch, step)
         clock.mark("inputs")
         wants_routes = self._wants_routes(batch)
-        out = self.runner.forward(step, batch.copies, wants_routes)
+        out = self.runner.forward(step, batch.copies, wants_routes, scores)
         clock.mark("forward")
         sampled = self.sampler(out.logits_SV, rows)
         routes = None
@@ -343,7 +348,8 @@ class Engine(WeightUpdateAPI):
             T = step.num_tokens
             routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
         self._launches.append((t0, time.perf_counter()))
-        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device), clock)
+        return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device, out.scored), clock,
+                        scores.owners if scores is not None else None)
 
     def _launch_next(self, cur: InFlight) -> None:
         """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
@@ -364,7 +370,7 @@ class Engine(WeightUpdateAPI):
         batch = cur.batch
         live = [r.seq.status not in ENDED for r in batch.rows]  # a launched-ahead row may have ended since
         finished = self.scheduler.update(batch, self._per_row(batch, tokens))
-        self._record(batch, cur.step, host, live)
+        self._record(batch, cur.step, host, live, cur.scored)
         self._complete(finished)
         cur.clock.mark("outputs")
         now = time.perf_counter()
@@ -452,6 +458,36 @@ class Engine(WeightUpdateAPI):
                 self._forget(group)
             call.fail(e)
 
+    def _score_plan(self, batch) -> list[tuple[int, int, int, Sequence]]:
+        """(row index, first, end, sequence) of the prompt positions this batch computes whose next-token logprobs
+        were asked (logprob_start_len) and are not recorded yet."""
+        plan = []
+        for r, row in enumerate(batch.rows):
+            rec = self._records.get(row.seq.seq_id)
+            if rec is None or not rec.return_logprob:
+                continue
+            lo, hi = max(row.start, rec.scored_from()), min(row.start + row.length, row.seq.num_prompt - 1)
+            if lo < hi:
+                plan.append((r, lo, hi, row.seq))
+        return plan
+
+    def _score_rows(self, plan, batch, step: StepInputs) -> ScoreRows | None:
+        if not plan:
+            return None
+        index, target, temperature, owners, top = [], [], [], [], 0
+        for r, lo, hi, seq in plan:
+            p = seq.params
+            t = 1.0 if p.greedy or p.raw_logprob else p.temperature
+            base = step.qo_indptr[r] - batch.rows[r].start
+            index += range(base + lo, base + hi)
+            target += seq.tokens[lo + 1:hi + 1]
+            temperature += [t] * (hi - lo)
+            owners += [(seq.seq_id, pos) for pos in range(lo, hi)]
+            top = max(top, self._records[seq.seq_id].top_logprobs_num)
+        return ScoreRows(host_to_device(torch.tensor(index, dtype=torch.int64), self.device),
+                         host_to_device(torch.tensor(target, dtype=torch.int64), self.device),
+                         host_to_device(torch.tensor(temperature, dtype=torch.float32), self.device), top, owners)
+
     def _wants_routes(self, batch) -> bool:
         return any(self._records[r.seq.seq_id].return_routed_experts for r in batch.rows)
 
@@ -474,9 +510,18 @@ class Engine(WeightUpdateAPI):
             i += row.num_samples
         return out
 
-    def _record(self, batch, step: StepInputs, host: dict, live: list[bool]) -> None:
+    def _record(self, batch, step: StepInputs, host: dict, live: list[bool],
+                scored: list[tuple[int, int]] | None) -> None:
         """Append the step's tokens, logprobs and routes to the records of its live rows (a row launched
-        ahead whose sequence ended since is skipped: its token is dropped)."""
+        ahead whose sequence ended since is skipped: its token is dropped), and the prompt-token logprobs of
+        `scored` ((seq_id, position) each) to theirs."""
+        for i, (seq_id, position) in enumerate(scored or ()):
+            rec = self._records.get(seq_id)
+            if rec is not None:
+                k = rec.top_logprobs_num
+                top = ([(lp, t, None) for lp, t in zip(host["input_top_logprobs"][i][:k], host["input_top_ids"][i][:k])]
+                       if k else None)
+                rec.add_input(position, host["input_logprobs"][i], top)
         ids, weights = host["route_ids"], host["route_weights"]
         if ids is not None:
             for r, row in enumerate(batch.rows):

@@ -52,9 +52,10 @@ class HostCopy:
     """A step's results copied to the host without a sync (pinned buffers + an event on CUDA); `wait()` gives
     them as Python lists (tokens, logprobs, top-logprobs) and CPU tensors (routes)."""
 
-    def __init__(self, sampled, routes, device: torch.device):
+    def __init__(self, sampled, routes, device: torch.device, extra: dict[str, torch.Tensor] | None = None):
+        """extra: more named tensors to bring back as lists (prompt-token logprobs)."""
         named = {"tokens": sampled.tokens, "logprobs": sampled.logprobs, "top_ids": sampled.top_ids,
-                 "top_logprobs": sampled.top_logprobs}
+                 "top_logprobs": sampled.top_logprobs, **(extra or {})}
         if routes is not None:
             named["route_ids"], named["route_weights"] = routes
         self.event = None
@@ -91,3 +92,4 @@ class InFlight:
     tokens: torch.Tensor
     host: HostCopy
     clock: PhaseClock
+    scored: list[tuple[int, int]] | None = None  # (seq_id, prompt position) of each prompt-token logprob it brings

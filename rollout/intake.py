@@ -17,6 +17,7 @@ class PromptRequest:
     top_logprobs_num: int
     return_routed_experts: bool
     rid: str | None
+    input_start: int = 0  # sglang's logprob_start_len resolved: input_token_logprobs cover prompt[input_start:]
 
 
 def _token_list(ids, where: str) -> list[int]:
@@ -66,7 +67,8 @@ def _each(value, n: int, name: str, default):
 
 
 def build_requests(prompts: list[list[int]], sampling_params, return_logprob, top_logprobs_num,
-                   return_routed_experts, rid, vocab_size: int, context_length: int) -> list[PromptRequest]:
+                   return_routed_experts, rid, vocab_size: int, context_length: int,
+                   logprob_start_len=None) -> list[PromptRequest]:
     n = len(prompts)
     if n == 0:
         raise ValueError("empty batch: no prompts given")
@@ -75,6 +77,7 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
     tops = _each(top_logprobs_num, n, "top_logprobs_num values", 0)
     routed = _each(return_routed_experts, n, "return_routed_experts values", False)
     rids = _each(rid, n, "rids", None)
+    starts = _each(logprob_start_len, n, "logprob_start_len values", None)
     requests = []
     for i, (ids, p) in enumerate(zip(prompts, params)):
         where = f"prompt {i}" if n > 1 else "prompt"
@@ -96,24 +99,26 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
             raise ValueError(f"top_logprobs_num={top} exceeds the vocabulary ({vocab_size})")
         if rids[i] is not None and not isinstance(rids[i], str):
             raise ValueError(f"rid must be a string, got {rids[i]!r}")
-        requests.append(PromptRequest(ids, p, logprob[i] or top > 0, top, routed[i], rids[i]))
+        start = starts[i]
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < -1):
+            raise ValueError(f"logprob_start_len={start!r}: must be -1 (output tokens only) or a prompt index >= 0")
+        if start is not None and start >= len(ids):
+            raise ValueError(f"logprob_start_len={start} is not inside the {where}'s {len(ids)} tokens")
+        start = len(ids) - 1 if start is None or start == -1 else start
+        requests.append(PromptRequest(ids, p, logprob[i] or top > 0, top, routed[i], rids[i], start))
     return requests
 
 
 def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_len=None, lora_path=None,
                         image_data=None, custom_logit_processor=None, token_ids_logprob=None,
                         return_hidden_states=False) -> None:
-    """generate()'s sglang arguments that sglang clients pass at their defaults (verl passes image_data=None, sglang's
-    bench_serving logprob_start_len=-1, lora_path=None): those values are accepted, anything else is an error naming
-    the argument (this engine does not do it), never silently ignored."""
+    """generate()'s sglang arguments that sglang clients pass at their defaults (verl passes image_data=None,
+    lora_path=None): those values are accepted, anything else is an error naming the argument (this engine does not
+    do it), never silently ignored. logprob_start_len is taken (build_requests checks it per prompt)."""
     if not isinstance(return_text_in_logprobs, bool):
         raise ValueError(f"return_text_in_logprobs={return_text_in_logprobs!r}: must be true or false")
     if return_text_in_logprobs and tokenizer is None:
         raise ValueError("return_text_in_logprobs: this model has no tokenizer")
-    starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len]
-    if any(v is not None and (isinstance(v, bool) or v != -1) for v in starts):
-        raise ValueError(f"logprob_start_len={logprob_start_len!r}: only -1 (logprobs of the output tokens) is "
-                         "supported; prompt-token logprobs are not")
     for name, value, why in (("lora_path", lora_path, "LoRA adapters are not supported"),
                              ("image_data", image_data, "this engine serves text-only models"),
                              ("custom_logit_processor", custom_logit_processor,

@@ -29,6 +29,11 @@ class Record:
     routed_positions: int = 0  # positions recorded so far (a recompute after preemption skips them)
     versions: list[tuple[int, str]] = field(default_factory=list)  # (output index, weight version) at each change
     created: float = field(default_factory=time.perf_counter)
+    # sglang's input_token_logprobs: prompt tokens from input_start on (the first has none, as in sglang); entry i
+    # is the logprob of prompt[input_start + 1 + i], scored from position input_start + i
+    input_start: int = 0
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top: list[list[tuple[float, int, None]]] = field(default_factory=list)
 
     def add_token(self, logprob: float, top: list | None, version: str, index: int) -> None:
         if self.return_logprob:
@@ -37,6 +42,17 @@ class Record:
             self.top_logprobs.append(top)
         if not self.versions or self.versions[-1][1] != version:
             self.versions.append((index, version))
+
+    def scored_from(self) -> int:
+        """The next prompt position whose next-token logprob is still missing."""
+        return self.input_start + len(self.input_logprobs)
+
+    def add_input(self, position: int, logprob: float, top: list | None) -> None:
+        if position != self.scored_from():  # scored again (a recompute after preemption)
+            return
+        self.input_logprobs.append(logprob)
+        if top is not None:
+            self.input_top.append(top)
 
     def add_routes(self, start: int, ids_NLK: torch.Tensor, weights_NLK: torch.Tensor) -> None:
         """Routes of positions [start, start + N); positions already recorded are skipped."""
@@ -52,7 +68,8 @@ class Record:
         """A sibling of a group shares the prompt's routes."""
         return Record(self.return_logprob, self.top_logprobs_num, self.return_routed_experts, self.text_in_logprobs,
                       routes=list(self.routes), route_weights=list(self.route_weights),
-                      routed_positions=self.routed_positions, created=self.created)
+                      routed_positions=self.routed_positions, created=self.created, input_start=self.input_start,
+                      input_logprobs=list(self.input_logprobs), input_top=list(self.input_top))
 
 
 def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
@@ -66,9 +83,14 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
     text = (lambda t: tokenizer.decode([t])) if rec.text_in_logprobs and tokenizer is not None else (lambda t: None)
     if rec.return_logprob:
         meta["output_token_logprobs"] = [(lp, t, text(t)) for lp, t in zip(rec.logprobs, outputs)]
+        scored = seq.tokens[rec.input_start:seq.num_prompt]
+        meta["input_token_logprobs"] = [(None, scored[0], text(scored[0]))] + [
+            (lp, t, text(t)) for lp, t in zip(rec.input_logprobs, scored[1:])]
     if rec.top_logprobs_num:
         meta["output_top_logprobs"] = ([[(lp, t, text(t)) for lp, t, _ in row] for row in rec.top_logprobs]
                                        if rec.text_in_logprobs else rec.top_logprobs)
+        meta["input_top_logprobs"] = [None] + ([[(lp, t, text(t)) for lp, t, _ in row] for row in rec.input_top]
+                                               if rec.text_in_logprobs else rec.input_top)
     if rec.return_routed_experts:
         n = max(len(seq.tokens) - 1, 0)
         ids = torch.cat(rec.routes) if rec.routes else torch.zeros(0, 0, 0, dtype=torch.int32)

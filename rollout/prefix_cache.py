@@ -64,13 +64,19 @@ class PrefixCache:
         return [node.page for node in chain]
 
     def insert(self, tokens: list[int], pages: list[int], num_full: int) -> None:
-        """Keep the first `num_full` pages of a sequence (their KV computed for `tokens`); pages whose prefix is
-        cached already stay the sequence's own (freed with it)."""
-        G, parent, now = self.page_size, None, next(self._clock)
+        """Keep the first `num_full` pages of a sequence (their KV computed for `tokens`), called while it still
+        holds them; pages whose prefix is cached already stay the sequence's own (freed with it). Past such a page
+        the chain goes on under the cached one, but only with pages nobody else holds: a page shared with the
+        sequence's siblings there would be in use under a cached parent nobody uses (and never evictable)."""
+        G, parent, now, diverged = self.page_size, None, next(self._clock), False
         for i in range(num_full):
             key = (parent.uid if parent is not None else -1, tuple(tokens[i * G:(i + 1) * G]))
             node = self._nodes.get(key)
+            if node is not None and node.page != pages[i]:
+                diverged = True
             if node is None:
+                if diverged and self.pool.refcount(pages[i]) > 1:
+                    return
                 node = _Node(next(self._uids), pages[i], parent, key)
                 self._nodes[key] = node
                 self.pool.hold(node.page)

@@ -34,6 +34,7 @@ class Group:
     seeds: list[int]  # one noise stream per sample (len == params.n)
     arrival: int  # FCFS order
     seqs: list["Sequence"] = field(default_factory=list)  # the leader first, siblings appended at the fork
+    compute_from: int | None = None  # positions from here on are computed, never taken from the prefix cache
 
     @property
     def done(self) -> bool:

@@ -17,6 +17,7 @@ from ..model import DeepseekV3
 from ..model.moe import RouteRecorder
 from .cuda_graph import DecodeGraphs
 from .kv_cache import PagedLatentCache
+from .scoring import ScoreRows, score
 from .step_builder import StepBuilder
 from .step_inputs import StepInputs
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 class ForwardOutput:
     logits_SV: torch.Tensor  # fp32
     routes: RouteRecorder | None  # ids/weights [moe_layers, >= T, K] of this step's tokens, when recorded
+    scored: dict[str, torch.Tensor] | None = None  # prompt-token logprobs (scoring.score), when asked
 
 
 class ModelRunner:
@@ -37,10 +39,11 @@ class ModelRunner:
         self.routes = (RouteRecorder(len(model.moe_layers), builder.max_tokens, cfg.num_experts_per_tok,
                                      cache.device) if model.moe_layers else None)
 
-    def prepare(self, rows, next_ids: torch.Tensor | None = None) -> StepInputs:
-        """The step's inputs; a decode batch that fits a captured size is padded to it (captured first).
+    def prepare(self, rows, next_ids: torch.Tensor | None = None, eager: bool = False) -> StepInputs:
+        """The step's inputs; a decode batch that fits a captured size is padded to it (captured first) unless
+        eager (a step that scores prompt tokens needs its hidden states).
         next_ids: the decode rows' token ids on the device (a step built before its tokens reached the host)."""
-        size = self.graphs.size_for(rows) if self.graphs is not None else None
+        size = self.graphs.size_for(rows) if self.graphs is not None and not eager else None
         if size is not None:
             with torch.inference_mode():
                 self.graphs.ensure(size)
@@ -52,16 +55,19 @@ class ModelRunner:
         return size is None or size in self.graphs.graphs
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs, copies: list[tuple[int, int]], record_routes: bool) -> ForwardOutput:
+    def forward(self, step: StepInputs, copies: list[tuple[int, int]], record_routes: bool,
+                scores: ScoreRows | None = None) -> ForwardOutput:
+        """scores: prompt positions whose next-token logprobs are asked (an eager step's)."""
         try:
-            return self._forward(step, copies, record_routes)
+            return self._forward(step, copies, record_routes, scores)
         finally:
             self.builder.release()
 
-    def _forward(self, step: StepInputs, copies, record_routes: bool) -> ForwardOutput:
+    def _forward(self, step: StepInputs, copies, record_routes: bool, scores: ScoreRows | None) -> ForwardOutput:
         if copies:
             self.cache.copy_pages([s for s, _ in copies], [d for _, d in copies])
         if step.graph:
+            assert scores is None, "a step that scores prompt tokens runs eagerly"
             logits = self.graphs.run(step)  # routes are always recorded in the graph (when the model has MoE)
             return ForwardOutput(logits if step.sample_rows_in_order else logits.index_select(0, step.sample_T),
                                  self.graphs.routes)
@@ -70,4 +76,4 @@ class ModelRunner:
         self.builder.release()
         h_TD = self.model(step.ids_T, step.pos_T, self.attn, routes)
         h_SD = h_TD if step.sample_rows_in_order else h_TD.index_select(0, step.sample_T)
-        return ForwardOutput(self.model.logits(h_SD), routes)
+        return ForwardOutput(self.model.logits(h_SD), routes, score(self.model, h_TD, scores) if scores else None)

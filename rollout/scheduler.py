@@ -105,7 +105,8 @@ class Scheduler:
             raise RequestError(f"n={p.n} samples exceed max_running_requests={self.max_running}")
         seq = Sequence(next(self._ids), group, 0, list(prompt), len(prompt), fork=p.n)
         group.seqs.append(seq)
-        if p.max_new_tokens == 0:
+        scores = group.compute_from is not None and group.compute_from < len(prompt) - 1
+        if p.max_new_tokens == 0 and not scores:  # nothing to compute (a request scoring its prompt runs its prefill)
             seq.status, seq.finish_reason = SeqStatus.FINISHED, {"type": "length", "length": 0}
             return [seq]
         bisect.insort(self.waiting, seq, key=_key)
@@ -159,7 +160,8 @@ class Scheduler:
                     seq.num_cached = seq.num_computed
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=_key)
-            self._reserve(seq, length, batch, scheduled, preempt=False)
+            reserved = self._reserve(seq, length, batch, scheduled, preempt=False)
+            assert reserved, "admission counted pages that could not be allocated"
             budget -= self._add_row(batch, seq, length, scheduled)
         return batch if batch.rows else None
 
@@ -214,7 +216,10 @@ class Scheduler:
         chunk fit with `watermark` pages to spare (cached pages nobody uses count as free), else None."""
         G, chain = self.page_size, []
         if self.prefix is not None:  # a waiting sequence holds no pages: new, or preempted
-            chain = self.prefix.lookup(seq.tokens, (len(seq.tokens) - 1) // G)
+            limit = (len(seq.tokens) - 1) // G
+            if seq.group.compute_from is not None:  # prompt-token logprobs from there on: computed here
+                limit = min(limit, seq.group.compute_from // G)
+            chain = self.prefix.lookup(seq.tokens, limit)
         start = len(chain) * G if chain else seq.num_computed
         length = min(len(seq.tokens) - start, budget)
         taken = sum(self.pool.refcount(node.page) == 1 for node in chain)  # evictable now, in use once taken
@@ -233,7 +238,8 @@ class Scheduler:
 
     def _add_row(self, batch: Batch, seq: Sequence, length: int, scheduled: set[int]) -> int:
         end = seq.num_computed + length
-        batch.rows.append(Row(seq, seq.num_computed, length, seq.fork if end == len(seq.tokens) else 0))
+        samples = seq.fork if end == len(seq.tokens) and seq.params.max_new_tokens > 0 else 0
+        batch.rows.append(Row(seq, seq.num_computed, length, samples))
         scheduled.add(seq.seq_id)
         return length
 
@@ -296,6 +302,10 @@ class Scheduler:
                 continue
             seq.num_computed += row.length
             if row.num_samples == 0:
+                if seq.params.max_new_tokens == 0 and seq.num_computed == len(seq.tokens):  # its prompt is scored
+                    self._release(seq)
+                    seq.status, seq.finish_reason = SeqStatus.FINISHED, {"type": "length", "length": 0}
+                    finished.append(seq)
                 continue
             if len(toks) != row.num_samples:
                 raise ValueError(f"row of sequence {seq.seq_id} sampled {len(toks)} tokens, expected {row.num_samples}")

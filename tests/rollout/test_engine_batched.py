@@ -257,9 +257,9 @@ def test_generate_takes_sglang_fields_at_their_defaults(engine):
     assert all(text == decode([t]) for row in out["meta_info"]["output_top_logprobs"] for _, t, text in row)
     *_, final = engine.generate(**kw, return_text_in_logprobs=True, stream=True)
     assert [text for *_, text in final["meta_info"]["output_token_logprobs"]] == [decode([t]) for t in ref["output_ids"]]
-    for name, value in (("logprob_start_len", 0), ("lora_path", "adapter"), ("image_data", ["img.png"]),
-                        ("custom_logit_processor", "fn"), ("token_ids_logprob", [3]), ("return_hidden_states", True),
-                        ("return_text_in_logprobs", "yes")):
+    for name, value in (("logprob_start_len", -2), ("logprob_start_len", 99), ("lora_path", "adapter"),
+                        ("image_data", ["img.png"]), ("custom_logit_processor", "fn"), ("token_ids_logprob", [3]),
+                        ("return_hidden_states", True), ("return_text_in_logprobs", "yes")):
         with pytest.raises(ValueError, match=name):
             engine.generate(**kw, **{name: value})
     with pytest.raises(TypeError, match="bootstrap_host"):
@@ -463,3 +463,58 @@ def test_prefix_cache_serves_the_next_turn_of_a_conversation(tiny_checkpoint, en
         assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 0
     finally:
         e.shutdown()
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(page_size=1, chunked_prefill_size=7),
+                                  dict(page_size=4, max_total_tokens=96, chunked_prefill_size=20),
+                                  dict(enable_prefix_caching=True, page_size=4)],
+                         ids=["one-chunk", "chunked", "preempting", "prefix-cache"])
+def test_prompt_token_logprobs_equal_the_reference(tiny_checkpoint, opts):
+    """sglang's logprob_start_len: meta_info input_token_logprobs holds prompt[start:] as (logprob, id, text), the
+    first without a logprob (as sglang), each other the fp32 log_softmax(logits / T) of its token given the tokens
+    before it (the torch reference's full-prompt logits), whatever the chunking, preemption or prefix cache; the
+    default (-1) gives the last prompt token only; input_top_logprobs with top_logprobs_num."""
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, **opts)
+    prompts = PROMPTS[2:]
+    starts = [0, 3, 10, -1]
+    params = {"temperature": 0.7, "max_new_tokens": 6, "n": 2, "seed": 3, "ignore_eos": True}
+    if opts.get("enable_prefix_caching"):  # the prompts' pages cached first: scoring must compute them anyway
+        e.generate(input_ids=prompts, sampling_params=dict(params, n=1))
+    outs = e.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=starts,
+                      top_logprobs_num=3)
+    for prompt, start, pair in zip(prompts, starts, [outs[i:i + 2] for i in range(0, len(outs), 2)], strict=True):
+        logits = e.model.sequence_logits(torch.tensor(prompt), torch.arange(len(prompt)), e.model.new_cache(64))
+        logp = torch.log_softmax(logits / 0.7, -1)
+        s = len(prompt) - 1 if start == -1 else start
+        for o in pair:
+            got = o["meta_info"]["input_token_logprobs"]
+            assert [t for _, t, _ in got] == prompt[s:] and got[0][0] is None
+            want = [float(logp[i - 1, prompt[i]]) for i in range(s + 1, len(prompt))]
+            assert [lp for lp, _, _ in got[1:]] == pytest.approx(want, abs=1e-4)
+            tops = o["meta_info"]["input_top_logprobs"]
+            assert len(tops) == len(got) and tops[0] is None
+            for i, row in zip(range(s + 1, len(prompt)), tops[1:]):
+                vals, ids = logp[i - 1].topk(3)
+                assert [t for _, t, _ in row] == ids.tolist()
+                assert [lp for lp, _, _ in row] == pytest.approx(vals.tolist(), abs=1e-4)
+    if "max_total_tokens" in opts:
+        assert e.scheduler.num_preemptions > 0
+    out = e.generate(input_ids=prompts[0], sampling_params=dict(GREEDY, max_new_tokens=2), return_logprob=True)
+    assert out["meta_info"]["input_token_logprobs"] == [(None, prompts[0][-1], None)]
+    e.shutdown()
+
+
+def test_scoring_a_given_text_with_max_new_tokens_zero(engine):
+    """max_new_tokens=0 with logprob_start_len 0: the prompt is prefilled and scored, nothing is sampled (a trainer's
+    sequence scored by the engine); without prompt logprobs nothing runs at all."""
+    prompt = PROMPTS[4]
+    out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                          logprob_start_len=0)
+    assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    logits = engine.model.sequence_logits(torch.tensor(prompt), torch.arange(len(prompt)), engine.model.new_cache(64))
+    want = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist()
+    got = out["meta_info"]["input_token_logprobs"]
+    assert got[0] == (None, prompt[0], None) and [lp for lp, _, _ in got[1:]] == pytest.approx(want, abs=1e-4)
+    steps = len(engine.steps)
+    out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True)
+    assert out["meta_info"]["input_token_logprobs"] == [(None, prompt[-1], None)] and len(engine.steps) == steps

@@ -248,6 +248,8 @@ def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
             g = group(f"r{arrivals}", prompt, arrivals, n=rng.randint(1, 3),
                       max_new_tokens=rng.randint(0, min(25, cap - plen)), stop_token_ids=[rng.randint(2, 50)],
                       ignore_eos=rng.random() < 0.5)
+            if rng.random() < 0.3:  # prompt-token logprobs asked: positions from here on computed, even at 0 tokens
+                g.compute_from = rng.randint(0, plen - 1)
             arrivals += 1
             s.add(g)
             groups.append(g)
@@ -294,6 +296,9 @@ def _check_pages(s: Scheduler, pages: int, page_size: int) -> None:
         assert s.pool.refcount(p) == held.get(p, 0), p
     assert s.pool.num_free == pages - len(held)
     assert s.pool.num_evictable == sum(s.pool.refcount(p) == 1 for p in cached)
+    for node in (s.prefix._nodes.values() if s.prefix is not None else ()):  # in use: its whole chain is in use,
+        if s.pool.refcount(node.page) > 1 and node.parent is not None:       # so unused pages are all evictable
+            assert s.pool.refcount(node.parent.page) > 1
 
 
 def test_schedule_next_decode():

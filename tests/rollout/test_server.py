@@ -138,7 +138,7 @@ def test_generate_takes_the_fields_sglang_clients_send(engine, url):
         engine.tokenizer.decode([t]) for t in out["output_ids"]]
     assert all(text == engine.tokenizer.decode([t]) for row in out["meta_info"]["output_top_logprobs"]
                for _, t, text in row)
-    for field, value in (("logprob_start_len", 0), ("lora_path", "adapter"), ("image_data", "img.png"),
+    for field, value in (("logprob_start_len", 7), ("lora_path", "adapter"), ("image_data", "img.png"),
                          ("token_ids_logprob", [5]), ("return_hidden_states", True), ("custom_logit_processor", "x")):
         status, out = http(url, "/generate", {**body, field: value})
         assert status == 400 and field in out["error"]["message"], (field, out)
