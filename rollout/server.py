@@ -245,7 +245,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         args = req.engine_args()
         if "rid" not in args:
             args["rid"] = _new_rids(_batch_size(args))
-        fmt = CompletionFormatter(req.model or served_model, engine.tokenizer, req.logprobs)
+        fmt = CompletionFormatter(req.model or served_model, engine.tokenizer, req.logprobs, req.echo)
         if req.stream:
             events = await engine.async_generate(**args, stream=True)
             finals: list[dict] = []

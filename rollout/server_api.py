@@ -124,7 +124,7 @@ class CompletionRequest(_Body):
     logprobs: int | None = None  # top logprobs per token (0: only the sampled token's)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False  # only false
+    echo: bool = False  # the prompt before the completion (text, and logprobs: the first token has none)
     user: str | None = None
     # extensions (sglang/vLLM names)
     top_k: int = -1
@@ -135,8 +135,6 @@ class CompletionRequest(_Body):
 
     def engine_args(self) -> Json:
         """Keyword arguments of `Engine.async_generate` (ValueError names an unsupported field)."""
-        if self.echo:
-            raise ValueError("echo: only false is supported")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens={self.max_tokens}: must be an integer >= 0")
         if self.logprobs is not None and self.logprobs < 0:
@@ -148,8 +146,10 @@ class CompletionRequest(_Body):
             sampling["stop_token_ids"] = self.stop_token_ids
         if self.stop:
             sampling["stop"] = self.stop
-        args: Json = {"sampling_params": sampling, "return_logprob": self.logprobs is not None,
+        args: Json = {"sampling_params": sampling, "return_logprob": self.logprobs is not None or self.echo,
                       "top_logprobs_num": self.logprobs or 0}
+        if self.echo:  # the prompt's tokens and logprobs come back in input_token_logprobs
+            args["logprob_start_len"] = 0
         p = self.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, str) for x in p)):
             args["prompt"] = p
@@ -174,12 +174,13 @@ class CompletionFormatter:
     Text that ends inside a multi-byte character (decoded as U+FFFD) is held back until it completes.
     """
 
-    def __init__(self, model: str, tokenizer, logprobs: int | None):
+    def __init__(self, model: str, tokenizer, logprobs: int | None, echo: bool = False):
         self.id = "cmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
-        self.model, self.tokenizer, self.logprobs = model, tokenizer, logprobs
+        self.model, self.tokenizer, self.logprobs, self.echo = model, tokenizer, logprobs, echo
         self._sent_text: dict[int, str] = {}
         self._sent_tokens: dict[int, int] = {}
+        self._echoed: dict[int, int] = {}  # characters of prompt text sent before each choice's completion
 
     def _envelope(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -188,30 +189,40 @@ class CompletionFormatter:
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
 
-    def _logprobs(self, out: Json, start: int, text_offset: int) -> Json | None:
+    def _logprobs(self, out: Json, start: int, text_offset: int, echo: bool = False) -> Json | None:
         if self.logprobs is None:
             return None
         meta = out["meta_info"]
         sampled = meta.get("output_token_logprobs", [])[start:]
         tops = meta.get("output_top_logprobs", [])[start:]
+        if echo:  # the prompt's tokens first
+            sampled = meta["input_token_logprobs"] + sampled
+            tops = (meta.get("input_top_logprobs") or [None] * len(meta["input_token_logprobs"])) + tops
         tokens = [self._token_str(t) for _, t, _ in sampled]
         offsets = []
         for s in tokens:
             offsets.append(text_offset)
             text_offset += len(s)
         return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in sampled],
-                "top_logprobs": [{self._token_str(t): lp for lp, t, _ in top} for top in tops] if self.logprobs
-                else None, "text_offset": offsets}
+                "top_logprobs": [None if top is None else {self._token_str(t): lp for lp, t, _ in top}
+                                 for top in tops] if self.logprobs else None, "text_offset": offsets}
 
-    def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int) -> Json:
-        choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, text_offset),
+    def _prompt_text(self, out: Json) -> str:
+        ids = [t for _, t, _ in out["meta_info"]["input_token_logprobs"]]
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int, echo: bool = False) -> Json:
+        """echo: this choice's first text, led by the prompt's (and its logprobs by the prompt tokens')."""
+        choice = {"index": index, "text": (self._prompt_text(out) if echo else "") + text,
+                  "logprobs": self._logprobs(out, start, text_offset, echo),
                   "finish_reason": finish_reason(out["meta_info"]["finish_reason"])}
         if "text" not in out:  # no tokenizer: the ids are the completion
-            choice["token_ids"] = out["output_ids"][start:]
+            prompt = [t for _, t, _ in out["meta_info"]["input_token_logprobs"]] if echo else []
+            choice["token_ids"] = prompt + out["output_ids"][start:]
         return choice
 
     def response(self, outputs: list[Json]) -> Json:
-        choices = [self._choice(i, o, o.get("text", ""), 0, 0) for i, o in enumerate(outputs)]
+        choices = [self._choice(i, o, o.get("text", ""), 0, 0, self.echo) for i, o in enumerate(outputs)]
         return {**self._envelope(choices), "usage": usage(outputs)}
 
     def chunk(self, out: Json) -> Json:
@@ -224,9 +235,13 @@ class CompletionFormatter:
         delta = stable[len(sent):] if stable.startswith(sent) else stable
         if len(stable) >= len(sent):
             self._sent_text[i] = stable
+        echo = self.echo and i not in self._sent_tokens  # the prompt leads the first chunk of each choice
+        if echo:
+            self._echoed[i] = len(self._prompt_text(out))
         start = self._sent_tokens.get(i, 0)
         self._sent_tokens[i] = len(out["output_ids"])
-        return self._envelope([self._choice(i, out, delta, start, len(sent))])
+        offset = 0 if echo else self._echoed.get(i, 0) + len(sent)
+        return self._envelope([self._choice(i, out, delta, start, offset, echo)])
 
     def usage_chunk(self, outputs: list[Json]) -> Json:
         return {**self._envelope([]), "usage": usage(outputs)}

@@ -230,6 +230,30 @@ def test_completions_stream(engine, url):
     assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"]
 
 
+def test_completions_echo_scores_the_prompt(engine, url):
+    """OpenAI's echo: the prompt leads the text and, with logprobs, the token list (its first token without a
+    logprob); max_tokens 0 scores a text (the engine's prompt-token logprobs); streamed, the first chunk leads."""
+    prompt = "hi there, general"
+    ref = engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                          logprob_start_len=0)
+    ids = [t for _, t, _ in ref["meta_info"]["input_token_logprobs"]]
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
+    status, out = http(url, "/v1/completions", body)
+    (choice,) = out["choices"]
+    assert status == 200 and choice["text"] == engine.tokenizer.decode(ids)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [engine.tokenizer.decode([t]) for t in ids] and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([x for x, _, _ in ref["meta_info"]["input_token_logprobs"][1:]])
+    assert lp["top_logprobs"][0] is None and all(len(t) >= 1 for t in lp["top_logprobs"][1:])
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "echo": True}
+    status, out = http(url, "/v1/completions", body)
+    gen = engine.generate(prompt=prompt, sampling_params=dict(GREEDY, max_new_tokens=4))
+    assert status == 200 and out["choices"][0]["text"] == engine.tokenizer.decode(ids) + gen["text"]
+    assert out["choices"][0]["logprobs"] is None
+    chunks = sse(url, "/v1/completions", {**body, "stream": True})[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
+
+
 def test_stop_strings_over_http(engine, url):
     """/v1/completions' stop and /generate's sampling_params.stop: the text ends before the stop string, whole or
     streamed (streamed texts only grow; the deltas add up to the whole text)."""
