@@ -463,6 +463,8 @@ class Engine(WeightUpdateAPI):
         were asked (logprob_start_len) and are not recorded yet."""
         plan = []
         for r, row in enumerate(batch.rows):
+            if row.start >= row.seq.num_prompt - 1:  # decode rows: nothing of the prompt left to score
+                continue
             rec = self._records.get(row.seq.seq_id)
             if rec is None or not rec.return_logprob:
                 continue
