@@ -55,6 +55,7 @@ class Sequence:
     fork: int = 1  # > 1: a leader whose prompt prefill is not done; that step samples `fork` tokens
     finish_reason: dict | None = None
     num_cached: int = 0  # leading prompt tokens whose KV came from the prefix cache
+    epoch: int = 0  # the scheduler's prefix-cache epoch when it was last admitted (its KV computed since)
 
     @property
     def num_outputs(self) -> int:

@@ -66,6 +66,7 @@ class Scheduler:
         sequences' pages for later requests with the same leading tokens."""
         self.pool, self.page_size = pool, page_size
         self.prefix = PrefixCache(pool, page_size) if prefix_cache else None
+        self._epoch = 0  # flushes of the prefix cache: a sequence admitted before the last one never fills it
         self.decode = decode
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.eos_ids, self.max_context = tuple(eos_ids), max_context
@@ -86,7 +87,9 @@ class Scheduler:
                 "preemptions": self.num_preemptions, "prefix_cache_pages": len(self.prefix) if self.prefix else 0}
 
     def flush_prefix_cache(self) -> int:
-        """Drop the prefix cache's pages (sequences keep the ones they use); returns how many it held."""
+        """Drop the prefix cache's pages (sequences keep the ones they use); returns how many it held. Sequences
+        running now never add theirs later (after a weight update their KV is partly the old weights')."""
+        self._epoch += 1
         return self.prefix.flush() if self.prefix is not None else 0
 
     # ---- requests --------------------------------------------------------------------------
@@ -153,6 +156,7 @@ class Scheduler:
                 break  # first come, first served: no overtaking
             chain, length = admit
             self.waiting.pop(0)
+            seq.epoch = self._epoch
             if self.prefix is not None:
                 seq.pages = self.prefix.acquire(chain, len(seq.tokens))
                 seq.num_computed = len(seq.pages) * self.page_size
@@ -282,7 +286,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's pages (its full computed ones stay in the prefix cache) and take it off both
         queues."""
-        if self.prefix is not None and seq.pages:
+        if self.prefix is not None and seq.pages and seq.epoch == self._epoch:
             self.prefix.insert(seq.tokens, seq.pages, min(seq.num_computed // self.page_size, len(seq.pages)))
         for page in seq.pages:
             self.pool.free(page)
@@ -320,7 +324,7 @@ class Scheduler:
         group, done = leader.group, []
         for j, tok in enumerate(tokens, start=1):
             sib = Sequence(next(self._ids), group, j, leader.tokens + [tok], leader.num_prompt, SeqStatus.RUNNING,
-                           leader.num_computed, list(leader.pages))
+                           leader.num_computed, list(leader.pages), num_cached=leader.num_cached, epoch=leader.epoch)
             for page in sib.pages:
                 self.pool.ref(page)
             group.seqs.append(sib)

@@ -257,6 +257,8 @@ def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
             s.abort(rng.choice(groups).rid)
         if rng.random() < 0.02:
             s.retract_all()
+        if prefix and rng.random() < 0.02:  # a weight update
+            s.flush_prefix_cache()
         batch = s.schedule()
         if batch is None:
             continue
@@ -355,3 +357,19 @@ def test_stop_strings_look_only_at_outputs_and_past_tokens_that_decode_to_nothin
     assert stop_reason(seq, 3, (), None, None) is None  # no tokenizer: the engine refuses such requests
     seq.tokens.append(4)
     assert stop_reason(seq, 4, (), None, decode) == {"type": "stop", "matched": "ab"}  # still held in the tail
+
+
+def test_sequences_admitted_before_a_flush_never_fill_the_prefix_cache():
+    """After flush_prefix_cache (every weight update), sequences already running keep decoding but their pages
+    (KV partly of the old weights) are not cached when they end; sequences admitted later are."""
+    s = make(pages=16, page_size=2, budget=16, prefix_cache=True)
+    s.add(group("old", [5, 6, 7, 8, 9], 0, max_new_tokens=3))
+    step(s)
+    s.flush_prefix_cache()
+    while s.has_work():
+        step(s)
+    assert len(s.prefix) == 0 and s.pool.num_free == 16
+    s.add(group("new", [5, 6, 7, 8, 9], 1, max_new_tokens=3))
+    while s.has_work():
+        step(s)
+    assert len(s.prefix) == 3  # positions 0..6 computed (its last token sampled, never fed back): 3 full pages
