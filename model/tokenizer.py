@@ -26,9 +26,9 @@ class ByteTokenizer:
             raise ValueError(f"vocab_size {cfg.vocab_size} too small for a byte tokenizer with offset {offset}")
         return cls(offset, cfg.bos_token_id, eos)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 
     def decode(self, ids) -> str:
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
@@ -54,9 +54,10 @@ class HFTokenizer:
             raise ValueError(f"{path}: not a tokenizer file the `tokenizers` library can read ({e})") from None
         self.bos_token_id = bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """add_bos=False for text that spells its own special tokens (a rendered chat template)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -39,11 +39,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .config import EngineConfig
 from .engine import Engine, EngineShutdownError
 from .intake import SGLANG_FIELDS
+from .chat import ChatTemplate
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest, PauseRequest,
                          UpdateDiskRequest, UpdateDistributedRequest, UpdateTensorRequest,
                          WeightVersionRequest, check_routed_experts_format, jsonable,
                          routes_base64)
+from .server_chat import ChatCompletionRequest, ChatFormatter
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
 
     app = FastAPI(title="mxroll", lifespan=lifespan)
     served_model = str(engine.model_path)
+    chat_template = ChatTemplate.load(engine.model_path) if engine.tokenizer is not None else None
 
     # ---- auth and errors ---------------------------------------------------------------------
     async def admin(request: Request) -> None:
@@ -242,10 +245,19 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
 
     @app.post("/v1/completions", dependencies=[Depends(user)])
     async def completions(req: CompletionRequest, request: Request):
-        args = req.engine_args()
+        fmt = CompletionFormatter(req.model or served_model, engine.tokenizer, req.logprobs, req.echo)
+        return await openai_reply(req, req.engine_args(), fmt, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(user)])
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        args = req.engine_args(chat_template, engine.tokenizer, engine.context_length)
+        fmt = ChatFormatter(req.model or served_model, engine.tokenizer, req.logprobs, req.top_logprobs, req.stream)
+        return await openai_reply(req, args, fmt, request)
+
+    async def openai_reply(req, args: dict, fmt: CompletionFormatter, request: Request):
+        """A completion or chat completion: whole, or streamed as deltas (then usage, when asked)."""
         if "rid" not in args:
             args["rid"] = _new_rids(_batch_size(args))
-        fmt = CompletionFormatter(req.model or served_model, engine.tokenizer, req.logprobs, req.echo)
         if req.stream:
             events = await engine.async_generate(**args, stream=True)
             finals: list[dict] = []

@@ -1,0 +1,91 @@
+"""Chat templates: a checkpoint's own (tokenizer_config.json's `chat_template`, or chat_template.jinja), rendered
+in a sandboxed jinja2 environment with the variables and helpers transformers' apply_chat_template gives them
+(messages, tools, add_generation_prompt, bos_token, eos_token, raise_exception, strftime_now, tojson).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _special(value) -> str:
+    """A special token as tokenizer_config.json writes it: a string or {"content": string}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+@dataclass
+class ChatTemplate:
+    source: str  # the jinja2 text
+    bos_token: str = ""
+    eos_token: str = ""
+    where: str = ""  # the file it came from, for errors
+    _template: Any = field(default=None, repr=False, compare=False)  # compiled once
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ChatTemplate | None":
+        """The checkpoint's chat template, or None when it has none; a damaged one is a ValueError naming its file."""
+        directory = Path(directory)
+        config, path = {}, directory / CONFIG_FILE
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        source, where = config.get("chat_template"), str(path)
+        if isinstance(source, list):  # named templates: the default one
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),
+                          None)
+        if (directory / TEMPLATE_FILE).is_file():
+            source, where = (directory / TEMPLATE_FILE).read_text(), str(directory / TEMPLATE_FILE)
+        if source is None:
+            return None
+        if not isinstance(source, str):
+            raise ValueError(f"{where}: chat_template must be a string, got {type(source).__name__}")
+        template = cls(source, _special(config.get("bos_token")), _special(config.get("eos_token")), where)
+        template._compiled()  # a syntax error is reported now, naming the file
+        return template
+
+    def _compiled(self):
+        if self._template is not None:
+            return self._template
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as e:
+            raise ImportError("chat templates need jinja2: pip install jinja2") from e
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: (
+            json.dumps(x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii))
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        try:
+            self._template = env.from_string(self.source)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"{self.where}: the chat template does not compile ({e})") from None
+        return self._template
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
+        """The prompt text of a conversation; an error the template raises (or a jinja2 error) is a ValueError."""
+        import jinja2
+
+        try:
+            return self._compiled().render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"messages: the chat template refused them ({e})") from None

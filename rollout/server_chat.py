@@ -1,0 +1,127 @@
+"""OpenAI /v1/chat/completions: the request body, and the chat shapes of the completion formatter.
+
+Messages are rendered by the checkpoint's own chat template (rollout/chat.py) and tokenized as they are (the
+template spells its special tokens); the assistant's reply is the sampled text. Tools are handed to the template,
+but tool calls are not parsed out of the reply: its text comes back as `content`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .server_api import CompletionFormatter, Json, StreamOptions, _Body, finish_reason
+
+
+class ChatCompletionRequest(_Body):
+    model: str | None = None
+    messages: list[Json]
+    max_tokens: int | None = None  # None (and no max_completion_tokens): up to the context length
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    tools: list[Json] | None = None
+    tool_choice: str | Json | None = None
+    chat_template_kwargs: Json | None = None  # more template variables (e.g. enable_thinking)
+    # extensions (sglang/vLLM names)
+    top_k: int = -1
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    rid: str | None = None
+
+    def engine_args(self, template, tokenizer, context_length: int) -> Json:
+        """Keyword arguments of `Engine.async_generate` (ValueError names what cannot be served)."""
+        if template is None or tokenizer is None:
+            raise ValueError("messages: this model has no chat template (tokenizer_config.json chat_template or "
+                             "chat_template.jinja, with a tokenizer.json); use /v1/completions or /generate")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise ValueError(f"tool_choice={self.tool_choice!r}: forcing a tool call is not supported (tools go to "
+                             "the chat template; the reply is returned as text)")
+        if self.top_logprobs is not None and (self.top_logprobs < 0 or not self.logprobs):
+            raise ValueError(f"top_logprobs={self.top_logprobs}: needs logprobs true and a value >= 0")
+        messages = [_message(i, m) for i, m in enumerate(self.messages)]
+        if not messages:
+            raise ValueError("messages: empty")
+        text = template.render(messages, tools=self.tools, add_generation_prompt=True,
+                               **(self.chat_template_kwargs or {}))
+        ids = tokenizer.encode(text, add_bos=False)
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if limit is None:
+            limit = max(context_length - len(ids), 0)
+        if limit < 0:
+            raise ValueError(f"max_completion_tokens={limit}: must be an integer >= 0")
+        sampling = {"max_new_tokens": limit, "temperature": self.temperature, "top_p": self.top_p,
+                    "top_k": self.top_k, "min_p": self.min_p, "n": self.n, "ignore_eos": self.ignore_eos,
+                    "seed": self.seed}
+        if self.stop_token_ids:
+            sampling["stop_token_ids"] = self.stop_token_ids
+        if self.stop:
+            sampling["stop"] = self.stop
+        args: Json = {"input_ids": ids, "sampling_params": sampling, "return_logprob": self.logprobs,
+                      "top_logprobs_num": self.top_logprobs or 0}
+        if self.rid is not None:
+            args["rid"] = self.rid
+        return args
+
+
+def _message(i: int, m: Json) -> Json:
+    """A message as the template reads it: a role, and content as text (a list of text parts is joined)."""
+    if not isinstance(m.get("role"), str):
+        raise ValueError(f"messages[{i}].role: must be a string")
+    content = m.get("content")
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"messages[{i}].content: must be a string, a list of text parts, or null")
+    return {**m, "content": content}
+
+
+class ChatFormatter(CompletionFormatter):
+    """Engine outputs -> `chat.completion` objects (or `chat.completion.chunk` deltas when streaming: each
+    choice's first carries the assistant role)."""
+
+    def __init__(self, model: str, tokenizer, logprobs: bool, top_logprobs: int | None, stream: bool):
+        super().__init__(model, tokenizer, (top_logprobs or 0) if logprobs else None)
+        self.id = "chatcmpl-" + self.id.removeprefix("cmpl-")
+        self.stream, self._roled = stream, set()
+
+    def _envelope(self, choices: list[Json]) -> Json:
+        return {"id": self.id, "object": "chat.completion.chunk" if self.stream else "chat.completion",
+                "created": self.created, "model": self.model, "choices": choices}
+
+    def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int, echo: bool = False) -> Json:
+        choice: dict[str, Any] = {"index": index}
+        if self.stream:
+            choice["delta"] = {"content": text} if index in self._roled else {"role": "assistant", "content": text}
+            self._roled.add(index)
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = self._chat_logprobs(out, start)
+        choice["finish_reason"] = finish_reason(out["meta_info"]["finish_reason"])
+        return choice
+
+    def _chat_logprobs(self, out: Json, start: int) -> Json | None:
+        if self.logprobs is None:
+            return None
+        meta = out["meta_info"]
+        sampled = meta.get("output_token_logprobs", [])[start:]
+        tops = meta.get("output_top_logprobs", [])[start:] or [[] for _ in sampled]
+
+        def entry(lp, t):
+            s = self._token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(lp, t), "top_logprobs": [entry(x, u) for x, u, _ in top]}
+                            for (lp, t, _), top in zip(sampled, tops)]}
