@@ -39,21 +39,20 @@ from .kv_cache import PagedLatentCache, plan_capacity
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
-from .request import ENDED, Group, SeqStatus, Sequence
+from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
-from .scoring import ScoreRows
+from .scoring import score_plan, score_rows
 from .scheduler import Scheduler
 from .step_builder import StepBuilder
 from .step_inputs import StepInputs
+from .controls import ControlsAPI
 from .weight_api import WeightUpdateAPI
 
 log = logging.getLogger(__name__)
 
 # float64 is a CPU reference dtype (numerical checks); serving uses bfloat16 or float32.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-PAUSE_MODES = ("abort", "retract", "in_place")
-MEMORY_TAGS = ("kv_cache", "weights")
 
 
 STEP_LOG = 100_000
@@ -79,7 +78,7 @@ class _Call:
             self.future.set_exception(error)
 
 
-class Engine(WeightUpdateAPI):
+class Engine(WeightUpdateAPI, ControlsAPI):
     def __init__(self, config: EngineConfig | dict | None = None, *, model_path: str | None = None,
                  device: str | None = None, dtype: str | None = None, quantization: str | None = None,
                  **overrides: Any):
@@ -334,10 +333,10 @@ class Engine(WeightUpdateAPI):
         if prev is not None:
             next_ids = prev.tokens if len(batch.rows) == len(prev.batch.rows) else prev.tokens.index_select(
                 0, host_to_device(torch.tensor(batch.ahead_of, dtype=torch.int64), self.device))
-        plan = self._score_plan(batch)
+        plan = score_plan(batch, self._records)
         step = self.runner.prepare(batch.rows, next_ids, eager=bool(plan))
         rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
-        scores = self._score_rows(plan, batch, step)
+        scores = score_rows(plan, batch, step, self._records, self.device)
         clock.mark("inputs")
         wants_routes = self._wants_routes(batch)
         out = self.runner.forward(step, batch.copies, wants_routes, scores)
@@ -457,38 +456,6 @@ class Engine(WeightUpdateAPI):
                 self.scheduler.abort(group.rid)
                 self._forget(group)
             call.fail(e)
-
-    def _score_plan(self, batch) -> list[tuple[int, int, int, Sequence]]:
-        """(row index, first, end, sequence) of the prompt positions this batch computes whose next-token logprobs
-        were asked (logprob_start_len) and are not recorded yet."""
-        plan = []
-        for r, row in enumerate(batch.rows):
-            if row.start >= row.seq.num_prompt - 1:  # decode rows: nothing of the prompt left to score
-                continue
-            rec = self._records.get(row.seq.seq_id)
-            if rec is None or not rec.return_logprob:
-                continue
-            lo, hi = max(row.start, rec.scored_from()), min(row.start + row.length, row.seq.num_prompt - 1)
-            if lo < hi:
-                plan.append((r, lo, hi, row.seq))
-        return plan
-
-    def _score_rows(self, plan, batch, step: StepInputs) -> ScoreRows | None:
-        if not plan:
-            return None
-        index, target, temperature, owners, top = [], [], [], [], 0
-        for r, lo, hi, seq in plan:
-            p = seq.params
-            t = 1.0 if p.greedy or p.raw_logprob else p.temperature
-            base = step.qo_indptr[r] - batch.rows[r].start
-            index += range(base + lo, base + hi)
-            target += seq.tokens[lo + 1:hi + 1]
-            temperature += [t] * (hi - lo)
-            owners += [(seq.seq_id, pos) for pos in range(lo, hi)]
-            top = max(top, self._records[seq.seq_id].top_logprobs_num)
-        return ScoreRows(host_to_device(torch.tensor(index, dtype=torch.int64), self.device),
-                         host_to_device(torch.tensor(target, dtype=torch.int64), self.device),
-                         host_to_device(torch.tensor(temperature, dtype=torch.float32), self.device), top, owners)
 
     def _wants_routes(self, batch) -> bool:
         return any(self._records[r.seq.seq_id].return_routed_experts for r in batch.rows)
@@ -619,83 +586,6 @@ class Engine(WeightUpdateAPI):
             self._forget(group)
         call.fail(error)
 
-    # ---- RL controls (sglang names) --------------------------------------------------------
-    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
-        """Abort one request (all its samples) or, with abort_all, every request in flight; their
-        generate() calls return what was produced so far with finish_reason {"type": "abort"}."""
-        def run():
-            seqs = self.scheduler.abort_all() if abort_all else self.scheduler.abort(rid)
-            self._complete(seqs)
-        self._command(run)
-
-    def pause_generation(self, mode: str = "abort") -> None:
-        """Stop stepping. mode "abort": requests in flight end now (finish_reason abort); "retract": they
-        go back to the queue, their cache freed, and resume by recompute; "in_place": they keep their
-        cache and resume where they were. New requests queue until continue_generation()."""
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause_generation mode={mode!r}; supported: {PAUSE_MODES}")
-
-        def run():
-            self._paused = True
-            if mode == "abort":
-                self._complete(self.scheduler.abort_all())
-            elif mode == "retract":
-                self.scheduler.retract_all()
-        self._command(run)
-
-    def continue_generation(self) -> None:
-        def run():
-            self._paused = False
-        self._command(run)
-
-    def flush_cache(self) -> bool:
-        """Drop the prefix cache (enable_prefix_caching); requests in flight keep the pages they use. True."""
-        self._check_open()
-        self._command(self.scheduler.flush_prefix_cache)
-        return True
-
-    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """Hand GPU memory to a colocated trainer: "kv_cache" (the paged cache and the CUDA graphs over it)
-        and/or "weights" (moved to host memory). Needs no request holding cache pages (pause first)."""
-        tags = self._tags(tags)
-
-        def run():
-            if self.scheduler.running:
-                raise ValueError(f"release_memory_occupation: {len(self.scheduler.running)} requests hold KV-cache "
-                                 "pages; call pause_generation(mode='abort' or 'retract') first")
-            self._released = True
-            self._memory_epoch += 1
-            self.runner.graphs = None
-            if "kv_cache" in tags:
-                self.scheduler.flush_prefix_cache()
-                self.cache.release()
-            if "weights" in tags:
-                self.model.drop_derived()
-                for p in self.model.parameters():
-                    p.data = p.data.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        self._command(run)
-
-    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
-        tags = self._tags(tags)
-
-        def run():
-            self._memory_epoch += 1
-            if "weights" in tags:
-                for p in self.model.parameters():
-                    p.data = p.data.to(self.device)
-                self._postprocess_weights()
-                self._attach_moe_workspace()
-            if "kv_cache" in tags and not self.cache.allocated:
-                self.cache.allocate()
-            weights_home = next(self.model.parameters()).device.type == self.device.type
-            self._released = not (self.cache.allocated and weights_home)
-            if not self._released:
-                self.runner.graphs = self._new_graphs()  # new addresses: graphs are captured again
-                self._capture_graphs()
-        self._command(run)
-
     def _postprocess_weights(self) -> None:
         """The weights' kernel-side layouts, after loading and after the weights come back to the device. It stacks
         storage (fused projections, hosted shared experts); the per-Parameter storage it replaced goes back to the
@@ -717,14 +607,6 @@ class Engine(WeightUpdateAPI):
         spaces = {id(m.workspace): m.workspace for m in self.model.modules()
                   if getattr(m, "workspace", None) is not None}
         return sum(w.nbytes for w in spaces.values())
-
-    @staticmethod
-    def _tags(tags) -> list[str]:
-        tags = list(MEMORY_TAGS) if tags is None else list(tags)
-        bad = [t for t in tags if t not in MEMORY_TAGS]
-        if bad:
-            raise ValueError(f"memory tags {bad}; supported: {MEMORY_TAGS}")
-        return tags
 
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:

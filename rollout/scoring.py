@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampler import host_to_device
+
 CHUNK_BYTES = 1 << 30  # fp32 logits of one lm_head chunk
 
 
@@ -22,6 +24,42 @@ class ScoreRows:
     temperature: torch.Tensor  # fp32 [P]: logprob temperature (1 for greedy and raw_logprob)
     top: int  # top logprobs per position (0: none)
     owners: list[tuple[int, int]]  # host: (seq_id, prompt position) of each scored position
+
+
+def score_plan(batch, records: dict) -> list[tuple[int, int, int, object]]:
+    """(row index, first, end, sequence) of the prompt positions a batch computes whose next-token logprobs were
+    asked (logprob_start_len) and are not recorded yet (`records`: the engine's, by seq_id)."""
+    plan = []
+    for r, row in enumerate(batch.rows):
+        if row.start >= row.seq.num_prompt - 1:  # decode rows: nothing of the prompt left to score
+            continue
+        rec = records.get(row.seq.seq_id)
+        if rec is None or not rec.return_logprob:
+            continue
+        lo, hi = max(row.start, rec.scored_from()), min(row.start + row.length, row.seq.num_prompt - 1)
+        if lo < hi:
+            plan.append((r, lo, hi, row.seq))
+    return plan
+
+
+def score_rows(plan, batch, step, records: dict, device: torch.device) -> ScoreRows | None:
+    """The plan's positions as tensors on the device: token indices in the step (`step.qo_indptr`), targets,
+    temperatures; None for an empty plan."""
+    if not plan:
+        return None
+    index, target, temperature, owners, top = [], [], [], [], 0
+    for r, lo, hi, seq in plan:
+        p = seq.params
+        t = 1.0 if p.greedy or p.raw_logprob else p.temperature
+        base = step.qo_indptr[r] - batch.rows[r].start
+        index += range(base + lo, base + hi)
+        target += seq.tokens[lo + 1:hi + 1]
+        temperature += [t] * (hi - lo)
+        owners += [(seq.seq_id, pos) for pos in range(lo, hi)]
+        top = max(top, records[seq.seq_id].top_logprobs_num)
+    return ScoreRows(host_to_device(torch.tensor(index, dtype=torch.int64), device),
+                     host_to_device(torch.tensor(target, dtype=torch.int64), device),
+                     host_to_device(torch.tensor(temperature, dtype=torch.float32), device), top, owners)
 
 
 def score(model, h_TD: torch.Tensor, rows: ScoreRows) -> dict[str, torch.Tensor]:
