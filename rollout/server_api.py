@@ -89,6 +89,17 @@ class WeightVersionRequest(_Body):
     abort_all_requests: bool = True
 
 
+class TokenizeRequest(_Body):
+    prompt: str | list[str]
+    add_special_tokens: bool = True  # the BOS the engine puts before a text prompt
+    model: str | None = None
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+    model: str | None = None
+
+
 class GetWeightsRequest(_Body):
     name: str
     truncate_size: int = 100

@@ -254,6 +254,20 @@ def test_completions_echo_scores_the_prompt(engine, url):
     assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
 
 
+def test_tokenize_and_detokenize(engine, url):
+    """sglang / vLLM's /tokenize and /detokenize: the ids the engine generates from a text (its BOS unless
+    add_special_tokens is false) and back; bad ids are 400s."""
+    status, out = http(url, "/tokenize", {"prompt": "hi there"})
+    assert status == 200 and out["tokens"] == engine.tokenizer.encode("hi there") and out["count"] == 9
+    assert out["max_model_len"] == engine.context_length
+    status, out = http(url, "/tokenize", {"prompt": ["a", "bc"], "add_special_tokens": False})
+    assert status == 200 and out["tokens"] == [engine.tokenizer.encode(t, add_bos=False) for t in ("a", "bc")]
+    status, out = http(url, "/detokenize", {"tokens": engine.tokenizer.encode("hi there")})
+    assert status == 200 and out == {"text": "hi there"}
+    status, out = http(url, "/detokenize", {"tokens": [1, 10**6]})
+    assert status == 400 and "tokens" in out["message"]
+
+
 def test_stop_strings_over_http(engine, url):
     """/v1/completions' stop and /generate's sampling_params.stop: the text ends before the stop string, whole or
     streamed (streamed texts only grow; the deltas add up to the whole text)."""
