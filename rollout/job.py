@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import RolloutJobConfig, check_engine_config
+from .chat import ChatTemplate
 from .prompts import load_prompts, prompt_token_ids
 from .rewards import RewardFn, load_reward, score
 from .sampling_params import SEED_LIMIT, SamplingParams
@@ -134,7 +135,8 @@ def _run_steps(engine, cfg: RolloutJobConfig, plan: JobPlan, out: Path, rollouts
     from tqdm import tqdm
 
     records = plan.records
-    ids = prompt_token_ids(records, engine.tokenizer, plan.source)
+    template = ChatTemplate.load(engine.model_path) if any("messages" in r for r in records) else None
+    ids = prompt_token_ids(records, engine.tokenizer, plan.source, template)
     log.info("%d prompts from %s, %d samples each, %d steps", len(records), plan.source, cfg.sampling.n, cfg.steps)
     reward_records = [{**rec, "input_ids": x} for rec, x in zip(records, ids)]
     per_step = len(records) * cfg.sampling.n

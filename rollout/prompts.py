@@ -1,8 +1,9 @@
 """A rollout job's prompts: records (dicts) from a jsonl file, a built-in set or the config's list.
 
-A record has "prompt" (text, tokenized by the model's tokenizer) or "input_ids" (token ids, used as
-given; when both are present the ids are generated from and the text is kept). Any other field
-(e.g. "answer") is kept and handed to the reward function with the record.
+A record has "prompt" (text, tokenized by the model's tokenizer), "messages" (a chat, rendered by the
+checkpoint's chat template with the generation prompt, then tokenized) or "input_ids" (token ids, used as given;
+when several are present the ids are generated from, then the messages). Any other field (e.g. "answer") is kept
+and handed to the reward function with the record.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from .. import configs
 
-PROMPT_KEYS = ("prompt", "input_ids")
+PROMPT_KEYS = ("prompt", "messages", "input_ids")
 
 
 def load_prompts(prompts: list[str], prompts_file: str | None, prompts_preset: str | None,
@@ -63,11 +64,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _record_problem(record) -> str | None:
     if not isinstance(record, dict):
-        return f'expected a JSON object with "prompt" or "input_ids", got {type(record).__name__}'
+        return f'expected a JSON object with "prompt", "messages" or "input_ids", got {type(record).__name__}'
     if not any(k in record for k in PROMPT_KEYS):
-        return f'expected "prompt" (a string) or "input_ids" (a list of token ids); keys: {sorted(record)}'
+        return (f'expected "prompt" (a string), "messages" (a list of chat messages) or "input_ids" (a list of '
+                f'token ids); keys: {sorted(record)}')
     if "prompt" in record and not isinstance(record["prompt"], str):
         return f'"prompt" must be a string, got {type(record["prompt"]).__name__}'
+    if "messages" in record:
+        msgs = record["messages"]
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs)):
+            return f'"messages" must be a non-empty list of {{"role": ..., "content": ...}}, got {json.dumps(msgs):.80}'
     if "input_ids" in record:
         ids = record["input_ids"]
         if (not isinstance(ids, list) or not ids
@@ -76,14 +83,24 @@ def _record_problem(record) -> str | None:
     return None
 
 
-def prompt_token_ids(records: list[dict], tokenizer, source: str) -> list[list[int]]:
-    """The token ids each record generates from: its "input_ids", else its tokenized "prompt"."""
+def prompt_token_ids(records: list[dict], tokenizer, source: str, chat_template=None) -> list[list[int]]:
+    """The token ids each record generates from: its "input_ids", else its "messages" rendered by `chat_template`
+    (the text spells its own special tokens: no BOS is added), else its tokenized "prompt"."""
     ids = []
     for i, record in enumerate(records):
         if "input_ids" in record:
             ids.append(list(record["input_ids"]))
         elif tokenizer is None:
             raise ValueError(f"{source}: prompt {i} is text but the engine has no tokenizer; give input_ids instead")
+        elif "messages" in record:
+            if chat_template is None:
+                raise ValueError(f"{source}: prompt {i} has messages but the model has no chat template "
+                                 "(tokenizer_config.json chat_template or chat_template.jinja)")
+            try:
+                text = chat_template.render(record["messages"], add_generation_prompt=True)
+            except ValueError as e:
+                raise ValueError(f"{source}: prompt {i}: {e}") from None
+            ids.append(tokenizer.encode(text, add_bos=False))
         else:
             ids.append(tokenizer.encode(record["prompt"]))
     return ids

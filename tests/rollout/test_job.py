@@ -175,7 +175,8 @@ def test_routed_experts_in_rollouts(tmp_path, tiny_checkpoint):
     ('{"prompt": "ok"', "not valid JSON"), ('["a list"]', "got list"), ('{"text": "x"}', "keys: ['text']"),
     ('{"prompt": 5}', '"prompt" must be a string'), ('{"input_ids": []}', '"input_ids" must be'),
     ('{"input_ids": [1, -2]}', '"input_ids" must be'), ('{"input_ids": [1, true]}', '"input_ids" must be'),
-    ('{"input_ids": "1 2"}', '"input_ids" must be'),
+    ('{"input_ids": "1 2"}', '"input_ids" must be'), ('{"messages": []}', '"messages" must be'),
+    ('{"messages": [{"content": "x"}]}', '"messages" must be'),
 ])
 def test_bad_jsonl_line_is_named(tmp_path, line, problem):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, "", line, {"prompt": "after"}])
@@ -281,3 +282,22 @@ def test_sync_swaps_checkpoints_between_steps(tmp_path, tiny_checkpoint):
     assert [m["weight_version"] for m in metrics] == ["default", "1", "2"]
     with pytest.raises(ValueError, match="sync.model_paths has 4 entries for 3 steps"):
         plan_rollout_job(rollout_config([*greedy, f"sync.model_paths=[null,null,null,{other}]"]))
+
+
+def test_chat_messages_prompts_go_through_the_checkpoint_template(tmp_path, tiny_checkpoint):
+    """A record's "messages" are rendered by the checkpoint's chat template (generation prompt on) and tokenized as
+    written (no BOS added: the template spells its own); a model without a template names the prompt."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    template = "<s>{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}assistant:{% endif %}"
+    (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    chat = [{"role": "user", "content": "2 + 2?"}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": chat, "answer": "4"}, {"prompt": "plain"}])
+    out = tmp_path / "out"
+    assert job(ck, out, f"prompts_file={prompts}") == 0
+    rows = lines(out / "rollouts.jsonl")
+    tok = ByteTokenizer()
+    assert rows[0]["input_ids"] == tok.encode("<s>user: 2 + 2?\nassistant:", add_bos=False)
+    assert rows[-1]["input_ids"] == tok.encode("plain")
+    assert job(tiny_checkpoint, tmp_path / "out2", f"prompts_file={prompts}") != 0  # no template: an error
