@@ -80,12 +80,17 @@ class ChatTemplate:
         return self._template
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-               **kwargs: Any) -> str:
-        """The prompt text of a conversation; an error the template raises (or a jinja2 error) is a ValueError."""
+               extra: dict[str, Any] | None = None) -> str:
+        """The prompt text of a conversation (`extra`: more template variables); an error the template raises (or a
+        jinja2 error) is a ValueError."""
         import jinja2
 
+        kwargs = dict(extra or {})
+        reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {reserved} are set by the server")
         try:
             return self._compiled().render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                            bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
-        except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"messages: the chat template refused them ({e})") from None
+        except (jinja2.exceptions.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise ValueError(f"messages: the chat template could not render them ({type(e).__name__}: {e})") from None

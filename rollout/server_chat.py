@@ -49,8 +49,7 @@ class ChatCompletionRequest(_Body):
         messages = [_message(i, m) for i, m in enumerate(self.messages)]
         if not messages:
             raise ValueError("messages: empty")
-        text = template.render(messages, tools=self.tools, add_generation_prompt=True,
-                               **(self.chat_template_kwargs or {}))
+        text = template.render(messages, tools=self.tools, add_generation_prompt=True, extra=self.chat_template_kwargs)
         ids = tokenizer.encode(text, add_bos=False)
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if limit is None:

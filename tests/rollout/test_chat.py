@@ -69,6 +69,8 @@ def test_template_renders_messages_as_written(chat_checkpoint):
     assert text == "<s><|system|>be brief</s><|user|>hi there</s><|assistant|>"
     assert t.render([{"role": "user", "content": "é"}], tools=[{"name": "f"}], add_generation_prompt=False) == \
         '<s><|user|>é</s>[{"name": "f"}]'
+    assert ChatTemplate("{% if enable_thinking %}<think>{% endif %}{{ messages | length }}").render(
+        [{"role": "user", "content": "x"}], extra={"enable_thinking": True}) == "<think>1"
 
 
 def test_chat_completion_is_the_engine_output_for_the_rendered_prompt(engine, url):
@@ -113,6 +115,7 @@ def test_chat_n_samples_and_default_length(engine, url):
     ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": MESSAGES, "bogus": 1}, "bogus"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
 ])
 def test_bad_chat_requests_are_400s_naming_the_field(url, body, field):
     status, out = http(url, "/v1/chat/completions", body)
@@ -147,4 +150,7 @@ def test_template_errors_are_value_errors(tmp_path):
         {"chat_template": "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"}))
     with pytest.raises(ValueError, match="user first"):
         ChatTemplate.load(tmp_path).render([{"role": "assistant", "content": "x"}])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] + 1 }}"}))
+    with pytest.raises(ValueError, match="could not render"):  # a template meeting data it cannot handle
+        ChatTemplate.load(tmp_path).render([{"role": "user", "content": "x"}])
     assert ChatTemplate.load(tmp_path / "nothing") is None
