@@ -32,6 +32,7 @@ from ..precision import GemmConfig, Recipe, select_backend
 from ..precision.layout import LayoutCache
 from .attention import TorchPagedAttention, select_attention, select_decode_attention
 from .config import EngineConfig, check_engine_config, engine_config, from_sglang_args, resolve_context_length
+from .controls import ControlsAPI
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
 from .intake import SGLANG_FIELDS, PromptRequest, build_requests, check_sglang_fields, prompt_ids
@@ -42,11 +43,10 @@ from .presets import resolve_model_path
 from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
-from .scoring import score_plan, score_rows
 from .scheduler import Scheduler
+from .scoring import score_plan, score_rows
 from .step_builder import StepBuilder
 from .step_inputs import StepInputs
-from .controls import ControlsAPI
 from .weight_api import WeightUpdateAPI
 
 log = logging.getLogger(__name__)

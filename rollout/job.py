@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from .config import RolloutJobConfig, check_engine_config
 from .chat import ChatTemplate
+from .config import RolloutJobConfig, check_engine_config
 from .prompts import load_prompts, prompt_token_ids
 from .rewards import RewardFn, load_reward, score
 from .sampling_params import SEED_LIMIT, SamplingParams

@@ -36,10 +36,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .chat import ChatTemplate
 from .config import EngineConfig
 from .engine import Engine, EngineShutdownError
 from .intake import SGLANG_FIELDS
-from .chat import ChatTemplate
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          DetokenizeRequest, GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest,
                          PauseRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
