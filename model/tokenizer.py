@@ -75,13 +75,19 @@ def load_tokenizer(directory: str | Path, bos_token_id: int | None = None):
     return None
 
 
-def _byte_tokenizer(path: Path) -> ByteTokenizer:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file (tokenizer side files); anything else is a ValueError naming the file."""
     try:
         spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(spec).__name__}")
+    return spec
+
+
+def _byte_tokenizer(path: Path) -> ByteTokenizer:
+    spec = read_json_object(path)
     if spec.get("type") != "byte":
         raise ValueError(f"{path}: unknown tokenizer type {spec.get('type')!r}")
     offset = spec.get("offset")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..model.tokenizer import read_json_object
+
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -33,14 +35,8 @@ class ChatTemplate:
     def load(cls, directory: str | Path) -> "ChatTemplate | None":
         """The checkpoint's chat template, or None when it has none; a damaged one is a ValueError naming its file."""
         directory = Path(directory)
-        config, path = {}, directory / CONFIG_FILE
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        path = directory / CONFIG_FILE
+        config = read_json_object(path) if path.is_file() else {}
         source, where = config.get("chat_template"), str(path)
         if isinstance(source, list):  # named templates: the default one
             source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),

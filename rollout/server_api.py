@@ -150,14 +150,7 @@ class CompletionRequest(_Body):
             raise ValueError(f"max_tokens={self.max_tokens}: must be an integer >= 0")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs={self.logprobs}: must be an integer >= 0")
-        sampling = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                    "top_k": self.top_k, "min_p": self.min_p, "n": self.n, "ignore_eos": self.ignore_eos,
-                    "seed": self.seed}
-        if self.stop_token_ids:
-            sampling["stop_token_ids"] = self.stop_token_ids
-        if self.stop:
-            sampling["stop"] = self.stop
-        args: Json = {"sampling_params": sampling, "return_logprob": self.logprobs is not None or self.echo,
+        args: Json = {"sampling_params": openai_sampling(self, self.max_tokens), "return_logprob": self.logprobs is not None or self.echo,
                       "top_logprobs_num": self.logprobs or 0}
         if self.echo:  # the prompt's tokens and logprobs come back in input_token_logprobs
             args["logprob_start_len"] = 0
@@ -171,6 +164,17 @@ class CompletionRequest(_Body):
         if self.rid is not None:
             args["rid"] = self.rid
         return args
+
+
+def openai_sampling(req, max_new_tokens: int) -> Json:
+    """The engine's sampling params from an OpenAI body's fields (completions and chat completions share them)."""
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                "top_k": req.top_k, "min_p": req.min_p, "n": req.n, "ignore_eos": req.ignore_eos, "seed": req.seed}
+    if req.stop_token_ids:
+        sampling["stop_token_ids"] = req.stop_token_ids
+    if req.stop:
+        sampling["stop"] = req.stop
+    return sampling
 
 
 def finish_reason(reason: dict | None) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .server_api import CompletionFormatter, Json, StreamOptions, _Body, finish_reason
+from .server_api import CompletionFormatter, Json, StreamOptions, _Body, finish_reason, openai_sampling
 
 
 class ChatCompletionRequest(_Body):
@@ -56,14 +56,7 @@ class ChatCompletionRequest(_Body):
             limit = max(context_length - len(ids), 0)
         if limit < 0:
             raise ValueError(f"max_completion_tokens={limit}: must be an integer >= 0")
-        sampling = {"max_new_tokens": limit, "temperature": self.temperature, "top_p": self.top_p,
-                    "top_k": self.top_k, "min_p": self.min_p, "n": self.n, "ignore_eos": self.ignore_eos,
-                    "seed": self.seed}
-        if self.stop_token_ids:
-            sampling["stop_token_ids"] = self.stop_token_ids
-        if self.stop:
-            sampling["stop"] = self.stop
-        args: Json = {"input_ids": ids, "sampling_params": sampling, "return_logprob": self.logprobs,
+        args: Json = {"input_ids": ids, "sampling_params": openai_sampling(self, limit), "return_logprob": self.logprobs,
                       "top_logprobs_num": self.top_logprobs or 0}
         if self.rid is not None:
             args["rid"] = self.rid
