@@ -611,6 +611,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:
         return {"model_path": str(self.model_path), "is_generation": True, "weight_version": self.weight_version,
+                "tokenizer_path": str(self.model_path) if self.tokenizer is not None else None,
+                "preferred_sampling_params": None,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
                 "mxfp8_modules": len(self.model.plan.mxfp8_modules), "act_mode": self.recipe.act_mode,

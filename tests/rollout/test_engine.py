@@ -110,6 +110,9 @@ def test_engine_config_errors(tiny_checkpoint, tmp_path):
 def test_model_info(engine):
     info = engine.get_model_info()
     assert info["is_generation"] and info["dtype"] == "float32" and info["device"] == "cpu"
+    # sglang's keys
+    assert info["model_path"] == info["tokenizer_path"] == str(engine.model_path)
+    assert info["preferred_sampling_params"] is None and info["weight_version"] == engine.weight_version
 
 
 def test_cli_make_checkpoint_and_rollout_job(tmp_path, capsys):
