@@ -197,6 +197,8 @@ def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     other keys pass through unchanged."""
     out = dict(kwargs)
     for old, new in SGLANG_RENAMED.items():
+        if old in out and out[old] is None:  # sglang's "unset": mxroll's default stands
+            del out[old]
         if old in out:
             if new in out and out[new] != out[old]:
                 raise ValueError(f"{old}={out[old]!r} and {new}={out[new]!r}: give one ({old} is sglang's name for "

@@ -116,6 +116,7 @@ def test_sglang_engine_args_map_to_mxroll_names():
     assert from_sglang_args(dict(base_gpu_id=3)) == {"device": "cuda:3"}
     assert from_sglang_args(dict(base_gpu_id=3, device="cuda:3")) == {"device": "cuda:3"}
     assert from_sglang_args({}) == {}
+    assert from_sglang_args(dict(random_seed=None)) == {}  # sglang's unset seed: the engine's default
     assert from_sglang_args(dict(disable_radix_cache=False)) == {"enable_prefix_caching": True}
     assert from_sglang_args(dict(disable_radix_cache=True)) == {"enable_prefix_caching": False}
 
