@@ -31,13 +31,17 @@ class GenerateRequest(_Body):
     rid: str | list[str] | None = None
     stream: bool = False
     return_text_in_logprobs: bool = False  # the third element of each logprob tuple: the token's text
+    logprob_start_len: int | list[int] | None = None  # >= 0: input_token_logprobs from there; -1: the last token
     # fields sglang clients send at these values (its bench_serving, RL frameworks): the engine refuses others
     # (`intake.check_sglang_fields`)
-    logprob_start_len: int | list[int] | None = None  # -1: logprobs of the output tokens only
     lora_path: str | list[str | None] | None = None
     image_data: Any = None
     custom_logit_processor: str | list[str | None] | None = None
     token_ids_logprob: list[int] | list[list[int]] | None = None
+    data_parallel_rank: int | None = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: int | list[int | None] | None = None
     return_hidden_states: bool = False
 
 

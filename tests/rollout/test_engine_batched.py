@@ -248,7 +248,8 @@ def test_generate_takes_sglang_fields_at_their_defaults(engine):
     kw = dict(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=3), return_logprob=True)
     ref = engine.generate(**kw)
     out = engine.generate(**kw, image_data=None, lora_path=None, logprob_start_len=-1, custom_logit_processor=None,
-                          token_ids_logprob=None, return_hidden_states=False, return_text_in_logprobs=False)
+                          token_ids_logprob=None, return_hidden_states=False, return_text_in_logprobs=False,
+                          data_parallel_rank=0, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None)
     assert out["output_ids"] == ref["output_ids"]
     assert all(text is None for *_, text in out["meta_info"]["output_token_logprobs"])
     out = engine.generate(**kw, top_logprobs_num=2, return_text_in_logprobs=True)
@@ -259,11 +260,12 @@ def test_generate_takes_sglang_fields_at_their_defaults(engine):
     assert [text for *_, text in final["meta_info"]["output_token_logprobs"]] == [decode([t]) for t in ref["output_ids"]]
     for name, value in (("logprob_start_len", -2), ("logprob_start_len", 99), ("lora_path", "adapter"),
                         ("image_data", ["img.png"]), ("custom_logit_processor", "fn"), ("token_ids_logprob", [3]),
-                        ("return_hidden_states", True), ("return_text_in_logprobs", "yes")):
+                        ("return_hidden_states", True), ("return_text_in_logprobs", "yes"),
+                        ("data_parallel_rank", 1), ("bootstrap_host", "10.0.0.1")):
         with pytest.raises(ValueError, match=name):
             engine.generate(**kw, **{name: value})
-    with pytest.raises(TypeError, match="bootstrap_host"):
-        engine.generate(**kw, bootstrap_host="x")
+    with pytest.raises(TypeError, match="session_params"):
+        engine.generate(**kw, session_params={"id": "x"})
     assert engine.generate(**kw)["output_ids"] == ref["output_ids"]  # still serving
 
 
