@@ -97,7 +97,7 @@ class SamplingRows:
         greedy = [p.greedy for p in params]
         # inf would turn -inf logits into NaN (-inf / inf); FLT_MAX flattens the row just the same
         temp = [min(float(p.temperature), _FLT_MAX) for p in params]
-        lp_temp = [1.0 if g or p.raw_logprob else t for p, g, t in zip(params, greedy, temp)]
+        lp_temp = [min(p.logprob_temperature, _FLT_MAX) for p in params]
         f32 = host_to_device(torch.tensor([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params],
                                            lp_temp], dtype=torch.float32).reshape(4, S), device)
         signed_seeds = [s - (1 << 64) if s >> 63 else s for s in seeds]
@@ -337,8 +337,7 @@ def top_logprobs(logits_SV: torch.Tensor, rows: SamplingRows) -> tuple[torch.Ten
 # batched engine replaces it.
 
 def logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    t = 1.0 if params.greedy or params.raw_logprob else params.temperature
-    return torch.log_softmax(logits_BV.float() / t, dim=-1)
+    return torch.log_softmax(logits_BV.float() / params.logprob_temperature, dim=-1)
 
 
 def filtered_probs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:

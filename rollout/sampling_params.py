@@ -103,6 +103,11 @@ class SamplingParams:
         return max((len(t.encode("utf-8")) for t in self.stop), default=0) + 1
 
     @property
+    def logprob_temperature(self) -> float:
+        """The temperature logprobs are reported at (DESIGN.md): 1 for greedy and raw_logprob requests."""
+        return 1.0 if self.greedy or self.raw_logprob else float(self.temperature)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 

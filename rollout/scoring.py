@@ -49,8 +49,7 @@ def score_rows(plan, batch, step, records: dict, device: torch.device) -> ScoreR
         return None
     index, target, temperature, owners, top = [], [], [], [], 0
     for r, lo, hi, seq in plan:
-        p = seq.params
-        t = 1.0 if p.greedy or p.raw_logprob else p.temperature
+        t = seq.params.logprob_temperature
         base = step.qo_indptr[r] - batch.rows[r].start
         index += range(base + lo, base + hi)
         target += seq.tokens[lo + 1:hi + 1]
