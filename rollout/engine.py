@@ -487,9 +487,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         for i, (seq_id, position) in enumerate(scored or ()):
             rec = self._records.get(seq_id)
             if rec is not None:
-                k = rec.top_logprobs_num
-                top = ([(lp, t, None) for lp, t in zip(host["input_top_logprobs"][i][:k], host["input_top_ids"][i][:k])]
-                       if k else None)
+                top = rec.top_of(host.get("input_top_logprobs"), host.get("input_top_ids"), i)
                 rec.add_input(position, host["input_logprobs"][i], top)
         ids, weights = host["route_ids"], host["route_weights"]
         if ids is not None:
@@ -511,11 +509,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 rec = self._records.get(seq.seq_id)
                 if rec is None:  # a sibling forked in this step's update
                     rec = self._records[seq.seq_id] = leader.fork()
-                top = None
-                if rec.top_logprobs_num:
-                    top = [(lp, t, None) for lp, t in zip(top_lps[s + j][:rec.top_logprobs_num],
-                                                          top_ids[s + j][:rec.top_logprobs_num])]
-                rec.add_token(logprobs[s + j], top, self.weight_version, seq.num_outputs - 1)
+                rec.add_token(logprobs[s + j], rec.top_of(top_lps, top_ids, s + j), self.weight_version,
+                              seq.num_outputs - 1)
             s += k
         self._stream_updates([row for row, ok in zip(batch.rows, live) if ok])
 

@@ -43,6 +43,11 @@ class Record:
         if not self.versions or self.versions[-1][1] != version:
             self.versions.append((index, version))
 
+    def top_of(self, lps_rows, ids_rows, i: int) -> list | None:
+        """Row i of a step's top-logprob arrays as this record's (logprob, id, None) tuples; None when it asked none."""
+        k = self.top_logprobs_num
+        return [(lp, t, None) for lp, t in zip(lps_rows[i][:k], ids_rows[i][:k])] if k else None
+
     def scored_from(self) -> int:
         """The next prompt position whose next-token logprob is still missing."""
         return self.input_start + len(self.input_logprobs)
@@ -81,16 +86,18 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
     if len(rec.versions) > 1:
         meta["weight_version_switches"] = [{"output_index": i, "weight_version": v} for i, v in rec.versions]
     text = (lambda t: tokenizer.decode([t])) if rec.text_in_logprobs and tokenizer is not None else (lambda t: None)
+
+    def texted(rows):  # top-logprob rows with their token texts, when asked
+        return [[(lp, t, text(t)) for lp, t, _ in row] for row in rows] if rec.text_in_logprobs else rows
+
     if rec.return_logprob:
         meta["output_token_logprobs"] = [(lp, t, text(t)) for lp, t in zip(rec.logprobs, outputs)]
         scored = seq.tokens[rec.input_start:seq.num_prompt]
         meta["input_token_logprobs"] = [(None, scored[0], text(scored[0]))] + [
             (lp, t, text(t)) for lp, t in zip(rec.input_logprobs, scored[1:])]
     if rec.top_logprobs_num:
-        meta["output_top_logprobs"] = ([[(lp, t, text(t)) for lp, t, _ in row] for row in rec.top_logprobs]
-                                       if rec.text_in_logprobs else rec.top_logprobs)
-        meta["input_top_logprobs"] = [None] + ([[(lp, t, text(t)) for lp, t, _ in row] for row in rec.input_top]
-                                               if rec.text_in_logprobs else rec.input_top)
+        meta["output_top_logprobs"] = texted(rec.top_logprobs)
+        meta["input_top_logprobs"] = [None] + texted(rec.input_top)
     if rec.return_routed_experts:
         n = max(len(seq.tokens) - 1, 0)
         ids = torch.cat(rec.routes) if rec.routes else torch.zeros(0, 0, 0, dtype=torch.int32)
