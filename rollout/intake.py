@@ -66,6 +66,12 @@ def _each(value, n: int, name: str, default):
     return [value] * n
 
 
+def check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
 def build_requests(prompts: list[list[int]], sampling_params, return_logprob, top_logprobs_num,
                    return_routed_experts, rid, vocab_size: int, context_length: int,
                    logprob_start_len=None) -> list[PromptRequest]:
@@ -83,9 +89,7 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
         where = f"prompt {i}" if n > 1 else "prompt"
         if not ids:
             raise ValueError(f"{where}: needs at least one token")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        check_vocab(ids, vocab_size, where)
         if len(ids) + p.max_new_tokens > context_length:
             raise ValueError(f"{where}: {len(ids)} tokens + max_new_tokens={p.max_new_tokens} exceeds the "
                              f"context length {context_length}")

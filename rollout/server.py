@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .chat import ChatTemplate
 from .config import EngineConfig
 from .engine import Engine, EngineShutdownError
-from .intake import SGLANG_FIELDS
+from .intake import SGLANG_FIELDS, check_vocab
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          DetokenizeRequest, GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest,
                          PauseRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
@@ -272,25 +272,26 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         out = await until_done(request, args)
         return _json(fmt.response(out if isinstance(out, list) else [out]))
 
+    def tokenizer_for(field: str):
+        if engine.tokenizer is None:
+            raise ValueError(f"{field}: this engine has no tokenizer")
+        return engine.tokenizer
+
     @app.post("/tokenize", dependencies=[Depends(user)])
     async def tokenize(req: TokenizeRequest):
         """The token ids the engine generates from a text prompt (a list of texts: a list of lists)."""
-        if engine.tokenizer is None:
-            raise ValueError("prompt: this engine has no tokenizer")
+        tokenizer = tokenizer_for("prompt")
         texts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
-        ids = [engine.tokenizer.encode(t, add_bos=req.add_special_tokens) for t in texts]
+        ids = [tokenizer.encode(t, add_bos=req.add_special_tokens) for t in texts]
         if isinstance(req.prompt, str):
             return {"tokens": ids[0], "count": len(ids[0]), "max_model_len": engine.context_length}
         return {"tokens": ids, "count": [len(i) for i in ids], "max_model_len": engine.context_length}
 
     @app.post("/detokenize", dependencies=[Depends(user)])
     async def detokenize(req: DetokenizeRequest):
-        if engine.tokenizer is None:
-            raise ValueError("tokens: this engine has no tokenizer")
-        bad = [t for t in req.tokens if not 0 <= t < engine.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"tokens: ids {bad[:5]} outside the vocabulary [0, {engine.model_config.vocab_size})")
-        return {"text": engine.tokenizer.decode(req.tokens)}
+        tokenizer = tokenizer_for("tokens")
+        check_vocab(req.tokens, engine.model_config.vocab_size, "tokens")
+        return {"text": tokenizer.decode(req.tokens)}
 
     @app.get("/v1/models", dependencies=[Depends(user)])
     async def models():

@@ -154,7 +154,8 @@ class CompletionRequest(_Body):
             raise ValueError(f"max_tokens={self.max_tokens}: must be an integer >= 0")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs={self.logprobs}: must be an integer >= 0")
-        args: Json = {"sampling_params": openai_sampling(self, self.max_tokens), "return_logprob": self.logprobs is not None or self.echo,
+        args: Json = {"sampling_params": openai_sampling(self, self.max_tokens),
+                      "return_logprob": self.logprobs is not None or self.echo,
                       "top_logprobs_num": self.logprobs or 0}
         if self.echo:  # the prompt's tokens and logprobs come back in input_token_logprobs
             args["logprob_start_len"] = 0

@@ -56,7 +56,8 @@ class ChatCompletionRequest(_Body):
             limit = max(context_length - len(ids), 0)
         if limit < 0:
             raise ValueError(f"max_completion_tokens={limit}: must be an integer >= 0")
-        args: Json = {"input_ids": ids, "sampling_params": openai_sampling(self, limit), "return_logprob": self.logprobs,
+        args: Json = {"input_ids": ids, "sampling_params": openai_sampling(self, limit),
+                      "return_logprob": self.logprobs,
                       "top_logprobs_num": self.top_logprobs or 0}
         if self.rid is not None:
             args["rid"] = self.rid
