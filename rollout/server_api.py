@@ -227,18 +227,18 @@ class CompletionFormatter:
                 "top_logprobs": [None if top is None else {self._token_str(t): lp for lp, t, _ in top}
                                  for top in tops] if self.logprobs else None, "text_offset": offsets}
 
-    def _prompt_text(self, out: Json) -> str:
-        ids = [t for _, t, _ in out["meta_info"]["input_token_logprobs"]]
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+    @staticmethod
+    def _prompt_ids(out: Json) -> list[int]:
+        return [t for _, t, _ in out["meta_info"]["input_token_logprobs"]]
 
     def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int, echo: bool = False) -> Json:
         """echo: this choice's first text, led by the prompt's (and its logprobs by the prompt tokens')."""
-        choice = {"index": index, "text": (self._prompt_text(out) if echo else "") + text,
+        lead = self.tokenizer.decode(self._prompt_ids(out)) if echo and self.tokenizer is not None else ""
+        choice = {"index": index, "text": lead + text,
                   "logprobs": self._logprobs(out, start, text_offset, echo),
                   "finish_reason": finish_reason(out["meta_info"]["finish_reason"])}
         if "text" not in out:  # no tokenizer: the ids are the completion
-            prompt = [t for _, t, _ in out["meta_info"]["input_token_logprobs"]] if echo else []
-            choice["token_ids"] = prompt + out["output_ids"][start:]
+            choice["token_ids"] = (self._prompt_ids(out) if echo else []) + out["output_ids"][start:]
         return choice
 
     def response(self, outputs: list[Json]) -> Json:
@@ -256,12 +256,12 @@ class CompletionFormatter:
         if len(stable) >= len(sent):
             self._sent_text[i] = stable
         echo = self.echo and i not in self._sent_tokens  # the prompt leads the first chunk of each choice
-        if echo:
-            self._echoed[i] = len(self._prompt_text(out))
         start = self._sent_tokens.get(i, 0)
         self._sent_tokens[i] = len(out["output_ids"])
-        offset = 0 if echo else self._echoed.get(i, 0) + len(sent)
-        return self._envelope([self._choice(i, out, delta, start, offset, echo)])
+        choice = self._choice(i, out, delta, start, 0 if echo else self._echoed.get(i, 0) + len(sent), echo)
+        if echo:
+            self._echoed[i] = len(choice["text"]) - len(delta)  # the prompt text it led with
+        return self._envelope([choice])
 
     def usage_chunk(self, outputs: list[Json]) -> Json:
         return {**self._envelope([]), "usage": usage(outputs)}
