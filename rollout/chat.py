@@ -16,6 +16,29 @@ CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 
 
+def chat_messages(messages) -> list[dict]:
+    """Messages as a template reads them: each with a string role, and content as text (a list of text parts is
+    joined) or null; anything else is a ValueError naming the message."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}].role: must be a string")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content: must be a string, a list of text parts, or null")
+        out.append({**m, "content": content})
+    return out
+
+
 def _special(value) -> str:
     """A special token as tokenizer_config.json writes it: a string or {"content": string}."""
     if isinstance(value, dict):
@@ -77,10 +100,11 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                extra: dict[str, Any] | None = None) -> str:
-        """The prompt text of a conversation (`extra`: more template variables); an error the template raises (or a
-        jinja2 error) is a ValueError."""
+        """The prompt text of a conversation (`chat_messages` first; `extra`: more template variables); an error the
+        template raises (or a jinja2 error) is a ValueError."""
         import jinja2
 
+        messages = chat_messages(messages)
         kwargs = dict(extra or {})
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
         if reserved:

@@ -12,6 +12,7 @@ import numbers
 from pathlib import Path
 
 from .. import configs
+from .chat import chat_messages
 
 PROMPT_KEYS = ("prompt", "messages", "input_ids")
 
@@ -71,10 +72,10 @@ def _record_problem(record) -> str | None:
     if "prompt" in record and not isinstance(record["prompt"], str):
         return f'"prompt" must be a string, got {type(record["prompt"]).__name__}'
     if "messages" in record:
-        msgs = record["messages"]
-        if (not isinstance(msgs, list) or not msgs
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs)):
-            return f'"messages" must be a non-empty list of {{"role": ..., "content": ...}}, got {json.dumps(msgs):.80}'
+        try:
+            chat_messages(record["messages"])
+        except ValueError as e:
+            return f'"messages" must be a non-empty list of {{"role": ..., "content": ...}} ({e})'
     if "input_ids" in record:
         ids = record["input_ids"]
         if (not isinstance(ids, list) or not ids

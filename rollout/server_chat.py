@@ -46,10 +46,7 @@ class ChatCompletionRequest(_Body):
                              "the chat template; the reply is returned as text)")
         if self.top_logprobs is not None and (self.top_logprobs < 0 or not self.logprobs):
             raise ValueError(f"top_logprobs={self.top_logprobs}: needs logprobs true and a value >= 0")
-        messages = [_message(i, m) for i, m in enumerate(self.messages)]
-        if not messages:
-            raise ValueError("messages: empty")
-        text = template.render(messages, tools=self.tools, add_generation_prompt=True, extra=self.chat_template_kwargs)
+        text = template.render(self.messages, tools=self.tools, add_generation_prompt=True, extra=self.chat_template_kwargs)
         ids = tokenizer.encode(text, add_bos=False)
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if limit is None:
@@ -62,23 +59,6 @@ class ChatCompletionRequest(_Body):
         if self.rid is not None:
             args["rid"] = self.rid
         return args
-
-
-def _message(i: int, m: Json) -> Json:
-    """A message as the template reads it: a role, and content as text (a list of text parts is joined)."""
-    if not isinstance(m.get("role"), str):
-        raise ValueError(f"messages[{i}].role: must be a string")
-    content = m.get("content")
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
-            parts.append(part["text"])
-        content = "".join(parts)
-    if content is not None and not isinstance(content, str):
-        raise ValueError(f"messages[{i}].content: must be a string, a list of text parts, or null")
-    return {**m, "content": content}
 
 
 class ChatFormatter(CompletionFormatter):

@@ -293,11 +293,15 @@ def test_chat_messages_prompts_go_through_the_checkpoint_template(tmp_path, tiny
                "{% if add_generation_prompt %}assistant:{% endif %}"
     (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     chat = [{"role": "user", "content": "2 + 2?"}]
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": chat, "answer": "4"}, {"prompt": "plain"}])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "2 + "}, {"type": "text", "text": "2?"}]}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": chat, "answer": "4"}, {"prompt": "plain"},
+                                                 {"messages": parts}])
     out = tmp_path / "out"
     assert job(ck, out, f"prompts_file={prompts}") == 0
     rows = lines(out / "rollouts.jsonl")
     tok = ByteTokenizer()
-    assert rows[0]["input_ids"] == tok.encode("<s>user: 2 + 2?\nassistant:", add_bos=False)
-    assert rows[-1]["input_ids"] == tok.encode("plain")
+    by_prompt = {r["prompt_index"]: r["input_ids"] for r in rows}
+    assert by_prompt[0] == tok.encode("<s>user: 2 + 2?\nassistant:", add_bos=False)
+    assert by_prompt[1] == tok.encode("plain")
+    assert by_prompt[2] == by_prompt[0]  # text parts are joined, as /v1/chat/completions does
     assert job(tiny_checkpoint, tmp_path / "out2", f"prompts_file={prompts}") != 0  # no template: an error
