@@ -334,8 +334,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             next_ids = prev.tokens if len(batch.rows) == len(prev.batch.rows) else prev.tokens.index_select(
                 0, host_to_device(torch.tensor(batch.ahead_of, dtype=torch.int64), self.device))
         plan = score_plan(batch, self._records)
-        step = self.runner.prepare(batch.rows, next_ids, eager=bool(plan))
-        rows = self._sampling_rows(batch)  # host work and non_blocking copies, before the forward is queued
+        step = self.runner.prepare(batch.rows, next_ids, eager=bool(plan), ahead_of=batch.ahead_of)
+        rows = self._sampling_rows(batch, prev)  # host work and non_blocking copies, before the forward is queued
         scores = score_rows(plan, batch, step, self._records, self.device)
         clock.mark("inputs")
         wants_routes = self._wants_routes(batch)
@@ -348,7 +348,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             routes = (out.routes.ids[:, :T].permute(1, 0, 2), out.routes.weights[:, :T].permute(1, 0, 2))
         self._launches.append((t0, time.perf_counter()))
         return InFlight(batch, step, sampled.tokens, HostCopy(sampled, routes, self.device, out.scored), clock,
-                        scores.owners if scores is not None else None)
+                        rows, scores.owners if scores is not None else None)
 
     def _launch_next(self, cur: InFlight) -> None:
         """With overlap on, launch the decode step after `cur` now (its tokens come from `cur` on the device)."""
@@ -460,7 +460,11 @@ class Engine(WeightUpdateAPI, ControlsAPI):
     def _wants_routes(self, batch) -> bool:
         return any(self._records[r.seq.seq_id].return_routed_experts for r in batch.rows)
 
-    def _sampling_rows(self, batch) -> SamplingRows:
+    def _sampling_rows(self, batch, prev: InFlight | None = None) -> SamplingRows:
+        """prev: the step `batch` was scheduled after (overlap); its rows' arrays are reused, one sample a row."""
+        if prev is not None and batch.ahead_of is not None and prev.rows.host is not None and all(
+                r.num_samples == 1 for r in prev.batch.rows):
+            return prev.rows.advance(batch.ahead_of, [r.start + 1 for r in batch.rows], self.device)
         params, seeds, positions, tops = [], [], [], []
         for row in batch.rows:
             group, k = row.seq.group, row.num_samples
@@ -473,6 +477,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
 
     @staticmethod
     def _per_row(batch, tokens: list[int]) -> list[list[int]]:
+        if batch.ahead_of is not None:  # a steady decode step: one sample a row
+            return [[t] for t in tokens]
         out, i = [], 0
         for row in batch.rows:
             out.append(tokens[i:i + row.num_samples])
@@ -497,20 +503,22 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                     a, b = step.qo_indptr[r], step.qo_indptr[r + 1]
                     rec.add_routes(row.start, ids[a:b], weights[a:b])
         logprobs, top_ids, top_lps = host["logprobs"], host["top_ids"], host["top_logprobs"]
+        records, version = self._records, self.weight_version
         s = 0
         for r, row in enumerate(batch.rows):
             k = row.num_samples
-            if not live[r]:
-                s += k
-                continue
-            seqs = [row.seq] if k <= 1 else row.seq.group.seqs[:k]
-            leader = self._records[row.seq.seq_id]
-            for j, seq in enumerate(seqs[:k]):
-                rec = self._records.get(seq.seq_id)
-                if rec is None:  # a sibling forked in this step's update
-                    rec = self._records[seq.seq_id] = leader.fork()
-                rec.add_token(logprobs[s + j], rec.top_of(top_lps, top_ids, s + j), self.weight_version,
-                              seq.num_outputs - 1)
+            if k == 1 and live[r]:  # the common row (the loop of a step at 1024 rows: kept lean)
+                seq = row.seq
+                rec = records[seq.seq_id]
+                rec.add_token(logprobs[s], rec.top_of(top_lps, top_ids, s), version,
+                              len(seq.tokens) - seq.num_prompt - 1)
+            elif k > 1 and live[r]:
+                leader = records[row.seq.seq_id]
+                for j, seq in enumerate(row.seq.group.seqs[:k]):
+                    rec = records.get(seq.seq_id)
+                    if rec is None:  # a sibling forked in this step's update
+                        rec = records[seq.seq_id] = leader.fork()
+                    rec.add_token(logprobs[s + j], rec.top_of(top_lps, top_ids, s + j), version, seq.num_outputs - 1)
             s += k
         self._stream_updates([row for row, ok in zip(batch.rows, live) if ok])
 

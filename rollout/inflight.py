@@ -92,4 +92,5 @@ class InFlight:
     tokens: torch.Tensor
     host: HostCopy
     clock: PhaseClock
+    rows: Any  # its SamplingRows (the next decode step's are derived from them)
     scored: list[tuple[int, int]] | None = None  # (seq_id, prompt position) of each prompt-token logprob it brings

@@ -39,15 +39,17 @@ class ModelRunner:
         self.routes = (RouteRecorder(len(model.moe_layers), builder.max_tokens, cfg.num_experts_per_tok,
                                      cache.device) if model.moe_layers else None)
 
-    def prepare(self, rows, next_ids: torch.Tensor | None = None, eager: bool = False) -> StepInputs:
+    def prepare(self, rows, next_ids: torch.Tensor | None = None, eager: bool = False,
+                ahead_of: list[int] | None = None) -> StepInputs:
         """The step's inputs; a decode batch that fits a captured size is padded to it (captured first) unless
         eager (a step that scores prompt tokens needs its hidden states).
-        next_ids: the decode rows' token ids on the device (a step built before its tokens reached the host)."""
+        next_ids: the decode rows' token ids on the device (a step built before its tokens reached the host);
+        ahead_of: then each row's index in the step built last (its arrays are reused)."""
         size = self.graphs.size_for(rows) if self.graphs is not None and not eager else None
         if size is not None:
             with torch.inference_mode():
                 self.graphs.ensure(size)
-        return self.builder.build(rows, pad_to=size, next_ids=next_ids)
+        return self.builder.build(rows, pad_to=size, next_ids=next_ids, ahead_of=ahead_of)
 
     def ready_for(self, rows) -> bool:
         """A step of `rows` runs without capturing a graph first (captures are not overlapped with a step)."""

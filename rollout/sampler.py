@@ -26,6 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
@@ -85,6 +86,8 @@ class SamplingRows:
     filter_plan: FilterPlan | None = None  # derived from the tensors (with a sync) when None
     top_logprobs_rows: torch.Tensor | None = None  # int64 [R] rows that asked; None = all rows
 
+    host: "RowArrays | None" = None  # the host arrays these tensors came from (`advance` reuses them)
+
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], positions: list[int], device,
               top_logprobs_num: list[int] | None = None) -> "SamplingRows":
@@ -94,30 +97,60 @@ class SamplingRows:
         for s in seeds:
             if not 0 <= s <= _M64:
                 raise ValueError(f"SamplingRows.build: seed {s} is not in [0, 2**64)")
+        counts = list(top_logprobs_num or [0] * S)
+        if len(counts) != S:
+            raise ValueError(f"SamplingRows.build: {S} params, {len(counts)} top_logprobs_num")
         greedy = [p.greedy for p in params]
         # inf would turn -inf logits into NaN (-inf / inf); FLT_MAX flattens the row just the same
         temp = [min(float(p.temperature), _FLT_MAX) for p in params]
         lp_temp = [min(p.logprob_temperature, _FLT_MAX) for p in params]
-        f32 = host_to_device(torch.tensor([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params],
-                                           lp_temp], dtype=torch.float32).reshape(4, S), device)
+        f32 = np.array([temp, [float(p.top_p) for p in params], [float(p.min_p) for p in params], lp_temp],
+                       dtype=np.float32).reshape(4, S)
         signed_seeds = [s - (1 << 64) if s >> 63 else s for s in seeds]
-        i64 = host_to_device(torch.tensor([[max(p.top_k, 0) for p in params], signed_seeds, list(positions), greedy],
-                                          dtype=torch.int64).reshape(4, S), device)
-        filt = [i for i, (p, g) in enumerate(zip(params, greedy))
-                if not g and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0)]
+        i64 = np.array([[max(p.top_k, 0) for p in params], signed_seeds, list(positions), greedy],
+                       dtype=np.int64).reshape(4, S)
+        filters = np.array([not g and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0)
+                            for p, g in zip(params, greedy)], dtype=bool)
+        return cls.from_host(RowArrays(f32, i64, filters, np.array(counts, dtype=np.int64)), device)
+
+    def advance(self, src: list[int], positions: list[int], device) -> "SamplingRows":
+        """The rows of the next decode step: row i is this step's row src[i] (same request, same sample) at
+        `positions[i]`; built from the host arrays without going through the params again."""
+        h = self.host
+        if h is None or len(positions) != len(src):
+            raise ValueError("SamplingRows.advance: rows built without host arrays, or src / positions differ")
+        idx = np.array(src, dtype=np.int64)
+        i64 = np.take(h.i64, idx, axis=1)  # C order, as build's (each row of it becomes a contiguous tensor)
+        i64[2] = positions
+        return self.from_host(RowArrays(np.take(h.f32, idx, axis=1), i64, h.filters[idx], h.counts[idx]), device)
+
+    @classmethod
+    def from_host(cls, h: "RowArrays", device) -> "SamplingRows":
+        f32 = host_to_device(torch.from_numpy(np.ascontiguousarray(h.f32)), device)
+        i64 = host_to_device(torch.from_numpy(np.ascontiguousarray(h.i64)), device)
+        filt = np.flatnonzero(h.filters)
         plan = None
-        if filt:
-            plan = FilterPlan(host_to_device(torch.tensor(filt, dtype=torch.int64), device),
-                              max(max(params[i].top_k, 0) for i in filt), any(params[i].top_p < 1.0 for i in filt))
-        counts = list(top_logprobs_num or [0] * S)
-        if len(counts) != S:
-            raise ValueError(f"SamplingRows.build: {S} params, {len(counts)} top_logprobs_num")
-        asked = [i for i, c in enumerate(counts) if c > 0]
+        if len(filt):
+            plan = FilterPlan(host_to_device(torch.from_numpy(filt.astype(np.int64)), device),
+                              int(h.i64[0, filt].max()), bool((h.f32[1, filt] < 1.0).any()))
+        asked = np.flatnonzero(h.counts > 0)
+        S = h.f32.shape[1]
         return cls(temperature=f32[0], greedy=i64[3] != 0, top_k=i64[0], top_p=f32[1], min_p=f32[2],
-                   seed=i64[1], position=i64[2], logprob_temperature=f32[3], top_logprobs_num=max(counts, default=0),
-                   needs_filter=plan is not None, filter_plan=plan,
+                   seed=i64[1], position=i64[2], logprob_temperature=f32[3],
+                   top_logprobs_num=int(h.counts.max()) if S else 0, needs_filter=plan is not None, filter_plan=plan,
                    top_logprobs_rows=(None if len(asked) == S
-                                      else host_to_device(torch.tensor(asked, dtype=torch.int64), device)))
+                                      else host_to_device(torch.from_numpy(asked.astype(np.int64)), device)),
+                   host=h)
+
+
+@dataclass
+class RowArrays:
+    """SamplingRows' host side: f32 [4, S] temperature, top_p, min_p, logprob temperature; i64 [4, S] top_k (0 =
+    off), signed seed, position, greedy; which rows filter; top-logprobs counts."""
+    f32: np.ndarray
+    i64: np.ndarray
+    filters: np.ndarray
+    counts: np.ndarray
 
 
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -10,6 +10,8 @@ page after a group forks) gets its own copy first (recorded in the batch; the ru
 With the prefix cache on, a sequence that ends or is preempted leaves its full pages in the cache, and an admitted
 sequence starts after the longest run of cached pages spelling its leading tokens (at least its last token is
 computed); cached pages nobody uses are evicted, least recently used first, before anyone is preempted.
+A sequence's `pages` list is only ever appended to in place; any other change binds a new list (the step builder
+derives a decode step's page table from the last one's when every row's list is the same object).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class RequestError(ValueError):
     """A request this engine can never serve (it cannot fit the cache or the context)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     seq: Sequence
     start: int  # first position computed this step (== seq.num_computed when scheduled)
@@ -178,31 +180,35 @@ class Scheduler:
         the batch, a shared partial page (copy-on-write), too few free pages (preemption), or `ready(rows)`
         false (the runner cannot run the step right away)."""
         G = self.page_size
-        if not batch.rows or batch.copies or any(r.length != 1 or r.num_samples != 1 for r in batch.rows):
+        if not batch.rows or batch.copies or (batch.ahead_of is None and any(
+                r.length != 1 or r.num_samples != 1 for r in batch.rows)):  # a batch made here is one already
             return None
         if self._admissible(len(batch.rows)):
             return None  # schedule() would admit the queue's head: let it
         if len(batch.rows) != len(self.running):
             return None
-        rows, src, need = [], [], 0
-        for i, row in enumerate(batch.rows):
+        rows, src, grow = [], [], []
+        running, refcount = SeqStatus.RUNNING, self.pool.refcount
+        context = self.max_context if self.max_context is not None else 1 << 62
+        for i, row in enumerate(batch.rows):  # the loop of a step at 1024 rows: kept lean
             seq = row.seq
-            if seq.status != SeqStatus.RUNNING or seq.fork != 1 or row.start != seq.num_computed:
-                return None
-            if (seq.num_outputs + 1 >= seq.params.max_new_tokens
-                    or (self.max_context is not None and len(seq.tokens) + 1 >= self.max_context)):
-                continue  # batch's token ends it by length
             start = row.start + 1
-            if start % G and self.pool.refcount(seq.pages[start // G]) > 1:
+            if seq.status is not running or seq.fork != 1 or start != seq.num_computed + 1:
                 return None
-            need += max(0, -(-(start + 1) // G) - len(seq.pages))
+            n = len(seq.tokens) + 1
+            if n - seq.num_prompt >= seq.group.params.max_new_tokens or n >= context:
+                continue  # batch's token ends it by length
+            if start % G:
+                if refcount(seq.pages[start // G]) > 1:
+                    return None
+            elif len(seq.pages) <= start // G:
+                grow.append(seq)  # its next position starts a page
             rows.append(Row(seq, start, 1, 1))
             src.append(i)
-        if not rows or need > self._available() or (ready is not None and not ready(rows)):
+        if not rows or len(grow) > self._available() or (ready is not None and not ready(rows)):
             return None
-        for row in rows:
-            while len(row.seq.pages) < -(-(row.start + 1) // G):
-                row.seq.pages.append(self._new_page())
+        for seq in grow:
+            seq.pages.append(self._new_page())
         return Batch(rows, ahead_of=src)
 
     def _admissible(self, decode_rows: int) -> bool:
@@ -255,10 +261,11 @@ class Scheduler:
             page = self._alloc(seq, scheduled, preempt)
             if page is None:
                 return False
-            old = seq.pages[start // G]
+            i = start // G
+            old = seq.pages[i]
             batch.copies.append((old, page))
             self.pool.free(old)
-            seq.pages[start // G] = page
+            seq.pages = seq.pages[:i] + [page] + seq.pages[i + 1:]  # a new list: pages are only appended in place
         while len(seq.pages) < -(-(start + length) // G):
             page = self._alloc(seq, scheduled, preempt)
             if page is None:

@@ -8,8 +8,10 @@ Legend: B rows, T new tokens (sum of lengths), S sampled rows (sum of num_sample
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -32,6 +34,27 @@ class PageTable:
                    torch.tensor(indices, dtype=i32), torch.tensor(kv_lens, dtype=i32))
 
 
+class RowPages(Sequence):
+    """`StepInputs.pages` from a flat page table (int32 indices, CSR indptr): row r's pages as a list on access."""
+
+    def __init__(self, indices: np.ndarray, indptr: np.ndarray):
+        self.indices, self.indptr = indices, indptr
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(len(self)))]
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"row {r} of {len(self)}")
+        r %= len(self)
+        return self.indices[self.indptr[r]:self.indptr[r + 1]].tolist()
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+
 @dataclass
 class StepInputs:
     ids_T: torch.Tensor  # int64 token ids of every row's new tokens, row after row (then padding tokens)
@@ -39,7 +62,7 @@ class StepInputs:
     slots_T: torch.Tensor  # int64 flat cache slot (page * page_size + offset) each token's latent is written to
     qo_indptr: list[int]  # [B + 1] row r owns tokens qo_indptr[r] .. qo_indptr[r + 1] - 1
     kv_lens: list[int]  # [B] positions visible to the row's last token (start + length)
-    pages: list[list[int]]  # [B] the row's pages covering [0, kv_len)
+    pages: Sequence[list[int]]  # [B] the row's pages covering [0, kv_len) (lists, or RowPages)
     sample_T: torch.Tensor  # int64 [S] token index whose hidden state gives each sampled row's logits
     page_size: int
     is_decode: bool  # every row computes exactly one token

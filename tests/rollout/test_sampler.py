@@ -201,6 +201,32 @@ def test_rows_build():
     assert not plain.needs_filter and plain.top_logprobs_num == 0 and plain.filter_plan is None
 
 
+def _rows_fields(rows: SamplingRows) -> dict:
+    plan = rows.filter_plan
+    return {"tensors": [t.tolist() for t in (rows.temperature, rows.greedy, rows.top_k, rows.top_p, rows.min_p,
+                                            rows.seed, rows.position, rows.logprob_temperature)],
+            "contiguous": all(t.is_contiguous() for t in (rows.temperature, rows.top_p, rows.min_p, rows.seed,
+                                                          rows.position, rows.logprob_temperature, rows.top_k)),
+            "top": (rows.top_logprobs_num, None if rows.top_logprobs_rows is None else rows.top_logprobs_rows.tolist()),
+            "filter": (rows.needs_filter, None if plan is None else (plan.rows.tolist(), plan.k_max, plan.any_top_p))}
+
+
+@pytest.mark.parametrize("src", [[0, 1, 2, 3, 4, 5], [1, 3, 4], [5], [0, 2]])
+def test_rows_advance_equals_a_fresh_build(src):
+    """A steady decode step's rows come from the last step's host arrays (`advance`): equal to building them from
+    the params, seeds and positions again, whichever rows remain."""
+    params = [P(temperature=0, top_k=5), P(top_k=3, raw_logprob=True, temperature=0.5), P(top_p=0.9), P(min_p=0.1),
+              P(temperature=1e-30), P(temperature=0.7)]
+    seeds, pos, tops = [0, 2**64 - 1, 2**63, 5, 6, 7], [10, 11, 12, 13, 14, 15], [0, 2, 0, 5, 0, 1]
+    rows = SamplingRows.build(params, seeds, pos, "cpu", tops)
+    nxt = rows.advance(src, [pos[i] + 1 for i in src], "cpu")
+    ref = SamplingRows.build([params[i] for i in src], [seeds[i] for i in src], [pos[i] + 1 for i in src], "cpu",
+                             [tops[i] for i in src])
+    assert _rows_fields(nxt) == _rows_fields(ref) and _rows_fields(nxt)["contiguous"]
+    again = nxt.advance(list(range(len(src))), [pos[i] + 2 for i in src], "cpu")  # and from an advanced step
+    assert again.position.tolist() == [pos[i] + 2 for i in src] and again.seed.tolist() == ref.seed.tolist()
+
+
 # ---------------------------------------------------------------- batch invariance
 
 def test_token_depends_only_on_row_seed_and_position():

@@ -178,11 +178,12 @@ def test_randomized_overlap_runs_exercise_ahead_steps_and_dropped_rows():
     assert sum(r["ahead"] for r in runs) > 100 and sum(r["dropped"] for r in runs) > 0
 
 
-def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
+def _random_run(seed: int, overlap: bool = False, prefix: bool = False, launched=None) -> dict:
     """Random arrivals (n in 1..3), aborts, retracts, stops and a small pool; checks after every step.
     overlap: as the engine's overlap schedule does, the next decode step is scheduled (and its cache writes
     done) before the current step's tokens are applied; requests, aborts and retracts come between steps
-    only (the engine finishes a launched-ahead step before running commands)."""
+    only (the engine finishes a launched-ahead step before running commands).
+    launched(batch, page_size, pages): called for every batch in the engine's launch order."""
     rng = random.Random(seed)
     stats = dict(copies=0, ahead=0, dropped=0)
     page_size = rng.choice([1, 2, 4, 16])
@@ -222,6 +223,8 @@ def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
     def run_step(batch):
         nonlocal ahead
         nxt = s.schedule_next_decode(batch) if overlap else None
+        if nxt is not None and launched is not None:
+            launched(nxt, page_size, pages)
         slots = [(r.seq.pages[r.start // page_size], r.start % page_size) for r in nxt.rows] if nxt else None
         live = [r.seq.status not in ENDED for r in batch.rows]
         stats["dropped"] += live.count(False)
@@ -263,11 +266,15 @@ def _random_run(seed: int, overlap: bool = False, prefix: bool = False) -> dict:
         if batch is None:
             continue
         stats["copies"] += len(batch.copies)
+        if launched is not None:
+            launched(batch, page_size, pages)
         write_and_read(batch)
         run_step(batch)
     while s.has_work() or ahead is not None:
         batch = ahead or s.schedule()
         if ahead is None:
+            if launched is not None:
+                launched(batch, page_size, pages)
             write_and_read(batch)
         run_step(batch)
     _check_pages(s, pages, page_size)

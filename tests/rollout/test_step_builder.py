@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mxroll.rollout.step_builder import StepBuilder
-from mxroll.rollout.step_inputs import PageTable, StepInputs
+from mxroll.rollout.step_inputs import PageTable, RowPages, StepInputs
 
 G, SCRATCH = 4, 999
 
@@ -131,3 +131,41 @@ def test_next_ids_take_the_place_of_tokens_the_host_does_not_have():
     prefill[0].length = 3
     with pytest.raises(ValueError, match="prefill"):
         b.build(prefill, next_ids=torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_steady_decode_steps_build_as_the_plain_path(seed):
+    """The overlap schedule's decode steps (`ahead_of`) take `_build_next` (the last step's arrays, numpy): over
+    randomized scheduler runs (forks, copy-on-write, preemption, stops, rows dropped, pages appended, graph padding)
+    every step equals the plain build of the same rows, and the fast path does run."""
+    from tests.rollout.test_scheduler import _random_run
+    rng = random.Random(seed)
+    builders: dict = {}
+    fast_steps = 0
+
+    def launched(batch, page_size, pages):
+        nonlocal fast_steps
+        if page_size not in builders:  # the scratch page is the one after the pool's
+            builders[page_size] = [StepBuilder(page_size, 512, 512, torch.device("cpu"), pages) for _ in range(2)]
+        fast, plain = builders[page_size]
+        decode = all(r.length == 1 for r in batch.rows)
+        pad = len(batch.rows) + rng.choice([0, 0, 3]) if decode and rng.random() < 0.5 else None
+        next_ids = torch.arange(len(batch.rows)) + 7 if batch.ahead_of is not None else None
+        before = fast._last
+        got = fast.build(batch.rows, pad_to=pad, next_ids=next_ids, ahead_of=batch.ahead_of)
+        fast_steps += fast._last is not None and fast._last is not before and isinstance(got.pages, RowPages)
+        ref = plain.build(batch.rows, pad_to=pad, next_ids=next_ids)
+        n = ref.num_tokens + ref.pad_rows
+        for a, b in ((got.ids_T, ref.ids_T), (got.pos_T, ref.pos_T), (got.slots_T, ref.slots_T)):
+            assert a.shape == b.shape and a.tolist() == b.tolist()
+        assert got.sample_T.tolist() == ref.sample_T.tolist() and got.ids_T.numel() == n
+        assert (got.qo_indptr, got.kv_lens, got.is_decode, got.graph, got.pad_rows, got.sample_rows_in_order) == (
+            ref.qo_indptr, ref.kv_lens, ref.is_decode, ref.graph, ref.pad_rows, ref.sample_rows_in_order)
+        assert got.pages == ref.pages and list(got.pages) == [list(p) for p in ref.pages]
+        assert table_lists(got.page_table()) == table_lists(ref.page_table())
+        for r, row in enumerate(batch.rows):  # the pages a row reads are its sequence's
+            assert got.pages[r] == row.seq.pages[:-(-(row.start + row.length) // page_size)]
+
+    _random_run(seed, overlap=True, launched=launched)
+    if seed == 0:
+        assert fast_steps > 0
