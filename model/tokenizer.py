@@ -30,9 +30,14 @@ class ByteTokenizer:
         ids = [b + self.offset for b in text.encode("utf-8")]
         return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Special tokens have no text here: skipped either way."""
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
         return data.decode("utf-8", errors="replace")
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled `text` (None: none)."""
+        return None
 
     def save(self, directory: str | Path) -> None:
         Path(directory, BYTE_TOKENIZER_FILE).write_text(json.dumps(
@@ -59,8 +64,12 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 
-    def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled `text` (special tokens included; None: none)."""
+        return self._tok.token_to_id(text)
 
 
 def load_tokenizer(directory: str | Path, bos_token_id: int | None = None):

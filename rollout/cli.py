@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import configs
+from .tool_calls import FORMATS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--routed-experts-format", default=None, choices=["list", "base64"],
                     help="how /generate returns return_routed_experts: nested lists (default) or sglang's base64 "
                          "of int32 [tokens, num_hidden_layers, top_k]")
+    sv.add_argument("--tool-call-parser", default=None, choices=sorted(FORMATS),
+                    help="parse tool calls out of /v1/chat/completions replies in this model family's format "
+                         "(sglang's names); default: replies stay text")
     _engine_flags(sv)
     sv.add_argument("overrides", nargs="*",
                     help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
@@ -251,7 +255,8 @@ def _serve(args) -> int:
 
     env = {key: os.environ[var] for key, var in (("admin_token", "MXROLL_ADMIN_TOKEN"), ("api_key", "MXROLL_API_KEY"))
            if os.environ.get(var)}
-    flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key", "routed_experts_format")
+    flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key", "routed_experts_format",
+                                                        "tool_call_parser")
              if getattr(args, key) is not None}
     engine = {"model_path": args.model_path} if args.model_path is not None else {}
     if args.log_level:
@@ -263,7 +268,8 @@ def _serve(args) -> int:
     logging.getLogger("mxroll").setLevel(_level(cfg.engine.log_level))
     s = cfg.server
     run_server(cfg.engine, host=s.host, port=s.port, admin_token=s.admin_token, api_key=s.api_key,
-               log_level=cfg.engine.log_level, routed_experts_format=s.routed_experts_format)
+               log_level=cfg.engine.log_level, routed_experts_format=s.routed_experts_format,
+               tool_call_parser=s.tool_call_parser)
     return 0
 
 

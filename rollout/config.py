@@ -143,6 +143,9 @@ class ServerConfig:
     # /generate's return_routed_experts: "list" (nested JSON lists [tokens][moe layers][top_k]) or "base64"
     # (sglang's: little-endian int32 [tokens, num_hidden_layers, top_k], dense layers 0)
     routed_experts_format: str = "list"
+    # sglang's --tool-call-parser: the tool-call format chat replies are parsed with (deepseekv3, deepseekv31,
+    # kimi_k2); null leaves replies as text
+    tool_call_parser: str | None = None
 
 
 @dataclass

@@ -1,14 +1,18 @@
 """OpenAI /v1/chat/completions: the request body, and the chat shapes of the completion formatter.
 
 Messages are rendered by the checkpoint's own chat template (rollout/chat.py) and tokenized as they are (the
-template spells its special tokens); the assistant's reply is the sampled text. Tools are handed to the template,
-but tool calls are not parsed out of the reply: its text comes back as `content`.
+template spells its special tokens); the assistant's reply is the sampled text. Tools are handed to the template;
+with a tool-call parser (`mxroll serve --tool-call-parser`, rollout/tool_calls.py) the calls in a reply come back
+as `tool_calls` (finish_reason "tool_calls"), the text before them as `content`; without one, or with
+`tool_choice: "none"`, the reply is text. Streamed, content deltas stop where a calls section begins and the calls
+come in the last delta.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .server_api import CompletionFormatter, Json, StreamOptions, _Body, finish_reason, openai_sampling
+from .tool_calls import ToolCallFormat, split_reply
 
 
 class ChatCompletionRequest(_Body):
@@ -43,7 +47,7 @@ class ChatCompletionRequest(_Body):
                              "chat_template.jinja, with a tokenizer.json); use /v1/completions or /generate")
         if self.tool_choice not in (None, "auto", "none"):
             raise ValueError(f"tool_choice={self.tool_choice!r}: forcing a tool call is not supported (tools go to "
-                             "the chat template; the reply is returned as text)")
+                             "the chat template; the model decides, as with \"auto\")")
         if self.top_logprobs is not None and (self.top_logprobs < 0 or not self.logprobs):
             raise ValueError(f"top_logprobs={self.top_logprobs}: needs logprobs true and a value >= 0")
         text = template.render(self.messages, tools=self.tools, add_generation_prompt=True, extra=self.chat_template_kwargs)
@@ -60,15 +64,33 @@ class ChatCompletionRequest(_Body):
             args["rid"] = self.rid
         return args
 
+    def tool_format(self, parser: ToolCallFormat | None) -> ToolCallFormat | None:
+        """The server's tool-call format when this request's replies are parsed for calls (tools given, not
+        tool_choice "none")."""
+        return parser if self.tools and self.tool_choice != "none" else None
+
 
 class ChatFormatter(CompletionFormatter):
     """Engine outputs -> `chat.completion` objects (or `chat.completion.chunk` deltas when streaming: each
-    choice's first carries the assistant role)."""
+    choice's first carries the assistant role). tools: the format replies are parsed with for tool calls."""
 
-    def __init__(self, model: str, tokenizer, logprobs: bool, top_logprobs: int | None, stream: bool):
+    def __init__(self, model: str, tokenizer, logprobs: bool, top_logprobs: int | None, stream: bool,
+                 tools: ToolCallFormat | None = None):
         super().__init__(model, tokenizer, (top_logprobs or 0) if logprobs else None)
         self.id = "chatcmpl-" + self.id.removeprefix("cmpl-")
         self.stream, self._roled = stream, set()
+        self.tools = tools if tokenizer is not None else None
+        self._calls: dict[int, list[dict]] = {}  # parsed calls of each choice (its reply finished)
+
+    def _text(self, out: Json) -> str:
+        text = out.get("text", "")
+        if self.tools is None:
+            return text
+        final = out["meta_info"]["finish_reason"] is not None
+        reply = split_reply(self.tools, self.tokenizer, out["output_ids"], text, final)
+        if reply.calls:
+            self._calls[out.get("index", 0)] = reply.calls
+        return reply.content
 
     def _envelope(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "chat.completion.chunk" if self.stream else "chat.completion",
@@ -76,13 +98,20 @@ class ChatFormatter(CompletionFormatter):
 
     def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int, echo: bool = False) -> Json:
         choice: dict[str, Any] = {"index": index}
+        calls = self._calls.get(index)
         if self.stream:
             choice["delta"] = {"content": text} if index in self._roled else {"role": "assistant", "content": text}
             self._roled.add(index)
+            if calls:
+                choice["delta"]["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
         else:
             choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"].update(content=text if text.strip() else None, tool_calls=calls)
         choice["logprobs"] = self._chat_logprobs(out, start)
         choice["finish_reason"] = finish_reason(out["meta_info"]["finish_reason"])
+        if calls and choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
         return choice
 
     def _chat_logprobs(self, out: Json, start: int) -> Json | None:

@@ -1,0 +1,111 @@
+"""Tool calls in chat replies: the model's own tool-call markup parsed into OpenAI `tool_calls` (the parser names of
+sglang's `--tool-call-parser`).
+
+The formats, as the checkpoints' chat templates write an assistant's calls (and so as the models emit them):
+  deepseekv3   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
+               (more calls separated by a newline) <｜tool▁calls▁end｜>
+  deepseekv31  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+  kimi_k2      <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:I<|tool_call_argument_begin|>ARGS
+               <|tool_call_end|>...<|tool_calls_section_end|>
+The markers are special tokens of those tokenizers, so the reply is read from its token ids decoded with special
+tokens kept; the content is the reply's text before the calls. Only complete calls count: a reply cut off by
+max_tokens keeps the calls it completed (its finish_reason stays "length"), and a section with none (cut off in its
+first call, or malformed) is no call: the reply then comes back whole as text, as without a parser. Arguments
+that are JSON are re-serialized compactly; others are passed on as written (OpenAI's `arguments` is a string the
+client parses).
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    begin: str  # opens the calls section
+    call: re.Pattern  # one call: groups "name" and "args", and "id" where the format numbers its calls
+
+    def parse(self, section: str) -> list[dict]:
+        """OpenAI tool calls of a calls section (text from `begin` on)."""
+        calls = []
+        for m in self.call.finditer(section):
+            name = m.group("name").strip()
+            if not name:
+                continue
+            given = m.groupdict().get("id")
+            calls.append({"id": given.strip() if given else "call_" + uuid.uuid4().hex[:24], "type": "function",
+                          "function": {"name": name, "arguments": _arguments(m.group("args"))}})
+        return calls
+
+
+FORMATS = {
+    "deepseekv3": ToolCallFormat(
+        "<｜tool▁calls▁begin｜>",
+        re.compile(r"<｜tool▁call▁begin｜>\s*\w*\s*<｜tool▁sep｜>(?P<name>[^\n<]*)\n```(?:json)?\s*\n(?P<args>.*?)\n?```"
+                   r"\s*<｜tool▁call▁end｜>", re.S)),
+    "deepseekv31": ToolCallFormat(
+        "<｜tool▁calls▁begin｜>",
+        re.compile(r"<｜tool▁call▁begin｜>(?P<name>[^<]*?)<｜tool▁sep｜>(?P<args>.*?)<｜tool▁call▁end｜>", re.S)),
+    "kimi_k2": ToolCallFormat(
+        "<|tool_calls_section_begin|>",
+        re.compile(r"<\|tool_call_begin\|>\s*(?P<id>(?:functions\.)?(?P<name>[^<:\s]+?)(?::\d+)?)\s*"
+                   r"<\|tool_call_argument_begin\|>(?P<args>.*?)<\|tool_call_end\|>", re.S)),
+}
+
+
+def tool_call_format(name: str | None) -> ToolCallFormat | None:
+    """The format of a parser name (None: no parsing); an unknown name is a ValueError listing the known ones."""
+    if name is None:
+        return None
+    if name not in FORMATS:
+        raise ValueError(f"tool_call_parser={name!r}; supported: {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+@dataclass
+class Reply:
+    content: str  # the text to show as content (so far, when streaming)
+    calls: list[dict] | None  # parsed tool calls (a finished reply whose calls section parsed), else None
+
+
+def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int], text: str, final: bool) -> Reply:
+    """A chat reply's content and tool calls. ids / text: its output token ids and their decoded text (special
+    tokens skipped). While not final, content stops where a calls section begins (or may be beginning) and no calls
+    are given: they come with the finished reply."""
+    full = tokenizer.decode(ids, skip_special_tokens=False)
+    at = full.find(fmt.begin)
+    if at < 0:
+        return Reply(text if final else text[:len(text) - _partial_marker(text, fmt.begin)], None)
+    content = _before_marker(fmt.begin, tokenizer, ids, text, full[:at])
+    if not final:
+        return Reply(content, None)
+    calls = fmt.parse(full[at:])
+    return Reply(content, calls) if calls else Reply(text, None)
+
+
+def _before_marker(marker: str, tokenizer, ids: list[int], text: str, fallback: str) -> str:
+    """The reply's text (special tokens skipped) before the calls section's marker."""
+    if marker in text:  # spelled by ordinary tokens
+        return text[:text.index(marker)]
+    marker_id = tokenizer.token_id(marker)
+    if marker_id is not None and marker_id in ids:  # one special token
+        return tokenizer.decode(ids[:ids.index(marker_id)])
+    return fallback
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that begins `marker` (held back while streaming)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _arguments(raw: str) -> str:
+    raw = raw.strip()
+    try:
+        return json.dumps(json.loads(raw), ensure_ascii=False)
+    except ValueError:
+        return raw
