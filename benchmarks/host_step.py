@@ -8,9 +8,10 @@ the same state, step after step:
            `ahead_of`, SamplingRows.build from the params): what every step cost before the steady-decode paths;
   steady - the engine's path now (`_build_next` from the last step's arrays, `SamplingRows.advance`).
 Both see the same rows (the plain builder and rows are built first, then the steady ones) and their step inputs
-are checked equal every step. Also reported: the cyclic garbage collector's time during the timed steps.
+are checked equal every step. Also reported: the cyclic garbage collector's time during the timed steps. --routes:
+every request asks return_routed_experts (the step's route arrays recorded per row, in `record`).
 
-    python benchmarks/host_step.py [--context 768 1200] [--steps 50] [--out NAME]
+    python benchmarks/host_step.py [--context 512 768 1200] [--steps 50] [--routes] [--out NAME]
 """
 from __future__ import annotations
 
@@ -50,12 +51,22 @@ class _Loop:
         return Engine._stream_updates(self, rows)
 
 
+def ROUTES(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host route arrays of n tokens (moonlight: 26 MoE layers, top-6), as a step copies them back."""
+    return torch.randint(0, 64, (n, 26, 6), dtype=torch.int32), torch.rand(n, 26, 6)
+
+
+class _Step:
+    def __init__(self, rows: int):
+        self.qo_indptr = list(range(rows + 1))
+
+
 class _Launched:
     def __init__(self, batch, rows):
         self.batch, self.rows = batch, rows
 
 
-def run(context: int, steps: int) -> dict:
+def run(context: int, steps: int, routes: bool = False) -> dict:
     out_len = context - PROMPT + steps + 8
     pool = PagePool(PROMPTS * N * (PROMPT + out_len) // PAGE + 1024)
     s = Scheduler(pool, page_size=PAGE, max_running=PROMPTS * N, max_batch_tokens=16384)
@@ -69,12 +80,18 @@ def run(context: int, steps: int) -> dict:
         s.update(batch, [[5] * r.num_samples for r in batch.rows])
     loop = _Loop()
     for seq in s.running:
-        loop._records[seq.seq_id] = Record(return_logprob=True)
+        loop._records[seq.seq_id] = Record(return_logprob=True, return_routed_experts=routes)
+        if routes:  # the prompt's and the outputs' routes so far
+            loop._records[seq.seq_id].add_routes(0, *(t.numpy() for t in ROUTES(len(seq.tokens) - 1)))
     prev = batch
     while PROMPT + prev.rows[0].seq.num_outputs < context:
         nxt = s.schedule_next_decode(prev)
         s.update(prev, [[5] for _ in prev.rows])
+        if routes:
+            for row in prev.rows:
+                loop._records[row.seq.seq_id].add_routes(row.start, *(t.numpy() for t in ROUTES(1)))
         prev = nxt
+    step_routes = ROUTES(len(prev.rows)) if routes else (None, None)
     plain_b = StepBuilder(PAGE, 4096, 4096, torch.device("cpu"), scratch_page=0)
     steady_b = StepBuilder(PAGE, 4096, 4096, torch.device("cpu"), scratch_page=0)
     ids = torch.zeros(len(prev.rows), dtype=torch.int64)
@@ -112,9 +129,9 @@ def run(context: int, steps: int) -> dict:
             t6 = time.perf_counter()
             s.update(prev, per_row)
             t7 = time.perf_counter()
-            host = {"logprobs": [-1.0] * len(tokens), "top_ids": None, "top_logprobs": None, "route_ids": None,
-                    "route_weights": None}
-            Engine._record(loop, prev, None, host, [True] * len(prev.rows), None)
+            host = {"logprobs": [-1.0] * len(tokens), "top_ids": None, "top_logprobs": None,
+                    "route_ids": step_routes[0], "route_weights": step_routes[1]}
+            Engine._record(loop, prev, _Step(len(prev.rows)), host, [True] * len(prev.rows), None)
             t8 = time.perf_counter()
             for name, a, b in (("schedule_next_decode", t0, t1), ("plain_build", t1, t2),
                                ("plain_sampling_rows", t2, t3), ("steady_build", t3, t4),
@@ -131,7 +148,7 @@ def run(context: int, steps: int) -> dict:
     common = ms["schedule_next_decode"] + ms["per_row"] + ms["update"] + ms["record"]
     ms["plain_total"] = common + ms["plain_build"] + ms["plain_sampling_rows"]
     ms["steady_total"] = common + ms["steady_build"] + ms["steady_sampling_rows"]
-    return {"context": context, "rows": len(prev.rows), "pages_per_row": len(prev.rows[0].seq.pages),
+    return {"context": context, "routes": routes, "rows": len(prev.rows), "pages_per_row": len(prev.rows[0].seq.pages),
             "ms_per_step": ms, "gc_ms_per_step": 1e3 * gc_s / steps, "gc_collections": gc_n}
 
 
@@ -139,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, nargs="+", default=[512, 768, 1200])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--routes", action="store_true", help="requests ask return_routed_experts (routing replay)")
     ap.add_argument("--out", default="host_step")
     args = ap.parse_args()
     env = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
@@ -148,7 +166,7 @@ def main() -> None:
             "plain_sampling_rows", "steady_sampling_rows", "plain_total", "steady_total")
     print(f"{'context':>7} " + " ".join(f"{k:>20}" for k in keys) + f" {'gc':>6}   (ms per step, {N * PROMPTS} rows)")
     for c in args.context:
-        r = run(c, args.steps)
+        r = run(c, args.steps, args.routes)
         results["runs"].append(r)
         print(f"{c:>7} " + " ".join(f"{r['ms_per_step'][k]:>20.3f}" for k in keys) + f" {r['gc_ms_per_step']:>6.3f}")
     print(f"results -> {write_results(args.out, results)}")

@@ -288,8 +288,10 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             seeds = ([sample_seed(p.seed, index, j) for j in range(p.n)] if p.seed is not None
                      else [self._seeds.getrandbits(64) for _ in range(p.n)])
             arrival = next(self._arrivals)
+        # positions whose outputs are asked (prompt logprobs, every position's routes) are computed, never cached
+        compute_from = 0 if req.return_routed_experts else req.input_start if req.return_logprob else None
         return Group(rid=req.rid or uuid.uuid4().hex, prompt=req.input_ids, params=p, seeds=seeds,
-                     arrival=arrival, seqs=[], compute_from=req.input_start if req.return_logprob else None)
+                     arrival=arrival, seqs=[], compute_from=compute_from)
 
     def _stream(self, call: _Call, events: queue.Queue):
         while True:
@@ -497,6 +499,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 rec.add_input(position, host["input_logprobs"][i], top)
         ids, weights = host["route_ids"], host["route_weights"]
         if ids is not None:
+            ids, weights = ids.numpy(), weights.numpy()  # numpy row views: a tenth of a tensor slice's host cost
             for r, row in enumerate(batch.rows):
                 rec = self._records[row.seq.seq_id] if live[r] else None
                 if rec is not None and rec.return_routed_experts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -24,8 +25,10 @@ class Record:
     text_in_logprobs: bool = False  # sglang's return_text_in_logprobs: token texts in the logprob tuples
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
-    routes: list[torch.Tensor] = field(default_factory=list)  # chunks [n, L, K] int32, positions in order
-    route_weights: list[torch.Tensor] = field(default_factory=list)
+    # routes of positions [0, routed_positions): int32 ids and float32 weights [capacity, L, K], grown by doubling
+    # (rows are written once per step; nothing is gathered when the sequence ends)
+    route_ids: np.ndarray | None = None
+    route_weights: np.ndarray | None = None
     routed_positions: int = 0  # positions recorded so far (a recompute after preemption skips them)
     versions: list[tuple[int, str]] = field(default_factory=list)  # (output index, weight version) at each change
     created: float = field(default_factory=time.perf_counter)
@@ -59,22 +62,46 @@ class Record:
         if top is not None:
             self.input_top.append(top)
 
-    def add_routes(self, start: int, ids_NLK: torch.Tensor, weights_NLK: torch.Tensor) -> None:
-        """Routes of positions [start, start + N); positions already recorded are skipped."""
-        skip = self.routed_positions - start
-        if skip >= ids_NLK.shape[0]:
+    def add_routes(self, start: int, ids_NLK: np.ndarray, weights_NLK: np.ndarray) -> None:
+        """Routes of positions [start, start + N) (host arrays, copied); positions already recorded are skipped."""
+        n = ids_NLK.shape[0]
+        if start + n <= self.routed_positions:
             return
-        skip = max(skip, 0)
-        self.routes.append(ids_NLK[skip:])
-        self.route_weights.append(weights_NLK[skip:])
-        self.routed_positions = start + ids_NLK.shape[0]
+        if start > self.routed_positions:
+            raise ValueError(f"routes of position {start} before those of {self.routed_positions}")
+        if self.route_ids is None or start + n > len(self.route_ids):
+            cap = max(start + n, 2 * (0 if self.route_ids is None else len(self.route_ids)), 64)
+            self.route_ids = _grown(self.route_ids, cap, ids_NLK, self.routed_positions)
+            self.route_weights = _grown(self.route_weights, cap, weights_NLK, self.routed_positions)
+        skip = self.routed_positions - start
+        self.route_ids[start + skip:start + n] = ids_NLK[skip:]
+        self.route_weights[start + skip:start + n] = weights_NLK[skip:]
+        self.routed_positions = start + n
+
+    def routes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids int32, weights float32) [routed_positions, L, K] as tensors (views of the record's buffers)."""
+        if self.route_ids is None:
+            return torch.zeros(0, 0, 0, dtype=torch.int32), torch.zeros(0, 0, 0)
+        n = self.routed_positions
+        return torch.from_numpy(self.route_ids[:n]), torch.from_numpy(self.route_weights[:n])
 
     def fork(self) -> "Record":
-        """A sibling of a group shares the prompt's routes."""
+        """A sibling of a group starts with the prompt's routes (a copy: its own rows follow)."""
+        n = self.routed_positions
         return Record(self.return_logprob, self.top_logprobs_num, self.return_routed_experts, self.text_in_logprobs,
-                      routes=list(self.routes), route_weights=list(self.route_weights),
-                      routed_positions=self.routed_positions, created=self.created, input_start=self.input_start,
+                      route_ids=None if self.route_ids is None else self.route_ids[:n].copy(),
+                      route_weights=None if self.route_weights is None else self.route_weights[:n].copy(),
+                      routed_positions=n, created=self.created, input_start=self.input_start,
                       input_logprobs=list(self.input_logprobs), input_top=list(self.input_top))
+
+
+def _grown(buf: np.ndarray | None, capacity: int, like: np.ndarray, keep: int) -> np.ndarray:
+    """A [capacity, ...] buffer of `like`'s row shape and dtype holding buf's first `keep` rows (np.zeros: pages
+    never written stay unallocated)."""
+    out = np.zeros((capacity, *like.shape[1:]), dtype=like.dtype)
+    if buf is not None:
+        out[:keep] = buf[:keep]
+    return out
 
 
 def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
@@ -100,8 +127,7 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
         meta["input_top_logprobs"] = [None] + texted(rec.input_top)
     if rec.return_routed_experts:
         n = max(len(seq.tokens) - 1, 0)
-        ids = torch.cat(rec.routes) if rec.routes else torch.zeros(0, 0, 0, dtype=torch.int32)
-        w = torch.cat(rec.route_weights) if rec.route_weights else torch.zeros(0, 0, 0)
+        ids, w = rec.routes()
         meta["routed_experts"], meta["routed_expert_weights"] = ids[:n], w[:n]
     out = {"output_ids": outputs, "meta_info": meta}
     if tokenizer is not None:

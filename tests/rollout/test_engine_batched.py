@@ -460,6 +460,12 @@ def test_prefix_cache_serves_the_next_turn_of_a_conversation(tiny_checkpoint, en
         assert e.flush_cache() is True and e.get_server_info()["prefix_cache_pages"] == 0
         assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 0
         assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 48
+        # routing replay asks every position's routes: a cached prefix is computed again (routes equal a fresh run)
+        routed = e.generate(input_ids=turn2, sampling_params=params, return_routed_experts=True)
+        fresh = engine.generate(input_ids=turn2, sampling_params=params, return_routed_experts=True)
+        assert routed["meta_info"]["cached_tokens"] == 0 and routed["output_ids"] == fresh["output_ids"]
+        assert torch.equal(routed["meta_info"]["routed_experts"], fresh["meta_info"]["routed_experts"])
+        assert routed["meta_info"]["routed_experts"].shape[0] == len(turn2) + 8 - 1
         ok, _ = e.update_weights_from_disk(str(tiny_checkpoint), flush_cache=False)
         assert ok and e.get_server_info()["prefix_cache_pages"] == 0  # KV of old weights never serves
         assert e.generate(input_ids=turn2, sampling_params=params)["meta_info"]["cached_tokens"] == 0
