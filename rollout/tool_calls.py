@@ -7,8 +7,8 @@ The formats, as the checkpoints' chat templates write an assistant's calls (and 
   deepseekv31  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
   kimi_k2      <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:I<|tool_call_argument_begin|>ARGS
                <|tool_call_end|>...<|tool_calls_section_end|>
-The markers are special tokens of those tokenizers, so the reply is read from its token ids decoded with special
-tokens kept; the content is the reply's text before the calls. Only complete calls count: a reply cut off by
+The markers are special tokens of those tokenizers (skipped in the reply's text), so the calls section is read from
+the token ids after the marker, decoded with special tokens kept; the content is the reply's text before it. Only complete calls count: a reply cut off by
 max_tokens keeps the calls it completed (its finish_reason stays "length"), and a section with none (cut off in its
 first call, or malformed) is no call: the reply then comes back whole as text, as without a parser. Arguments
 that are JSON are re-serialized compactly; others are passed on as written (OpenAI's `arguments` is a string the
@@ -73,26 +73,26 @@ class Reply:
 def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int], text: str, final: bool) -> Reply:
     """A chat reply's content and tool calls. ids / text: its output token ids and their decoded text (special
     tokens skipped). While not final, content stops where a calls section begins (or may be beginning) and no calls
-    are given: they come with the finished reply."""
-    full = tokenizer.decode(ids, skip_special_tokens=False)
-    at = full.find(fmt.begin)
-    if at < 0:
-        return Reply(text if final else text[:len(text) - _partial_marker(text, fmt.begin)], None)
-    content = _before_marker(fmt.begin, tokenizer, ids, text, full[:at])
+    are given: they come with the finished reply. Streamed, this runs at every chunk: a marker that is one token is
+    looked for among the ids, and only the finished reply is decoded with special tokens."""
+    marker = tokenizer.token_id(fmt.begin)
+    if marker is None or fmt.begin in text:  # the marker is spelled by ordinary tokens: all of it is in the text
+        at = text.find(fmt.begin)
+        if at < 0:
+            return Reply(text if final else text[:len(text) - _partial_marker(text, fmt.begin)], None)
+        content, section = text[:at], text[at:]
+    else:
+        if marker not in ids:
+            return Reply(text, None)
+        k = ids.index(marker)
+        content = tokenizer.decode(ids[:k])
+        if not final:
+            return Reply(content, None)
+        section = tokenizer.decode(ids[k:], skip_special_tokens=False)
     if not final:
         return Reply(content, None)
-    calls = fmt.parse(full[at:])
+    calls = fmt.parse(section)
     return Reply(content, calls) if calls else Reply(text, None)
-
-
-def _before_marker(marker: str, tokenizer, ids: list[int], text: str, fallback: str) -> str:
-    """The reply's text (special tokens skipped) before the calls section's marker."""
-    if marker in text:  # spelled by ordinary tokens
-        return text[:text.index(marker)]
-    marker_id = tokenizer.token_id(marker)
-    if marker_id is not None and marker_id in ids:  # one special token
-        return tokenizer.decode(ids[:ids.index(marker_id)])
-    return fallback
 
 
 def _partial_marker(text: str, marker: str) -> int:
