@@ -174,8 +174,9 @@ class Scheduler:
     def schedule_next_decode(self, batch: Batch, ready=None) -> Batch | None:
         """The decode step after `batch`, scheduled before `batch`'s tokens are known (overlap: the host
         prepares step N + 1 while the device runs step N). Every row continues with its next position,
-        except rows that end by length with `batch`'s token; a row that ends by a stop token is computed and
-        then dropped (`update` skips ended sequences). None when the step depends on `batch`'s outcome or
+        except rows that end by length with `batch`'s token and rows whose sequence has ended since `batch` was
+        scheduled (a stop token of the step before: `batch` computes them, `update` drops them); a row that ends
+        by a stop token is computed and then dropped. None when the step depends on `batch`'s outcome or
         would change the plan: not a pure decode batch, admissible waiting requests, running sequences outside
         the batch, a shared partial page (copy-on-write), too few free pages (preemption), or `ready(rows)`
         false (the runner cannot run the step right away)."""
@@ -185,15 +186,18 @@ class Scheduler:
             return None
         if self._admissible(len(batch.rows)):
             return None  # schedule() would admit the queue's head: let it
-        if len(batch.rows) != len(self.running):
-            return None
-        rows, src, grow = [], [], []
+        rows, src, grow, live = [], [], [], 0
         running, refcount = SeqStatus.RUNNING, self.pool.refcount
         context = self.max_context if self.max_context is not None else 1 << 62
         for i, row in enumerate(batch.rows):  # the loop of a step at 1024 rows: kept lean
             seq = row.seq
             start = row.start + 1
-            if seq.status is not running or seq.fork != 1 or start != seq.num_computed + 1:
+            if seq.status is not running:
+                if seq.status in ENDED:
+                    continue  # ended by the step before `batch` (at 1024 rows with EOS stops: most steps)
+                return None
+            live += 1
+            if seq.fork != 1 or start != seq.num_computed + 1:
                 return None
             n = len(seq.tokens) + 1
             if n - seq.num_prompt >= seq.group.params.max_new_tokens or n >= context:
@@ -205,6 +209,8 @@ class Scheduler:
                 grow.append(seq)  # its next position starts a page
             rows.append(Row(seq, start, 1, 1))
             src.append(i)
+        if live != len(self.running):
+            return None  # a running sequence outside the batch (admitted or forked since)
         if not rows or len(grow) > self._available() or (ready is not None and not ready(rows)):
             return None
         for seq in grow:

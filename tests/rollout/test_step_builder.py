@@ -146,7 +146,8 @@ def test_steady_decode_steps_build_as_the_plain_path(seed):
     def launched(batch, page_size, pages):
         nonlocal fast_steps
         if page_size not in builders:  # the scratch page is the one after the pool's
-            builders[page_size] = [StepBuilder(page_size, 512, 512, torch.device("cpu"), pages) for _ in range(2)]
+            builders[page_size] = [StepBuilder(page_size, 512, 512, torch.device("cpu"), pages, steady_min_rows=1)
+                                   for _ in range(2)]
         fast, plain = builders[page_size]
         decode = all(r.length == 1 for r in batch.rows)
         pad = len(batch.rows) + rng.choice([0, 0, 3]) if decode and rng.random() < 0.5 else None
