@@ -2,7 +2,8 @@
 bf16 and MXFP8 weights (seeded random weights made on the GPU: load_format="dummy").
 
 (a) offline: 200 prompts x 1000 input / 100 output tokens, ignore_eos -> req/s, output tok/s
-(b) RL shape: 64 prompts x n=16, 256 input / 1024 output tokens, temperature 1 -> output tok/s
+(b) RL shape: 64 prompts x n=16, 256 input / 1024 output tokens, temperature 1 -> output tok/s; rl_stops: the
+    same with samples ending at scattered steps (stop tokens: 1 in 500 of the vocabulary), as RL batches end on EOS
     (a) and (b) each run twice on one engine; the second call is reported, the first as `first_call_*`
     (it includes one-time Triton compiles of new shapes; decode graphs are captured at engine start-up)
 start: engine start-up seconds (weights made on the GPU, KV cache, every decode graph captured), and again with
@@ -15,7 +16,7 @@ Correctness in the same run: greedy tokens of the fast path vs the torch referen
 batch (logprob difference reported), and one request alone vs inside a batch of 64.
 
     python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8,mxfp8_moe_copy] [--skip-hf] [--out NAME]
-                                    [--sections correctness,start,decode,offline,rl,hf_workload]
+                                    [--sections correctness,start,decode,offline,rl,rl_stops,hf_workload]
                                     [--decode-batches 1,8,32,128,256] [--decode-schedules overlap,serial]
 """
 from __future__ import annotations
@@ -171,7 +172,7 @@ def correctness(mode: str, cfg: ModelConfig, pinned: bool) -> dict:
     return res
 
 
-SECTIONS = ("correctness", "start", "decode", "offline", "rl", "hf_workload")
+SECTIONS = ("correctness", "start", "decode", "offline", "rl", "rl_stops", "hf_workload")
 
 
 def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTIONS,
@@ -215,6 +216,8 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTI
         res["offline"] = guarded(offline, e, cfg, mode, 50 if quick else 200)
     if "rl" in sections:
         res["rl"] = guarded(rl_shape, e, cfg, mode, *((16, 256) if quick else (64, 1024)))
+    if "rl_stops" in sections:
+        res["rl_stops"] = guarded(rl_shape, e, cfg, mode, *((16, 256) if quick else (64, 1024)), stop_every=500)
     if "hf_workload" in sections:
         ids_d = prompts(8, 256, cfg.vocab_size, seed=4)  # (d) the engine on the HF baseline's workload
         t, out = timed_generate(e, ids_d, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
@@ -238,19 +241,28 @@ def offline(e: Engine, cfg: ModelConfig, mode: str, n: int) -> dict:
             "first_call_seconds": first, "first_call_req_per_s": n / first}
 
 
-def rl_shape(e: Engine, cfg: ModelConfig, mode: str, n_prompts: int, out_len: int) -> dict:
+def rl_shape(e: Engine, cfg: ModelConfig, mode: str, n_prompts: int, out_len: int, stop_every: int = 0) -> dict:
+    """stop_every: samples also end on any token id divisible by it (1 / stop_every of the vocabulary), so they end
+    at scattered steps as an RL batch ending on EOS does (mean length ~ stop_every at temperature 1 on random
+    weights), not all at max_new_tokens."""
     ids = prompts(n_prompts, 256, cfg.vocab_size, seed=3)
     params = {"max_new_tokens": out_len, "ignore_eos": True, "temperature": 1.0, "n": 16}
+    if stop_every:
+        params["stop_token_ids"] = list(range(stop_every, cfg.vocab_size, stop_every))
     first, (t, out) = warm_twice(e, ids, params)
     toks = sum(o["meta_info"]["completion_tokens"] for o in out)
     steps = [s for s in list(e.steps)[-out_len:] if s.decode]  # the second call's last decode steps
     loop = {"decode_steps": len(steps), "mean_step_ms": 1e3 * sum(s.seconds for s in steps) / max(1, len(steps)),
+            "launched_ahead": sum(s.ahead for s in steps) / max(1, len(steps)),
+            "mean_rows": sum(s.rows for s in steps) / max(1, len(steps)),
             "mean_launch_ms": 1e3 * sum(s.launch_s for s in steps) / max(1, len(steps)),
             "mean_device_wait_ms": 1e3 * sum(s.wait_s for s in steps) / max(1, len(steps))}
-    print(f"[{mode}] RL: {toks / t:.0f} output tok/s, {len(out) / t:.1f} samples/s (first call: "
-          f"{toks / first:.0f} tok/s); decode steps {loop['mean_step_ms']:.2f} ms, host launch "
-          f"{loop['mean_launch_ms']:.2f} ms, blocked on the device {loop['mean_device_wait_ms']:.2f} ms", flush=True)
-    return {"prompts": n_prompts, "n": 16, "input": 256, "output": out_len, "seconds": t,
+    print(f"[{mode}] RL{f' (stops: 1/{stop_every} of the vocab)' if stop_every else ''}: {toks / t:.0f} output "
+          f"tok/s, {len(out) / t:.1f} samples/s (first call: {toks / first:.0f} tok/s), mean {toks / len(out):.0f} "
+          f"tokens a sample; decode steps {loop['mean_step_ms']:.2f} ms ({loop['mean_rows']:.0f} rows, "
+          f"{loop['launched_ahead']:.0%} launched ahead), host launch {loop['mean_launch_ms']:.2f} ms, blocked on "
+          f"the device {loop['mean_device_wait_ms']:.2f} ms", flush=True)
+    return {"prompts": n_prompts, "n": 16, "input": 256, "output": out_len, "stop_every": stop_every, "seconds": t,
             "output_tok_per_s": toks / t, "samples_per_s": len(out) / t, "first_call_seconds": first,
             "first_call_output_tok_per_s": toks / first, "loop": loop}
 
