@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import configs
+from .reasoning import FORMATS as REASONING_FORMATS
 from .tool_calls import FORMATS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tool-call-parser", default=None, choices=sorted(FORMATS),
                     help="parse tool calls out of /v1/chat/completions replies in this model family's format "
                          "(sglang's names); default: replies stay text")
+    sv.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_FORMATS),
+                    help="return a thinking model's reasoning apart, as reasoning_content, in /v1/chat/completions "
+                         "replies (sglang's names); default: it stays in the content")
     _engine_flags(sv)
     sv.add_argument("overrides", nargs="*",
                     help="dotlist overrides with their section, e.g. engine.device=cpu engine.max_total_tokens=4096 "
@@ -256,7 +260,7 @@ def _serve(args) -> int:
     env = {key: os.environ[var] for key, var in (("admin_token", "MXROLL_ADMIN_TOKEN"), ("api_key", "MXROLL_API_KEY"))
            if os.environ.get(var)}
     flags = {key: getattr(args, key) for key in ("host", "port", "admin_token", "api_key", "routed_experts_format",
-                                                        "tool_call_parser")
+                                                        "tool_call_parser", "reasoning_parser")
              if getattr(args, key) is not None}
     engine = {"model_path": args.model_path} if args.model_path is not None else {}
     if args.log_level:
@@ -269,7 +273,7 @@ def _serve(args) -> int:
     s = cfg.server
     run_server(cfg.engine, host=s.host, port=s.port, admin_token=s.admin_token, api_key=s.api_key,
                log_level=cfg.engine.log_level, routed_experts_format=s.routed_experts_format,
-               tool_call_parser=s.tool_call_parser)
+               tool_call_parser=s.tool_call_parser, reasoning_parser=s.reasoning_parser)
     return 0
 
 

@@ -146,6 +146,9 @@ class ServerConfig:
     # sglang's --tool-call-parser: the tool-call format chat replies are parsed with (deepseekv3, deepseekv31,
     # kimi_k2); null leaves replies as text
     tool_call_parser: str | None = None
+    # sglang's --reasoning-parser: chat replies' reasoning apart as reasoning_content (deepseek-r1, deepseek-v3,
+    # kimi_k2); null leaves it in the content
+    reasoning_parser: str | None = None
 
 
 @dataclass

@@ -46,6 +46,7 @@ from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, D
                          UpdateTensorRequest, WeightVersionRequest, check_routed_experts_format, jsonable,
                          routes_base64)
 from .server_chat import ChatCompletionRequest, ChatFormatter
+from .reasoning import reasoning_format
 from .tool_calls import tool_call_format
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,15 @@ def _engine_alive(engine: Engine) -> bool:
 
 def create_app(engine: Engine, admin_token: str | None = None, api_key: str | None = None, *,
                owns_engine: bool = False, routed_experts_format: str = "list",
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With owns_engine, the app shuts the engine down when it stops.
     routed_experts_format: how /generate sends `return_routed_experts` — "list", nested JSON lists [tokens][moe
     layers][top_k] (the Engine API's array), or "base64", sglang's encoding (`server_api.routes_base64`) that RL
     frameworks written against sglang decode. tool_call_parser: sglang's name of the tool-call format chat replies
-    are parsed with (rollout/tool_calls.py: deepseekv3, deepseekv31, kimi_k2); None leaves replies as text."""
+    are parsed with (rollout/tool_calls.py: deepseekv3, deepseekv31, kimi_k2); reasoning_parser: of the reasoning
+    format (rollout/reasoning.py: deepseek-r1, deepseek-v3, kimi_k2); None leaves replies as text."""
     check_routed_experts_format(routed_experts_format)
-    tool_format = tool_call_format(tool_call_parser)
+    tool_format, thinking = tool_call_format(tool_call_parser), reasoning_format(reasoning_parser)
 
     def generate_out(out, req: GenerateRequest):
         """/generate's output with its routes in the server's format."""
@@ -256,7 +258,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         args = req.engine_args(chat_template, engine.tokenizer, engine.context_length)
         fmt = ChatFormatter(req.model or served_model, engine.tokenizer, req.logprobs, req.top_logprobs, req.stream,
-                            req.tool_format(tool_format))
+                            req.tool_format(tool_format), req.reasoning_format(thinking))
         return await openai_reply(req, args, fmt, request)
 
     async def openai_reply(req, args: dict, fmt: CompletionFormatter, request: Request):
@@ -496,17 +498,19 @@ class BackgroundServer:
 
 def run_server(engine_config: EngineConfig | dict, host: str = "127.0.0.1", port: int = 30000,
                admin_token: str | None = None, api_key: str | None = None, log_level: str = "INFO",
-               routed_experts_format: str = "list", tool_call_parser: str | None = None) -> None:
+               routed_experts_format: str = "list", tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> None:
     """Load the engine, serve it until interrupted (Ctrl-C / SIGTERM), then shut the engine down."""
     import uvicorn
 
     check_exposure(host, admin_token, api_key)  # before the model loads: a refused start costs nothing
     check_routed_experts_format(routed_experts_format)  # before the model loads, as the exposure check
-    tool_call_format(tool_call_parser)
+    tool_call_format(tool_call_parser), reasoning_format(reasoning_parser)
     engine = Engine(engine_config)
     try:
         app = create_app(engine, admin_token=admin_token, api_key=api_key, owns_engine=True,
-                         routed_experts_format=routed_experts_format, tool_call_parser=tool_call_parser)
+                         routed_experts_format=routed_experts_format, tool_call_parser=tool_call_parser,
+                         reasoning_parser=reasoning_parser)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                                access_log=log_level.upper() == "DEBUG", timeout_graceful_shutdown=5))
         log.info("serving %s on http://%s:%d", engine.model_path, host, port)

@@ -5,13 +5,15 @@ template spells its special tokens); the assistant's reply is the sampled text. 
 with a tool-call parser (`mxroll serve --tool-call-parser`, rollout/tool_calls.py) the calls in a reply come back
 as `tool_calls` (finish_reason "tool_calls"), the text before them as `content`; without one, or with
 `tool_choice: "none"`, the reply is text. Streamed, content deltas stop where a calls section begins and the calls
-come in the last delta.
+come in the last delta. With a reasoning parser (`--reasoning-parser`, rollout/reasoning.py) a thinking model's
+reasoning comes back as `reasoning_content` (streamed as its own deltas), apart from `content`.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .server_api import CompletionFormatter, Json, StreamOptions, _Body, finish_reason, openai_sampling
+from .reasoning import ReasoningFormat, split_reasoning
 from .tool_calls import ToolCallFormat, split_reply
 
 
@@ -33,6 +35,7 @@ class ChatCompletionRequest(_Body):
     tools: list[Json] | None = None
     tool_choice: str | Json | None = None
     chat_template_kwargs: Json | None = None  # more template variables (e.g. enable_thinking)
+    separate_reasoning: bool = True  # sglang's: with a reasoning parser, reasoning_content apart from content
     # extensions (sglang/vLLM names)
     top_k: int = -1
     min_p: float = 0.0
@@ -69,28 +72,47 @@ class ChatCompletionRequest(_Body):
         tool_choice "none")."""
         return parser if self.tools and self.tool_choice != "none" else None
 
+    def reasoning_format(self, parser: ReasoningFormat | None) -> tuple[ReasoningFormat, bool] | None:
+        """(the server's reasoning format, whether this request's prompt opens the reasoning) when its replies are
+        split (separate_reasoning)."""
+        if parser is None or not self.separate_reasoning:
+            return None
+        return parser, parser.opens(self.chat_template_kwargs)
+
 
 class ChatFormatter(CompletionFormatter):
     """Engine outputs -> `chat.completion` objects (or `chat.completion.chunk` deltas when streaming: each
     choice's first carries the assistant role). tools: the format replies are parsed with for tool calls."""
 
     def __init__(self, model: str, tokenizer, logprobs: bool, top_logprobs: int | None, stream: bool,
-                 tools: ToolCallFormat | None = None):
+                 tools: ToolCallFormat | None = None, reasoning: tuple[ReasoningFormat, bool] | None = None):
+        """reasoning: (format, whether the prompt opened the reasoning), from `reasoning_format`."""
         super().__init__(model, tokenizer, (top_logprobs or 0) if logprobs else None)
         self.id = "chatcmpl-" + self.id.removeprefix("cmpl-")
         self.stream, self._roled = stream, set()
         self.tools = tools if tokenizer is not None else None
+        self.reasoning = reasoning if tokenizer is not None else None
         self._calls: dict[int, list[dict]] = {}  # parsed calls of each choice (its reply finished)
+        self._thoughts: dict[int, str | None] = {}  # each choice's reasoning so far (None: it does not reason)
+        self._sent_thoughts: dict[int, str] = {}
 
     def _text(self, out: Json) -> str:
-        text = out.get("text", "")
-        if self.tools is None:
+        """The reply's content (so far); its reasoning and tool calls are kept for `_choice`."""
+        text, ids = out.get("text", ""), out["output_ids"]
+        if self.tools is None and self.reasoning is None:
             return text
-        final = out["meta_info"]["finish_reason"] is not None
-        reply = split_reply(self.tools, self.tokenizer, out["output_ids"], text, final)
-        if reply.calls:
-            self._calls[out.get("index", 0)] = reply.calls
-        return reply.content
+        i, final = out.get("index", 0), out["meta_info"]["finish_reason"] is not None
+        if self.tools is not None:  # the calls follow any reasoning: what comes before them is split next
+            reply = split_reply(self.tools, self.tokenizer, ids, text, final)
+            if reply.calls:
+                self._calls[i] = reply.calls
+            text, ids = reply.content, reply.content_ids
+        if self.reasoning is not None:
+            fmt, forced = self.reasoning
+            split = split_reasoning(fmt, forced, self.tokenizer, ids, text, final)
+            self._thoughts[i] = split.reasoning
+            text = split.content
+        return text
 
     def _envelope(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "chat.completion.chunk" if self.stream else "chat.completion",
@@ -98,14 +120,22 @@ class ChatFormatter(CompletionFormatter):
 
     def _choice(self, index: int, out: Json, text: str, start: int, text_offset: int, echo: bool = False) -> Json:
         choice: dict[str, Any] = {"index": index}
-        calls = self._calls.get(index)
+        calls, thought = self._calls.get(index), self._thoughts.get(index)
         if self.stream:
             choice["delta"] = {"content": text} if index in self._roled else {"role": "assistant", "content": text}
             self._roled.add(index)
+            if thought is not None:  # the reasoning's delta (it only grows; a character still incomplete waits)
+                stable = thought if out["meta_info"]["finish_reason"] is not None else thought.rstrip("\ufffd")
+                sent = self._sent_thoughts.get(index, "")
+                if len(stable) > len(sent):
+                    choice["delta"]["reasoning_content"] = stable[len(sent):]
+                    self._sent_thoughts[index] = stable
             if calls:
                 choice["delta"]["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
         else:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.reasoning is not None:
+                choice["message"]["reasoning_content"] = thought
             if calls:
                 choice["message"].update(content=text if text.strip() else None, tool_calls=calls)
         choice["logprobs"] = self._chat_logprobs(out, start)

@@ -68,37 +68,39 @@ def tool_call_format(name: str | None) -> ToolCallFormat | None:
 class Reply:
     content: str  # the text to show as content (so far, when streaming)
     calls: list[dict] | None  # parsed tool calls (a finished reply whose calls section parsed), else None
+    content_ids: list[int] | None = None  # the content's token ids where known (the reply's up to the marker)
 
 
-def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int], text: str, final: bool) -> Reply:
-    """A chat reply's content and tool calls. ids / text: its output token ids and their decoded text (special
-    tokens skipped). While not final, content stops where a calls section begins (or may be beginning) and no calls
+def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int] | None, text: str, final: bool) -> Reply:
+    """A chat reply's content and tool calls. ids / text: its output token ids (None: unknown, the text is read)
+    and their decoded text (special tokens skipped). While not final, content stops where a calls section begins (or may be beginning) and no calls
     are given: they come with the finished reply. Streamed, this runs at every chunk: a marker that is one token is
     looked for among the ids, and only the finished reply is decoded with special tokens."""
-    marker = tokenizer.token_id(fmt.begin)
+    marker = tokenizer.token_id(fmt.begin) if ids is not None else None
+    content_ids = None
     if marker is None or fmt.begin in text:  # the marker is spelled by ordinary tokens: all of it is in the text
         at = text.find(fmt.begin)
         if at < 0:
-            return Reply(text if final else text[:len(text) - _partial_marker(text, fmt.begin)], None)
+            return Reply(text if final else text[:len(text) - partial_tag(text, fmt.begin)], None, ids)
         content, section = text[:at], text[at:]
     else:
         if marker not in ids:
-            return Reply(text, None)
+            return Reply(text, None, ids)
         k = ids.index(marker)
-        content = tokenizer.decode(ids[:k])
+        content, content_ids = tokenizer.decode(ids[:k]), ids[:k]
         if not final:
-            return Reply(content, None)
+            return Reply(content, None, content_ids)
         section = tokenizer.decode(ids[k:], skip_special_tokens=False)
     if not final:
-        return Reply(content, None)
+        return Reply(content, None, content_ids)
     calls = fmt.parse(section)
-    return Reply(content, calls) if calls else Reply(text, None)
+    return Reply(content, calls, content_ids) if calls else Reply(text, None, ids)
 
 
-def _partial_marker(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that begins `marker` (held back while streaming)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
+def partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag` (held back while streaming)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0
 

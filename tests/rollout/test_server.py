@@ -643,7 +643,7 @@ def test_serve_cli_settings(captured_run, monkeypatch, tmp_path):
     (cfg, kw), = captured_run
     assert (cfg.device, cfg.model_path, cfg.max_total_tokens) == ("cpu", "preset:tiny", 512)
     assert kw == {"host": "::1", "port": 8001, "admin_token": "from-env", "api_key": "k", "log_level": "INFO",
-                  "routed_experts_format": "list", "tool_call_parser": None}
+                  "routed_experts_format": "list", "tool_call_parser": None, "reasoning_parser": None}
     assert cli.main(["serve", "--routed-experts-format", "base64", "engine.device=cpu"]) == 0
     assert captured_run[-1][1]["routed_experts_format"] == "base64"
     assert cli.main(["serve", "--tool-call-parser", "kimi_k2", "engine.device=cpu"]) == 0

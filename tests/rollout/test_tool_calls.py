@@ -36,16 +36,16 @@ def written(fmt: str, content: str, calls=CALLS, close: bool = True) -> str:
 class Tok:
     """The engine's tokenizer interface over a byte-level HF tokenizer whose markers are special tokens."""
 
-    def __init__(self):
+    def __init__(self, specials=tuple(SPECIALS)):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        vocab = {s: i for i, s in enumerate(SPECIALS)}
+        vocab = {s: i for i, s in enumerate(specials)}
         for ch in pre_tokenizers.ByteLevel.alphabet():
             vocab[ch] = len(vocab)
         self.tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.tok.decoder = decoders.ByteLevel()
-        self.tok.add_special_tokens(SPECIALS)
+        self.tok.add_special_tokens(list(specials))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -159,9 +159,9 @@ def test_which_requests_are_parsed():
 
 
 def test_server_parses_replies_with_its_parser(tiny_checkpoint, tok, monkeypatch):
-    """Over HTTP: `create_app(tool_call_parser=...)` parses a reply holding calls (the engine's generate stands in
-    with that reply: a random tiny model does not write tool calls), whole and streamed; an unknown parser is an
-    error naming the known ones."""
+    """Over HTTP: `create_app(tool_call_parser=..., reasoning_parser=...)` parses a reply holding reasoning and calls
+    (the engine's generate stands in with that reply: a random tiny model writes neither), whole and streamed; an
+    unknown parser is an error naming the known ones."""
     from mxroll import Engine
     from mxroll.rollout.server import BackgroundServer, create_app
 
@@ -171,7 +171,9 @@ def test_server_parses_replies_with_its_parser(tiny_checkpoint, tok, monkeypatch
     try:
         with pytest.raises(ValueError, match="tool_call_parser"):
             create_app(engine, tool_call_parser="nope")
-        ids = tok.encode(written("deepseekv31", "Sure. ") + "</s>")
+        with pytest.raises(ValueError, match="reasoning_parser"):
+            create_app(engine, reasoning_parser="nope")
+        ids = tok.encode("Hmm.</think>" + written("deepseekv31", "Sure. ") + "</s>")
 
         async def fake_generate(stream=False, **kw):
             if not stream:
@@ -184,7 +186,7 @@ def test_server_parses_replies_with_its_parser(tiny_checkpoint, tok, monkeypatch
 
         monkeypatch.setattr(engine, "async_generate", fake_generate)
         monkeypatch.setattr(engine, "tokenizer", tok)
-        app = create_app(engine, tool_call_parser="deepseekv31")
+        app = create_app(engine, tool_call_parser="deepseekv31", reasoning_parser="deepseek-r1")
         monkeypatch.setattr("mxroll.rollout.server_chat.ChatCompletionRequest.engine_args",
                             lambda self, *a: {"input_ids": [5, 6, 7], "sampling_params": {}})
         body = {"messages": [{"role": "user", "content": "add"}], "tools": [{"type": "function",
@@ -194,10 +196,12 @@ def test_server_parses_replies_with_its_parser(tiny_checkpoint, tok, monkeypatch
             assert status == 200, out
             msg = out["choices"][0]
             assert msg["finish_reason"] == "tool_calls" and msg["message"]["content"] == "Sure. "
+            assert msg["message"]["reasoning_content"] == "Hmm."
             assert [c["function"]["name"] for c in msg["message"]["tool_calls"]] == ["get_weather", "add"]
             events = sse(server.url, "/v1/chat/completions", {**body, "stream": True})
             assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "tool_calls"
             assert "".join(e["choices"][0]["delta"]["content"] for e in events[:-1]) == "Sure. "
+            assert "".join(e["choices"][0]["delta"].get("reasoning_content", "") for e in events[:-1]) == "Hmm."
             status, out = http(server.url, "/v1/chat/completions", {**body, "tool_choice": "none"})
             assert "tool_calls" not in out["choices"][0]["message"] and out["choices"][0]["finish_reason"] == "stop"
     finally:
