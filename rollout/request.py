@@ -75,15 +75,20 @@ class Sequence:
 
 
 def stop_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_context: int | None,
-                decode: Callable[[list[int]], str] | None = None) -> dict | None:
+                decode: Callable[[list[int]], str] | None = None,
+                token_text: Callable[[int], str] | None = None) -> dict | None:
     """sglang's finish_reason for a sequence that just appended `token`, or None to go on. decode: the tokenizer's,
-    for stop strings (the last output tokens are decoded; a string found there ends the sample)."""
+    for stop strings (the last output tokens are decoded; a string found there ends the sample). token_text: one
+    token's text, when every output token is checked as it is appended (the scheduler's case): a string that was
+    not there before must then end in the new token's text, so the tail is decoded only when that text could end
+    one (it holds the last character of a stop string, or is empty or partial, or a string ends in whitespace that
+    a token's own decoding may drop)."""
     p = seq.params
     if token in p.stop_token_ids:
         return {"type": "stop", "matched": token}
     if not p.ignore_eos and token in eos_ids:
         return {"type": "stop", "matched": token}
-    if p.stop and decode is not None:
+    if p.stop and decode is not None and (token_text is None or _may_end_stop(p, token_text(token))):
         matched = next((s for s in p.stop if s in _tail_text(seq, decode)), None)
         if matched is not None:
             return {"type": "stop", "matched": matched}
@@ -92,6 +97,11 @@ def stop_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_context
     if max_context is not None and len(seq.tokens) >= max_context:
         return {"type": "length", "length": seq.num_outputs}
     return None
+
+
+def _may_end_stop(p: SamplingParams, text: str) -> bool:
+    ends = p.stop_ends
+    return not text or "\ufffd" in text or ends is None or any(c in text for c in ends)
 
 
 def _tail_text(seq: Sequence, decode: Callable[[list[int]], str]) -> str:

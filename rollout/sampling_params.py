@@ -1,6 +1,7 @@
 """Per-request sampling parameters (sglang names), validated with errors naming the field."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -96,6 +97,12 @@ class SamplingParams:
             bad("seed", "must be null or an integer in [0, 2**64)")
         if not isinstance(self.raw_logprob, bool):
             bad("raw_logprob", "must be true or false")
+
+    @functools.cached_property
+    def stop_ends(self) -> frozenset[str] | None:
+        """The last characters of the stop strings (None when one is whitespace: check every token)."""
+        ends = frozenset(s[-1] for s in self.stop)
+        return None if any(c.isspace() for c in ends) else ends
 
     @property
     def stop_tail(self) -> int:

@@ -70,6 +70,7 @@ class Scheduler:
         self.prefix = PrefixCache(pool, page_size) if prefix_cache else None
         self._epoch = 0  # flushes of the prefix cache: a sequence admitted before the last one never fills it
         self.decode = decode
+        self._texts: dict[int, str] = {}  # token id -> its text alone (stop-string checks)
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.eos_ids, self.max_context = tuple(eos_ids), max_context
         self.waiting: list[Sequence] = []  # arrival order
@@ -346,8 +347,14 @@ class Scheduler:
         leader.fork = 1
         return done
 
+    def _token_text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.decode([token])
+        return text
+
     def _check(self, seq: Sequence, token: int) -> list[Sequence]:
-        reason = stop_reason(seq, token, self.eos_ids, self.max_context, self.decode)
+        reason = stop_reason(seq, token, self.eos_ids, self.max_context, self.decode, self._token_text)
         if reason is None:
             return []
         self._release(seq)

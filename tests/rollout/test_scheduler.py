@@ -366,6 +366,37 @@ def test_stop_strings_look_only_at_outputs_and_past_tokens_that_decode_to_nothin
     assert stop_reason(seq, 4, (), None, decode) == {"type": "stop", "matched": "ab"}  # still held in the tail
 
 
+@pytest.mark.parametrize("stops", [("ab",), ("b:", "xa"), ("a b",), ("ab ",), ("\u00e9!",)])
+def test_stop_string_precheck_finds_every_stop_the_full_check_finds(stops):
+    """The scheduler decodes a sequence's tail only when the new token's own text could end a stop string
+    (`token_text`): over random outputs (tokens decoding to nothing, to half a character, to spaces), checked token
+    by token as the scheduler does, the first stop is where checking every tail finds it."""
+    utf8 = "\u00e9!".encode()  # a two-byte character and "!": tokens 6 and 7 carry its two bytes
+    pieces = {1: b"a", 2: b"", 3: b"b", 4: b"x", 5: b" ", 6: utf8[:1], 7: utf8[1:], 8: b":", 9: b"!"}
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    rng = random.Random(len(stops[0]))
+    found = 0
+    for trial in range(300):
+        out = [rng.choice(list(pieces)) for _ in range(30)]
+        params = SamplingParams(stop=stops, max_new_tokens=99)
+        firsts = []
+        for token_text in (None, lambda t: decode([t])):
+            seq = Sequence(0, Group("r", [4], params, [0], 0), 0, [4], 1)
+            first = None
+            for i, t in enumerate(out):
+                seq.tokens.append(t)
+                if stop_reason(seq, t, (), None, decode, token_text) is not None:
+                    first = i
+                    break
+            firsts.append(first)
+        assert firsts[0] == firsts[1], (out, firsts)
+        found += firsts[0] is not None
+    assert 10 < found < 290  # stops found in some outputs, not in others
+
+
 def test_sequences_admitted_before_a_flush_never_fill_the_prefix_cache():
     """After flush_prefix_cache (every weight update), sequences already running keep decoding but their pages
     (KV partly of the old weights) are not cached when they end; sequences admitted later are."""
