@@ -77,6 +77,9 @@ class EngineConfig:
     weight_update_check_finite: bool = True  # reject updates holding NaN/inf (one batched check per update)
     disable_overlap_schedule: bool = False  # launch step N + 1 before reading step N's tokens (decode) unless set
     step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
+    # streamed requests get a partial output every this many tokens of a sample (and always its last); each one is
+    # built whole (text, logprobs), which at hundreds of streamed samples costs host time every step
+    stream_interval: int = 1
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True  # progress bars while writing or loading checkpoints
     log_level: str = "INFO"  # level of the mxroll loggers
@@ -279,7 +282,7 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**64:
         raise ValueError(f"seed={cfg.seed!r}: must be an integer in [0, 2**64)")
     for name, lo in (("page_size", 1), ("max_running_requests", 1), ("chunked_prefill_size", 1),
-                     ("cuda_graph_max_bs", 1)):
+                     ("cuda_graph_max_bs", 1), ("stream_interval", 1)):
         if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < lo:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be an integer >= {lo}")
     if cfg.max_total_tokens is not None and (not _is_int(cfg.max_total_tokens) or cfg.max_total_tokens < cfg.page_size):

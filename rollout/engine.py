@@ -526,13 +526,14 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self._stream_updates([row for row, ok in zip(batch.rows, live) if ok])
 
     def _stream_updates(self, rows) -> None:
+        every = self.config.stream_interval
         for row in rows:
             call = self._calls.get(row.seq.group.rid)
             if call is None or call.notify is None or row.num_samples == 0:
                 continue
             seqs = [row.seq] if row.num_samples <= 1 else row.seq.group.seqs
             for seq in seqs:
-                if seq.status == SeqStatus.RUNNING:
+                if seq.status == SeqStatus.RUNNING and seq.num_outputs % every == 0:
                     out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version)
                     out["index"] = self._output_index(call, seq)
                     call.notify(("partial", out))

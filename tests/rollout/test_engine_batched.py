@@ -123,6 +123,24 @@ def test_streaming_yields_partials_then_final(engine):
     assert asyncio.run(collect())[-1]["output_ids"] == chunks[-1]["output_ids"]
 
 
+def test_stream_interval_thins_partial_outputs(tiny_checkpoint, engine):
+    """stream_interval=3 (sglang's): a partial output every third token of a sample, the final one always; the
+    tokens are the engine's as with every token streamed."""
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, stream_interval=3)
+    try:
+        params = dict(GREEDY, max_new_tokens=8, n=2)
+        chunks = list(e.generate(input_ids=PROMPTS[1], sampling_params=params, stream=True))
+    finally:
+        e.shutdown()
+    partial = [c for c in chunks if c["meta_info"]["finish_reason"] is None]
+    assert sorted(len(c["output_ids"]) for c in partial) == [3, 3, 6, 6]  # two samples: 3 and 6 tokens each
+    ref = engine.generate(input_ids=PROMPTS[1], sampling_params=params)
+    finals = sorted((c for c in chunks if c["meta_info"]["finish_reason"] is not None), key=lambda c: c["index"])
+    assert [c["output_ids"] for c in finals] == [o["output_ids"] for o in ref]
+    with pytest.raises(ValueError, match="stream_interval"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, stream_interval=0)
+
+
 def test_routed_experts_per_input_token(engine):
     cfg = engine.model_config
     out = engine.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=7),
