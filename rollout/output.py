@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -112,16 +113,19 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
             "e2e_latency": time.perf_counter() - rec.created}
     if len(rec.versions) > 1:
         meta["weight_version_switches"] = [{"output_index": i, "weight_version": v} for i, v in rec.versions]
-    text = (lambda t: tokenizer.decode([t])) if rec.text_in_logprobs and tokenizer is not None else (lambda t: None)
+    named = rec.text_in_logprobs and tokenizer is not None
+    text = (lambda t: tokenizer.decode([t])) if named else (lambda t: None)
 
-    def texted(rows):  # top-logprob rows with their token texts, when asked
-        return [[(lp, t, text(t)) for lp, t, _ in row] for row in rows] if rec.text_in_logprobs else rows
+    def texted(rows):  # top-logprob rows with their token texts, when asked (a copy: the record's lists grow)
+        return [[(lp, t, text(t)) for lp, t, _ in row] for row in rows] if rec.text_in_logprobs else list(rows)
+
+    def tuples(lps, ids):  # (logprob, id, text); built in C without texts (a streamed sample is rebuilt each step)
+        return [(lp, t, text(t)) for lp, t in zip(lps, ids)] if named else list(zip(lps, ids, repeat(None)))
 
     if rec.return_logprob:
-        meta["output_token_logprobs"] = [(lp, t, text(t)) for lp, t in zip(rec.logprobs, outputs)]
+        meta["output_token_logprobs"] = tuples(rec.logprobs, outputs)
         scored = seq.tokens[rec.input_start:seq.num_prompt]
-        meta["input_token_logprobs"] = [(None, scored[0], text(scored[0]))] + [
-            (lp, t, text(t)) for lp, t in zip(rec.input_logprobs, scored[1:])]
+        meta["input_token_logprobs"] = [(None, scored[0], text(scored[0]))] + tuples(rec.input_logprobs, scored[1:])
     if rec.top_logprobs_num:
         meta["output_top_logprobs"] = texted(rec.top_logprobs)
         meta["input_top_logprobs"] = [None] + texted(rec.input_top)
