@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 PAUSE_MODES = ("abort", "retract", "in_place")
-MEMORY_TAGS = ("kv_cache", "weights")
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # sglang's GPU_MEMORY_TYPE_* values
 
 
 class ControlsAPI:
@@ -47,8 +47,10 @@ class ControlsAPI:
         return True
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """Hand GPU memory to a colocated trainer: "kv_cache" (the paged cache and the CUDA graphs over it)
-        and/or "weights" (moved to host memory). Needs no request holding cache pages (pause first)."""
+        """Hand GPU memory to a colocated trainer: "kv_cache" (the paged cache), "weights" (moved to host memory),
+        "cuda_graph" (the decode graphs' memory; every release drops them: they hold the cache's and weights'
+        addresses). Generation waits until a resume brings both cache and weights back (graphs are captured again
+        then). Needs no request holding cache pages (pause first)."""
         tags = self._tags(tags)
 
         def run():

@@ -234,6 +234,18 @@ def test_release_and_resume_memory(tiny_checkpoint):
     assert e.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=8))["output_ids"] == before
     with pytest.raises(ValueError, match="memory tags"):
         e.release_memory_occupation(tags=["bogus"])
+    # slime's order: graphs, then weights and cache; weights back first, then cache and graphs
+    e.release_memory_occupation(tags=["cuda_graph"])
+    assert e.get_server_info()["memory_released"] and e.cache.allocated
+    e.release_memory_occupation(tags=["weights", "kv_cache"])
+    e.resume_memory_occupation(tags=["weights"])
+    assert e.get_server_info()["memory_released"]
+    e.resume_memory_occupation(tags=["kv_cache", "cuda_graph"])
+    assert not e.get_server_info()["memory_released"]
+    assert e.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=8))["output_ids"] == before
+    e.release_memory_occupation(tags=["cuda_graph"])
+    e.resume_memory_occupation(tags=["cuda_graph"])
+    assert e.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=8))["output_ids"] == before
     assert e.flush_cache() is True
     e.shutdown()
 
