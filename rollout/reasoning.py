@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tool_calls import partial_tag
+from .tool_calls import parser_format, partial_tag
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,7 @@ FORMATS = {
 
 
 def reasoning_format(name: str | None) -> ReasoningFormat | None:
-    """The format of a parser name (None: no parsing); an unknown name is a ValueError listing the known ones."""
-    if name is None:
-        return None
-    if name not in FORMATS:
-        raise ValueError(f"reasoning_parser={name!r}; supported: {sorted(FORMATS)}")
-    return FORMATS[name]
+    return parser_format("reasoning_parser", FORMATS, name)
 
 
 @dataclass

@@ -56,12 +56,17 @@ FORMATS = {
 
 
 def tool_call_format(name: str | None) -> ToolCallFormat | None:
-    """The format of a parser name (None: no parsing); an unknown name is a ValueError listing the known ones."""
+    return parser_format("tool_call_parser", FORMATS, name)
+
+
+def parser_format(option: str, formats: dict, name: str | None):
+    """The format of a parser name (None: no parsing); an unknown name is a ValueError naming the option and listing
+    the known ones."""
     if name is None:
         return None
-    if name not in FORMATS:
-        raise ValueError(f"tool_call_parser={name!r}; supported: {sorted(FORMATS)}")
-    return FORMATS[name]
+    if name not in formats:
+        raise ValueError(f"{option}={name!r}; supported: {sorted(formats)}")
+    return formats[name]
 
 
 @dataclass
