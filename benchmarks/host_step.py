@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
+from mxroll.rollout.config import EngineConfig  # noqa: E402
 from mxroll.rollout.engine import Engine  # noqa: E402
 from mxroll.rollout.output import Record  # noqa: E402
 from mxroll.rollout.pages import PagePool  # noqa: E402
@@ -46,6 +47,7 @@ class _Loop:
 
     def __init__(self):
         self._records, self._calls, self.device, self.weight_version = {}, {}, torch.device("cpu"), "default"
+        self.config = EngineConfig()
 
     def _stream_updates(self, rows):
         return Engine._stream_updates(self, rows)
