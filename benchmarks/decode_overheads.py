@@ -36,6 +36,7 @@ from benchmarks.common import environment, time_events, write_results  # noqa: E
 from mxroll import Engine  # noqa: E402
 from mxroll.model.dummy import pin_routing  # noqa: E402
 from mxroll.model.ops import add_rmsnorm, rmsnorm, rope, route_topk_ref  # noqa: E402
+from mxroll.rollout.inflight import HostCopy  # noqa: E402
 from mxroll.rollout.step_inputs import PageTable, StepInputs  # noqa: E402
 
 PRESET = "moonlight-16b-a3b"
@@ -100,10 +101,11 @@ class PhaseTimer:
         t.append(time.perf_counter())
         sampled = e.sampler(out.logits_SV, rows)
         t.append(time.perf_counter())
-        tokens = sampled.tokens.tolist()
+        host = HostCopy(sampled, None, e.device).wait()  # the step's one wait, as the engine loop's
+        tokens = host["tokens"]
         t.append(time.perf_counter())
         finished = e.scheduler.update(batch, e._per_row(batch, tokens))
-        e._record(batch, step, sampled, tokens, out.routes)
+        e._record(batch, step, host, [True] * len(batch.rows), None)
         e._complete(finished)
         t.append(time.perf_counter())
         if step.graph and len(batch.rows) == B:
