@@ -53,12 +53,6 @@ def engine(chat_checkpoint):
     e.shutdown()
 
 
-@pytest.fixture(scope="module")
-def url(engine):
-    with BackgroundServer(create_app(engine)) as server:
-        yield server.url
-
-
 MESSAGES = [{"role": "system", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
 

@@ -10,11 +10,6 @@ from mxroll.rollout import Engine
 from mxroll.rollout.cli import main
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
-
-
 def test_output_format(engine):
     out = engine.generate(prompt="hello", sampling_params={"max_new_tokens": 5, "ignore_eos": True},
                           return_logprob=True)

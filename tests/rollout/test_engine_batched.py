@@ -16,13 +16,6 @@ from mxroll.rollout.engine import EngineShutdownError
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
-    yield e
-    e.shutdown()
-
-
 def reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """Greedy continuation and logprobs through the single-sequence torch reference."""
     cache = model.new_cache(len(prompt) + n)

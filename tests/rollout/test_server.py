@@ -30,19 +30,6 @@ ADMIN, KEY = "admin-secret", "user-key"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
-    yield e
-    e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with BackgroundServer(create_app(engine)) as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
 def secured_url(engine):
     with BackgroundServer(create_app(engine, admin_token=ADMIN, api_key=KEY)) as server:
         yield server.url

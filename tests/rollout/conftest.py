@@ -1,0 +1,21 @@
+"""Fixtures of the rollout tests: a CPU engine on the tiny checkpoint, and an HTTP server over a module's `engine`
+(a module that needs another checkpoint defines its own `engine`; the server follows it)."""
+from __future__ import annotations
+
+import pytest
+
+from mxroll import Engine
+from mxroll.rollout.server import BackgroundServer, create_app
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with BackgroundServer(create_app(engine)) as server:
+        yield server.url
