@@ -144,7 +144,7 @@ class StepBuilder:
                                  f"{'decode' if decode else 'prefill'} step of {B} rows")
             ids_T[:B].copy_(next_ids)
         table = self._page_table(qo, kv_indptr, indices, kv_lens, pad)
-        if decode and B and sample == list(range(T)):
+        if decode and B >= self.steady_min_rows and sample == list(range(T)):  # smaller steps never go steady
             self._last = _Decode([row.seq for row in rows], [row.seq.pages for row in rows],
                                  np.array(pos, dtype=np.int64), np.diff(np.array(kv_indptr, dtype=np.int64)),
                                  table.kv_indices[:len(indices)].numpy().copy())
