@@ -463,9 +463,9 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         return any(self._records[r.seq.seq_id].return_routed_experts for r in batch.rows)
 
     def _sampling_rows(self, batch, prev: InFlight | None = None) -> SamplingRows:
-        """prev: the step `batch` was scheduled after (overlap); its rows' arrays are reused, one sample a row."""
-        if prev is not None and batch.ahead_of is not None and prev.rows.host is not None and all(
-                r.num_samples == 1 for r in prev.batch.rows):
+        """prev: the step `batch` was scheduled after (overlap); its rows' arrays are reused (`ahead_of` is set
+        only on a decode step after one whose rows sample once each: schedule_next_decode's rule)."""
+        if prev is not None and batch.ahead_of is not None and prev.rows.host is not None:
             return prev.rows.advance(batch.ahead_of, [r.start + 1 for r in batch.rows], self.device)
         params, seeds, positions, tops = [], [], [], []
         for row in batch.rows:
