@@ -241,19 +241,19 @@ class CompletionFormatter:
             choice["token_ids"] = (self._prompt_ids(out) if echo else []) + out["output_ids"][start:]
         return choice
 
-    def _text(self, out: Json) -> str:
-        """The output's text as the reply shows it."""
+    def _text(self, out: Json, index: int) -> str:
+        """The text of choice `index`'s output as the reply shows it."""
         return out.get("text", "")
 
     def response(self, outputs: list[Json]) -> Json:
-        choices = [self._choice(i, o, self._text({**o, "index": i}), 0, 0, self.echo) for i, o in enumerate(outputs)]
+        choices = [self._choice(i, o, self._text(o, i), 0, 0, self.echo) for i, o in enumerate(outputs)]
         return {**self._envelope(choices), "usage": usage(outputs)}
 
     def chunk(self, out: Json) -> Json:
         """The delta of one cumulative streamed output (its "index" says which choice)."""
         i = out.get("index", 0)
         final = out["meta_info"]["finish_reason"] is not None
-        text = self._text(out)
+        text = self._text(out, i)
         sent = self._sent_text.get(i, "")
         stable = text if final else text.rstrip("\ufffd")
         delta = stable[len(sent):] if stable.startswith(sent) else stable

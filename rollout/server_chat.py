@@ -96,21 +96,21 @@ class ChatFormatter(CompletionFormatter):
         self._thoughts: dict[int, str | None] = {}  # each choice's reasoning so far (None: it does not reason)
         self._sent_thoughts: dict[int, str] = {}
 
-    def _text(self, out: Json) -> str:
+    def _text(self, out: Json, index: int) -> str:
         """The reply's content (so far); its reasoning and tool calls are kept for `_choice`."""
         text, ids = out.get("text", ""), out["output_ids"]
         if self.tools is None and self.reasoning is None:
             return text
-        i, final = out.get("index", 0), out["meta_info"]["finish_reason"] is not None
+        final = out["meta_info"]["finish_reason"] is not None
         if self.tools is not None:  # the calls follow any reasoning: what comes before them is split next
             reply = split_reply(self.tools, self.tokenizer, ids, text, final)
             if reply.calls:
-                self._calls[i] = reply.calls
+                self._calls[index] = reply.calls
             text, ids = reply.content, reply.content_ids
         if self.reasoning is not None:
             fmt, forced = self.reasoning
             split = split_reasoning(fmt, forced, self.tokenizer, ids, text, final)
-            self._thoughts[i] = split.reasoning
+            self._thoughts[index] = split.reasoning
             text = split.content
         return text
 
