@@ -110,10 +110,10 @@ def decode_steps(e: Engine, batch: int, context: int, new: int, cfg: ModelConfig
             "overlap": not e.config.disable_overlap_schedule, "steps_launched_ahead": ahead}
 
 
-def guarded(fn, *args):
+def guarded(fn, *args, **kwargs):
     """Run one section; a failure is recorded in the results instead of ending the run."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported in the JSON and the log
         import traceback
         traceback.print_exc()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mxroll import Engine
-from mxroll.rollout.server import BackgroundServer, create_app
 
 
 @pytest.fixture(scope="module")
@@ -17,5 +16,6 @@ def engine(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def url(engine):
+    from mxroll.rollout.server import BackgroundServer, create_app  # fastapi: only the server tests need it
     with BackgroundServer(create_app(engine)) as server:
         yield server.url
