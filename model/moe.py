@@ -95,9 +95,9 @@ class Experts(nn.Module):
         self.hosted: tuple[Linear, Linear, Linear] | None = None  # see host_shared
         self.S = 0
         self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
-        # the bf16 scratch every layer's MXFP8 experts are dequantized into for a prefill-size call
-        # (moe_config.dequant_once), a side stream working ahead; the engine attaches it, or None
-        self.dequant: DequantAhead | None = None
+        # bf16 scratch, shared by every layer, that the fused kernel dequantizes MXFP8 experts into once for a
+        # prefill-size call (moe_config.dequant_once); the engine attaches it (`workspace_numel`), or None
+        self.workspace: torch.Tensor | None = None
         # exact bf16 copies (w13, w2) of MXFP8 experts that large calls run on (`attach_bf16_copies`), or None
         self.bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -172,7 +172,7 @@ class Experts(nn.Module):
 
     def drop_derived(self) -> None:
         self.w13_all = self.w13_scale_all = self.w2_all = self.w2_scale_all = None
-        self.dequant = self.bf16_copy = None
+        self.workspace = self.bf16_copy = None
 
     def _q(self, name: str):
         if self.qat:
@@ -181,15 +181,8 @@ class Experts(nn.Module):
         return getattr(self, name) if scale is None else MXFP8Tensor(getattr(self, name), scale)
 
     def forward(self, x_TD, ids_TK, weights_TK, x_qdq: bool = False, shared_TD: torch.Tensor | None = None):
-        T, K = ids_TK.shape
-        if self.dequant is not None and self.bf16_copy is None and dequant_once(T, K, self.E):
-            # the bf16 tiles on this call's dequantized experts (exact: the fused kernel's bf16_copy)
-            y = experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
-                        shared_TD, bf16_copy=self.dequant.take(self))
-            self.dequant.launched(self)
-            return y
         return experts(x_TD, ids_TK, weights_TK, self._q("w13_weight"), self._q("w2_weight"), self.gemm, x_qdq,
-                       shared_TD, bf16_copy=self.bf16_copy)
+                       shared_TD, self.workspace, self.bf16_copy)
 
     def forward_with_shared(self, x_TD, ids_TKS, weights_TKS, x_qdq: bool = False):
         """Routed plus hosted shared experts in one fused call: the router's K columns and S more (experts
@@ -205,82 +198,18 @@ def _mxfp8_triton_stacks(model: nn.Module) -> list[Experts]:
             and m.gemm.backend == "triton" and m.w13_weight.is_cuda]
 
 
-class DequantAhead:
-    """The bf16 scratch a model's MXFP8 expert stacks are dequantized into, exactly, for MoE calls of
-    `moe_config.dequant_once` size (prefill chunks; the bf16 tiles then run on it), shared by all layers.
-    ahead: two buffers, alternate stacks in forward order, and a side stream. Stack i's call takes its experts from
-    buffer i % 2 while stack i + 1's are dequantized into the other; once stack i's call is launched, stack i + 2's
-    dequantize is issued into buffer i % 2, behind that call. The pass is memory-bound and the prefill GEMMs and
-    attention compute-bound, so the two overlap instead of the pass standing alone in every layer. Every issue
-    waits for the work the current stream has so far (a weight update's copies included), every take waits for
-    its issue; the first stack of a forward drops what an interrupted forward left issued.
-    Without ahead (or with one stack): one buffer, dequantized in line on the current stream."""
-
-    def __init__(self, stacks: list[Experts], ahead: bool = True):
-        self.stacks = stacks
-        self.order = {id(m): i for i, m in enumerate(stacks)}
-        numel = max(m.workspace_numel for m in stacks)
-        device = stacks[0].w13_weight.device
-        n = 2 if ahead and len(stacks) > 1 else 1
-        self.buffers = [torch.empty(numel, dtype=torch.bfloat16, device=device) for _ in range(n)]
-        self.stream = torch.cuda.Stream(device) if n == 2 else None
-        self.ready: dict[int, torch.cuda.Event] = {}  # stack -> its issued dequantize's completion
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
-    def _views(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        m, buf = self.stacks[i], self.buffers[i % len(self.buffers)]
-        n13, n2 = m.w13_weight.numel(), m.w2_weight.numel()
-        return buf[:n13].view(m.w13_weight.shape), buf[n13:n13 + n2].view(m.w2_weight.shape)
-
-    def _dequantize(self, i: int) -> None:
-        from ..precision.kernels.triton_moe import dequantize_experts
-        m = self.stacks[i]
-        dequantize_experts(m._q("w13_weight"), m._q("w2_weight"), *self._views(i))
-
-    def _issue(self, i: int) -> None:
-        if i >= len(self.stacks) or i in self.ready:
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            self._dequantize(i)
-            self.ready[i] = torch.cuda.Event()
-            self.ready[i].record()
-
-    def take(self, m: Experts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack m's experts dequantized (w13 [E, 2F, D], w2 [E, D, F] bf16), ready for the current stream."""
-        i = self.order[id(m)]
-        if self.stream is None:
-            self._dequantize(i)
-            return self._views(i)
-        if i == 0:
-            self.ready.clear()
-        self._issue(i)
-        self._issue(i + 1)
-        torch.cuda.current_stream().wait_event(self.ready.pop(i))
-        return self._views(i)
-
-    def launched(self, m: Experts) -> None:
-        """Stack m's call is on the current stream: its buffer takes stack i + 2's experts next, behind it."""
-        if self.stream is not None:
-            self._issue(self.order[id(m)] + 2)
-
-
 def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, enabled: bool = True,
-                             max_fraction: float = 0.1, ahead: bool = True) -> str:
-    """Give the model's MXFP8 expert stacks (Triton backend, CUDA) one `DequantAhead`, shared by all layers, that
-    the fused MoE's experts are dequantized into once for a call of `dequant_once` size (prefill chunks), when the
-    engine's chunk reaches that size and its buffers take at most `max_fraction` of the device's memory. Call
-    before the KV cache is sized (it counts the buffers) and again after the weights come back. Returns what it
-    decided, for the start-up log ("" when no stack is MXFP8 on the Triton backend)."""
+                             max_fraction: float = 0.1) -> str:
+    """Give the model's MXFP8 expert stacks (Triton backend, CUDA) one bf16 workspace, shared by all layers, that
+    the fused MoE dequantizes them into once for a call of `dequant_once` size (prefill chunks), when the engine's
+    chunk reaches that size and the workspace takes at most `max_fraction` of the device's memory. Call before the
+    KV cache is sized (it counts the workspace) and again after the weights come back. Returns what it decided,
+    for the start-up log ("" when no stack is MXFP8 on the Triton backend)."""
     stacks = _mxfp8_triton_stacks(model)
     if not stacks:
         return ""
     E, numel = stacks[0].E, max(m.workspace_numel for m in stacks)
-    buffers = 2 if ahead and len(stacks) > 1 else 1
-    gib = buffers * numel * 2 / 2**30
+    gib = numel * 2 / 2**30
     if not enabled:
         return "MXFP8 expert tiles at every size (disable_moe_prefill_dequant)"
     if not dequant_once(chunk_tokens, top_k, E):
@@ -288,16 +217,15 @@ def attach_dequant_workspace(model: nn.Module, chunk_tokens: int, top_k: int, en
                 f" rows an expert, dequantize-once starts at {DEQUANT_ONCE_MIN_ROWS})")
     device = stacks[0].w13_weight.device
     total = torch.cuda.get_device_properties(device).total_memory
-    if buffers * numel * 2 > max_fraction * total:
-        return (f"MXFP8 expert tiles at every size (dequantize-once buffers would take {gib:.2f} GiB, over "
+    if numel * 2 > max_fraction * total:
+        return (f"MXFP8 expert tiles at every size (a dequantize-once workspace would take {gib:.2f} GiB, over "
                 f"{max_fraction:.0%} of the device)")
-    dequant = DequantAhead(stacks, ahead)
+    workspace = torch.empty(numel, dtype=torch.bfloat16, device=device)
     for m in stacks:
-        m.dequant = dequant
+        m.workspace = workspace
     first = -(-DEQUANT_ONCE_MIN_ROWS * E // top_k)
-    how = "the next layers' on a side stream" if buffers == 2 else "in line"
-    return (f"MXFP8 experts dequantized once per call from {first} tokens into {buffers} shared bf16 buffers, "
-            f"{gib:.2f} GiB ({how}; disable_moe_prefill_dequant)")
+    return (f"MXFP8 experts dequantized once per call from {first} tokens into a shared {gib:.2f} GiB bf16 workspace "
+            "(disable_moe_prefill_dequant)")
 
 
 def attach_bf16_copies(model: nn.Module, enabled: bool) -> str:

@@ -63,9 +63,8 @@ class EngineConfig:
     act_backend: str | None = None  # MLP silu(gate) * up: None = one Triton kernel on CUDA (bit-exact) | torch
     # the Triton fused MoE also runs each layer's shared experts (as extra experts; a copy of their weights)
     disable_shared_experts_fusion: bool = False
-    # MXFP8 experts: prefill chunks of >= 512 rows an expert run the bf16 tiles on the experts dequantized once into
-    # two bf16 buffers shared by all layers (each 3 * E * F * D elements: 1.1 GiB on moonlight-16b-a3b), the next
-    # layers' on a side stream
+    # MXFP8 experts: prefill chunks of >= 512 rows an expert dequantize the experts once into one bf16 workspace
+    # shared by all layers (3 * E * F * D elements: 1.1 GiB on moonlight-16b-a3b) and run the bf16 tiles
     disable_moe_prefill_dequant: bool = False
     attention_fast_plan: bool = True  # captured decode graphs re-plan FlashInfer MLA without its plan() wrapper
     sampling_backend: str | None = None  # None = triton kernel on CUDA when importable, else torch | torch | triton

@@ -603,7 +603,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
 
     def _attach_moe_workspace(self) -> str:
         """The MXFP8 experts' bf16 copies (`attach_bf16_copies`, mxfp8_moe_bf16_copy), or else their dequantize-once
-        buffers for prefill chunks (`attach_dequant_workspace`)."""
+        workspace for prefill chunks (`attach_dequant_workspace`)."""
         copies = attach_bf16_copies(self.model, self.config.mxfp8_moe_bf16_copy)
         if copies:
             return copies
@@ -611,8 +611,9 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                                         or 1, not self.config.disable_moe_prefill_dequant)
 
     def _moe_workspace_bytes(self) -> int:
-        spaces = {id(m.dequant): m.dequant for m in self.model.modules() if getattr(m, "dequant", None) is not None}
-        return sum(d.nbytes for d in spaces.values())
+        spaces = {id(m.workspace): m.workspace for m in self.model.modules()
+                  if getattr(m, "workspace", None) is not None}
+        return sum(w.nbytes for w in spaces.values())
 
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:

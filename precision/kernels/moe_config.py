@@ -64,7 +64,6 @@ def dequant_once(T: int, topk: int, experts: int) -> bool:
 
 
 COPY_MIN_ROWS = 64
-assert COPY_MIN_ROWS <= DEQUANT_ONCE_MIN_ROWS  # calls on dequantized experts run as on copies (model.moe.DequantAhead)
 
 
 def copy_serves(T: int, topk: int, experts: int) -> bool:

@@ -168,10 +168,10 @@ def test_shared_experts_fusion_switch(tmp_path, quantization):
 
 
 def test_moe_prefill_dequant_switch(tmp_path):
-    """MXFP8 experts: a prefill chunk of >= 512 rows an expert dequantizes them once into bf16 buffers the layers
-    share (two, filled ahead on a side stream; dropped and made again with the weights' memory); the first-token
-    logprobs match the MXFP8 tiles' (disable_moe_prefill_dequant) within bf16 noise."""
-    path = small_moonlight(tmp_path / "m", layers=4)
+    """MXFP8 experts: a prefill chunk of >= 512 rows an expert dequantizes them once into a workspace the layers
+    share (dropped and made again with the weights' memory); the first-token logprobs match the MXFP8 tiles'
+    (disable_moe_prefill_dequant) within bf16 noise."""
+    path = small_moonlight(tmp_path / "m", layers=2)
     common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, quantization="mxfp8",
                   max_total_tokens=1 << 14)
     # two prompts in one 8192-token chunk: 5600 tokens, 525 rows an expert (64 experts, top-6)
@@ -181,16 +181,14 @@ def test_moe_prefill_dequant_switch(tmp_path):
     for disable in (False, True):
         e = Engine(**common, disable_moe_prefill_dequant=disable)
         experts = e.model.layers[1].mlp.experts
-        assert (experts.dequant is None) == disable
-        assert e.get_model_info()["moe_dequant_workspace_bytes"] == (0 if disable else 4 * experts.workspace_numel)
+        assert (experts.workspace is None) == disable
+        assert e.get_model_info()["moe_dequant_workspace_bytes"] == (0 if disable else 2 * experts.workspace_numel)
         if not disable:
-            d = experts.dequant
-            assert len(d.buffers) == 2 and d.stream is not None and len(d.stacks) == 3
-            assert all(b.mlp.experts.dequant is d for b in e.model.layers[1:])
+            assert experts.workspace.numel() == experts.workspace_numel
             e.release_memory_occupation(["weights"])
-            assert experts.dequant is None
+            assert experts.workspace is None
             e.resume_memory_occupation(["weights"])
-            assert experts.dequant is not None
+            assert experts.workspace is not None
         pin_routing(e.model)
         outs.append(e.generate(input_ids=prompts, sampling_params=one, return_logprob=True))
         e.shutdown()
@@ -199,46 +197,6 @@ def test_moe_prefill_dequant_switch(tmp_path):
     print("dequant-once vs MXFP8 tiles, first tokens:", pairs)
     assert any(lx[1] == ly[1] for lx, ly in pairs), pairs
     assert all(abs(lx[0] - ly[0]) < 0.05 for lx, ly in pairs if lx[1] == ly[1]), pairs
-
-
-def test_moe_prefill_dequant_ahead_gives_the_in_line_bits(tmp_path):
-    """The experts dequantized ahead on a side stream (two buffers, alternate layers) give the bits of the in-line
-    dequantize (one buffer, the current stream): for a prefill, after a weight update of the layer a stream works
-    ahead on, and after a forward interrupted with dequantizes issued (they are dropped, not used stale)."""
-    from mxroll.model.moe import DequantAhead, _mxfp8_triton_stacks
-    path = small_moonlight(tmp_path / "m", layers=4)
-    common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, quantization="mxfp8",
-                  max_total_tokens=1 << 14)
-    ahead, inline = Engine(**common), Engine(**common)
-    stacks = _mxfp8_triton_stacks(inline.model)
-    one = DequantAhead(stacks, ahead=False)
-    assert len(one.buffers) == 1 and one.stream is None
-    for m in stacks:
-        m.dequant = one
-    prompts = [torch.randint(2, 4096, (2800,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 2)]
-    params = {"temperature": 0, "max_new_tokens": 2, "ignore_eos": True}
-
-    def logprobs(e):
-        return [x["meta_info"]["output_token_logprobs"] for x in e.generate(input_ids=prompts, sampling_params=params,
-                                                                             return_logprob=True)]
-
-    first = logprobs(ahead)
-    assert first == logprobs(inline)
-    # the last MoE layer's expert 5: gate rows reversed (the stream dequantizes that layer ahead)
-    m = ahead.model.layers[3].mlp.experts
-    name = "model.layers.3.mlp.experts.5.gate_proj.weight"
-    w = m.w13_weight[5, :m.F].view(torch.uint8).flip(0).view(torch.float8_e4m3fn).clone()
-    s = m.w13_weight_scale_inv[5, :m.F].flip(0).clone()
-    d = m.dequant
-    d.take(d.stacks[0])  # an interrupted forward: layers 2 and 3 issued, never taken
-    d.launched(d.stacks[0])
-    assert sorted(d.ready) == [1, 2]
-    for e in (ahead, inline):
-        e.update_weights_from_tensor([(name, w), (name + "_scale_inv", s)])
-    second = logprobs(ahead)
-    assert second == logprobs(inline) and second != first
-    ahead.shutdown()
-    inline.shutdown()
 
 
 def test_decode_graphs_captured_at_start_or_on_first_use(tmp_path):
@@ -269,7 +227,7 @@ def test_decode_graphs_captured_at_start_or_on_first_use(tmp_path):
 
 def test_moe_bf16_copies_follow_updates_and_memory_release(tmp_path):
     """mxfp8_moe_bf16_copy: every MXFP8 expert stack keeps exact bf16 copies (refilled at the same addresses by a
-    weight update, dropped and rebuilt with the weights' memory; no dequantize-once buffers then); a prefill chunk
+    weight update, dropped and rebuilt with the weights' memory; no dequantize-once workspace then); a prefill chunk
     of 64+ rows an expert runs on them and gives the bits of the engine that dequantizes into its workspace."""
     path = small_moonlight(tmp_path / "m", layers=2)
     common = dict(model_path=path, load_format="dummy", device="cuda", progress=False, quantization="mxfp8",
@@ -281,13 +239,13 @@ def test_moe_bf16_copies_follow_updates_and_memory_release(tmp_path):
         return all(torch.equal(c, MXFP8Tensor(getattr(m, n), getattr(m, n + "_scale_inv")).dequantize(torch.bfloat16))
                    for c, n in zip(m.bf16_copy, ("w13_weight", "w2_weight")))
 
-    assert stacks and all(exact(m) and m.dequant is None for m in stacks)
+    assert stacks and all(exact(m) and m.workspace is None for m in stacks)
     info = e.get_model_info()
     assert info["moe_bf16_copy_bytes"] == sum(2 * m.workspace_numel for m in stacks)
     assert info["moe_dequant_workspace_bytes"] == 0
     prompts = [torch.randint(2, 4096, (2800,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 2)]
     params = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True}
-    ref = Engine(**common)  # MXFP8 tiles, and one dequantize-once buffer for the 5600-token chunk
+    ref = Engine(**common)  # MXFP8 tiles, and one dequantize-once workspace for the 5600-token chunk
     assert ref.get_model_info()["moe_bf16_copy_bytes"] == 0 and ref.get_model_info()["moe_dequant_workspace_bytes"]
     a = e.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
     b = ref.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
@@ -307,7 +265,7 @@ def test_moe_bf16_copies_follow_updates_and_memory_release(tmp_path):
     e.release_memory_occupation(tags=["weights"])
     assert all(m.bf16_copy is None for m in stacks)
     e.resume_memory_occupation(tags=["weights"])
-    assert all(m.bf16_copy is not None and exact(m) and m.dequant is None for m in stacks)
+    assert all(m.bf16_copy is not None and exact(m) and m.workspace is None for m in stacks)
     e.shutdown()
 
 
