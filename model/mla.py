@@ -31,7 +31,13 @@ class AttentionBackend(Protocol):
     def forward(self, mla: "MLA", q_nope_THP: torch.Tensor, q_pe_THR: torch.Tensor, kv_TC: torch.Tensor,
                 k_pe_TR: torch.Tensor) -> torch.Tensor:
         """Store this step's latents for layer `mla.layer` (`mla.store_latents`), attend, return o [T, H, V].
-        kv_TC is the latent as projected (before kv_a_layernorm): `mla.latent(kv_TC)` is what attention reads."""
+        kv_TC is the latent as projected (before kv_a_layernorm): `mla.latent(kv_TC)` is what attention reads.
+        A backend whose `fuses_rope()` says so for the current step is also passed `cos_sin=`, with q_pe and k_pe
+        not yet rotated (`mla.store_latents_and_absorb` rotates them in its launch)."""
+
+
+def _no() -> bool:
+    return False
 
 
 class MLA(nn.Module):
@@ -82,8 +88,12 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope_THP, q_pe_THR = q.view(T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
         kv_TC, k_pe_TR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
-        o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
+        if self.rope_backend == "triton" and self.latent_backend == "triton" and getattr(attn, "fuses_rope", _no)():
+            # the backend's latent store rotates q_pe and k_pe in its launch (store_latents_and_absorb's rope)
+            o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR, cos_sin=cos_sin)
+        else:
+            q_pe_THR, k_pe_TR = rope(q_pe_THR, k_pe_TR, cos_sin, self.interleave, self.rope_backend)
+            o_THV = attn.forward(self, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR)
         return self.o_proj(o_THV.reshape(T, -1).to(x_TD.dtype))
 
     # ---- the cached latent: kv_a_layernorm of the projected latent (quantize-dequantized if the trainer did) ----
@@ -101,13 +111,18 @@ class MLA(nn.Module):
                      self.latent_backend)
 
     def store_latents_and_absorb(self, ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor,
-                                 kv_TC: torch.Tensor, k_pe_TR: torch.Tensor, q_nope_THP: torch.Tensor) -> torch.Tensor:
+                                 kv_TC: torch.Tensor, k_pe_TR: torch.Tensor, q_nope_THP: torch.Tensor,
+                                 q_pe_THR: torch.Tensor | None = None,
+                                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+                                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`store_latents`, then `absorb(q_nope)`: one kernel with `ModelKernels.latent` "triton" (a small decode
-        batch's pre-attention work, model.ops.store_latent_absorb)."""
+        batch's pre-attention work, model.ops.store_latent_absorb). With cos_sin, q_pe and k_pe are not rotated
+        yet: the same launch rotates them and (q_lat, rotated q_pe) is returned."""
         n = self.kv_a_layernorm
         w_uk_HPC, _ = self.absorbed_weights()
+        rope = None if cos_sin is None else (q_pe_THR, cos_sin, self.interleave)
         return store_latent_absorb(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, n.weight, n.eps, q_nope_THP, w_uk_HPC,
-                                   n.backend, self.latent_qdq, self.latent_backend)
+                                   n.backend, self.latent_qdq, self.latent_backend, rope)
 
     # ---- the absorbed weights: W_UK [H, P, C] and W_UV [H, V, C], views of kv_b_proj ----
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

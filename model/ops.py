@@ -102,16 +102,26 @@ def store_latent(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tens
 def store_latent_absorb(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
                         k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, q_nope_THP: torch.Tensor,
                         w_uk_HPC: torch.Tensor, norm_backend: str = "torch", qdq_mode: str | None = None,
-                        backend: str = "torch") -> torch.Tensor:
+                        backend: str = "torch",
+                        rope: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], bool] | None = None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`store_latent`, then MLA's absorb: q_lat [T, H, C] = q_nope @ W_UK per head (a bmm: fp32 sums, one rounding
     to q's dtype). backend "triton": both in one kernel (model.kernels.triton_latent.latent_absorb_triton: the
-    store's bits, the absorb's values up to the fp32 sum order)."""
+    store's bits, the absorb's values up to the fp32 sum order).
+    rope: (q_pe [T, H, R], cos_sin, interleave): k_pe is the rope key before its rotation; `rope_ref` rotates both
+    first (on triton, the same launch does, with the rope kernel's bits) and (q_lat, rotated q_pe) is returned."""
     if backend == "triton":
         _check_triton_latent_norm(norm_backend)
         from .kernels.triton_latent import latent_absorb_triton
-        return latent_absorb_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode, q_nope_THP, w_uk_HPC)
+        fused = None if rope is None else (rope[0], *rope[1], rope[2])
+        return latent_absorb_triton(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, qdq_mode, q_nope_THP, w_uk_HPC,
+                                    fused)
+    q_pe_THR = None
+    if rope is not None:
+        q_pe_THR, k_pe_TR = rope_ref(rope[0], k_pe_TR, rope[1], rope[2])
     store_latent(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, eps, norm_backend, qdq_mode, backend)
-    return absorb_ref(q_nope_THP, w_uk_HPC)
+    q_lat_THC = absorb_ref(q_nope_THP, w_uk_HPC)
+    return q_lat_THC if rope is None else (q_lat_THC, q_pe_THR)
 
 
 def absorb_ref(q_nope_THP: torch.Tensor, w_uk_HPC: torch.Tensor) -> torch.Tensor:

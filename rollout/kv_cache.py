@@ -93,9 +93,12 @@ class PagedLatentCache:
         mla.store_latents(*self._slots(mla.layer), slots_T, kv_TC, pe_TR)
 
     def write_and_absorb(self, mla, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor,
-                         q_nope_THP: torch.Tensor) -> torch.Tensor:
-        """`write`, then q in latent space [T, H, C] (`MLA.store_latents_and_absorb`: one kernel on Triton)."""
-        return mla.store_latents_and_absorb(*self._slots(mla.layer), slots_T, kv_TC, pe_TR, q_nope_THP)
+                         q_nope_THP: torch.Tensor, q_pe_THR: torch.Tensor | None = None,
+                         cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`write`, then q in latent space [T, H, C] (`MLA.store_latents_and_absorb`: one kernel on Triton; with
+        cos_sin it also rotates the unrotated pe_TR and q_pe_THR, and returns (q_lat, rotated q_pe))."""
+        return mla.store_latents_and_absorb(*self._slots(mla.layer), slots_T, kv_TC, pe_TR, q_nope_THP, q_pe_THR,
+                                            cos_sin)
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write of shared partial pages, in every layer, before a forward writes into them."""

@@ -8,7 +8,9 @@ quantized kv_b_proj's input) reads the stored row back after a block barrier and
 the GEMMs' `_act_qdq`: keeping it out of the norm's registers keeps the 2-D block layout it needs from
 reaching the norm's reduction (which would change the fp32 sum order, hence bits).
 `latent_absorb_triton` runs the same store in the tail programs of a launch whose first programs absorb q into
-latent space (q_nope @ W_UK per head, MLA.absorb): a small decode batch's two pre-attention kernels as one.
+latent space (q_nope @ W_UK per head, MLA.absorb): a small decode batch's two pre-attention kernels as one. Given
+q_pe and cos/sin, its tail programs also do the rope kernel's work (`triton_rope`, the same bits: each product and
+sum rounded on its own through libdevice's _rn operations): three pre-attention kernels as one.
 Legend: T tokens, C kv_lora_rank, R qk_rope_head_dim, N cache slots, H heads, P qk_nope_head_dim.
 """
 from __future__ import annotations
@@ -18,14 +20,17 @@ import triton
 import triton.language as tl
 
 from ...precision.kernels.pdl import pdl_args, pdl_wait
-from ...precision.kernels.triton_mxfp8_gemm import _act_qdq
+from ...precision.kernels.triton_mxfp8_gemm import _act_qdq, _interpreting
 from .triton_norm import _normed_row, num_warps_for
+from .triton_rope import _rotate_tile
 
 
 @triton.jit
 def _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R, inv_d, eps,
-                      BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr):
-    """Token `row`'s latent normed into ckv[slot] (then rounded in place when QDQ) and its rope key into kpe[slot]."""
+                      BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr,
+                      PE: tl.constexpr):
+    """Token `row`'s latent normed into ckv[slot] (then rounded in place when QDQ) and, with PE, its rope key into
+    kpe[slot] (the caller stores it otherwise). Returns the slot."""
     slot = tl.load(slots_ptr + row).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -38,9 +43,11 @@ def _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_pt
         y = tl.load(ckv_ptr + slot * D + offs2, mask=offs2 < D, other=0.0)
         tl.store(ckv_ptr + slot * D + offs2, _act_qdq(y.to(tl.float32), 1, BLOCK, FLOOR).to(ckv_ptr.dtype.element_ty),
                  mask=offs2 < D)
-    r = tl.arange(0, RP)
-    pe = tl.load(pe_ptr + row * pe_stride + r, mask=r < R, other=0.0)
-    tl.store(kpe_ptr + slot * R + r, pe.to(kpe_ptr.dtype.element_ty), mask=r < R)
+    if PE:
+        r = tl.arange(0, RP)
+        pe = tl.load(pe_ptr + row * pe_stride + r, mask=r < R, other=0.0)
+        tl.store(kpe_ptr + slot * R + r, pe.to(kpe_ptr.dtype.element_ty), mask=r < R)
+    return slot
 
 
 @triton.jit
@@ -49,24 +56,39 @@ def _store_latent_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr,
                          PDL: tl.constexpr):
     pdl_wait(PDL)
     _store_latent_row(tl.program_id(0).to(tl.int64), kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr,
-                      kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR)
+                      kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR, True)
 
 
 @triton.jit
 def _latent_absorb_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R, inv_d, eps,
                           qn_ptr, qn_st, qn_sh, wk_ptr, wk_sh, ql_ptr, T, P,
+                          qpe_ptr, qpe_st, qpe_sh, cos_ptr, sin_ptr, cs_st, qpo_ptr, H,
                           BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr,
-                          PP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
+                          PP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, ROPE: tl.constexpr,
+                          INTERLEAVE: tl.constexpr, RN: tl.constexpr, HP: tl.constexpr, RH: tl.constexpr,
+                          PDL: tl.constexpr):
     """Programs [0, H * D / BC): q_lat[:, h, c-block] = q_nope[:, h] @ W_UK[h][:, c-block] (bf16 MMA, fp32 sums, one
     rounding: the absorb bmm's formulation) for every token in blocks of BT; the T programs after them: one
-    token's latent store each (_store_latent_row, the store kernel's bits: launched with its warps)."""
+    token's latent store each (_store_latent_row, the store kernel's bits: launched with its warps). ROPE: those
+    also rotate the token's rope key into the cache and its q_pe (every head) into qpo, as the rope kernel does."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     nc = tl.cdiv(D, BC)
     n_absorb = tl.num_programs(0) - T
     if pid >= n_absorb:
-        _store_latent_row((pid - n_absorb).to(tl.int64), kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr,
-                          ckv_ptr, kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR)
+        row = (pid - n_absorb).to(tl.int64)
+        slot = _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R,
+                                 inv_d, eps, BLOCK, RP, QDQ, FLOOR, not ROPE)
+        if ROPE:
+            R2 = R // 2
+            i = tl.arange(0, RH)
+            im = i < R2
+            cos = tl.load(cos_ptr + row * cs_st + i, mask=im, other=0.0)
+            sin = tl.load(sin_ptr + row * cs_st + i, mask=im, other=0.0)
+            _rotate_tile(pe_ptr, kpe_ptr + slot * R, row * pe_stride, cos, sin, i, im, R2, INTERLEAVE, RN)
+            h = tl.arange(0, HP)[:, None]
+            _rotate_tile(qpe_ptr, qpo_ptr + (row * H + h) * R, row * qpe_st + h * qpe_sh, cos[None, :], sin[None, :],
+                         i[None, :], (h < H) & im[None, :], R2, INTERLEAVE, RN)
     else:
         h = pid // nc
         c = (pid % nc) * BC + tl.arange(0, BC)
@@ -112,25 +134,43 @@ def store_latent_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: tor
 
 def latent_absorb_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: torch.Tensor, kv_TC: torch.Tensor,
                          k_pe_TR: torch.Tensor, w_C: torch.Tensor, eps: float, qdq_mode: str | None,
-                         q_nope_THP: torch.Tensor, w_uk_HPC: torch.Tensor) -> torch.Tensor:
+                         q_nope_THP: torch.Tensor, w_uk_HPC: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`store_latent_triton` (the same bits) and MLA's absorb, q_lat [T, H, C] = q_nope @ W_UK per head
     (contiguous; the bmm's values up to the fp32 sum order), in one launch: the decode step's two small
     pre-attention kernels as one. q_nope: [T, H, P] with unit inner stride; W_UK: [H, P, C] rows of kv_b_proj
-    (row stride C)."""
+    (row stride C).
+    rope: (q_pe [T, H, R] with unit inner stride, cos, sin [T, R/2] fp32, interleave): k_pe is then the key before
+    its rotation, and the launch also does the rope kernel's work (`rope_triton`, the same bits): the rotated key
+    goes into the cache, and (q_lat, the rotated q_pe [T, H, R] contiguous in q_pe's dtype) is returned."""
     T, C = kv_TC.shape
     H, P, C2 = w_uk_HPC.shape
+    R = k_pe_TR.shape[1]
     assert C2 == C and q_nope_THP.shape == (T, H, P) and q_nope_THP.stride(2) == 1, (
         tuple(w_uk_HPC.shape), tuple(q_nope_THP.shape), q_nope_THP.stride())
     assert w_uk_HPC.stride(1) == C and w_uk_HPC.stride(2) == 1, w_uk_HPC.stride()
     assert q_nope_THP.dtype == w_uk_HPC.dtype == kv_TC.dtype, (q_nope_THP.dtype, w_uk_HPC.dtype, kv_TC.dtype)
     _check_store(ckv_NC, kpe_NR, slots_T, kv_TC, k_pe_TR, w_C, qdq_mode)
     q_lat = torch.empty(T, H, C, dtype=kv_TC.dtype, device=kv_TC.device)
+    if rope is not None:
+        q_pe, cos, sin, interleave = rope
+        assert q_pe.shape == (T, H, R) and q_pe.stride(2) == 1 and R % 2 == 0, (tuple(q_pe.shape), q_pe.stride())
+        assert cos.shape == sin.shape == (T, R // 2) and cos.dtype == sin.dtype == torch.float32, (cos.shape, cos.dtype)
+        assert cos.stride() == sin.stride() and cos.stride(1) == 1, (cos.stride(), sin.stride())
+        q_pe_out = torch.empty(T, H, R, dtype=q_pe.dtype, device=q_pe.device)
+        rope_args = (q_pe, q_pe.stride(0), q_pe.stride(1), cos, sin, cos.stride(0), q_pe_out)
+    else:
+        interleave, q_pe_out = False, None
+        rope_args = (kv_TC, 0, 0, kv_TC, kv_TC, 0, kv_TC)  # unused
     if T:
         BC = min(64, max(16, triton.next_power_of_2(C)))
         _latent_absorb_kernel[(H * triton.cdiv(C, BC) + T,)](
-            kv_TC, kv_TC.stride(0), k_pe_TR, k_pe_TR.stride(0), w_C, slots_T, ckv_NC, kpe_NR, C, k_pe_TR.shape[1],
+            kv_TC, kv_TC.stride(0), k_pe_TR, k_pe_TR.stride(0), w_C, slots_T, ckv_NC, kpe_NR, C, R,
             1.0 / C, eps, q_nope_THP, q_nope_THP.stride(0), q_nope_THP.stride(1), w_uk_HPC, w_uk_HPC.stride(0), q_lat,
-            T, P, BLOCK=triton.next_power_of_2(C), RP=triton.next_power_of_2(k_pe_TR.shape[1]),
+            T, P, *rope_args, H, BLOCK=triton.next_power_of_2(C), RP=triton.next_power_of_2(R),
             QDQ=qdq_mode is not None, FLOOR=qdq_mode == "floor", PP=max(16, triton.next_power_of_2(P)), BC=BC, BT=16,
+            ROPE=rope is not None, INTERLEAVE=bool(interleave), RN=not _interpreting(),
+            HP=triton.next_power_of_2(H), RH=triton.next_power_of_2(max(1, R // 2)),
             num_warps=num_warps_for(C), **pdl_args(kv_TC))
-    return q_lat
+    return q_lat if rope is None else (q_lat, q_pe_out)

@@ -14,12 +14,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ...precision.kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit
-def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.constexpr):
+def _rotate(x1, x2, cos, sin, RN: tl.constexpr):
+    """(x1*cos - x2*sin, x2*cos + x1*sin) with every product and sum rounded to fp32 on its own. RN: through
+    libdevice's _rn operations, which are never contracted into FMAs (for kernels compiled with contraction on);
+    else plain operations (this kernel, compiled with it off, and the interpreter, whose numpy rounds each one)."""
+    if RN:
+        return (libdevice.sub_rn(libdevice.mul_rn(x1, cos), libdevice.mul_rn(x2, sin)),
+                libdevice.add_rn(libdevice.mul_rn(x2, cos), libdevice.mul_rn(x1, sin)))
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.constexpr, RN: tl.constexpr):
     """Rotate the rows at x_ptr + row (unit inner stride) into contiguous rows at out_ptr."""
     if INTERLEAVE:
         x1 = tl.load(x_ptr + row + 2 * i, mask=mask, other=0.0).to(tl.float32)
@@ -27,8 +39,7 @@ def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.cons
     else:
         x1 = tl.load(x_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + row + i + R2, mask=mask, other=0.0).to(tl.float32)
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
+    y1, y2 = _rotate(x1, x2, cos, sin, RN)
     tl.store(out_ptr + i, y1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + i + R2, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -44,8 +55,8 @@ def _rope_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr
     sin = tl.load(sin_ptr + t * cs_st + i, mask=im, other=0.0)
     h = tl.arange(0, HP)[:, None]
     _rotate_tile(q_ptr, qo_ptr + (t * H + h) * 2 * R2, t * q_st + h * q_sh, cos[None, :], sin[None, :], i[None, :],
-                 (h < H) & im[None, :], R2, INTERLEAVE)
-    _rotate_tile(k_ptr, ko_ptr + t * 2 * R2, t * k_st, cos, sin, i, im, R2, INTERLEAVE)
+                 (h < H) & im[None, :], R2, INTERLEAVE, False)
+    _rotate_tile(k_ptr, ko_ptr + t * 2 * R2, t * k_st, cos, sin, i, im, R2, INTERLEAVE, False)
 
 
 def rope_triton(q_pe_THR: torch.Tensor, k_pe_TR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],

@@ -13,8 +13,8 @@ checks that the schedule's launch shape (the plan info) is the captured one and 
 Decode batches of up to `triton_decode_rows` rows attend with the Triton split-KV kernel instead
 (`triton_mla.py`: FlashInfer's kernel leaves most SMs idle on a few rows); it reads the page table on the
 GPU, so such a step skips the host-side plan and a captured graph only needs the table copied in. Those steps
-also store the latents and absorb q in one launch (`MLA.store_latents_and_absorb`) and apply W_UV inside the
-split merge.
+also store the latents, absorb q and rotate q_pe and k_pe in one launch (`MLA.store_latents_and_absorb`; the rope
+kernel's launch saved) and apply W_UV inside the split merge.
 Checked against the torch reference on the device (tests/rollout/test_attention_gpu.py).
 Legend: T tokens, H heads, C kv_lora_rank, R qk_rope_head_dim.
 """
@@ -36,6 +36,7 @@ FAST_PLAN_BACKENDS = ("fa2", "fa3")  # planners whose replans keep a captured gr
 # Triton decode steps store the latents and absorb q in one launch and apply W_UV in the split merge (3 launches
 # per layer instead of 5); False keeps the separate kernels (benchmarks compare the two).
 FUSED_SMALL_DECODE = True
+FUSED_SMALL_DECODE_ROPE = True  # ... and the rope of q_pe and k_pe goes into the latent store's launch
 
 
 class GraphReplanner:
@@ -119,6 +120,7 @@ class FlashInferAttention:
         self.wrapper = self.eager
         self.step: StepInputs | None = None
         self.triton_decode_rows, self.fused_small_decode = triton_decode_rows, FUSED_SMALL_DECODE
+        self.fused_rope = FUSED_SMALL_DECODE_ROPE
         if triton_decode_rows:
             from .triton_mla import decode_splits, mla_decode_triton
             self.decode_splits, self.mla_decode_triton = decode_splits, mla_decode_triton
@@ -188,17 +190,27 @@ class FlashInferAttention:
         self.plan_paths[size] = graph.path
         log.info("MLA graph batch %d: %s", size, graph.path)
 
-    def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR) -> torch.Tensor:
+    def fuses_rope(self) -> bool:
+        """This step's attention rotates q_pe and k_pe itself (`MLA.forward` passes them unrotated, with cos_sin):
+        in the latent store + absorb launch of a small decode batch."""
+        return self.triton is not None and self.fused_small_decode and self.fused_rope
+
+    def forward(self, mla, q_nope_THP, q_pe_THR, kv_TC, k_pe_TR, cos_sin=None) -> torch.Tensor:
         dtype = self.cache.dtype
         ckv, kpe = self.cache.layer(mla.layer)
         if self.triton is not None and self.fused_small_decode:
-            # three launches: latent store + absorb, split-KV attention, merge + unabsorb (W_UV)
+            # three launches: latent store + absorb (+ rope), split-KV attention, merge + unabsorb (W_UV)
             t, splits = self.triton
-            q_lat_THC = self.cache.write_and_absorb(mla, self.step.slots_T, kv_TC, k_pe_TR, q_nope_THP.to(dtype))
+            if cos_sin is None:
+                q_lat_THC = self.cache.write_and_absorb(mla, self.step.slots_T, kv_TC, k_pe_TR, q_nope_THP.to(dtype))
+            else:
+                q_lat_THC, q_pe_THR = self.cache.write_and_absorb(mla, self.step.slots_T, kv_TC, k_pe_TR,
+                                                                  q_nope_THP.to(dtype), q_pe_THR, cos_sin)
             _, w_uv_HVC = mla.absorbed_weights()
             o_THV = torch.empty(*q_lat_THC.shape[:2], w_uv_HVC.shape[1], dtype=dtype, device=q_lat_THC.device)
             return self.mla_decode_triton(q_lat_THC, q_pe_THR.to(dtype), ckv, kpe, t.kv_indptr, t.kv_indices,
                                           t.kv_lens, self.sm_scale, splits, o_THV, w_uv_HVC=w_uv_HVC.to(dtype))
+        assert cos_sin is None, "rope is fused only into the small-decode latent store (fuses_rope)"
         self.cache.write(mla, self.step.slots_T, kv_TC, k_pe_TR)
         # q_lat is a [T, H, C] view of the bmm's [H, T, C] result: FlashInfer's MLA kernels read q (and q_pe)
         # through their token and head strides, so no copy. The output is a [T, H, C] contiguous buffer, the

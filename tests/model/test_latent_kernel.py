@@ -125,3 +125,56 @@ def test_store_latent_absorb_dispatch():
     assert (new.float() - old.float()).abs().max() <= 2.0 ** -7 * old.float().abs().max()
     with pytest.raises(ValueError, match="norm"):
         store_latent_absorb(ckv, kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "torch", None, "triton")
+
+
+def rope_inputs(T: int, H: int, R: int, seed: int):
+    """q_pe as MLA has it (a split view of q [T, H, P + R]) and the cos / sin rows of T scattered positions."""
+    import dataclasses
+
+    from mxroll import configs
+    from mxroll.model import ModelConfig
+    from mxroll.model.rope import Rope
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(T, H, 24 + R, generator=g) * 4).to(DEVICE, LOW)
+    cfg = dataclasses.replace(ModelConfig.from_file(configs.model_preset_path("tiny")), qk_rope_head_dim=R)  # YaRN
+    cos, sin = Rope(cfg).cos_sin(torch.randint(0, 4000, (T,), generator=g).to(DEVICE))
+    return q[..., 24:], (cos, sin)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("qdq", [None, "rceil"])
+@pytest.mark.parametrize("T,H,P,C,R", [(1, 16, 128, 512, 64), (4, 16, 128, 512, 64), (3, 3, 24, 96, 32)])
+def test_latent_absorb_with_rope_is_the_rope_kernel_then_the_launch(interleave, qdq, T, H, P, C, R):
+    """With rope, the one launch also rotates q_pe and k_pe: the cache, q_lat and the rotated q_pe are the bits of
+    rope_triton followed by the launch without rope (and rope_triton's are the reference's, test_rope_kernel)."""
+    from mxroll.model.kernels.triton_latent import latent_absorb_triton
+    from mxroll.model.kernels.triton_rope import rope_triton
+
+    kv, k_pe, w, slots, ckv, kpe = inputs(T, C, R, N=3 * T + 4, seed=T + C + 1)
+    q_nope, w_uk = absorb_inputs(T, H, P, 32, C, seed=T + 1)
+    q_pe, (cos, sin) = rope_inputs(T, H, R, seed=T + 2)
+    ref_ckv, ref_kpe = ckv.clone(), kpe.clone()
+    ref_q_pe, ref_k_pe = rope_triton(q_pe, k_pe, (cos, sin), interleave)
+    ref_q_lat = latent_absorb_triton(ref_ckv, ref_kpe, slots, kv, ref_k_pe, w, 1e-6, qdq, q_nope, w_uk)
+    q_lat, q_pe_rot = latent_absorb_triton(ckv, kpe, slots, kv, k_pe, w, 1e-6, qdq, q_nope, w_uk,
+                                           (q_pe, cos, sin, interleave))
+    assert torch.equal(ckv, ref_ckv) and torch.equal(kpe, ref_kpe) and torch.equal(q_lat, ref_q_lat)
+    assert q_pe_rot.shape == (T, H, R) and q_pe_rot.is_contiguous() and torch.equal(q_pe_rot, ref_q_pe)
+    assert not torch.equal(q_pe_rot, q_pe.contiguous())  # rotated
+
+
+def test_store_latent_absorb_dispatch_with_rope():
+    """model.ops.store_latent_absorb's rope on both backends: the torch path rotates with rope_ref first."""
+    from mxroll.model.ops import rope_ref
+    kv, k_pe, w, slots, ckv, kpe = inputs(3, 512, 64, N=12, seed=5)
+    q_nope, w_uk = absorb_inputs(3, 16, 128, 128, 512, seed=6)
+    q_pe, cos_sin = rope_inputs(3, 16, 64, seed=7)
+    old_ckv, old_kpe = ckv.clone(), kpe.clone()
+    old, old_pe = store_latent_absorb(old_ckv, old_kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "triton", None, "torch",
+                                      (q_pe, cos_sin, False))
+    new, new_pe = store_latent_absorb(ckv, kpe, slots, kv, k_pe, w, 1e-6, q_nope, w_uk, "triton", None, "triton",
+                                      (q_pe, cos_sin, False))
+    assert torch.equal(ckv, old_ckv) and torch.equal(kpe, old_kpe) and torch.equal(new_pe, old_pe)
+    assert torch.equal(old_pe, rope_ref(q_pe, k_pe, cos_sin, False)[0])
+    assert torch.equal(kpe[slots], rope_ref(q_pe, k_pe, cos_sin, False)[1])
+    assert (new.float() - old.float()).abs().max() <= 2.0 ** -7 * old.float().abs().max()

@@ -114,3 +114,37 @@ def test_triton_decode_matches_torch_reference(page_size):
     fi_err = ((flash - ref).norm() / ref.norm()).item()
     print(f"page_size={page_size}: Triton rel err {err:.2e}, FlashInfer {fi_err:.2e}")
     assert err < 1e-2 and err < 2 * fi_err + 1e-3, (err, fi_err)
+
+
+def test_small_decode_rope_in_the_latent_store_gives_the_separate_bits(monkeypatch):
+    """MLA.forward over a small decode batch on the Triton kernels: with the rope fused into the latent store +
+    absorb launch (`fuses_rope`), the output and the cache are the bits of the separate rope kernel's path."""
+    from mxroll.model.kernels import ModelKernels
+    from mxroll.rollout.attention import flashinfer_mla
+    from mxroll.rollout.attention.flashinfer_mla import FlashInferAttention
+
+    shapes = [(0, 1), (5, 1), (15, 1), (16, 1), (300, 1), (63, 1)]
+    cfg, ref_mla, cache, step, _ = paged_case(16, shapes, 11)
+    kernels = ModelKernels(norm="triton", rope="triton", latent="triton")
+    mla = MLA(cfg, torch.bfloat16, layer=1, kernels=kernels).cuda()
+    mla.load_state_dict(ref_mla.state_dict())
+    T, H = step.num_tokens, cfg.num_attention_heads
+    x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    cos_sin = mla_rope(cfg, torch.tensor([c for c, _ in shapes], device="cuda"))
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(flashinfer_mla, "FUSED_SMALL_DECODE_ROPE", fused)
+        cache.ckv_LPGC.zero_()
+        cache.kpe_LPGR.zero_()
+        attn = FlashInferAttention(cache, H, cfg.softmax_scale, max_pages_per_seq=32, triton_decode_rows=64)
+        attn.begin(step)
+        assert attn.fuses_rope() == fused
+        with torch.inference_mode():
+            outs.append((mla(x, cos_sin, attn), cache.ckv_LPGC.clone(), cache.kpe_LPGR.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert outs[0][2].abs().sum() > 0  # the rope keys were stored
+
+
+def mla_rope(cfg: ModelConfig, pos_T: torch.Tensor):
+    from mxroll.model.rope import Rope
+    return Rope(cfg).cos_sin(pos_T)
