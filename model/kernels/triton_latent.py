@@ -86,9 +86,9 @@ def _latent_absorb_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr
             cos = tl.load(cos_ptr + row * cs_st + i, mask=im, other=0.0)
             sin = tl.load(sin_ptr + row * cs_st + i, mask=im, other=0.0)
             _rotate_tile(pe_ptr, kpe_ptr + slot * R, row * pe_stride, cos, sin, i, im, R2, INTERLEAVE, RN)
-            h = tl.arange(0, HP)[:, None]
-            _rotate_tile(qpe_ptr, qpo_ptr + (row * H + h) * R, row * qpe_st + h * qpe_sh, cos[None, :], sin[None, :],
-                         i[None, :], (h < H) & im[None, :], R2, INTERLEAVE, RN)
+            heads = tl.arange(0, HP)[:, None]  # not `h`: the absorb branch's h is a scalar (one type per name)
+            _rotate_tile(qpe_ptr, qpo_ptr + (row * H + heads) * R, row * qpe_st + heads * qpe_sh, cos[None, :],
+                         sin[None, :], i[None, :], (heads < H) & im[None, :], R2, INTERLEAVE, RN)
     else:
         h = pid // nc
         c = (pid % nc) * BC + tl.arange(0, BC)
