@@ -30,7 +30,7 @@ def _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_pt
                       BLOCK: tl.constexpr, RP: tl.constexpr, QDQ: tl.constexpr, FLOOR: tl.constexpr,
                       PE: tl.constexpr):
     """Token `row`'s latent normed into ckv[slot] (then rounded in place when QDQ) and, with PE, its rope key into
-    kpe[slot] (the caller stores it otherwise). Returns the slot."""
+    kpe[slot] (the caller stores it otherwise)."""
     slot = tl.load(slots_ptr + row).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -47,7 +47,6 @@ def _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_pt
         r = tl.arange(0, RP)
         pe = tl.load(pe_ptr + row * pe_stride + r, mask=r < R, other=0.0)
         tl.store(kpe_ptr + slot * R + r, pe.to(kpe_ptr.dtype.element_ty), mask=r < R)
-    return slot
 
 
 @triton.jit
@@ -69,26 +68,28 @@ def _latent_absorb_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr
                           PDL: tl.constexpr):
     """Programs [0, H * D / BC): q_lat[:, h, c-block] = q_nope[:, h] @ W_UK[h][:, c-block] (bf16 MMA, fp32 sums, one
     rounding: the absorb bmm's formulation) for every token in blocks of BT; the T programs after them: one
-    token's latent store each (_store_latent_row, the store kernel's bits: launched with its warps). ROPE: those
-    also rotate the token's rope key into the cache and its q_pe (every head) into qpo, as the rope kernel does."""
+    token's latent store each (_store_latent_row, the store kernel's bits: launched with its warps). ROPE: T more
+    programs, one a token, rotate its rope key into the cache and its q_pe (every head) into qpo, as the rope kernel
+    does (programs of their own: the store's chain of dependent loads does not grow)."""
     pdl_wait(PDL)
     pid = tl.program_id(0)
     nc = tl.cdiv(D, BC)
-    n_absorb = tl.num_programs(0) - T
-    if pid >= n_absorb:
-        row = (pid - n_absorb).to(tl.int64)
-        slot = _store_latent_row(row, kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr, ckv_ptr, kpe_ptr, D, R,
-                                 inv_d, eps, BLOCK, RP, QDQ, FLOOR, not ROPE)
-        if ROPE:
-            R2 = R // 2
-            i = tl.arange(0, RH)
-            im = i < R2
-            cos = tl.load(cos_ptr + row * cs_st + i, mask=im, other=0.0)
-            sin = tl.load(sin_ptr + row * cs_st + i, mask=im, other=0.0)
-            _rotate_tile(pe_ptr, kpe_ptr + slot * R, row * pe_stride, cos, sin, i, im, R2, INTERLEAVE, RN)
-            heads = tl.arange(0, HP)[:, None]  # not `h`: the absorb branch's h is a scalar (one type per name)
-            _rotate_tile(qpe_ptr, qpo_ptr + (row * H + heads) * R, row * qpe_st + heads * qpe_sh, cos[None, :],
-                         sin[None, :], i[None, :], (heads < H) & im[None, :], R2, INTERLEAVE, RN)
+    n_absorb = tl.num_programs(0) - (2 * T if ROPE else T)
+    if ROPE and pid >= n_absorb + T:
+        row = (pid - n_absorb - T).to(tl.int64)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        R2 = R // 2
+        i = tl.arange(0, RH)
+        im = i < R2
+        cos = tl.load(cos_ptr + row * cs_st + i, mask=im, other=0.0)
+        sin = tl.load(sin_ptr + row * cs_st + i, mask=im, other=0.0)
+        _rotate_tile(pe_ptr, kpe_ptr + slot * R, row * pe_stride, cos, sin, i, im, R2, INTERLEAVE, RN)
+        heads = tl.arange(0, HP)[:, None]  # not `h`: the absorb branch's h is a scalar (one type per name)
+        _rotate_tile(qpe_ptr, qpo_ptr + (row * H + heads) * R, row * qpe_st + heads * qpe_sh, cos[None, :],
+                     sin[None, :], i[None, :], (heads < H) & im[None, :], R2, INTERLEAVE, RN)
+    elif pid >= n_absorb:
+        _store_latent_row((pid - n_absorb).to(tl.int64), kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr,
+                          ckv_ptr, kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR, not ROPE)
     else:
         h = pid // nc
         c = (pid % nc) * BC + tl.arange(0, BC)
@@ -165,7 +166,7 @@ def latent_absorb_triton(ckv_NC: torch.Tensor, kpe_NR: torch.Tensor, slots_T: to
         rope_args = (kv_TC, 0, 0, kv_TC, kv_TC, 0, kv_TC)  # unused
     if T:
         BC = min(64, max(16, triton.next_power_of_2(C)))
-        _latent_absorb_kernel[(H * triton.cdiv(C, BC) + T,)](
+        _latent_absorb_kernel[(H * triton.cdiv(C, BC) + (2 * T if rope is not None else T),)](
             kv_TC, kv_TC.stride(0), k_pe_TR, k_pe_TR.stride(0), w_C, slots_T, ckv_NC, kpe_NR, C, R,
             1.0 / C, eps, q_nope_THP, q_nope_THP.stride(0), q_nope_THP.stride(1), w_uk_HPC, w_uk_HPC.stride(0), q_lat,
             T, P, *rope_args, H, BLOCK=triton.next_power_of_2(C), RP=triton.next_power_of_2(R),

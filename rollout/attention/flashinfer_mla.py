@@ -13,8 +13,8 @@ checks that the schedule's launch shape (the plan info) is the captured one and 
 Decode batches of up to `triton_decode_rows` rows attend with the Triton split-KV kernel instead
 (`triton_mla.py`: FlashInfer's kernel leaves most SMs idle on a few rows); it reads the page table on the
 GPU, so such a step skips the host-side plan and a captured graph only needs the table copied in. Those steps
-also store the latents, absorb q and rotate q_pe and k_pe in one launch (`MLA.store_latents_and_absorb`; the rope
-kernel's launch saved) and apply W_UV inside the split merge.
+also store the latents and absorb q in one launch (`MLA.store_latents_and_absorb`; with FUSED_SMALL_DECODE_ROPE
+it rotates q_pe and k_pe too) and apply W_UV inside the split merge.
 Checked against the torch reference on the device (tests/rollout/test_attention_gpu.py).
 Legend: T tokens, H heads, C kv_lora_rank, R qk_rope_head_dim.
 """
@@ -36,7 +36,11 @@ FAST_PLAN_BACKENDS = ("fa2", "fa3")  # planners whose replans keep a captured gr
 # Triton decode steps store the latents and absorb q in one launch and apply W_UV in the split merge (3 launches
 # per layer instead of 5); False keeps the separate kernels (benchmarks compare the two).
 FUSED_SMALL_DECODE = True
-FUSED_SMALL_DECODE_ROPE = True  # ... and the rope of q_pe and k_pe goes into the latent store's launch
+# True: the rope of q_pe and k_pe also goes into that launch (bit-identical, one launch fewer a layer). Off until it
+# measures faster: H200 (throughput_20261201cc_decode_rope_*.json, same run) with the rotation in the store's programs,
+# batch 1 bf16 2.20 -> 2.15 ms but MXFP8 1.77 -> 1.81 (batch 8 unchanged): no clear gain. Now it runs in programs of
+# its own (T more), which is not measured on the device yet.
+FUSED_SMALL_DECODE_ROPE = False
 
 
 class GraphReplanner:
