@@ -80,6 +80,8 @@ class EngineConfig:
     # streamed requests get a partial output every this many tokens of a sample (and always its last); each one is
     # built whole (text, logprobs), which at hundreds of streamed samples costs host time every step
     stream_interval: int = 1
+    # log a warning for each garbage collection longer than this many seconds, naming freeze_gc (0 = off; sglang's)
+    gc_warning_threshold_secs: float = 0.0
     cache_dir: str | None = None  # where preset checkpoints are written; None = $MXROLL_CACHE or ~/.cache/mxroll
     progress: bool = True  # progress bars while writing or loading checkpoints
     log_level: str = "INFO"  # level of the mxroll loggers
@@ -289,6 +291,9 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ValueError(f"max_total_tokens={cfg.max_total_tokens!r}: must be null or an integer >= page_size")
     if isinstance(cfg.weight_update_timeout, bool) or not cfg.weight_update_timeout > 0:
         raise ValueError(f"weight_update_timeout={cfg.weight_update_timeout!r}: must be > 0 seconds")
+    if isinstance(cfg.gc_warning_threshold_secs, bool) or not isinstance(cfg.gc_warning_threshold_secs, (int, float)) \
+            or not cfg.gc_warning_threshold_secs >= 0:
+        raise ValueError(f"gc_warning_threshold_secs={cfg.gc_warning_threshold_secs!r}: must be >= 0 seconds (0 = off)")
     if isinstance(cfg.mem_fraction_static, bool) or not 0 < cfg.mem_fraction_static <= 1:
         raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static!r}: must be in (0, 1]")
     for name, allowed in (("attention_backend", (None, "torch", "flashinfer")),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .gc_watch import freeze_gc
+
 PAUSE_MODES = ("abort", "retract", "in_place")
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # sglang's GPU_MEMORY_TYPE_* values
 
@@ -39,6 +41,13 @@ class ControlsAPI:
         def run():
             self._paused = False
         self._command(run)
+
+    def freeze_gc(self) -> None:
+        """sglang's freeze_gc: collect garbage once, then freeze every object alive now (`gc.freeze`) so that later
+        collections skip the start-up heap; call it after warm-up requests. Process-wide: the engine runs in the
+        caller's process, whose own objects are frozen too (rollout.gc_watch)."""
+        self._check_open()
+        freeze_gc()
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache (enable_prefix_caching); requests in flight keep the pages they use. True."""

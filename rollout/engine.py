@@ -37,6 +37,7 @@ from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
 from .intake import SGLANG_FIELDS, PromptRequest, build_requests, check_sglang_fields, prompt_ids
 from .kv_cache import PagedLatentCache, plan_capacity
+from .gc_watch import GcWatch
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
@@ -101,6 +102,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self._ahead: InFlight | None = None  # a step launched before the previous one was finished (overlap)
         self._last_finish = 0.0
         self._launches: list[tuple[float, float]] = []  # (start, end) of the launches since the last finished step
+        self._gc_watch = GcWatch(cfg.gc_warning_threshold_secs) if cfg.gc_warning_threshold_secs > 0 else None
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
         # a script that never calls shutdown(): stop the loop before the interpreter tears torch down under it
@@ -661,6 +663,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             self._closed = True
             self._cv.notify()
         self._thread.join()
+        if self._gc_watch is not None:
+            self._gc_watch.close()
         self._fail_all(EngineShutdownError("the engine was shut down before this request finished"))
         self.receiver.close()
         # everything that holds device memory (weights, KV cache, graphs, workspaces, layouts), so that a new

@@ -411,6 +411,11 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         ok = await call(engine.flush_cache)
         return {"success": bool(ok), "message": "cache flushed" if ok else "cache not flushed"}
 
+    @app.api_route("/freeze_gc", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def freeze_gc():
+        await call(engine.freeze_gc)
+        return Response("Garbage collection frozen.\n", media_type="text/plain")  # sglang's reply
+
     @app.post("/abort_request", dependencies=[Depends(admin)])
     async def abort_request(req: AbortRequest | None = None):
         req = req or AbortRequest()

@@ -161,6 +161,10 @@ class EngineClient:
     def flush_cache(self) -> bool:
         return bool(self._post("/flush_cache").get("success", False))
 
+    def freeze_gc(self) -> None:
+        with self._open("POST", "/freeze_gc", None, True) as resp:  # a plain-text reply, as sglang's
+            resp.read()
+
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self._post("/abort_request", {"rid": rid, "abort_all": abort_all})
 
