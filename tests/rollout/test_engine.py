@@ -71,6 +71,8 @@ def test_greedy_batch_equals_single(engine):
     (dict(prompt=[1, 2]), "string"),
     (dict(input_ids=[1], sampling_params={"seed": 2**64}), "sampling_params.seed"),
     (dict(input_ids=[1], sampling_params={"stop_token_ids": 5}), "sampling_params.stop_token_ids"),
+    (dict(input_ids=[1], sampling_params={"stop_token_ids": [3, 9999]}),
+     r"prompt's sampling_params.stop_token_ids: token ids \[9999\] outside the vocabulary"),
     (dict(input_ids=[1], sampling_params={"temperature": float("inf")}), "sampling_params.temperature"),
     (dict(input_ids=[1], sampling_params=[5]), "sampling_params must be a dict"),
     (dict(input_ids=[1], sampling_params="temperature=0"), "sampling_params must be a dict"),
