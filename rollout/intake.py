@@ -90,6 +90,7 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
         if not ids:
             raise ValueError(f"{where}: needs at least one token")
         check_vocab(ids, vocab_size, where)
+        p = p.with_prompt(len(ids), context_length)
         check_vocab(p.stop_token_ids, vocab_size, f"{where}'s sampling_params.stop_token_ids")  # could never match
         if len(ids) + p.max_new_tokens > context_length:
             raise ValueError(f"{where}: {len(ids)} tokens + max_new_tokens={p.max_new_tokens} exceeds the "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 # Temperatures below this are treated as greedy (argmax), and their logprobs are reported at
 # temperature 1 like greedy ones: dividing logits by ~0 would overflow to inf/NaN.
@@ -14,12 +14,17 @@ SEED_LIMIT = 2**64  # seeds are any integer in [0, 2**64), the range of torch.Ge
 # tokens. Text-only formatting keys take any bool; the others only their neutral value.
 TEXT_ONLY = ("skip_special_tokens", "spaces_between_special_tokens")
 NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "min_new_tokens": 0,
-           "regex": None, "json_schema": None, "ebnf": None}
+           "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None, "logit_bias": None,
+           "custom_params": None, "stop_regex": None}
+# sglang reads null as "the default" for these keys (its SamplingParams.__post_init__); so does this
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "ignore_eos", "no_stop_trim", "raw_logprob",
+                   "skip_special_tokens", "spaces_between_special_tokens", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "min_new_tokens")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = 128  # None (sglang's null): up to the context length (`with_prompt`)
     temperature: float = 1.0  # 0 (anything below GREEDY_EPS) = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
@@ -40,14 +45,24 @@ class SamplingParams:
         if d is not None and not isinstance(d, Mapping):
             raise ValueError(f"sampling_params must be a dict (or a list of dicts, one per prompt), got "
                              f"{type(d).__name__} {d!r:.80}")
-        d = dict(d or {})
+        d = {k: v for k, v in (d or {}).items() if not (v is None and k in NULL_IS_DEFAULT)}
+        if "sampling_seed" in d:  # sglang's name of the per-request seed
+            seed = d.pop("sampling_seed")
+            if d.get("seed") is not None and seed is not None and d["seed"] != seed:
+                raise ValueError(f"sampling_params: seed={d['seed']!r} and sampling_seed={seed!r} disagree (sglang's "
+                                 "name for the same seed: pass one)")
+            d["seed"] = seed if seed is not None else d.get("seed")
+        if d.get("stream_interval") is not None:
+            raise ValueError(f"sampling_params.stream_interval={d['stream_interval']!r}: set the engine option "
+                             "stream_interval instead (one for every request)")
+        d.pop("stream_interval", None)
         for key in TEXT_ONLY:
             if key in d and not isinstance(d.pop(key), bool):
                 raise ValueError(f"sampling_params.{key} must be true or false")
         for key, neutral in NEUTRAL.items():
             if key in d:
                 value = d.pop(key)
-                if value != neutral and not (neutral is None and value in ([], "", ())):
+                if value != neutral and not (neutral is None and value in ([], "", (), {})):
                     raise ValueError(f"sampling_params.{key}={value!r} is not supported (only {neutral!r}); "
                                      "mxroll samples from the model's own distribution, which the trainer recomputes")
         known = {f.name for f in fields(cls)}
@@ -74,8 +89,8 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"sampling_params.{name}={getattr(self, name)!r}: {why}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            bad("max_new_tokens", "must be an integer >= 0")
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+            bad("max_new_tokens", "must be an integer >= 0, or null (up to the context length)")
         if not _is_num(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -97,6 +112,12 @@ class SamplingParams:
             bad("seed", "must be null or an integer in [0, 2**64)")
         if not isinstance(self.raw_logprob, bool):
             bad("raw_logprob", "must be true or false")
+
+    def with_prompt(self, prompt_len: int, context_length: int) -> "SamplingParams":
+        """These params for a prompt of `prompt_len` tokens: max_new_tokens None becomes what the context leaves."""
+        if self.max_new_tokens is not None:
+            return self
+        return replace(self, max_new_tokens=max(0, context_length - prompt_len))
 
     @functools.cached_property
     def stop_ends(self) -> frozenset[str] | None:
