@@ -77,8 +77,8 @@ class EngineConfig:
     weight_update_check_finite: bool = True  # reject updates holding NaN/inf (one batched check per update)
     disable_overlap_schedule: bool = False  # launch step N + 1 before reading step N's tokens (decode) unless set
     step_timing: bool = False  # record per-phase step times (syncs the device between phases; for profiling)
-    # streamed requests get a partial output every this many tokens of a sample (and always its last); each one is
-    # built whole (text, logprobs), which at hundreds of streamed samples costs host time every step
+    # streamed requests get a partial output every this many tokens of a sample (and always its last); each one
+    # extends the last (text decoded incrementally, logprobs appended)
     stream_interval: int = 1
     # log a warning for each garbage collection longer than this many seconds, naming freeze_gc (0 = off; sglang's)
     gc_warning_threshold_secs: float = 0.0

@@ -536,7 +536,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             seqs = [row.seq] if row.num_samples <= 1 else row.seq.group.seqs
             for seq in seqs:
                 if seq.status == SeqStatus.RUNNING and seq.num_outputs % every == 0:
-                    out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version)
+                    out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version,
+                                        partial=True)
                     out["index"] = self._output_index(call, seq)
                     call.notify(("partial", out))
 

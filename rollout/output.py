@@ -38,6 +38,10 @@ class Record:
     input_start: int = 0
     input_logprobs: list[float] = field(default_factory=list)
     input_top: list[list[tuple[float, int, None]]] = field(default_factory=list)
+    # streamed partial outputs, built incrementally (`format_output(partial=True)`): the text so far and the
+    # (prefix, read) offsets of its incremental decode, and the output_token_logprobs tuples so far
+    stream_text: tuple[str, int, int] = ("", 0, 0)
+    stream_logprobs: list[tuple] = field(default_factory=list)
 
     def add_token(self, logprob: float, top: list | None, version: str, index: int) -> None:
         if self.return_logprob:
@@ -105,7 +109,11 @@ def _grown(buf: np.ndarray | None, capacity: int, like: np.ndarray, keep: int) -
     return out
 
 
-def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
+def format_output(seq, rec: Record, tokenizer, current_version: str, partial: bool = False) -> dict:
+    """The sglang-shaped output of a sequence. partial: a streamed output of a running sequence, whose text and
+    output_token_logprobs are extended from the last partial's instead of rebuilt (`incremental_text`): a few
+    microseconds a call instead of O(length) (a 1000-token sample: ~160 us, which at hundreds of streamed samples
+    outweighs a decode step). The final output is always built whole (the exact full decode)."""
     outputs = seq.tokens[seq.num_prompt:]
     version = rec.versions[-1][1] if rec.versions else current_version
     meta = {"id": seq.group.rid, "finish_reason": seq.finish_reason, "prompt_tokens": seq.num_prompt,
@@ -119,11 +127,19 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
     def texted(rows):  # top-logprob rows with their token texts, when asked (a copy: the record's lists grow)
         return [[(lp, t, text(t)) for lp, t, _ in row] for row in rows] if rec.text_in_logprobs else list(rows)
 
-    def tuples(lps, ids):  # (logprob, id, text); built in C without texts (a streamed sample is rebuilt each step)
+    def tuples(lps, ids):  # (logprob, id, text); built in C without texts
         return [(lp, t, text(t)) for lp, t in zip(lps, ids)] if named else list(zip(lps, ids, repeat(None)))
 
     if rec.return_logprob:
-        meta["output_token_logprobs"] = tuples(rec.logprobs, outputs)
+        if partial:  # the tuples so far, extended by this call's new ones (a copy: the cache keeps growing)
+            done = rec.stream_logprobs
+            if len(done) > len(rec.logprobs):
+                done.clear()
+            n = len(done)
+            done += tuples(rec.logprobs[n:], outputs[n:len(rec.logprobs)])
+            meta["output_token_logprobs"] = list(done)
+        else:
+            meta["output_token_logprobs"] = tuples(rec.logprobs, outputs)
         scored = seq.tokens[rec.input_start:seq.num_prompt]
         meta["input_token_logprobs"] = [(None, scored[0], text(scored[0]))] + tuples(rec.input_logprobs, scored[1:])
     if rec.top_logprobs_num:
@@ -135,8 +151,29 @@ def format_output(seq, rec: Record, tokenizer, current_version: str) -> dict:
         meta["routed_experts"], meta["routed_expert_weights"] = ids[:n], w[:n]
     out = {"output_ids": outputs, "meta_info": meta}
     if tokenizer is not None:
-        out["text"] = trim_stop(tokenizer.decode(outputs), seq.params, seq.finish_reason)
+        whole = incremental_text(tokenizer, outputs, rec) if partial else tokenizer.decode(outputs)
+        out["text"] = trim_stop(whole, seq.params, seq.finish_reason)
     return out
+
+
+def incremental_text(tokenizer, ids: list[int], rec: Record) -> str:
+    """The text of ids for a streamed output, extended from the record's last one (`Record.stream_text`): the new
+    tokens are decoded together with the last emitted chunk (`prefix`: context for tokenizers whose decode of a
+    token depends on its neighbours, as a leading space or a ## piece) and the new text is what that decode adds to
+    the chunk's. Tokens ending in an incomplete UTF-8 character wait for the rest (nothing that ends in U+FFFD is
+    sent). The same text as decoding all of ids, up to such a held-back end."""
+    text, prefix, read = rec.stream_text
+    if read > len(ids):  # not this record's tokens any more: start over
+        text, prefix, read = "", 0, 0
+    if read < len(ids):
+        done = tokenizer.decode(ids[prefix:read]) if read > prefix else ""
+        new = tokenizer.decode(ids[prefix:])
+        if len(new) > len(done) and not new.endswith("\ufffd") and new.startswith(done):
+            text, prefix, read = text + new[len(done):], read, len(ids)
+        elif not new.endswith("\ufffd") and not new.startswith(done):  # a decode that rewrites the past: whole
+            text, prefix, read = tokenizer.decode(ids), len(ids), len(ids)
+    rec.stream_text = (text, prefix, read)
+    return text
 
 
 def trim_stop(text: str, params, finish_reason: dict | None) -> str:
