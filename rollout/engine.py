@@ -534,8 +534,9 @@ class Engine(WeightUpdateAPI, ControlsAPI):
             if call is None or call.notify is None or row.num_samples == 0:
                 continue
             seqs = [row.seq] if row.num_samples <= 1 else row.seq.group.seqs
+            interval = row.seq.group.params.stream_interval or every
             for seq in seqs:
-                if seq.status == SeqStatus.RUNNING and seq.num_outputs % every == 0:
+                if seq.status == SeqStatus.RUNNING and seq.num_outputs % interval == 0:
                     out = format_output(seq, self._records[seq.seq_id], self.tokenizer, self.weight_version,
                                         partial=True)
                     out["index"] = self._output_index(call, seq)

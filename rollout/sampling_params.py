@@ -39,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     # Logprobs are of the sampling distribution (logits / temperature); True reports raw (temperature 1).
     raw_logprob: bool = False
+    stream_interval: int | None = None  # a streamed request's partial output every this many tokens (None: the engine's)
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "SamplingParams":
@@ -52,10 +53,6 @@ class SamplingParams:
                 raise ValueError(f"sampling_params: seed={d['seed']!r} and sampling_seed={seed!r} disagree (sglang's "
                                  "name for the same seed: pass one)")
             d["seed"] = seed if seed is not None else d.get("seed")
-        if d.get("stream_interval") is not None:
-            raise ValueError(f"sampling_params.stream_interval={d['stream_interval']!r}: set the engine option "
-                             "stream_interval instead (one for every request)")
-        d.pop("stream_interval", None)
         for key in TEXT_ONLY:
             if key in d and not isinstance(d.pop(key), bool):
                 raise ValueError(f"sampling_params.{key} must be true or false")
@@ -112,6 +109,8 @@ class SamplingParams:
             bad("seed", "must be null or an integer in [0, 2**64)")
         if not isinstance(self.raw_logprob, bool):
             bad("raw_logprob", "must be true or false")
+        if self.stream_interval is not None and not (_is_int(self.stream_interval) and self.stream_interval >= 1):
+            bad("stream_interval", "must be null (the engine's) or an integer >= 1")
 
     def with_prompt(self, prompt_len: int, context_length: int) -> "SamplingParams":
         """These params for a prompt of `prompt_len` tokens: max_new_tokens None becomes what the context leaves."""

@@ -134,6 +134,15 @@ def test_stream_interval_thins_partial_outputs(tiny_checkpoint, engine):
         Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, stream_interval=0)
 
 
+def test_per_request_stream_interval(engine):
+    """sglang's per-request sampling_params.stream_interval overrides the engine's (1 here) for that request."""
+    params = dict(GREEDY, max_new_tokens=8, stream_interval=4)
+    chunks = list(engine.generate(input_ids=PROMPTS[1], sampling_params=params, stream=True))
+    assert [len(c["output_ids"]) for c in chunks] == [4, 8]  # a partial at 4; the final (8: also a multiple)
+    every = list(engine.generate(input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=8), stream=True))
+    assert len(every) == 8 and every[-1]["output_ids"] == chunks[-1]["output_ids"]
+
+
 def test_routed_experts_per_input_token(engine):
     cfg = engine.model_config
     out = engine.generate(input_ids=PROMPTS[3], sampling_params=dict(GREEDY, max_new_tokens=7),

@@ -30,8 +30,10 @@ def test_sglang_keys_of_its_current_sampling_params():
     assert SamplingParams.from_dict(dict(nulls, max_new_tokens=5)) == SamplingParams(max_new_tokens=5)
     assert SamplingParams.from_dict({"structural_tag": None, "logit_bias": {}, "custom_params": None,
                                      "stop_regex": [], "stream_interval": None}) == SamplingParams()
-    with pytest.raises(ValueError, match="sampling_params.stream_interval=4: set the engine option"):
-        SamplingParams.from_dict({"stream_interval": 4})
+    assert SamplingParams.from_dict({"stream_interval": 4}).stream_interval == 4
+    for bad in (0, 2.5, "4"):
+        with pytest.raises(ValueError, match="sampling_params.stream_interval"):
+            SamplingParams.from_dict({"stream_interval": bad})
 
 
 def test_null_max_new_tokens_runs_to_the_context_length():
