@@ -22,7 +22,7 @@ import triton.language as tl
 from ...precision.kernels.pdl import pdl_args, pdl_wait
 from ...precision.kernels.triton_mxfp8_gemm import _act_qdq, _interpreting
 from .triton_norm import _normed_row, num_warps_for
-from .triton_rope import _rotate_tile
+from .triton_rope import _rope_token
 
 
 @triton.jit
@@ -76,17 +76,10 @@ def _latent_absorb_kernel(kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr
     nc = tl.cdiv(D, BC)
     n_absorb = tl.num_programs(0) - (2 * T if ROPE else T)
     if ROPE and pid >= n_absorb + T:
-        row = (pid - n_absorb - T).to(tl.int64)
+        row = (pid - n_absorb - T).to(tl.int64)  # the rope kernel's work for this token, the key into its slot
         slot = tl.load(slots_ptr + row).to(tl.int64)
-        R2 = R // 2
-        i = tl.arange(0, RH)
-        im = i < R2
-        cos = tl.load(cos_ptr + row * cs_st + i, mask=im, other=0.0)
-        sin = tl.load(sin_ptr + row * cs_st + i, mask=im, other=0.0)
-        _rotate_tile(pe_ptr, kpe_ptr + slot * R, row * pe_stride, cos, sin, i, im, R2, INTERLEAVE, RN)
-        heads = tl.arange(0, HP)[:, None]  # not `h`: the absorb branch's h is a scalar (one type per name)
-        _rotate_tile(qpe_ptr, qpo_ptr + (row * H + heads) * R, row * qpe_st + heads * qpe_sh, cos[None, :],
-                     sin[None, :], i[None, :], (heads < H) & im[None, :], R2, INTERLEAVE, RN)
+        _rope_token(row, qpe_ptr, qpe_st, qpe_sh, pe_ptr, pe_stride, cos_ptr, sin_ptr, cs_st, qpo_ptr,
+                    kpe_ptr + slot * R, H, R // 2, HP, RH, INTERLEAVE, RN)
     elif pid >= n_absorb:
         _store_latent_row((pid - n_absorb).to(tl.int64), kv_ptr, kv_stride, pe_ptr, pe_stride, w_ptr, slots_ptr,
                           ckv_ptr, kpe_ptr, D, R, inv_d, eps, BLOCK, RP, QDQ, FLOOR, not ROPE)

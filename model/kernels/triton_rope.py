@@ -45,18 +45,26 @@ def _rotate_tile(x_ptr, out_ptr, row, cos, sin, i, mask, R2, INTERLEAVE: tl.cons
 
 
 @triton.jit
-def _rope_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr, ko_ptr, H, R2,
-                 HP: tl.constexpr, RP: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
-    t = tl.program_id(0).to(tl.int64)
+def _rope_token(t, q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr, ko_ptr, H, R2,
+                HP: tl.constexpr, RP: tl.constexpr, INTERLEAVE: tl.constexpr, RN: tl.constexpr):
+    """Token t's q_pe (every head) into contiguous rows at qo_ptr + t * H * R, its k_pe into the row at ko_ptr."""
     i = tl.arange(0, RP)
     im = i < R2
     cos = tl.load(cos_ptr + t * cs_st + i, mask=im, other=0.0)
     sin = tl.load(sin_ptr + t * cs_st + i, mask=im, other=0.0)
-    h = tl.arange(0, HP)[:, None]
-    _rotate_tile(q_ptr, qo_ptr + (t * H + h) * 2 * R2, t * q_st + h * q_sh, cos[None, :], sin[None, :], i[None, :],
-                 (h < H) & im[None, :], R2, INTERLEAVE, False)
-    _rotate_tile(k_ptr, ko_ptr + t * 2 * R2, t * k_st, cos, sin, i, im, R2, INTERLEAVE, False)
+    heads = tl.arange(0, HP)[:, None]
+    _rotate_tile(q_ptr, qo_ptr + (t * H + heads) * 2 * R2, t * q_st + heads * q_sh, cos[None, :], sin[None, :],
+                 i[None, :], (heads < H) & im[None, :], R2, INTERLEAVE, RN)
+    _rotate_tile(k_ptr, ko_ptr, t * k_st, cos, sin, i, im, R2, INTERLEAVE, RN)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr, ko_ptr, H, R2,
+                 HP: tl.constexpr, RP: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    _rope_token(t, q_ptr, q_st, q_sh, k_ptr, k_st, cos_ptr, sin_ptr, cs_st, qo_ptr, ko_ptr + t * 2 * R2, H, R2, HP, RP,
+                INTERLEAVE, False)
 
 
 def rope_triton(q_pe_THR: torch.Tensor, k_pe_TR: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
