@@ -22,38 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
 from mxroll import Engine  # noqa: E402
-
-
-class Collections:
-    """gc.callbacks entry: per-generation counts and seconds of the collections while installed."""
-
-    def __init__(self):
-        self.n, self.s, self.longest, self._t = [0, 0, 0], [0.0, 0.0, 0.0], 0.0, 0.0
-
-    def __call__(self, phase, info):
-        if phase == "start":
-            self._t = time.perf_counter()
-            return
-        dt = time.perf_counter() - self._t
-        g = info["generation"]
-        self.n[g] += 1
-        self.s[g] += dt
-        self.longest = max(self.longest, dt)
+from mxroll.rollout.gc_watch import GcWatch  # noqa: E402
 
 
 def timed(e: Engine, ids, params) -> dict:
-    c = Collections()
-    gc.callbacks.append(c)
+    c = GcWatch(float("inf"))  # counts the collections, warns of none
     try:
         t0 = time.perf_counter()
         out = e.generate(input_ids=ids, sampling_params=params)
         t = time.perf_counter() - t0
     finally:
-        gc.callbacks.remove(c)
+        c.close()
     toks = sum(o["meta_info"]["completion_tokens"] for o in out)
     steps = max(1, params["max_new_tokens"])
-    return {"seconds": t, "output_tok_per_s": toks / t, "collections": c.n, "gc_seconds": c.s,
-            "gc_ms_per_decode_step": 1e3 * sum(c.s) / steps, "longest_ms": 1e3 * c.longest,
+    return {"seconds": t, "output_tok_per_s": toks / t, "collections": c.collections, "gc_seconds": c.seconds,
+            "gc_ms_per_decode_step": 1e3 * sum(c.seconds) / steps, "longest_ms": 1e3 * c.longest,
             "tracked_objects": len(gc.get_objects()), "frozen_objects": gc.get_freeze_count()}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import platform
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_results  # noqa: E402
 from mxroll.rollout.config import EngineConfig  # noqa: E402
 from mxroll.rollout.engine import Engine  # noqa: E402
+from mxroll.rollout.gc_watch import GcWatch  # noqa: E402
 from mxroll.rollout.output import Record  # noqa: E402
 from mxroll.rollout.pages import PagePool  # noqa: E402
 from mxroll.rollout.request import Group  # noqa: E402
@@ -100,16 +100,7 @@ def run(context: int, steps: int, routes: bool = False) -> dict:
     steady_b.build(prev.rows, next_ids=ids)  # the step before the timed ones, built the plain way
     launched = _Launched(prev, Engine._sampling_rows(loop, prev))
     t = defaultdict(float)
-    gc_s, gc_n, mark = 0.0, 0, [0.0]
-
-    def on_gc(phase, info):
-        nonlocal gc_s, gc_n
-        if phase == "start":
-            mark[0] = time.perf_counter()
-        else:
-            gc_s += time.perf_counter() - mark[0]
-            gc_n += 1
-    gc.callbacks.append(on_gc)
+    watch = GcWatch(float("inf"))  # the collector's time in the timed steps
     try:
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -145,13 +136,13 @@ def run(context: int, steps: int, routes: bool = False) -> dict:
             assert rows.position.tolist() == ref_rows.position.tolist()
             prev, launched = nxt, _Launched(nxt, rows)
     finally:
-        gc.callbacks.remove(on_gc)
+        watch.close()
     ms = {k: 1e3 * v / steps for k, v in t.items()}
     common = ms["schedule_next_decode"] + ms["per_row"] + ms["update"] + ms["record"]
     ms["plain_total"] = common + ms["plain_build"] + ms["plain_sampling_rows"]
     ms["steady_total"] = common + ms["steady_build"] + ms["steady_sampling_rows"]
     return {"context": context, "routes": routes, "rows": len(prev.rows), "pages_per_row": len(prev.rows[0].seq.pages),
-            "ms_per_step": ms, "gc_ms_per_step": 1e3 * gc_s / steps, "gc_collections": gc_n}
+            "ms_per_step": ms, "gc_ms_per_step": 1e3 * sum(watch.seconds) / steps, "gc_collections": sum(watch.collections)}
 
 
 def main() -> None:

@@ -29,14 +29,15 @@ def freeze_gc(context: str = "engine") -> int:
 
 
 class GcWatch:
-    """While installed (`gc.callbacks`), logs a warning for each collection that takes longer than `threshold`
-    seconds. Remove it with `close()`."""
+    """While installed (`gc.callbacks`), counts the collections by generation and their seconds, and logs a warning
+    for each that takes longer than `threshold` seconds (float("inf"): count only). Remove it with `close()`."""
 
     def __init__(self, threshold: float):
         if threshold <= 0:
             raise ValueError(f"gc_warning_threshold_secs={threshold}: must be > 0 to watch (0 = off)")
         self.threshold = threshold
         self.long = 0  # collections over the threshold so far
+        self.collections, self.seconds, self.longest = [0, 0, 0], [0.0, 0.0, 0.0], 0.0  # by generation; the longest
         self._start = 0.0
         gc.callbacks.append(self)
 
@@ -45,11 +46,15 @@ class GcWatch:
             self._start = time.perf_counter()
             return
         took = time.perf_counter() - self._start
+        g = info.get("generation", 2)
+        self.collections[g] += 1
+        self.seconds[g] += took
+        self.longest = max(self.longest, took)
         if took > self.threshold:
             self.long += 1
             log.warning("long garbage collection: generation %d took %.4f s (%d objects collected, %s tracked); "
                         "call freeze_gc() (POST /freeze_gc) after warm-up requests to stop scanning the start-up "
-                        "heap", info.get("generation", -1), took, info.get("collected", 0), gc.get_count())
+                        "heap", g, took, info.get("collected", 0), gc.get_count())
 
     def close(self) -> None:
         if self in gc.callbacks:

@@ -58,6 +58,7 @@ def test_long_collections_are_logged_with_the_fix(caplog):
         with caplog.at_level(logging.WARNING, logger="mxroll.rollout.gc_watch"):
             gc.collect()
         assert watch.long >= 1 and "long garbage collection: generation 2" in caplog.text
+        assert watch.collections[2] >= 1 and watch.seconds[2] > 0 and watch.longest > 0
         assert "freeze_gc()" in caplog.text
     finally:
         watch.close()
