@@ -18,10 +18,12 @@ batch (logprob difference reported), and one request alone vs inside a batch of 
     python benchmarks/throughput.py [--quick] [--modes bf16,mxfp8,mxfp8_moe_copy] [--skip-hf] [--out NAME]
                                     [--sections correctness,start,decode,offline,rl,rl_stops,hf_workload]
                                     [--decode-batches 1,8,32,128,256] [--decode-schedules overlap,serial]
+    a mode may carry engine options: --modes bf16,bf16@chunked_prefill_size=16384
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -47,8 +49,27 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab - 300, (n, length), generator=g).tolist()
 
 
+def mode_options(mode: str) -> tuple[str, dict]:
+    """`bf16@chunked_prefill_size=16384@...`: the base mode and engine options to run it with (values as Python
+    literals, else strings), so that an A/B of an option is two modes of one run."""
+    base, *opts = mode.split("@")
+    options = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise SystemExit(f"--modes: {opt!r} in {mode!r} is not key=value")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return base, options
+
+
 def engine(mode: str, **kw) -> Engine:
-    """mode: bf16 | mxfp8 | mxfp8_moe_copy (MXFP8 plus exact bf16 expert copies for large MoE calls)."""
+    """mode: bf16 | mxfp8 | mxfp8_moe_copy (MXFP8 plus exact bf16 expert copies for large MoE calls), optionally
+    followed by @key=value engine options (`mode_options`)."""
+    mode, options = mode_options(mode)
+    kw = {**options, **kw}
     if mode == "mxfp8_moe_copy" and kw.get("gemm_backend") != "torch":
         kw["mxfp8_moe_bf16_copy"] = True
     return Engine(model_path=f"preset:{PRESET}", load_format="dummy", device="cuda", dtype="bfloat16",
