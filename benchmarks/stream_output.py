@@ -20,24 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
+from mxroll.model.tokenizer import HFTokenizer, byte_level_bpe  # noqa: E402
 from mxroll.rollout.output import Record, format_output  # noqa: E402
 from mxroll.rollout.request import Group, Sequence  # noqa: E402
 from mxroll.rollout.sampling_params import SamplingParams  # noqa: E402
-
-
-class ByteLevelBPE:
-    def __init__(self):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-        self._tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        self._tok.decoder = decoders.ByteLevel()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def stream(tok, L: int, partial: bool, probes: set[int]) -> tuple[float, dict[int, float]]:
@@ -67,7 +53,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--out", default="stream_output")
     args = ap.parse_args()
-    tok = ByteLevelBPE()
+    tok = HFTokenizer.of(byte_level_bpe())
     L = max(args.lengths)
     probes = set(args.lengths)
     rows = {}

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,24 @@ class ByteTokenizer:
              "eos_token_id": self.eos_token_id}) + "\n")
 
 
+def byte_level_bpe(specials=()) -> tokenizers.Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` without merges: the `specials` (special tokens) take ids 0.., then the
+    256 byte symbols. For building small checkpoints with a real tokenizer.json (`.save(path)`); needs `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
 class HFTokenizer:
-    """A checkpoint's tokenizer.json through the `tokenizers` library (no hub access)."""
+    """A checkpoint's tokenizer.json through the `tokenizers` library (no hub access), or a `tokenizers.Tokenizer`
+    already built (`HFTokenizer.of`)."""
 
     def __init__(self, path: Path, bos_token_id: int | None):
         try:
@@ -58,6 +78,12 @@ class HFTokenizer:
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise ValueError(f"{path}: not a tokenizer file the `tokenizers` library can read ({e})") from None
         self.bos_token_id = bos_token_id
+
+    @classmethod
+    def of(cls, tok: tokenizers.Tokenizer, bos_token_id: int | None = None) -> "HFTokenizer":
+        self = cls.__new__(cls)
+        self._tok, self.bos_token_id = tok, bos_token_id
+        return self
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """add_bos=False for text that spells its own special tokens (a rendered chat template)."""

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from mxroll import Engine
+from mxroll.model.tokenizer import byte_level_bpe
 from mxroll.rollout.chat import ChatTemplate
 from mxroll.rollout.server import BackgroundServer, create_app
 
@@ -22,25 +23,11 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['cont
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-def byte_level_tokenizer() -> "tokenizers.Tokenizer":
-    """Specials 0..4 (bos 0, eos 1 as the tiny model's config), then the 256 byte-level symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    return tok
-
-
 @pytest.fixture(scope="module")
 def chat_checkpoint(tiny_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("chat") / "tiny-chat"
     shutil.copytree(tiny_checkpoint, path)
-    byte_level_tokenizer().save(str(path / "tokenizer.json"))
+    byte_level_bpe(SPECIALS).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": TEMPLATE, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
     return path

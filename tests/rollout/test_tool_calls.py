@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mxroll.model.tokenizer import HFTokenizer, byte_level_bpe
 from mxroll.rollout.server_chat import ChatCompletionRequest, ChatFormatter
 from mxroll.rollout.tool_calls import FORMATS, split_reply, tool_call_format
 
@@ -33,28 +34,9 @@ def written(fmt: str, content: str, calls=CALLS, close: bool = True) -> str:
     return content + "<|tool_calls_section_begin|>" + body + ("<|tool_calls_section_end|>" if close else "")
 
 
-class Tok:
+def Tok(specials=tuple(SPECIALS)) -> HFTokenizer:
     """The engine's tokenizer interface over a byte-level HF tokenizer whose markers are special tokens."""
-
-    def __init__(self, specials=tuple(SPECIALS)):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-        vocab = {s: i for i, s in enumerate(specials)}
-        for ch in pre_tokenizers.ByteLevel.alphabet():
-            vocab[ch] = len(vocab)
-        self.tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        self.tok.decoder = decoders.ByteLevel()
-        self.tok.add_special_tokens(list(specials))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, text: str):
-        return self.tok.token_to_id(text)
+    return HFTokenizer.of(byte_level_bpe(specials))
 
 
 @pytest.fixture(scope="module")
