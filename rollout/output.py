@@ -176,16 +176,22 @@ def incremental_text(tokenizer, ids: list[int], rec: Record) -> str:
     return text
 
 
+def partial_tag(text: str, tags) -> int:
+    """Length of the longest end of `text` that begins one of `tags` (shorter than that tag): what a stream holds
+    back while it may still become a stop string or a marker."""
+    for n in range(min(len(text), max((len(t) for t in tags), default=0) - 1), 0, -1):
+        if any(len(t) > n and t.startswith(text[-n:]) for t in tags):
+            return n
+    return 0
+
+
 def trim_stop(text: str, params, finish_reason: dict | None) -> str:
     """A sample's text with its stop strings (unless no_stop_trim): ended before the one it matched; while it runs,
     without an end that may begin one (a stream never sends text that the final output takes back)."""
     if not params.stop or params.no_stop_trim:
         return text
     if finish_reason is None:
-        for k in range(min(len(text), max(len(s) for s in params.stop) - 1), 0, -1):
-            if any(s.startswith(text[-k:]) for s in params.stop):
-                return text[:-k]
-        return text
+        return text[:len(text) - partial_tag(text, params.stop)]
     matched = finish_reason.get("matched")
     cut = text.find(matched) if isinstance(matched, str) else -1
     return text[:cut] if cut >= 0 else text

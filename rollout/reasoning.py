@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tool_calls import parser_format, partial_tag
+from .output import partial_tag
+from .tool_calls import parser_format
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def split_reasoning(fmt: ReasoningFormat, forced: bool, tokenizer, ids: list[int
         return Split(_thought(text[:at], fmt), text[at + len(fmt.end):].lstrip(), True)
     if final:
         return Split(_thought(text, fmt), "", True)
-    held = partial_tag(text, fmt.end)
+    held = partial_tag(text, (fmt.end,))
     return Split(_thought(text[:len(text) - held], fmt), "", False)
 
 

@@ -21,6 +21,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from .output import partial_tag
+
 
 @dataclass(frozen=True)
 class ToolCallFormat:
@@ -86,7 +88,7 @@ def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int] | None, text: str
     if marker is None or fmt.begin in text:  # the marker is spelled by ordinary tokens: all of it is in the text
         at = text.find(fmt.begin)
         if at < 0:
-            return Reply(text if final else text[:len(text) - partial_tag(text, fmt.begin)], None, ids)
+            return Reply(text if final else text[:len(text) - partial_tag(text, (fmt.begin,))], None, ids)
         content, section = text[:at], text[at:]
     else:
         if marker not in ids:
@@ -100,14 +102,6 @@ def split_reply(fmt: ToolCallFormat, tokenizer, ids: list[int] | None, text: str
         return Reply(content, None, content_ids)
     calls = fmt.parse(section)
     return Reply(content, calls, content_ids) if calls else Reply(text, None, ids)
-
-
-def partial_tag(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that begins `tag` (held back while streaming)."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def _arguments(raw: str) -> str:

@@ -91,6 +91,9 @@ def test_stop_trim_of_running_and_finished_text():
     assert trim_stop("abc END", SamplingParams(stop=("END",), no_stop_trim=True), {"type": "stop", "matched": "END"}) \
         == "abc END"
     assert trim_stop("abc E", SamplingParams(), None) == "abc E"
+    q = SamplingParams(stop=("<|im_end|>", "Q:"))  # stops of different lengths: the longest end that begins one
+    assert trim_stop("x <|im_e", q, None) == "x " and trim_stop("x Q", q, None) == "x " and trim_stop("x <", q, None) == "x "
+    assert trim_stop("x |im", q, None) == "x |im"
 
 
 def test_null_max_new_tokens_in_the_engine(tiny_checkpoint):
