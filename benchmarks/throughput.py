@@ -253,13 +253,16 @@ def run_mode(mode: str, cfg: ModelConfig, bw: float, quick: bool, sections=SECTI
 def offline(e: Engine, cfg: ModelConfig, mode: str, n: int) -> dict:
     ids = prompts(n, 1000, cfg.vocab_size, seed=2)
     params = {"max_new_tokens": 100, "ignore_eos": True, "temperature": 1.0}
+    torch.cuda.reset_peak_memory_stats()
     first, (t, out) = warm_twice(e, ids, params)
+    peak = torch.cuda.max_memory_allocated() / 2**30
     toks = sum(o["meta_info"]["completion_tokens"] for o in out)
-    print(f"[{mode}] offline: {n / t:.2f} req/s, {toks / t:.0f} output tok/s (first call: {n / first:.2f} req/s)",
-          flush=True)
+    print(f"[{mode}] offline: {n / t:.2f} req/s, {toks / t:.0f} output tok/s (first call: {n / first:.2f} req/s), "
+          f"peak allocated {peak:.1f} GiB", flush=True)
     return {"requests": n, "input": 1000, "output": 100, "seconds": t, "req_per_s": n / t,
             "output_tok_per_s": toks / t, "total_tok_per_s": (toks + n * 1000) / t,
-            "first_call_seconds": first, "first_call_req_per_s": n / first}
+            "first_call_seconds": first, "first_call_req_per_s": n / first, "peak_allocated_GiB": peak,
+            "chunked_prefill_size": e.config.chunked_prefill_size}
 
 
 def rl_shape(e: Engine, cfg: ModelConfig, mode: str, n_prompts: int, out_len: int, stop_every: int = 0) -> dict:
@@ -341,8 +344,9 @@ def main() -> None:
     bw = measure_copy_bandwidth()
     print(f"{env['device']}: copy {bw / 1e9:.0f} GB/s", flush=True)
     results = {"env": env, "copy_GBps": bw / 1e9, "model": PRESET, "modes": {}}
-    for mode in args.modes.split(","):
-        results["modes"][mode] = run_mode(mode, cfg, bw, args.quick, sections,
+    for i, mode in enumerate(args.modes.split(",")):
+        key = mode if mode not in results["modes"] else f"{mode}#{i}"  # a mode run again (A/B/A) keeps both
+        results["modes"][key] = run_mode(mode, cfg, bw, args.quick, sections,
                                           [int(b) for b in args.decode_batches.split(",")],
                                           args.decode_schedules.split(","))
         saved = write_results(args.out, results)
