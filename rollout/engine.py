@@ -36,7 +36,7 @@ from .controls import ControlsAPI
 from .cuda_graph import DEFAULT_SIZES, DecodeGraphs
 from .inflight import HostCopy, InFlight, PhaseClock, StepStat
 from .intake import SGLANG_FIELDS, PromptRequest, build_requests, check_sglang_fields, prompt_ids
-from .kv_cache import PagedLatentCache, plan_capacity
+from .kv_cache import PagedLatentCache, plan_capacity, plan_chunk
 from .gc_watch import GcWatch
 from .output import Record, format_output
 from .pages import PagePool
@@ -128,6 +128,10 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
         shape = ModelConfig.from_file(self.model_path)
+        if cfg.chunked_prefill_size is None:  # resolved once, before the MoE workspace and step buffers are sized
+            cfg.chunked_prefill_size, chunk_why = plan_chunk(shape, self.dtype, self.device, cfg.mem_fraction_static)
+        else:
+            chunk_why = "chunked_prefill_size"
         kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,
                                                     cfg.rope_backend, shape.n_routed_experts or 0, shape.n_group or 1,
                                                     cfg.latent_backend, cfg.act_backend)
@@ -186,8 +190,9 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                    else "overlap schedule (decode step N+1 launched before step N is read back)")
         log.info("engine ready: %s on %s (%s); %s; %s; %s; %s; %s; %s", self.model_path, self.device, dtype_name, mx,
                  moe, kernels_why, attn_why, graphs_why, overlap)
-        log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d", self.cache.capacity_tokens,
-                 self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30, self.context_length)
+        log.info("KV cache: %d tokens (%d pages of %d, %.2f GiB), context length %d; prefill chunks of up to %d tokens "
+                 "(%s)", self.cache.capacity_tokens, self.cache.usable_pages, cfg.page_size, self.cache.nbytes / 2**30,
+                 self.context_length, cfg.chunked_prefill_size, chunk_why)
 
     def _graphs_decision(self, cfg: EngineConfig) -> str:
         self._graph_sizes: tuple[int, ...] = ()

@@ -38,6 +38,8 @@ def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
     (dict(norm_backend="cuda"), "norm_backend"), (dict(router_backend="flashinfer"), "router_backend"),
     (dict(rope_backend="flashinfer"), "rope_backend"),
     (dict(decode_attention_backend="torch"), "decode_attention_backend"),
+    (dict(chunked_prefill_size=0), "chunked_prefill_size"), (dict(chunked_prefill_size="8k"), "chunked_prefill_size"),
+    (dict(chunked_prefill_size=True), "chunked_prefill_size"),
 ])
 def test_check_engine_config_names_the_field(edit, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -136,3 +138,41 @@ def test_sglang_engine_args_map_to_mxroll_names():
 def test_sglang_engine_args_refused_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         from_sglang_args(kwargs)
+
+
+def test_prefill_chunk_from_device_memory(monkeypatch):
+    """chunked_prefill_size unset: 8192 on CPU; on a GPU the largest of 32768 / 16384 / ... whose estimated prefill
+    activations fit in half of what mem_fraction_static leaves, so a larger model or a smaller device gets less."""
+    import json
+    from types import SimpleNamespace
+
+    from mxroll import configs
+    from mxroll.model import ModelConfig
+    from mxroll.rollout.kv_cache import plan_chunk, prefill_bytes_per_token
+
+    def shape(name):
+        return ModelConfig.from_dict(json.loads(configs.model_preset_path(name).read_text()))
+
+    moon, dsv3 = shape("moonlight-16b-a3b"), shape("deepseek-v3")
+    per = prefill_bytes_per_token(moon, torch.bfloat16)
+    assert 100 * 1024 < per < 400 * 1024 and prefill_bytes_per_token(dsv3, torch.bfloat16) > 3 * per
+    assert plan_chunk(moon, torch.bfloat16, torch.device("cpu"), 0.85)[0] == 8192
+    gib = 2**30
+    device = torch.device("cuda", 0)
+    for total, fraction, model, expect in ((141 * gib, 0.85, moon, 32768), (80 * gib, 0.85, moon, 32768),
+                                           (80 * gib, 0.9, moon, 16384), (141 * gib, 0.85, dsv3, 16384),
+                                           (24 * gib, 0.85, moon, 8192), (141 * gib, 1.0, moon, 2048)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: SimpleNamespace(total_memory=t))
+        tokens, why = plan_chunk(model, torch.bfloat16, device, fraction)
+        assert tokens == expect, (total / gib, fraction, tokens)
+        assert tokens * prefill_bytes_per_token(model, torch.bfloat16) <= (1 - fraction) * total / 2 or tokens == 2048
+        assert f"mem_fraction_static={fraction}" in why
+
+
+def test_engine_resolves_the_prefill_chunk(tiny_checkpoint):
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False)
+    assert e.config.chunked_prefill_size == 8192 and e.scheduler.max_batch_tokens == 8192
+    e.shutdown()
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, chunked_prefill_size=24)
+    assert e.config.chunked_prefill_size == 24 and e.scheduler.max_batch_tokens == 24
+    e.shutdown()
