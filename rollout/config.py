@@ -49,7 +49,8 @@ class EngineConfig:
     max_total_tokens: int | None = None  # KV-cache capacity cap in tokens (sizes it on CPU; default 65536 there)
     max_running_requests: int = 1024  # sequences decoding at once (the n samples of a request count n)
     # token budget of one step: prefill is chunked to fit it; None = 8192 on CPU, on a GPU the largest of 32768 / 16384 /
-    # ... whose estimated activations fit in half the memory mem_fraction_static leaves (logged at start-up)
+    # ... whose estimated activations fit in half the memory mem_fraction_static leaves (logged at start-up); -1 = no
+    # chunking (sglang's switch): the budget is the context length, so any prompt prefills in one step
     chunked_prefill_size: int | None = None
     # keep ended requests' full KV pages for later requests that start with the same tokens (multi-turn rollouts);
     # off by default: a cached prefix's KV was computed in other batches, so its bits may differ from a fresh prefill
@@ -288,9 +289,10 @@ def check_engine_config(cfg: EngineConfig) -> None:
     for name, lo in (("page_size", 1), ("max_running_requests", 1), ("cuda_graph_max_bs", 1), ("stream_interval", 1)):
         if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < lo:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be an integer >= {lo}")
-    if cfg.chunked_prefill_size is not None and (not _is_int(cfg.chunked_prefill_size) or cfg.chunked_prefill_size < 1):
+    if cfg.chunked_prefill_size is not None and (not _is_int(cfg.chunked_prefill_size) or cfg.chunked_prefill_size < 1)\
+            and cfg.chunked_prefill_size != -1:
         raise ValueError(f"chunked_prefill_size={cfg.chunked_prefill_size!r}: must be null (sized from the device's "
-                         "memory) or an integer >= 1")
+                         "memory), -1 (no chunking: sglang's switch) or an integer >= 1")
     if cfg.max_total_tokens is not None and (not _is_int(cfg.max_total_tokens) or cfg.max_total_tokens < cfg.page_size):
         raise ValueError(f"max_total_tokens={cfg.max_total_tokens!r}: must be null or an integer >= page_size")
     if isinstance(cfg.weight_update_timeout, bool) or not cfg.weight_update_timeout > 0:

@@ -130,6 +130,9 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         shape = ModelConfig.from_file(self.model_path)
         if cfg.chunked_prefill_size is None:  # resolved once, before the MoE workspace and step buffers are sized
             cfg.chunked_prefill_size, chunk_why = plan_chunk(shape, self.dtype, self.device, cfg.mem_fraction_static)
+        elif cfg.chunked_prefill_size == -1:
+            cfg.chunked_prefill_size = resolve_context_length(cfg.context_length, shape.max_position_embeddings)
+            chunk_why = "chunked_prefill_size=-1: no chunking, the context length"
         else:
             chunk_why = "chunked_prefill_size"
         kernels, kernels_why = select_model_kernels(self.device, self.dtype, cfg.norm_backend, cfg.router_backend,

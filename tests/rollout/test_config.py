@@ -39,7 +39,7 @@ def test_bad_key_in_yaml_file_names_file_and_key(tmp_path):
     (dict(rope_backend="flashinfer"), "rope_backend"),
     (dict(decode_attention_backend="torch"), "decode_attention_backend"),
     (dict(chunked_prefill_size=0), "chunked_prefill_size"), (dict(chunked_prefill_size="8k"), "chunked_prefill_size"),
-    (dict(chunked_prefill_size=True), "chunked_prefill_size"),
+    (dict(chunked_prefill_size=True), "chunked_prefill_size"), (dict(chunked_prefill_size=-2), "chunked_prefill_size"),
 ])
 def test_check_engine_config_names_the_field(edit, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -175,4 +175,10 @@ def test_engine_resolves_the_prefill_chunk(tiny_checkpoint):
     e.shutdown()
     e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, chunked_prefill_size=24)
     assert e.config.chunked_prefill_size == 24 and e.scheduler.max_batch_tokens == 24
+    e.shutdown()
+    # sglang's -1: no chunking, a prompt up to the context length prefills in one step
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, chunked_prefill_size=-1, context_length=40)
+    assert e.config.chunked_prefill_size == 40 and e.scheduler.max_batch_tokens == 40
+    out = e.generate(input_ids=[5] * 39, sampling_params={"max_new_tokens": 1, "ignore_eos": True})
+    assert out["meta_info"]["completion_tokens"] == 1 and e.steps[-1].tokens == 39  # one step
     e.shutdown()
