@@ -115,6 +115,11 @@ def copies_for(nbytes: int, cap: int = 64) -> int:
     return max(2, min(cap, -(-L2_ROTATE_BYTES // max(nbytes, 1))))
 
 
+def rel_err(a, b) -> float:
+    """Relative error ||a - b|| / ||b|| (Frobenius, in fp32) of a result `a` against its reference `b`."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
 def measure_copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB device-to-device copy, counting read + write."""
     src = torch.randn(1 << 28, device="cuda")

@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import capture_graph, environment, median_replay, write_results  # noqa: E402
+from benchmarks.common import capture_graph, environment, median_replay, rel_err, write_results  # noqa: E402
 from mxroll import configs  # noqa: E402
 from mxroll.model import ModelConfig  # noqa: E402
 from mxroll.model.dummy import init_dummy_weights  # noqa: E402
@@ -163,10 +163,6 @@ def parts(blk, x, delta, cos_sin, attn, proj_attn):
 
     return {"layer": lambda: blk(x, delta, cos_sin, attn, None)[1], "attn": attn_part(attn),
             "attn_proj": attn_part(proj_attn), "moe": moe}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def main() -> None:
@@ -301,16 +297,16 @@ def main() -> None:
             check["mxfp8_fused_equals_separate"] = bool(torch.equal(layer_out["mxfp8"], layer_out["mxfp8_separate"]))
         if "mxfp8" in layer_out and "mxfp8_no_copy" in layer_out:  # equal bits expected above 64 tokens
             check["mxfp8_copy_equals_no_copy"] = bool(torch.equal(layer_out["mxfp8"], layer_out["mxfp8_no_copy"]))
-            check["mxfp8_copy_rel_diff_vs_no_copy"] = rel(layer_out["mxfp8"], layer_out["mxfp8_no_copy"])
+            check["mxfp8_copy_rel_diff_vs_no_copy"] = rel_err(layer_out["mxfp8"], layer_out["mxfp8_no_copy"])
         try:
             prepare()
             with torch.inference_mode():
                 for mode in ("bf16", "mxfp8"):
                     ref = refs[mode].layers[LAYER](x, delta, cos_sin, ref_attn, None)[1]
                     if mode in layer_out:
-                        check[f"{mode}_rel_err_vs_torch_reference"] = rel(layer_out[mode], ref)
+                        check[f"{mode}_rel_err_vs_torch_reference"] = rel_err(layer_out[mode], ref)
                 if "mxfp8" in layer_out:
-                    check["mxfp8_rel_diff_vs_bf16"] = rel(layer_out["mxfp8"], layer_out["bf16"])
+                    check["mxfp8_rel_diff_vs_bf16"] = rel_err(layer_out["mxfp8"], layer_out["bf16"])
         except Exception as e:  # noqa: BLE001
             check["reference_error"] = f"{type(e).__name__}: {e}"[:1500]
         payload["checks"].append(check)

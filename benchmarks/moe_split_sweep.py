@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
+from benchmarks.common import (environment, measure_copy_bandwidth, rel_err, time_graph,  # noqa: E402
+                               write_results)
 from benchmarks.moe import experts_floor_us, routing_sets, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton, moe_config  # noqa: E402
@@ -44,10 +45,6 @@ def variants(T: int, quant: bool) -> dict:
         out.update({"gemv": g, "gemv_s4": dict(g, SPLIT_GU=4, SPLIT_DOWN=4),
                     "gemv_bk256_w8_s2": dict(g, BK=256, num_warps=8, SPLIT_GU=2, SPLIT_DOWN=2)})
     return out
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main():
@@ -81,7 +78,7 @@ def main():
                         continue
                     r = dict(shape=name, T=T, experts=quant, variant=vname,
                              config=cfg or moe_config(T, quant == "mxfp8", K, E),
-                             us=t * 1e6, floor_us=floor_us, err_ref=rel(y, ref), err_shipped=rel(y, shipped),
+                             us=t * 1e6, floor_us=floor_us, err_ref=rel_err(y, ref), err_shipped=rel_err(y, shipped),
                              equal_to_shipped=bool(torch.equal(y, shipped)), deterministic=bool(torch.equal(y, again)))
                     r["ok"] = r["deterministic"] and r["err_ref"] < 1e-2 and bool(torch.isfinite(y).all())
                     rows.append(r)

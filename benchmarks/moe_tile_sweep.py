@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
+from benchmarks.common import (environment, measure_copy_bandwidth, rel_err, time_graph,  # noqa: E402
+                               write_results)
 from benchmarks.moe import experts_floor_us, routing_sets, shape_experts  # noqa: E402
 from mxroll.precision import GemmConfig  # noqa: E402
 from mxroll.precision.kernels.triton_moe import fused_moe_triton, moe_config  # noqa: E402
@@ -44,10 +45,6 @@ def tiles(r: float, quant: bool) -> dict:
         if cfg["BM"] <= 4 * r and cfg["BM"] >= r / 4:
             out[name] = cfg
     return out
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main():
@@ -80,7 +77,7 @@ def main():
                         continue
                     row = dict(shape=name, T=T, rows_per_expert=r_avg, experts=quant, variant=vname,
                                config=cfg or moe_config(T, quant == "mxfp8", K, E), us=t * 1e6, floor_us=floor_us,
-                               err_ref=rel(y, ref), deterministic=bool(torch.equal(y, again)))
+                               err_ref=rel_err(y, ref), deterministic=bool(torch.equal(y, again)))
                     row["ok"] = row["deterministic"] and row["err_ref"] < 1e-2 and bool(torch.isfinite(y).all())
                     rows.append(row)
                     line.append(row)
