@@ -24,9 +24,16 @@ from triton.language.extra import libdevice
 from ...precision.kernels.pdl import pdl_args, pdl_wait
 from ...precision.kernels.triton_mxfp8_gemm import _split_last, _split_locks
 
-# Up to this many tokens (a small decode batch) the Gate computes its logits inside the routing launch
-# (`gate_route_triton`) instead of a cuBLAS GEMM before it.
-FUSED_GATE_MAX_TOKENS = 4
+# Up to this many tokens (a decode batch of one) the Gate computes its logits inside the routing launch
+# (`gate_route_triton`) instead of a cuBLAS GEMM before it. router_20261202.json (H200, benchmarks/router.py, us a
+# call, fused / cuBLAS + route_topk_triton): 1 token moonlight 4.58 / 7.37, deepseek-v3 7.99 / 10.11; 2 tokens
+# 6.96 / 7.39, 13.11 / 10.42; 4 tokens 11.56 / 7.21, 23.04 / 10.33 (the last program routes the tokens one after
+# another). It was 4 before that measurement.
+FUSED_GATE_MAX_TOKENS = 1
+# warps of a `gate_route_triton` program: 1 warp measured 3.87 us at one moonlight token (2 warps 4.70), but the
+# engine's batch-1 step did not move (2.177 / 2.175 / 2.184 ms bf16 with 1 / 4 / 1 warps, throughput_20261202e_*), so
+# the bits stay those of 4
+GATE_ROUTE_WARPS = 4
 
 
 @triton.jit
@@ -160,7 +167,7 @@ def route_topk_triton(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int,
 def gate_route_triton(x_TD: torch.Tensor, gate_ED: torch.Tensor, bias_E: torch.Tensor, top_k: int, n_group: int,
                       topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
                       record: tuple[torch.Tensor, torch.Tensor] | None = None, sigmoid: bool = True,
-                      shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      shared: int = 0, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`route_topk_triton` of the fp32 logits x @ gate^T (bf16/fp16 operands) with the logits GEMV in the same
     launch: one program per expert, the last to arrive routes every token (serially: for a few tokens, the
     decode step's; `FUSED_GATE_MAX_TOKENS`). The logits are the fp32 sum of the exact products, in the kernel's
@@ -177,5 +184,6 @@ def gate_route_triton(x_TD: torch.Tensor, gate_ED: torch.Tensor, bias_E: torch.T
         _gate_route_kernel[(E,)](x_TD, x_TD.stride(0), gate_ED, logits, _split_locks(x_TD.device), T, D, bias_E,
                                  weights, ids, rec_w, rec_ids, float(routed_scaling_factor), NORM=bool(norm_topk_prob),
                                  SIGMOID=bool(sigmoid), **consts, TB=max(2, triton.next_power_of_2(T)),
-                                 BD=min(2048, triton.next_power_of_2(D)), num_warps=4, **pdl_args(x_TD))
+                                 BD=min(2048, triton.next_power_of_2(D)), num_warps=num_warps or GATE_ROUTE_WARPS,
+                                 **pdl_args(x_TD))
     return weights, ids

@@ -198,14 +198,14 @@ def test_gate_route_is_the_logits_gemm_then_the_router(T, D, E, n_group, topk_gr
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Gate's Triton backend runs on CUDA")
-@pytest.mark.parametrize("T", [1, 4, 5, 33])
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 33])
 def test_gate_topk_dispatch(T):
     """model.ops.gate_topk "triton": the fused launch up to FUSED_GATE_MAX_TOKENS tokens, cuBLAS logits + the
     routing kernel above; both pick the torch path's experts on these inputs, weights to fp32 rounding."""
     from mxroll.model.kernels.triton_router import FUSED_GATE_MAX_TOKENS
     from mxroll.model.ops import gate_topk
 
-    assert FUSED_GATE_MAX_TOKENS == 4
+    assert FUSED_GATE_MAX_TOKENS == 1
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, 2048, generator=g).to(DEVICE, LOW)
     gate = (torch.randn(64, 2048, generator=g) * 0.05).to(DEVICE, LOW)
