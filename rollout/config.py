@@ -18,6 +18,8 @@ from .. import configs
 from ..precision.mxfp8 import SCALE_MODES
 from ..precision.recipe import ACT_MODES
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EngineConfig:
@@ -202,13 +204,18 @@ SGLANG_RENAMED = {"random_seed": "seed"}
 SGLANG_SINGLE_GPU = {"tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0}
 # booleans with nothing to switch here: checkpoint code is never run (config.json and safetensors are read
 # directly), and release / resume_memory_occupation always work
-SGLANG_NO_EFFECT = ("trust_remote_code", "enable_memory_saver")
+SGLANG_NO_EFFECT = ("trust_remote_code", "enable_memory_saver", "skip_server_warmup", "enable_weights_cpu_backup",
+                    "enable_draft_weights_cpu_backup")  # (released weights always wait on the CPU; no draft model)
+# a launched server's and its worker processes' plumbing: an Engine runs in the caller's process on one GPU and opens
+# no sockets (`mxroll serve --host --port` serves HTTP), so any value is dropped
+SGLANG_PROCESS = ("host", "port", "nccl_port", "dist_init_addr", "gpu_id_step")
 
 
 def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine keyword arguments with sglang's names mapped to mxroll's (`random_seed` -> `seed`, `base_gpu_id` N ->
-    `device` cuda:N, `disable_radix_cache` -> not `enable_prefix_caching`) and the neutral ones checked and dropped;
-    other keys pass through unchanged."""
+    `device` cuda:N, `disable_radix_cache` -> not `enable_prefix_caching`) and the neutral ones checked and dropped
+    (the single-GPU layout, no-effect switches, server / process plumbing, kv_cache_dtype 'auto', schedule_policy
+    'fcfs'); other keys pass through unchanged."""
     out = dict(kwargs)
     for old, new in SGLANG_RENAMED.items():
         if old in out and out[old] is None:  # sglang's "unset": mxroll's default stands
@@ -233,6 +240,26 @@ def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     for name in SGLANG_NO_EFFECT:
         if name in out and not isinstance(out.pop(name), bool):
             raise ValueError(f"{name}={kwargs[name]!r}: must be true or false")
+    for name in SGLANG_PROCESS:
+        if name in out:
+            log.debug("sglang's %s=%r has no effect on an in-process engine", name, out.pop(name))
+    if "enable_metrics" in out:
+        metrics = out.pop("enable_metrics")
+        if not isinstance(metrics, bool):
+            raise ValueError(f"enable_metrics={metrics!r}: must be true or false")
+        if metrics:
+            log.warning("enable_metrics=True: mxroll serves no Prometheus /metrics; get_server_info() (GET "
+                        "/get_server_info) has the recent steps' throughput")
+    if "kv_cache_dtype" in out:
+        kv = out.pop("kv_cache_dtype")
+        if kv not in ("auto", None) and kv != out.get("dtype"):
+            raise ValueError(f"kv_cache_dtype={kv!r}: the latent cache holds the model's dtype (kv_cache_dtype='auto'); "
+                             "fp8 KV caches are not supported")
+    if "schedule_policy" in out:
+        policy = out.pop("schedule_policy")
+        if policy != "fcfs":
+            raise ValueError(f"schedule_policy={policy!r}: mxroll schedules first come, first served ('fcfs', sglang's "
+                             "default)")
     if "base_gpu_id" in out:
         gpu = out.pop("base_gpu_id")
         if not _is_int(gpu) or gpu < 0:

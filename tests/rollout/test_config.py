@@ -121,6 +121,18 @@ def test_sglang_engine_args_map_to_mxroll_names():
     assert from_sglang_args(dict(random_seed=None)) == {}  # sglang's unset seed: the engine's default
     assert from_sglang_args(dict(disable_radix_cache=False)) == {"enable_prefix_caching": True}
     assert from_sglang_args(dict(disable_radix_cache=True)) == {"enable_prefix_caching": False}
+    # what RL frameworks pass when they launch sglang engines: plumbing and switches with no effect here
+    launched = dict(host="10.0.0.1", port=30001, nccl_port=30002, dist_init_addr="10.0.0.1:30003", gpu_id_step=1,
+                    skip_server_warmup=True, enable_weights_cpu_backup=False, enable_draft_weights_cpu_backup=True,
+                    enable_metrics=False, kv_cache_dtype="auto", schedule_policy="fcfs")
+    assert from_sglang_args(dict(launched, mem_fraction_static=0.7)) == {"mem_fraction_static": 0.7}
+    assert from_sglang_args(dict(kv_cache_dtype="bfloat16", dtype="bfloat16")) == {"dtype": "bfloat16"}
+
+
+def test_sglang_enable_metrics_warns(caplog):
+    with caplog.at_level("WARNING", logger="mxroll.rollout.config"):
+        assert from_sglang_args(dict(enable_metrics=True)) == {}
+    assert "no Prometheus /metrics" in caplog.text
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -134,6 +146,9 @@ def test_sglang_engine_args_map_to_mxroll_names():
     (dict(base_gpu_id=1, device="cuda:0"), "base_gpu_id=1 and device='cuda:0' disagree"),
     (dict(disable_radix_cache=True, enable_prefix_caching=True), "disable_radix_cache=True and enable_prefix"),
     (dict(disable_radix_cache="no"), "disable_radix_cache='no': must be true or false"),
+    (dict(kv_cache_dtype="fp8_e4m3"), "kv_cache_dtype='fp8_e4m3': the latent cache holds the model's dtype"),
+    (dict(schedule_policy="lpm"), "schedule_policy='lpm'"), (dict(enable_metrics=1), "enable_metrics=1"),
+    (dict(skip_server_warmup="yes"), "skip_server_warmup='yes'"),
 ])
 def test_sglang_engine_args_refused_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
