@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .gc_watch import freeze_gc
+from .profile import StepProfiler
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # sglang's GPU_MEMORY_TYPE_* values
@@ -48,6 +49,38 @@ class ControlsAPI:
         caller's process, whose own objects are frozen too (rollout.gc_watch)."""
         self._check_open()
         freeze_gc()
+
+    def start_profile(self, output_dir: str | None = None, start_step: int | None = None, num_steps: int | None = None,
+                      activities: list[str] | None = None, with_stack: bool | None = None,
+                      record_shapes: bool | None = None, profile_by_stage: bool = False, merge_profiles: bool = False,
+                      profile_prefix: str | None = None) -> None:
+        """sglang's start_profile: torch.profiler over the engine's next steps (`num_steps` of them, or until
+        stop_profile), written as a Chrome trace (rollout.profile; activities "CPU" and "GPU", default both on CUDA).
+        start_step, profile_by_stage and merge_profiles are sglang's multi-stage / multi-rank options: refused."""
+        if start_step is not None:
+            raise ValueError(f"start_step={start_step!r}: not supported; call start_profile when the profile should start")
+        for name, value in (("profile_by_stage", profile_by_stage), ("merge_profiles", merge_profiles)):
+            if value is not False:
+                raise ValueError(f"{name}={value!r}: not supported (one engine, one trace of its steps)")
+        self._check_open()
+        prof = StepProfiler(self.device, output_dir, num_steps, activities, with_stack, record_shapes, profile_prefix)
+
+        def run():
+            if self._profiler is not None:
+                raise ValueError("a profile is already running; call stop_profile() first")
+            prof.start()
+            self._profiler = prof
+        self._command(run)
+
+    def stop_profile(self) -> str:
+        """Stop the running profile and write its trace; returns the trace's path."""
+        def run():
+            prof, self._profiler = self._profiler, None
+            if prof is None:
+                raise ValueError("no profile is running (it may have ended after its num_steps); call start_profile "
+                                   "first")
+            return str(prof.stop())
+        return self._command(run)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache (enable_prefix_caching); requests in flight keep the pages they use. True."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import queue
@@ -41,6 +42,7 @@ from .gc_watch import GcWatch
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
+from .profile import StepProfiler
 from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
@@ -103,6 +105,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self._last_finish = 0.0
         self._launches: list[tuple[float, float]] = []  # (start, end) of the launches since the last finished step
         self._gc_watch = GcWatch(cfg.gc_warning_threshold_secs) if cfg.gc_warning_threshold_secs > 0 else None
+        self._profiler: StepProfiler | None = None  # start_profile / stop_profile (loop thread)
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
         # a script that never calls shutdown(): stop the loop before the interpreter tears torch down under it
@@ -427,13 +430,21 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 except BaseException as e:  # noqa: BLE001 - the caller gets its own error
                     fut.set_exception(e)
             if closed:
+                if self._profiler is not None:  # a profile still running at shutdown is written
+                    self._profiler.stop()
+                    self._profiler = None
                 return
             if self._ahead is not None or (not (self._paused or self._released) and self.scheduler.has_work()):
+                prof = self._profiler
                 try:
-                    self.step()
+                    with prof.step_scope() if prof is not None else contextlib.nullcontext():
+                        self.step()
                 except Exception as e:  # noqa: BLE001 - fail the requests of this step, keep serving
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_running(e)
+                if prof is not None and prof.stepped():
+                    self._profiler = None
+                    prof.stop()
 
     def _command(self, fn, wait: bool = True):
         """Run `fn()` on the engine loop between two steps; return its result (or raise its error)."""

@@ -42,7 +42,7 @@ from .engine import Engine, EngineShutdownError
 from .intake import SGLANG_FIELDS, check_vocab
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          DetokenizeRequest, GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest,
-                         PauseRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
+                         PauseRequest, ProfileRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
                          UpdateTensorRequest, WeightVersionRequest, check_routed_experts_format, jsonable,
                          routes_base64)
 from .server_chat import ChatCompletionRequest, ChatFormatter
@@ -415,6 +415,16 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     async def freeze_gc():
         await call(engine.freeze_gc)
         return Response("Garbage collection frozen.\n", media_type="text/plain")  # sglang's reply
+
+    @app.api_route("/start_profile", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def start_profile(req: ProfileRequest | None = None):
+        await call(engine.start_profile, **(req or ProfileRequest()).model_dump())
+        return Response("Start profiling.\n", media_type="text/plain")  # sglang's reply
+
+    @app.api_route("/stop_profile", methods=["GET", "POST"], dependencies=[Depends(admin)])
+    async def stop_profile():
+        path = await call(engine.stop_profile)
+        return Response(f"Stop profiling. Trace: {path}\n", media_type="text/plain")
 
     @app.post("/abort_request", dependencies=[Depends(admin)])
     async def abort_request(req: AbortRequest | None = None):

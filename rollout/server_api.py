@@ -122,6 +122,18 @@ class MemoryRequest(_Body):
     tags: list[str] | None = None
 
 
+class ProfileRequest(_Body):  # sglang's ProfileReqInput (the options an engine of one GPU has)
+    output_dir: str | None = None
+    start_step: int | None = None
+    num_steps: int | None = None
+    activities: list[str] | None = None
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_by_stage: bool = False
+    merge_profiles: bool = False
+    profile_prefix: str | None = None
+
+
 # ---- OpenAI /v1/completions ----------------------------------------------------------------
 class StreamOptions(_Body):
     include_usage: bool = False

@@ -165,6 +165,16 @@ class EngineClient:
         with self._open("POST", "/freeze_gc", None, True) as resp:  # a plain-text reply, as sglang's
             resp.read()
 
+    def start_profile(self, **options) -> None:
+        """sglang's start_profile: options as `Engine.start_profile` (output_dir, num_steps, activities, ...)."""
+        with self._open("POST", "/start_profile", options, True) as resp:  # a plain-text reply, as sglang's
+            resp.read()
+
+    def stop_profile(self) -> str:
+        """Stop the server's profile; the reply's text names the trace written (on the server's machine)."""
+        with self._open("POST", "/stop_profile", None, True) as resp:
+            return resp.read().decode()
+
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self._post("/abort_request", {"rid": rid, "abort_all": abort_all})
 
