@@ -4,8 +4,9 @@ Unknown keys and wrongly typed values are errors that name the key.
 """
 from __future__ import annotations
 
+import difflib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,7 @@ def _structured(schema: type, *sources: Any):
                 src = _load_yaml(Path(src))
             elif isinstance(src, list):
                 src = OmegaConf.from_dotlist(src)
+            _check_keys(schema, src, where)
             cfg = OmegaConf.merge(cfg, src)
         except OmegaConfBaseException as e:
             raise ValueError(f"{where}invalid {schema.__name__}: {e}") from None
@@ -186,6 +188,26 @@ def _structured(schema: type, *sources: Any):
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ValueError(f"invalid {schema.__name__}: {e}") from None
+
+
+# sglang options with no mxroll counterpart of that name, and what to use instead
+SGLANG_INSTEAD = {"max_prefill_tokens": "chunked_prefill_size (mxroll's one token budget of a step)",
+                  "gpu_memory_utilization": "mem_fraction_static", "enforce_eager": "disable_cuda_graph"}
+
+
+def _check_keys(schema: type, src: Any, where: str) -> None:
+    """A top-level key the schema lacks: a ValueError naming it, with the closest option names (or the mxroll option
+    for a known sglang / vLLM one)."""
+    if not isinstance(src, (dict, DictConfig)) or not is_dataclass(schema):
+        return
+    names = [f.name for f in fields(schema)]
+    for key in src:
+        if key in names:
+            continue
+        close = difflib.get_close_matches(str(key), names, n=3)
+        hint = (f"; use {SGLANG_INSTEAD[key]}" if key in SGLANG_INSTEAD
+                else f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+        raise ValueError(f"{where}unknown {schema.__name__} option {key!r}{hint}")
 
 
 def _load_yaml(path: Path) -> DictConfig:

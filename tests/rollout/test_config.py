@@ -197,3 +197,13 @@ def test_engine_resolves_the_prefill_chunk(tiny_checkpoint):
     out = e.generate(input_ids=[5] * 39, sampling_params={"max_new_tokens": 1, "ignore_eos": True})
     assert out["meta_info"]["completion_tokens"] == 1 and e.steps[-1].tokens == 39  # one step
     e.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_prefill_tokens=16384), "unknown EngineConfig option 'max_prefill_tokens'; use chunked_prefill_size"),
+    (dict(chunk_prefill_size=64), "unknown EngineConfig option 'chunk_prefill_size'; did you mean 'chunked_prefill_size'?"),
+    (dict(gpu_memory_utilization=0.5), "use mem_fraction_static"),
+])
+def test_unknown_engine_options_are_named_with_the_close_ones(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Engine(model_path="preset:tiny", device="cpu", progress=False, **kwargs)
