@@ -196,11 +196,12 @@ class Sampler:
         assert logits_SV.dtype == torch.float32, f"sampler: logits must be fp32, got {logits_SV.dtype}"
         assert rows.temperature.shape == (S,), (tuple(rows.temperature.shape), S)
         thr_S = filter_thresholds(logits_SV, rows)
+        lse = torch.empty(S, dtype=torch.float32, device=logits_SV.device) if rows.top_logprobs_num else None
         tokens, lps = self._sample(logits_SV, rows.temperature, rows.greedy, thr_S, rows.seed, rows.position,
-                                   rows.logprob_temperature)
+                                   rows.logprob_temperature, lse_out=lse)
         out = SampleOutput(tokens, lps)
         if rows.top_logprobs_num:
-            out.top_ids, out.top_logprobs = top_logprobs(logits_SV, rows)
+            out.top_ids, out.top_logprobs = top_logprobs(logits_SV, rows, lse)
         return out
 
 
@@ -257,9 +258,11 @@ def gumbel_ref(seed_S: torch.Tensor, position_S: torch.Tensor, V: int) -> torch.
 
 def sample_ref(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S: torch.Tensor,
                threshold_S: torch.Tensor | None, seed_S: torch.Tensor, position_S: torch.Tensor,
-               lp_temperature_S: torch.Tensor, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               lp_temperature_S: torch.Tensor, rows_per_chunk: int | None = None,
+               lse_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens int64 [S], logprobs fp32 [S]). threshold_S: smallest allowed x per row (None = no filter).
-    Rows are processed in chunks only to bound the [rows, V] int64 temporaries; results do not depend on it."""
+    Rows are processed in chunks only to bound the [rows, V] int64 temporaries; results do not depend on it.
+    lse_out: receives each row's logsumexp of logits / lp_temperature, the one the logprobs subtract."""
     S, V = logits_SV.shape
     tokens = torch.empty(S, dtype=torch.int64, device=logits_SV.device)
     step = rows_per_chunk or max(1, (1 << (18 if logits_SV.device.type == "cpu" else 24)) // V)  # cache / launches
@@ -274,7 +277,10 @@ def sample_ref(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S: t
             score = score.masked_fill(~greedy[:, None] & (x < threshold_S[sl, None]), float("-inf"))
         tokens[sl] = score.argmax(-1)
     x_lp = logits_SV / lp_temperature_S[:, None]
-    lps = x_lp.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(x_lp, -1)
+    lse = torch.logsumexp(x_lp, -1)
+    lps = x_lp.gather(1, tokens[:, None])[:, 0] - lse
+    if lse_out is not None:
+        lse_out.copy_(lse)
     return tokens, lps
 
 
@@ -350,16 +356,19 @@ def _top_p_cut(xs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, z: torch.
 
 # ---------------------------------------------------------------- top logprobs
 
-def top_logprobs(logits_SV: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk of log_softmax(logits / logprob_temperature) for the rows that asked."""
+def top_logprobs(logits_SV: torch.Tensor, rows: SamplingRows, lse_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_logprobs_num largest log_softmax(logits / logprob_temperature) of the rows that asked, as x - lse with
+    x = logits / logprob_temperature and lse_S the sampler's logsumexp of x: the sampled token's entry is then its
+    logprob bit for bit (torch's log_softmax rounds otherwise)."""
     S, V = logits_SV.shape
     n = min(rows.top_logprobs_num, V)
     idx = rows.top_logprobs_rows
     if idx is None:
-        vals, ids = torch.log_softmax(logits_SV / rows.logprob_temperature[:, None], -1).topk(n, -1)
-        return ids, vals
+        xs, ids = (logits_SV / rows.logprob_temperature[:, None]).topk(n, -1)
+        return ids, xs - lse_S[:, None]
     sub = logits_SV.index_select(0, idx) / rows.logprob_temperature[idx][:, None]
-    vals, ids_R = torch.log_softmax(sub, -1).topk(n, -1)
+    xs, ids_R = sub.topk(n, -1)
+    vals = xs - lse_S.index_select(0, idx)[:, None]
     out_ids = torch.full((S, n), -1, dtype=torch.int64, device=logits_SV.device).index_copy_(0, idx, ids_R)
     out_vals = torch.full((S, n), float("-inf"), device=logits_SV.device).index_copy_(0, idx, vals)
     return out_ids, out_vals

@@ -146,8 +146,8 @@ def _sample_chunk_kernel(logits_ptr, stride, t_ptr, greedy_ptr, thr_ptr, seed_pt
 
 
 @triton.jit
-def _sample_combine_kernel(logits_ptr, stride, lpt_ptr, best_ptr, idx_ptr, m_ptr, s_ptr, tok_ptr, lp_ptr, C,
-                           CP: tl.constexpr):
+def _sample_combine_kernel(logits_ptr, stride, lpt_ptr, best_ptr, idx_ptr, m_ptr, s_ptr, tok_ptr, lp_ptr, lse_ptr, C,
+                           CP: tl.constexpr, LSE: tl.constexpr):
     row = tl.program_id(0)
     c = tl.arange(0, CP)
     part = row * C + c
@@ -162,12 +162,15 @@ def _sample_combine_kernel(logits_ptr, stride, lpt_ptr, best_ptr, idx_ptr, m_ptr
     logit = tl.load(logits_ptr + row.to(tl.int64) * stride + tok)
     tl.store(tok_ptr + row, tok.to(tl.int64))
     tl.store(lp_ptr + row, tl.math.div_rn(logit, tl.load(lpt_ptr + row)) - lse)
+    if LSE:
+        tl.store(lse_ptr + row, lse)
 
 
 def sample_triton(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S: torch.Tensor,
                   threshold_S: torch.Tensor | None, seed_S: torch.Tensor, position_S: torch.Tensor,
-                  lp_temperature_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens int64 [S], logprobs fp32 [S]); arguments as rollout.sampler.sample_ref."""
+                  lp_temperature_S: torch.Tensor, lse_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens int64 [S], logprobs fp32 [S]); arguments as rollout.sampler.sample_ref (lse_out: each row's
+    logsumexp of logits / lp_temperature, the one its logprob subtracts)."""
     S, V = logits_SV.shape
     assert logits_SV.dtype == torch.float32 and logits_SV.stride(1) == 1, (logits_SV.dtype, logits_SV.stride())
     assert 0 < V < 2**31 - CHUNK, V
@@ -192,6 +195,9 @@ def sample_triton(logits_SV: torch.Tensor, temperature_S: torch.Tensor, greedy_S
         part[0], part_idx, part[1], part[2], V, C,
         CHUNK=CHUNK, BLOCK=BLOCK, HAS_THR=threshold_S is not None, FAST=dev.type == "cuda", PREFETCH=PREFETCH,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if lse_out is not None:
+        assert lse_out.shape == (S,) and lse_out.dtype == torch.float32 and lse_out.is_contiguous(), lse_out.shape
     _sample_combine_kernel[(S,)](logits_SV, logits_SV.stride(0), lp_temperature_S, part[0], part_idx, part[1],
-                                 part[2], tokens, lps, C, CP=triton.next_power_of_2(C))
+                                 part[2], tokens, lps, lse_out if lse_out is not None else lps, C,
+                                 CP=triton.next_power_of_2(C), LSE=lse_out is not None)
     return tokens, lps

@@ -308,6 +308,10 @@ def test_logprobs_full_vocab_before_filtering_at_the_right_temperature():
     assert torch.allclose(out.logprobs, lsm.gather(1, out.tokens[:, None])[:, 0], atol=1e-6, rtol=0)
     vals, ids = lsm.topk(3, -1)
     assert torch.equal(out.top_ids, ids) and torch.allclose(out.top_logprobs, vals, atol=1e-6, rtol=0)
+    for r in range(6):  # a sampled token among its row's top entries carries its logprob bit for bit
+        hit = (out.top_ids[r] == out.tokens[r]).nonzero()[:, 0]
+        assert r > 1 or len(hit) == 1  # the greedy rows' tokens are their top ones
+        assert all(out.top_logprobs[r, h].item() == out.logprobs[r].item() for h in hit)
 
 
 def test_top_logprobs_only_for_rows_that_ask():

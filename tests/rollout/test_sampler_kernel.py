@@ -79,6 +79,27 @@ def test_kernel_matches_reference_on_mixed_rows(V):
     assert torch.equal(tok_nf, ref_nf)
 
 
+
+def test_top_logprobs_share_the_kernels_logsumexp():
+    """With top_logprobs_num, the kernel also writes each row's logsumexp; the top entries are x - that lse, so a
+    sampled token among them carries its logprob bit for bit; the lse is the reference's to fp32 noise."""
+    logits, _ = mixed_batch(12, 2 * CHUNK + 777, seed=3)
+    rows = SamplingRows.build([MIXED[i] for i in range(12)], [sample_seed(3, i, 0) for i in range(12)],
+                              list(range(12)), DEV, top_logprobs_num=[5] * 12)
+    out = Sampler(DEV, "triton")(logits, rows)
+    hits = 0
+    for r in range(12):
+        for h in (out.top_ids[r] == out.tokens[r]).nonzero()[:, 0].tolist():
+            assert out.top_logprobs[r, h].item() == out.logprobs[r].item()
+            hits += 1
+    assert hits >= 6  # the greedy and low-temperature rows at least
+    lse = torch.empty(12, dtype=torch.float32, device=DEV)
+    sample_triton(logits, rows.temperature, rows.greedy, filter_thresholds(logits, rows), rows.seed, rows.position,
+                  rows.logprob_temperature, lse_out=lse)
+    ref = torch.logsumexp(logits / rows.logprob_temperature[:, None], -1)
+    assert torch.allclose(lse, ref, atol=1e-5, rtol=0)
+
+
 def test_sampler_backends_agree_with_top_logprobs():
     logits, rows = mixed_batch(12, 3000, seed=1)
     rows.top_logprobs_num = 4
