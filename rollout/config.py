@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -201,10 +202,12 @@ def _check_keys(schema: type, src: Any, where: str) -> None:
     if not isinstance(src, (dict, DictConfig)) or not is_dataclass(schema):
         return
     names = [f.name for f in fields(schema)]
+    hints = typing.get_type_hints(schema)
     for key in src:
         if key in names:
             continue
-        close = difflib.get_close_matches(str(key), names, n=3)
+        nested = [f"{n}.{key}" for n in names if is_dataclass(hints.get(n)) and key in {f.name for f in fields(hints[n])}]
+        close = nested or difflib.get_close_matches(str(key), names, n=3)
         hint = (f"; use {SGLANG_INSTEAD[key]}" if key in SGLANG_INSTEAD
                 else f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
         raise ValueError(f"{where}unknown {schema.__name__} option {key!r}{hint}")

@@ -118,7 +118,8 @@ def build_requests(prompts: list[list[int]], sampling_params, return_logprob, to
 def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_len=None, lora_path=None,
                         image_data=None, custom_logit_processor=None, token_ids_logprob=None,
                         return_hidden_states=False, data_parallel_rank=None, bootstrap_host=None,
-                        bootstrap_port=None, bootstrap_room=None) -> None:
+                        bootstrap_port=None, bootstrap_room=None, priority=None, routed_dp_rank=None,
+                        session_params=None) -> None:
     """generate()'s sglang arguments that sglang clients pass at their defaults (verl passes image_data=None,
     lora_path=None): those values are accepted, anything else is an error naming the argument (this engine does not
     do it), never silently ignored. logprob_start_len is taken (build_requests checks it per prompt)."""
@@ -134,11 +135,15 @@ def check_sglang_fields(tokenizer, return_text_in_logprobs=False, logprob_start_
                               "logprobs of chosen token ids are not supported; use top_logprobs_num"),
                              ("bootstrap_host", bootstrap_host, "prefill / decode disaggregation is not supported"),
                              ("bootstrap_port", bootstrap_port, "prefill / decode disaggregation is not supported"),
-                             ("bootstrap_room", bootstrap_room, "prefill / decode disaggregation is not supported")):
+                             ("bootstrap_room", bootstrap_room, "prefill / decode disaggregation is not supported"),
+                             ("priority", priority, "priority scheduling is not supported: requests are served first "
+                              "come, first served"),
+                             ("session_params", session_params, "sessions are not supported")):
         if value is not None and not (isinstance(value, list) and all(v is None for v in value)):
             raise ValueError(f"{name}: {why}")
-    if data_parallel_rank not in (None, 0) or isinstance(data_parallel_rank, bool):
-        raise ValueError(f"data_parallel_rank={data_parallel_rank!r}: one engine is one data-parallel rank (0)")
+    for name, rank in (("data_parallel_rank", data_parallel_rank), ("routed_dp_rank", routed_dp_rank)):
+        if rank not in (None, 0) or isinstance(rank, bool):
+            raise ValueError(f"{name}={rank!r}: one engine is one data-parallel rank (0)")
     if return_hidden_states is not False:
         raise ValueError(f"return_hidden_states={return_hidden_states!r}: hidden states are not returned")
 

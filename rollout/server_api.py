@@ -43,6 +43,9 @@ class GenerateRequest(_Body):
     bootstrap_port: int | list[int | None] | None = None
     bootstrap_room: int | list[int | None] | None = None
     return_hidden_states: bool = False
+    priority: int | list[int | None] | None = None
+    routed_dp_rank: int | None = None
+    session_params: dict | list[dict | None] | None = None
 
 
 class InitGroupRequest(_Body):

@@ -281,7 +281,8 @@ def test_generate_takes_sglang_fields_at_their_defaults(engine):
     ref = engine.generate(**kw)
     out = engine.generate(**kw, image_data=None, lora_path=None, logprob_start_len=-1, custom_logit_processor=None,
                           token_ids_logprob=None, return_hidden_states=False, return_text_in_logprobs=False,
-                          data_parallel_rank=0, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None)
+                          data_parallel_rank=0, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
+                          priority=None, routed_dp_rank=None, session_params=None)
     assert out["output_ids"] == ref["output_ids"]
     assert all(text is None for *_, text in out["meta_info"]["output_token_logprobs"])
     out = engine.generate(**kw, top_logprobs_num=2, return_text_in_logprobs=True)
@@ -293,11 +294,12 @@ def test_generate_takes_sglang_fields_at_their_defaults(engine):
     for name, value in (("logprob_start_len", -2), ("logprob_start_len", 99), ("lora_path", "adapter"),
                         ("image_data", ["img.png"]), ("custom_logit_processor", "fn"), ("token_ids_logprob", [3]),
                         ("return_hidden_states", True), ("return_text_in_logprobs", "yes"),
-                        ("data_parallel_rank", 1), ("bootstrap_host", "10.0.0.1")):
+                        ("data_parallel_rank", 1), ("bootstrap_host", "10.0.0.1"), ("priority", 5),
+                        ("routed_dp_rank", 2), ("session_params", {"id": "x"})):
         with pytest.raises(ValueError, match=name):
             engine.generate(**kw, **{name: value})
-    with pytest.raises(TypeError, match="session_params"):
-        engine.generate(**kw, session_params={"id": "x"})
+    with pytest.raises(TypeError, match="sesion_params"):
+        engine.generate(**kw, sesion_params={"id": "x"})
     assert engine.generate(**kw)["output_ids"] == ref["output_ids"]  # still serving
 
 

@@ -662,4 +662,4 @@ def test_serve_cli_refuses_open_admin_on_a_public_host(capsys, monkeypatch):
     assert cli.main(["serve", "--host", "0.0.0.0", "engine.device=cpu"]) == 2
     assert "no admin token is set" in capsys.readouterr().err
     assert cli.main(["serve", "device=cpu"]) == 2
-    assert "Key 'device' not in 'ServeConfig'" in capsys.readouterr().err
+    assert "unknown ServeConfig option 'device'; did you mean 'engine.device'?" in capsys.readouterr().err
