@@ -230,7 +230,8 @@ SGLANG_SINGLE_GPU = {"tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nn
 # booleans with nothing to switch here: checkpoint code is never run (config.json and safetensors are read
 # directly), and release / resume_memory_occupation always work
 SGLANG_NO_EFFECT = ("trust_remote_code", "enable_memory_saver", "skip_server_warmup", "enable_weights_cpu_backup",
-                    "enable_draft_weights_cpu_backup")  # (released weights always wait on the CPU; no draft model)
+                    "enable_draft_weights_cpu_backup",  # (released weights always wait on the CPU; no draft model)
+                    "enable_metrics")  # (`mxroll serve` always serves GET /metrics)
 # a launched server's and its worker processes' plumbing: an Engine runs in the caller's process on one GPU and opens
 # no sockets (`mxroll serve --host --port` serves HTTP), so any value is dropped
 SGLANG_PROCESS = ("host", "port", "nccl_port", "dist_init_addr", "gpu_id_step")
@@ -268,13 +269,6 @@ def from_sglang_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     for name in SGLANG_PROCESS:
         if name in out:
             log.debug("sglang's %s=%r has no effect on an in-process engine", name, out.pop(name))
-    if "enable_metrics" in out:
-        metrics = out.pop("enable_metrics")
-        if not isinstance(metrics, bool):
-            raise ValueError(f"enable_metrics={metrics!r}: must be true or false")
-        if metrics:
-            log.warning("enable_metrics=True: mxroll serves no Prometheus /metrics; get_server_info() (GET "
-                        "/get_server_info) has the recent steps' throughput")
     if "kv_cache_dtype" in out:
         kv = out.pop("kv_cache_dtype")
         if kv not in ("auto", None) and kv != out.get("dtype"):

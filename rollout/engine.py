@@ -42,6 +42,7 @@ from .gc_watch import GcWatch
 from .output import Record, format_output
 from .pages import PagePool
 from .presets import resolve_model_path
+from .metrics import Totals
 from .profile import StepProfiler
 from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
@@ -106,6 +107,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self._launches: list[tuple[float, float]] = []  # (start, end) of the launches since the last finished step
         self._gc_watch = GcWatch(cfg.gc_warning_threshold_secs) if cfg.gc_warning_threshold_secs > 0 else None
         self._profiler: StepProfiler | None = None  # start_profile / stop_profile (loop thread)
+        self.totals = Totals()  # requests and tokens returned since start-up (get_server_info, /metrics)
         self._thread = threading.Thread(target=self._loop, name="mxroll-engine", daemon=True)
         self._thread.start()
         # a script that never calls shutdown(): stop the loop before the interpreter tears torch down under it
@@ -393,6 +395,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         launch_s = sum(max(0.0, end - max(begin, start)) for begin, end in self._launches)
         self._launches.clear()
         self._last_finish = now
+        self.totals.steps += 1
         self.steps.append(StepStat(cur.step.num_rows, cur.step.num_tokens, len(tokens), cur.step.is_decode,
                                    now - start, cur.clock.phases, cur.batch.ahead_of is not None, launch_s,
                                    cur.host.waited_s))
@@ -586,6 +589,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                     out["index"] = len(outputs)
                 outputs.append(out)
             self._forget(group)
+        self.totals.add(outputs)
         if call.notify is not None:
             for out in outputs[:-1]:
                 call.notify(("partial", out))
@@ -661,6 +665,8 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         prefix = self.scheduler.prefix
         return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "token_usage": 1.0 - self.scheduler.pool.num_free / max(1, self.scheduler.pool.num_pages),
+                **self.totals.as_info(),
                 "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
                 "recent_steps_launched_ahead": sum(s.ahead for s in recent) / len(recent) if recent else 0.0,
                 "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,

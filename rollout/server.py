@@ -45,6 +45,7 @@ from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, D
                          PauseRequest, ProfileRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
                          UpdateTensorRequest, WeightVersionRequest, check_routed_experts_format, jsonable,
                          routes_base64)
+from .metrics import prometheus_text
 from .server_chat import ChatCompletionRequest, ChatFormatter
 from .reasoning import reasoning_format
 from .tool_calls import tool_call_format
@@ -306,6 +307,11 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
                                             "max_model_len": engine.context_length}]}
 
     # ---- health and info ---------------------------------------------------------------------
+    @app.get("/metrics", dependencies=[Depends(user)])  # sglang's (its --enable-metrics), always on
+    async def metrics():
+        info = await call(engine.get_server_info)
+        return Response(prometheus_text(info, str(engine.model_path)), media_type="text/plain; version=0.0.4")
+
     @app.get("/health")
     async def health(request: Request):
         if not _engine_alive(engine):

@@ -124,15 +124,9 @@ def test_sglang_engine_args_map_to_mxroll_names():
     # what RL frameworks pass when they launch sglang engines: plumbing and switches with no effect here
     launched = dict(host="10.0.0.1", port=30001, nccl_port=30002, dist_init_addr="10.0.0.1:30003", gpu_id_step=1,
                     skip_server_warmup=True, enable_weights_cpu_backup=False, enable_draft_weights_cpu_backup=True,
-                    enable_metrics=False, kv_cache_dtype="auto", schedule_policy="fcfs")
+                    enable_metrics=True, kv_cache_dtype="auto", schedule_policy="fcfs")
     assert from_sglang_args(dict(launched, mem_fraction_static=0.7)) == {"mem_fraction_static": 0.7}
     assert from_sglang_args(dict(kv_cache_dtype="bfloat16", dtype="bfloat16")) == {"dtype": "bfloat16"}
-
-
-def test_sglang_enable_metrics_warns(caplog):
-    with caplog.at_level("WARNING", logger="mxroll.rollout.config"):
-        assert from_sglang_args(dict(enable_metrics=True)) == {}
-    assert "no Prometheus /metrics" in caplog.text
 
 
 @pytest.mark.parametrize("kwargs, message", [
