@@ -334,6 +334,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         return _json(engine.get_model_info())
 
     @app.get("/get_server_info", dependencies=[Depends(user)])
+    @app.get("/server_info", dependencies=[Depends(user)])  # sglang's newer name (RL frameworks discover servers by it)
     async def get_server_info():
         check_alive()
         return _json({**engine.get_server_info(), "admin_token_set": admin_token is not None,

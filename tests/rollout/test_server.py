@@ -468,6 +468,8 @@ def test_info_endpoints(engine, url, client):
     assert client.get_weight_version() == engine.weight_version
     info = client.get_server_info()
     assert info["admin_token_set"] is False and info["context_length"] == engine.context_length
+    status, newer = http(url, "/server_info")  # sglang's newer name
+    assert status == 200 and newer["context_length"] == engine.context_length and "num_running" in newer
     assert http(url, "/health")[0] == 200
     assert http(url, "/health_generate")[0] == 200
     assert http(url, "/v1/models")[1]["data"][0]["id"] == str(engine.model_path)
