@@ -434,8 +434,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                     fut.set_exception(e)
             if closed:
                 if self._profiler is not None:  # a profile still running at shutdown is written
-                    self._profiler.stop()
-                    self._profiler = None
+                    self._end_profile()
                 return
             if self._ahead is not None or (not (self._paused or self._released) and self.scheduler.has_work()):
                 prof = self._profiler
@@ -446,8 +445,16 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_running(e)
                 if prof is not None and prof.stepped():
-                    self._profiler = None
-                    prof.stop()
+                    self._end_profile()
+
+    def _end_profile(self) -> None:
+        """Write the running profile after its num_steps (or at shutdown); a failed write is logged, never fatal to
+        the loop."""
+        prof, self._profiler = self._profiler, None
+        try:
+            prof.stop()
+        except Exception:  # noqa: BLE001 - profiling must not stop serving
+            log.exception("writing the profile to %s failed", prof.path)
 
     def _command(self, fn, wait: bool = True):
         """Run `fn()` on the engine loop between two steps; return its result (or raise its error)."""

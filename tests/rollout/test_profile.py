@@ -86,3 +86,15 @@ def test_profile_running_at_shutdown_is_written(tiny_checkpoint, tmp_path):
     e.shutdown()
     (path,) = tmp_path.glob("mxroll-*.trace.json.gz")
     assert len(steps_in(trace(path))) >= 4
+
+
+def test_a_failed_trace_write_is_logged_and_serving_goes_on(engine, tmp_path, caplog):
+    engine.start_profile(output_dir=str(tmp_path), num_steps=1)
+
+    def disk_full(path):
+        raise OSError(28, "No space left on device")
+    engine._profiler._prof.export_chrome_trace = disk_full
+    with caplog.at_level("ERROR"):
+        out = engine.generate(input_ids=[0, 5, 6], sampling_params=GREEDY)
+    assert out["meta_info"]["completion_tokens"] == 4 and "writing the profile" in caplog.text
+    assert engine.is_alive() and engine.generate(input_ids=[0, 7], sampling_params=GREEDY)["output_ids"]
