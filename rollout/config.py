@@ -47,6 +47,7 @@ class EngineConfig:
     seed: int = 0  # engine RNG for requests without their own seed; also the synthetic preset's seed
     context_length: int | None = None  # None = the model's max_position_embeddings
     skip_tokenizer_init: bool = False  # load no tokenizer: prompts come as input_ids, outputs carry no text
+    tokenizer_path: str | None = None  # a directory holding the tokenizer (and chat template); None = the checkpoint's
     # batched engine (sglang names where sglang has one)
     page_size: int = 16  # tokens per KV-cache page
     mem_fraction_static: float = 0.85  # GPU: fraction of device memory for weights + KV cache

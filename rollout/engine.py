@@ -21,6 +21,7 @@ import uuid
 import weakref
 from concurrent.futures import Future
 from dataclasses import asdict, is_dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,7 +153,10 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         moe_workspace = self._attach_moe_workspace()
         self.model_config = mcfg = self.model.cfg
         self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
-        self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(self.model_path, mcfg.bos_token_id)
+        self.tokenizer_path = self.model_path if cfg.tokenizer_path is None else _tokenizer_dir(cfg.tokenizer_path)
+        self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(self.tokenizer_path, mcfg.bos_token_id)
+        if self.tokenizer is None and cfg.tokenizer_path is not None and not cfg.skip_tokenizer_init:
+            raise ValueError(f"tokenizer_path={cfg.tokenizer_path!r}: no tokenizer.json there")
 
         attn_name, attn_why = select_attention(cfg.attention_backend, self.device, mcfg)
         self.triton_decode_rows, decode_why = select_decode_attention(cfg.decode_attention_backend, attn_name)
@@ -272,7 +276,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
 
     def _no_tokenizer(self) -> str:
         return ("the engine was started with skip_tokenizer_init=True" if self.config.skip_tokenizer_init
-                else f"{self.model_path} has no tokenizer (tokenizer.json)")
+                else f"{self.tokenizer_path} has no tokenizer (tokenizer.json; or give tokenizer_path)")
 
     def _submit(self, prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
                 return_routed_experts, rid, notify=None, **sglang_fields) -> _Call:
@@ -652,7 +656,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
     # ---- info / lifecycle -------------------------------------------------------------------
     def get_model_info(self) -> dict:
         return {"model_path": str(self.model_path), "is_generation": True, "weight_version": self.weight_version,
-                "tokenizer_path": str(self.model_path) if self.tokenizer is not None else None,
+                "tokenizer_path": str(self.tokenizer_path) if self.tokenizer is not None else None,
                 "preferred_sampling_params": None,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "quantization": "mxfp8" if self.model.plan.mxfp8_modules else None,
@@ -712,6 +716,16 @@ class Engine(WeightUpdateAPI, ControlsAPI):
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _tokenizer_dir(path: str) -> Path:
+    """tokenizer_path: a directory (or its tokenizer.json file); a missing one is an error naming it."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == "tokenizer.json":
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"tokenizer_path={path!r}: not a directory (a local folder holding tokenizer.json)")
+    return p
 
 
 def _shutdown_at_exit(ref: weakref.ref) -> None:

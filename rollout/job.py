@@ -135,7 +135,7 @@ def _run_steps(engine, cfg: RolloutJobConfig, plan: JobPlan, out: Path, rollouts
     from tqdm import tqdm
 
     records = plan.records
-    template = ChatTemplate.load(engine.model_path) if any("messages" in r for r in records) else None
+    template = ChatTemplate.load(engine.tokenizer_path) if any("messages" in r for r in records) else None
     ids = prompt_token_ids(records, engine.tokenizer, plan.source, template)
     log.info("%d prompts from %s, %d samples each, %d steps", len(records), plan.source, cfg.sampling.n, cfg.steps)
     reward_records = [{**rec, "input_ids": x} for rec, x in zip(records, ids)]

@@ -147,7 +147,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
 
     app = FastAPI(title="mxroll", lifespan=lifespan)
     served_model = str(engine.model_path)
-    chat_template = ChatTemplate.load(engine.model_path) if engine.tokenizer is not None else None
+    chat_template = ChatTemplate.load(engine.tokenizer_path) if engine.tokenizer is not None else None
 
     # ---- auth and errors ---------------------------------------------------------------------
     async def admin(request: Request) -> None:

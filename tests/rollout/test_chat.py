@@ -135,3 +135,24 @@ def test_template_errors_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="could not render"):  # a template meeting data it cannot handle
         ChatTemplate.load(tmp_path).render([{"role": "user", "content": "x"}])
     assert ChatTemplate.load(tmp_path / "nothing") is None
+
+
+def test_tokenizer_path_gives_the_tokenizer_and_template(tiny_checkpoint, chat_checkpoint, tmp_path):
+    """sglang's tokenizer_path: the tokenizer (and the chat template the server renders) from another folder."""
+    e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, tokenizer_path=str(chat_checkpoint))
+    try:
+        assert e.get_model_info()["tokenizer_path"] == str(chat_checkpoint)
+        assert e.tokenizer.encode("<|user|>", add_bos=False) == [3]  # the chat tokenizer's special, one token
+        out = e.generate(prompt="hi", sampling_params=GREEDY | {"max_new_tokens": 2})
+        assert out["meta_info"]["prompt_tokens"] == 3  # bos + 2 byte-level tokens
+        with BackgroundServer(create_app(e)) as server:
+            status, body = http(server.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                      "max_tokens": 2, "temperature": 0})
+            assert status == 200 and body["usage"]["prompt_tokens"] == len(e.tokenizer.encode(
+                "<s><|user|>hi</s><|assistant|>", add_bos=False))
+    finally:
+        e.shutdown()
+    with pytest.raises(ValueError, match="tokenizer_path='/no/such/dir': not a directory"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, tokenizer_path="/no/such/dir")
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, tokenizer_path=str(tmp_path))
