@@ -95,7 +95,7 @@ def run_rl(cfg: RLConfig) -> RLResult:
     model_path = resolve_model_path(e.model_path, e.seed, e.cache_dir, cfg.progress)  # written once, here
     model_cfg = ModelConfig.from_file(model_path)
     task = CharsetTask(list(cfg.task.charsets), cfg.task.prompt_len, cfg.max_new_tokens,
-                       load_tokenizer(model_path, model_cfg.bos_token_id))
+                       load_tokenizer(e.tokenizer_path or model_path, model_cfg.bos_token_id))
     trainer = GRPOTrainer(model_path, Recipe(e.act_mode, e.scale_mode, tuple(e.high_precision)), where.trainer,
                           cfg.lr, cfg.clip_eps, cfg.max_grad_norm, cfg.temperature)
     engine_dtype = e.dtype or ("bfloat16" if where.engine.type == "cuda" else "float32")
