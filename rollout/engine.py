@@ -134,10 +134,11 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self.model_path = resolve_model_path(cfg.model_path, cfg.seed, cfg.cache_dir, cfg.progress,
                                              config_only=cfg.load_format == "dummy")
         shape = ModelConfig.from_file(self.model_path)
+        self.context_length = resolve_context_length(cfg.context_length, shape.max_position_embeddings)
         if cfg.chunked_prefill_size is None:  # resolved once, before the MoE workspace and step buffers are sized
             cfg.chunked_prefill_size, chunk_why = plan_chunk(shape, self.dtype, self.device, cfg.mem_fraction_static)
         elif cfg.chunked_prefill_size == -1:
-            cfg.chunked_prefill_size = resolve_context_length(cfg.context_length, shape.max_position_embeddings)
+            cfg.chunked_prefill_size = self.context_length
             chunk_why = "chunked_prefill_size=-1: no chunking, the context length"
         else:
             chunk_why = "chunked_prefill_size"
@@ -152,7 +153,6 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         self._postprocess_weights()
         moe_workspace = self._attach_moe_workspace()
         self.model_config = mcfg = self.model.cfg
-        self.context_length = resolve_context_length(cfg.context_length, mcfg.max_position_embeddings)
         self.tokenizer_path = self.model_path if cfg.tokenizer_path is None else _tokenizer_dir(cfg.tokenizer_path)
         self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(self.tokenizer_path, mcfg.bos_token_id)
         if self.tokenizer is None and cfg.tokenizer_path is not None and not cfg.skip_tokenizer_init:

@@ -161,19 +161,21 @@ class EngineClient:
     def flush_cache(self) -> bool:
         return bool(self._post("/flush_cache").get("success", False))
 
+    def _post_text(self, path: str, body: dict | None = None) -> str:
+        """An admin POST whose reply is plain text (as sglang's freeze_gc / profile endpoints answer)."""
+        with self._open("POST", path, body, True) as resp:
+            return resp.read().decode()
+
     def freeze_gc(self) -> None:
-        with self._open("POST", "/freeze_gc", None, True) as resp:  # a plain-text reply, as sglang's
-            resp.read()
+        self._post_text("/freeze_gc")
 
     def start_profile(self, **options) -> None:
         """sglang's start_profile: options as `Engine.start_profile` (output_dir, num_steps, activities, ...)."""
-        with self._open("POST", "/start_profile", options, True) as resp:  # a plain-text reply, as sglang's
-            resp.read()
+        self._post_text("/start_profile", options)
 
     def stop_profile(self) -> str:
         """Stop the server's profile; the reply's text names the trace written (on the server's machine)."""
-        with self._open("POST", "/stop_profile", None, True) as resp:
-            return resp.read().decode()
+        return self._post_text("/stop_profile")
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self._post("/abort_request", {"rid": rid, "abort_all": abort_all})
