@@ -28,7 +28,8 @@ from ...precision.kernels.triton_mxfp8_gemm import _split_last, _split_locks
 # (`gate_route_triton`) instead of a cuBLAS GEMM before it. router_20261202.json (H200, benchmarks/router.py, us a
 # call, fused / cuBLAS + route_topk_triton): 1 token moonlight 4.58 / 7.37, deepseek-v3 7.99 / 10.11; 2 tokens
 # 6.96 / 7.39, 13.11 / 10.42; 4 tokens 11.56 / 7.21, 23.04 / 10.33 (the last program routes the tokens one after
-# another). It was 4 before that measurement.
+# another). It was 4 before that measurement; the engine's decode at batch 4 is 2-3% faster with 1 (batch 2 within
+# 1%: throughput_20261202f_router_*).
 FUSED_GATE_MAX_TOKENS = 1
 # warps of a `gate_route_triton` program: 1 warp measured 3.87 us at one moonlight token (2 warps 4.70), but the
 # engine's batch-1 step did not move (2.177 / 2.175 / 2.184 ms bf16 with 1 / 4 / 1 warps, throughput_20261202e_*), so
