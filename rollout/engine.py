@@ -669,6 +669,11 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 "context_length": self.context_length, "max_total_tokens": self.cache.capacity_tokens,
                 "page_size": self.page_size}
 
+    def get_load(self) -> dict:
+        """sglang's load report (`GET /get_load`): `load` (tokens held by running requests plus the prompts waiting),
+        `num_reqs` running, `num_waiting_reqs`, `num_tokens` (= load), `dp_rank` 0."""
+        return {**self.scheduler.load(), "dp_rank": 0}
+
     def get_server_info(self) -> dict:
         """Engine state and recent figures (the last steps' throughput)."""
         recent = list(self.steps)[-1000:]

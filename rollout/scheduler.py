@@ -89,6 +89,14 @@ class Scheduler:
         return {"waiting": len(self.waiting), "running": len(self.running), "free_pages": self.pool.num_free,
                 "preemptions": self.num_preemptions, "prefix_cache_pages": len(self.prefix) if self.prefix else 0}
 
+    def load(self) -> dict:
+        """sglang's `/get_load` figures: requests running and waiting (a waiting leader counts its n samples) and
+        `load`, the tokens they hold or will prefill: what a router balances servers on."""
+        running, waiting = list(self.running), list(self.waiting)  # snapshots: the engine thread may move them
+        tokens = sum(len(s.tokens) for s in running) + sum(len(s.tokens) for s in waiting)
+        return {"load": tokens, "num_reqs": len(running), "num_waiting_reqs": sum(s.fork for s in waiting),
+                "num_tokens": tokens}
+
     def flush_prefix_cache(self) -> int:
         """Drop the prefix cache's pages (sequences keep the ones they use); returns how many it held. Sequences
         running now never add theirs later (after a weight update their KV is partly the old weights')."""

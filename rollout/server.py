@@ -235,7 +235,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     def streamed(body: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/generate", dependencies=[Depends(user)])
+    @app.api_route("/generate", methods=["POST", "PUT"], dependencies=[Depends(user)])
     async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
             raise ValueError("pass exactly one of text or input_ids")
@@ -286,6 +286,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         return engine.tokenizer
 
     @app.post("/tokenize", dependencies=[Depends(user)])
+    @app.post("/v1/tokenize", dependencies=[Depends(user)])
     async def tokenize(req: TokenizeRequest):
         """The token ids the engine generates from a text prompt (a list of texts: a list of lists)."""
         tokenizer = tokenizer_for("prompt")
@@ -296,15 +297,27 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         return {"tokens": ids, "count": [len(i) for i in ids], "max_model_len": engine.context_length}
 
     @app.post("/detokenize", dependencies=[Depends(user)])
+    @app.post("/v1/detokenize", dependencies=[Depends(user)])
     async def detokenize(req: DetokenizeRequest):
         tokenizer = tokenizer_for("tokens")
         check_vocab(req.tokens, engine.model_config.vocab_size, "tokens")
         return {"text": tokenizer.decode(req.tokens)}
 
+    def model_card() -> dict:
+        return {"id": served_model, "object": "model", "owned_by": "mxroll", "root": served_model,
+                "max_model_len": engine.context_length}
+
     @app.get("/v1/models", dependencies=[Depends(user)])
     async def models():
-        return {"object": "list", "data": [{"id": served_model, "object": "model", "owned_by": "mxroll",
-                                            "max_model_len": engine.context_length}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(user)])
+    async def retrieve_model(model: str):
+        if model != served_model:
+            return JSONResponse({"error": {"message": f"The model '{model}' does not exist (this server serves "
+                                                      f"'{served_model}')", "type": "invalid_request_error",
+                                           "param": "model", "code": "model_not_found"}}, status_code=404)
+        return model_card()
 
     # ---- health and info ---------------------------------------------------------------------
     @app.get("/metrics", dependencies=[Depends(user)])  # sglang's (its --enable-metrics), always on
@@ -327,6 +340,11 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     def check_alive() -> None:
         if not _engine_alive(engine):
             raise EngineShutdownError("the engine is shut down")
+
+    @app.get("/get_load", dependencies=[Depends(user)])
+    async def get_load():
+        check_alive()
+        return _json(engine.get_load())
 
     @app.get("/get_model_info", dependencies=[Depends(user)])
     async def get_model_info():

@@ -193,6 +193,10 @@ class EngineClient:
     def get_server_info(self) -> dict:
         return self._get("/get_server_info")
 
+    def get_load(self) -> dict:
+        """The server's load report: load / num_tokens, num_reqs, num_waiting_reqs, dp_rank."""
+        return self._get("/get_load")
+
     def get_weight_version(self) -> str:
         return self._get("/get_weight_version")["weight_version"]
 

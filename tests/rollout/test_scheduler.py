@@ -57,6 +57,19 @@ def test_chunked_prefill_then_decode():
     assert s.pool.num_free == 64 and not s.has_work()
 
 
+def test_load_counts_the_tokens_of_running_and_waiting_requests():
+    """sglang's /get_load figures: a waiting leader counts its n samples; a fork's samples each hold the prompt."""
+    s = make(budget=8)
+    assert s.load() == {"load": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}
+    s.add(group("a", range(1, 6), 0, max_new_tokens=4, n=3))
+    s.add(group("b", range(1, 21), 1, max_new_tokens=4))
+    assert s.load() == {"load": 25, "num_reqs": 0, "num_waiting_reqs": 4, "num_tokens": 25}
+    step(s)  # a's prompt and its first tokens (3 samples of 6 tokens), b's first chunk (b stays running)
+    assert s.load() == {"load": 3 * 6 + 20, "num_reqs": 4, "num_waiting_reqs": 0, "num_tokens": 38}
+    step(s)
+    assert s.load()["load"] == 3 * 7 + 20
+
+
 def test_decode_rows_come_first_and_budget_is_shared():
     s = make(budget=6)
     s.add(group("a", [1, 2], 0, max_new_tokens=5))

@@ -475,6 +475,22 @@ def test_info_endpoints(engine, url, client):
     assert http(url, "/v1/models")[1]["data"][0]["id"] == str(engine.model_path)
 
 
+def test_sglang_and_openai_aliases(engine, url):
+    """sglang's other names: /v1/tokenize, /v1/detokenize, PUT /generate, /v1/models/{id} (404 in OpenAI's shape
+    for another id), /get_load (a router's balancing figures; EngineClient.get_load)."""
+    status, card = http(url, "/v1/models/" + str(engine.model_path))
+    assert status == 200 and card["id"] == str(engine.model_path) and card["max_model_len"] == engine.context_length
+    status, out = http(url, "/v1/models/other-model")
+    assert status == 404 and out["error"]["code"] == "model_not_found" and "other-model" in out["error"]["message"]
+    assert http(url, "/v1/tokenize", {"prompt": "hi"})[1]["tokens"] == engine.tokenizer.encode("hi")
+    assert http(url, "/v1/detokenize", {"tokens": engine.tokenizer.encode("hi")})[1] == {"text": "hi"}
+    status, out = http(url, "/generate", {"input_ids": [0, 5, 6], "sampling_params": GREEDY}, method="PUT")
+    assert status == 200 and out["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
+    status, load = http(url, "/get_load")
+    assert status == 200 and load == {"load": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0, "dp_rank": 0}
+    assert EngineClient(url).get_load() == load
+
+
 def test_health_is_503_once_the_engine_is_shut_down(tiny_checkpoint):
     e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, max_total_tokens=256)
     with BackgroundServer(create_app(e)) as server:
