@@ -42,13 +42,14 @@ from .engine import Engine, EngineShutdownError
 from .intake import SGLANG_FIELDS, check_vocab
 from .server_api import (AbortRequest, CompletionFormatter, CompletionRequest, DestroyGroupRequest,
                          DetokenizeRequest, GenerateRequest, GetWeightsRequest, InitGroupRequest, MemoryRequest,
-                         PauseRequest, ProfileRequest, TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
+                         ParseFunctionCallRequest, PauseRequest, ProfileRequest, SeparateReasoningRequest,
+                         TokenizeRequest, UpdateDiskRequest, UpdateDistributedRequest,
                          UpdateTensorRequest, WeightVersionRequest, check_routed_experts_format, jsonable,
                          routes_base64)
 from .metrics import prometheus_text
 from .server_chat import ChatCompletionRequest, ChatFormatter
-from .reasoning import reasoning_format
-from .tool_calls import tool_call_format
+from .reasoning import reasoning_format, split_reasoning
+from .tool_calls import split_reply, tool_call_format
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,22 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
     def model_card() -> dict:
         return {"id": served_model, "object": "model", "owned_by": "mxroll", "root": served_model,
                 "max_model_len": engine.context_length}
+
+    @app.post("/parse_function_call", dependencies=[Depends(user)])
+    async def parse_function_call(req: ParseFunctionCallRequest):
+        """sglang's: the tool calls in a reply's text (special tokens kept) by a `--tool-call-parser` format."""
+        reply = split_reply(tool_call_format(req.tool_call_parser), engine.tokenizer, None, req.text, final=True)
+        names = [(t.get("function") or {}).get("name") for t in req.tools]
+        calls = [{"tool_index": names.index(c["function"]["name"]) if c["function"]["name"] in names else -1,
+                  "name": c["function"]["name"], "parameters": c["function"]["arguments"]} for c in reply.calls or []]
+        return {"normal_text": reply.content, "calls": calls}
+
+    @app.post("/separate_reasoning", dependencies=[Depends(user)])
+    async def separate_reasoning(req: SeparateReasoningRequest):
+        """sglang's: a reply's reasoning and the text after it, by a `--reasoning-parser` format."""
+        fmt = reasoning_format(req.reasoning_parser)
+        split = split_reasoning(fmt, fmt.forced, engine.tokenizer, None, req.text, final=True)
+        return {"reasoning_text": split.reasoning or "", "text": split.content}
 
     @app.get("/v1/models", dependencies=[Depends(user)])
     async def models():

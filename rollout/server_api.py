@@ -107,6 +107,17 @@ class DetokenizeRequest(_Body):
     model: str | None = None
 
 
+class ParseFunctionCallRequest(_Body):  # sglang's ParseFunctionCallReq
+    text: str
+    tool_call_parser: str
+    tools: list[dict] = []  # OpenAI tools: a call's tool_index is its function's place here (-1: not listed)
+
+
+class SeparateReasoningRequest(_Body):  # sglang's SeparateReasoningReqInput
+    text: str
+    reasoning_parser: str
+
+
 class GetWeightsRequest(_Body):
     name: str
     truncate_size: int = 100

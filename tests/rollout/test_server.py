@@ -491,6 +491,30 @@ def test_sglang_and_openai_aliases(engine, url):
     assert EngineClient(url).get_load() == load
 
 
+def test_parse_function_call_and_separate_reasoning(url):
+    """sglang's text parsing endpoints: tool calls by a --tool-call-parser format (tool_index: the tool's place in
+    `tools`), reasoning by a --reasoning-parser format; an unknown parser is a 400 naming the field."""
+    text = ('Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
+            '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_call_begin|>functions.lookup:1'
+            '<|tool_call_argument_begin|>{"q": 1}<|tool_call_end|><|tool_calls_section_end|>')
+    tools = [{"type": "function", "function": {"name": n}} for n in ("other", "get_weather")]
+    status, out = http(url, "/parse_function_call", {"text": text, "tool_call_parser": "kimi_k2", "tools": tools})
+    assert status == 200 and out == {"normal_text": "Let me look.", "calls": [
+        {"tool_index": 1, "name": "get_weather", "parameters": '{"city": "Paris"}'},
+        {"tool_index": -1, "name": "lookup", "parameters": '{"q": 1}'}]}
+    status, out = http(url, "/parse_function_call", {"text": "no calls here", "tool_call_parser": "deepseekv3"})
+    assert status == 200 and out == {"normal_text": "no calls here", "calls": []}
+    status, out = http(url, "/parse_function_call", {"text": "x", "tool_call_parser": "qwen"})
+    assert status == 400 and "tool_call_parser='qwen'" in out["message"]
+    status, out = http(url, "/separate_reasoning", {"text": "step 1, step 2</think>\n\nThe answer is 4.",
+                                                    "reasoning_parser": "deepseek-r1"})
+    assert status == 200 and out == {"reasoning_text": "step 1, step 2", "text": "The answer is 4."}
+    status, out = http(url, "/separate_reasoning", {"text": "Plain answer.", "reasoning_parser": "kimi_k2"})
+    assert status == 200 and out == {"reasoning_text": "", "text": "Plain answer."}
+    status, out = http(url, "/separate_reasoning", {"text": "x"})
+    assert status == 400 and "reasoning_parser" in out["message"]
+
+
 def test_health_is_503_once_the_engine_is_shut_down(tiny_checkpoint):
     e = Engine(model_path=str(tiny_checkpoint), device="cpu", progress=False, max_total_tokens=256)
     with BackgroundServer(create_app(e)) as server:
