@@ -88,12 +88,21 @@ def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, p_ptr, y_ptr, sh_ptr, sh_stride, lock
 # experts, which the dispatch keeps on the tile path: slower at 16384); engine decode at batch 1, MXFP8: 1.81 -> 1.77
 # ms/step (throughput_20261201w_{new,moe16k}_decode.json).
 TILE_ELEMS = 16384
+# rows of gate and of up a gate_up program holds at least: a hidden size past 4096 got one row from TILE_ELEMS.
+# moe_gemv_tiles_20261202_sweep.json (H200, one token, MXFP8, deepseek-v3 D = 7168, 8 warps): 1 / 2 / 4 rows 122.1-128.3 /
+# 111.2-115.5 / 107.0 us; moonlight (D = 2048) already had 4, where other tile sizes stayed within the 5% between
+# two runs of one config, and so did the engine's batch-1 step (1.75-1.78 ms over three down tiles).
+GATE_UP_MIN_ROWS = 4
+# per-kernel overrides of TILE_ELEMS and of the warps, for benchmarks/moe_gemv_tiles.py (None: TILE_ELEMS, and 4
+# warps up to KP 4096, else 8)
+GATE_UP_TILE_ELEMS = DOWN_TILE_ELEMS = None
+GATE_UP_WARPS = DOWN_WARPS = None
 
 
-def _tiles(KP: int, matrices: int) -> dict:
-    """BN rows a program: `matrices` x BN x KP weight elements = TILE_ELEMS (at least one row), 4 warps up to KP
-    4096."""
-    return dict(BN=max(1, TILE_ELEMS // (matrices * KP)), num_warps=4 if KP <= 4096 else 8)
+def _tiles(KP: int, matrices: int, elems: int | None, warps: int | None, min_rows: int = 1) -> dict:
+    """BN rows a program: `matrices` x BN x KP weight elements = elems, at least min_rows rows."""
+    return dict(BN=max(min_rows, (elems or TILE_ELEMS) // (matrices * KP)),
+                num_warps=warps or (4 if KP <= 4096 else 8))
 
 
 def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, d13: torch.Tensor,
@@ -110,7 +119,8 @@ def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.
     topk_w = topk_weights_TK.float().contiguous()  # before gate_up: down's launch follows gate_up's directly
     h = torch.empty(P, F, dtype=torch.bfloat16, device=x.device)
     KD, KF = triton.next_power_of_2(D), triton.next_power_of_2(F)
-    gu, dn = _tiles(KD, 2), _tiles(KF, 1)
+    gu = _tiles(KD, 2, GATE_UP_TILE_ELEMS, GATE_UP_WARPS, GATE_UP_MIN_ROWS)
+    dn = _tiles(KF, 1, DOWN_TILE_ELEMS, DOWN_WARPS)
     if T * triton.cdiv(D, dn["BN"]) > MAX_TILES:
         raise ValueError(f"moe gemv: {T} tokens exceed the arrival counters ({MAX_TILES} row blocks)")
     _gemv_gate_up_kernel[(P, triton.cdiv(F, gu["BN"]))](
