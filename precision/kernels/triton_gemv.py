@@ -38,6 +38,12 @@ QUANT_X_MAX_K = 8192
 # 8192 kept.
 TILE_ELEMS_BF16 = 8192
 TILE_ELEMS_FP8 = 8192
+# MXFP8 from K = 4097 (KP 8192: one row a program at 8192 elements, two at most): 32768 elements, 8 warps (64-80
+# registers, no spills, ptxas sm_90a). gemv_20261202_large_k.json (H200, one token, same run, vs the 8192-element
+# config): deepseek-v3 q_a + kv_a (K 7168) 7.57 -> 6.52 us, o_proj (K 16384) 46.06 -> 37.97, moonlight's dense
+# down_proj (K 11264) 13.08 -> 11.02; bf16 lost at 32768 (o_proj 64.75 -> 71.44, dense down 14.81 -> 18.59).
+TILE_ELEMS_FP8_LARGE_K = 32768
+LARGE_KP = 8192
 
 
 @triton.jit
@@ -88,8 +94,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
 
 
 def gemv_config(N: int, K: int, quant: bool) -> dict:
-    """BN rows a program: TILE_ELEMS_* weight elements (at least one row), 4 warps (8 past K = 8192)."""
+    """BN rows a program: TILE_ELEMS_* weight elements (at least one row), 4 warps (8 past K = 8192); MXFP8 from KP
+    LARGE_KP: TILE_ELEMS_FP8_LARGE_K elements, 8 warps."""
     KP = triton.next_power_of_2(K)
+    if quant and KP >= LARGE_KP:
+        return dict(BN=max(1, TILE_ELEMS_FP8_LARGE_K // KP), num_warps=8)
     return dict(BN=max(1, (TILE_ELEMS_FP8 if quant else TILE_ELEMS_BF16) // KP), num_warps=4 if KP <= 8192 else 8)
 
 

@@ -90,8 +90,10 @@ def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, p_ptr, y_ptr, sh_ptr, sh_stride, lock
 TILE_ELEMS = 16384
 # rows of gate and of up a gate_up program holds at least: a hidden size past 4096 got one row from TILE_ELEMS.
 # moe_gemv_tiles_20261202_sweep.json (H200, one token, MXFP8, deepseek-v3 D = 7168, 8 warps): 1 / 2 / 4 rows 122.1-128.3 /
-# 111.2-115.5 / 107.0 us; moonlight (D = 2048) already had 4, where other tile sizes stayed within the 5% between
-# two runs of one config, and so did the engine's batch-1 step (1.75-1.78 ms over three down tiles).
+# 111.2-115.5 / 107.0 us; confirmed by benchmarks/moe_gemv_tiles.py (moe_gemv_tiles_20261202.json): 4 rows 107.7 /
+# 115.7 (first / last run), 1 row 123.1, 8 rows 108.4. moonlight (D = 2048) already had 4, where other tile sizes
+# stayed within the 5-10% between two runs of one config, and so did the engine's batch-1 step (1.75-1.78 ms over
+# three down tiles, throughput_20261202g_down_*.json).
 GATE_UP_MIN_ROWS = 4
 # per-kernel overrides of TILE_ELEMS and of the warps, for benchmarks/moe_gemv_tiles.py (None: TILE_ELEMS, and 4
 # warps up to KP 4096, else 8)

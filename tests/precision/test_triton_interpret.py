@@ -13,7 +13,7 @@ import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton interpreter tests: set TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from mxroll.precision.kernels.mxfp8_gemm import fake_quant, mxfp8_gemm_ref  # noqa: E402
 from mxroll.precision.kernels.rmsnorm_mxfp8 import normed_step_mismatch, rmsnorm_ref  # noqa: E402
@@ -119,7 +119,7 @@ def moe_case(T, E=8, K=3, D=128, F=96, seed=0):
     return (x, ids, w, w13, w2), experts_ref(x, ids, w, w13, w2, GemmConfig("w8a16"))
 
 
-@pytest.mark.parametrize("D, F", [(128, 96), (352, 224), (1440, 1408)])
+@pytest.mark.parametrize("D, F", [(128, 96), (352, 224), (1440, 1408), (4640, 64)])  # 4640: GATE_UP_MIN_ROWS
 def test_moe_rows_gemv_contractions_not_powers_of_two(D, F):
     """The one-token MXFP8 MoE path (triton_moe_gemv: whole rows, a contraction padded to a power of two and masked
     past its end) at widths that are not powers of two (moonlight's F = 1408 among them): against the reference to
@@ -151,3 +151,16 @@ def test_fused_moe_split_k_and_gemv(T):
         assert ((ys.float() - y.float()).norm() / y.float().norm()).item() < 4e-3, (bm, split_gu, split_down)
         assert torch.equal(fused_moe_triton(*args, "w8a16", config=dict(cfg, BM=bm, SPLIT_GU=split_gu,
                                                                          SPLIT_DOWN=split_down)), ys)
+
+
+@pytest.mark.parametrize("N, K", [(6, 5024), (3, 9024)])
+def test_gemv_large_k_tiles(N, K):
+    """The one-token GEMV's MXFP8 config past K = 4096 (several whole rows of a padded contraction a program, the last
+    block's rows masked): against the reference and the same bits twice."""
+    from mxroll.precision.kernels.triton_gemv import LARGE_KP, gemv_config, gemv_triton
+    x, w, _ = setup(1, N, K, seed=K)
+    ref = x.double() @ w.dequantize(torch.float32).double().t()  # exact products; the kernel's fp32 sums differ
+    assert triton.next_power_of_2(K) >= LARGE_KP and gemv_config(N, K, True)["BN"] > 1
+    y = gemv_triton(x, w, torch.float32)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert torch.equal(gemv_triton(x, w, torch.float32), y)
