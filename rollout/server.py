@@ -148,6 +148,7 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
 
     app = FastAPI(title="mxroll", lifespan=lifespan)
     served_model = str(engine.model_path)
+    started = int(time.time())
     chat_template = ChatTemplate.load(engine.tokenizer_path) if engine.tokenizer is not None else None
 
     # ---- auth and errors ---------------------------------------------------------------------
@@ -304,8 +305,8 @@ def create_app(engine: Engine, admin_token: str | None = None, api_key: str | No
         check_vocab(req.tokens, engine.model_config.vocab_size, "tokens")
         return {"text": tokenizer.decode(req.tokens)}
 
-    def model_card() -> dict:
-        return {"id": served_model, "object": "model", "owned_by": "mxroll", "root": served_model,
+    def model_card() -> dict:  # OpenAI's model object (created: when this server started), sglang's fields
+        return {"id": served_model, "object": "model", "created": started, "owned_by": "mxroll", "root": served_model,
                 "max_model_len": engine.context_length}
 
     @app.post("/parse_function_call", dependencies=[Depends(user)])

@@ -480,6 +480,8 @@ def test_sglang_and_openai_aliases(engine, url):
     for another id), /get_load (a router's balancing figures; EngineClient.get_load)."""
     status, card = http(url, "/v1/models/" + str(engine.model_path))
     assert status == 200 and card["id"] == str(engine.model_path) and card["max_model_len"] == engine.context_length
+    assert card["object"] == "model" and 0 < time.time() - card["created"] < 3600
+    assert http(url, "/v1/models")[1]["data"] == [card]
     status, out = http(url, "/v1/models/other-model")
     assert status == 404 and out["error"]["code"] == "model_not_found" and "other-model" in out["error"]["message"]
     assert http(url, "/v1/tokenize", {"prompt": "hi"})[1]["tokens"] == engine.tokenizer.encode("hi")
