@@ -693,7 +693,16 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 "prefix_cache_hit_rate": prefix.hit_tokens / prefix.query_tokens if prefix and prefix.query_tokens
                 else 0.0,
                 "recent_device_wait_share": sum(s.wait_s for s in recent) / secs if secs else 0.0,
-                "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0}
+                "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0,
+                **self._sglang_server_info(sum(s.sampled for s in recent) / secs if secs else 0.0)}
+
+    def _sglang_server_info(self, gen_throughput: float) -> dict:
+        """The keys of sglang's get_server_info that RL frameworks read (its server args and scheduler info)."""
+        cfg, capacity = self.config, self.cache.capacity_tokens
+        return {"max_total_num_tokens": capacity, "max_req_input_len": min(self.context_length, capacity) - 1,
+                "max_running_requests": cfg.max_running_requests, "chunked_prefill_size": cfg.chunked_prefill_size,
+                "mem_fraction_static": cfg.mem_fraction_static, "tp_size": 1, "dp_size": 1, "version": _version(),
+                "internal_states": [{"last_gen_throughput": gen_throughput, "load": self.scheduler.load()["load"]}]}
 
     def is_alive(self) -> bool:
         """The engine loop runs and accepts requests (False after shutdown or a crashed loop)."""
@@ -721,6 +730,14 @@ class Engine(WeightUpdateAPI, ControlsAPI):
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mxroll")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 def _tokenizer_dir(path: str) -> Path:

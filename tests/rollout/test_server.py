@@ -470,6 +470,12 @@ def test_info_endpoints(engine, url, client):
     assert info["admin_token_set"] is False and info["context_length"] == engine.context_length
     status, newer = http(url, "/server_info")  # sglang's newer name
     assert status == 200 and newer["context_length"] == engine.context_length and "num_running" in newer
+    # sglang's keys that RL frameworks read (its server args and scheduler info)
+    cap = engine.cache.capacity_tokens
+    assert (info["max_total_num_tokens"], info["max_req_input_len"]) == (cap, min(engine.context_length, cap) - 1)
+    assert info["max_running_requests"] == engine.config.max_running_requests and info["tp_size"] == 1
+    assert info["chunked_prefill_size"] == engine.config.chunked_prefill_size and info["version"]
+    assert info["internal_states"][0]["load"] == 0 and info["internal_states"][0]["last_gen_throughput"] >= 0
     assert http(url, "/health")[0] == 200
     assert http(url, "/health_generate")[0] == 200
     assert http(url, "/v1/models")[1]["data"][0]["id"] == str(engine.model_path)
