@@ -679,13 +679,14 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         recent = list(self.steps)[-1000:]
         secs = sum(s.seconds for s in recent)
         prefix = self.scheduler.prefix
+        gen_throughput = sum(s.sampled for s in recent) / secs if secs else 0.0
         return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "token_usage": 1.0 - self.scheduler.pool.num_free / max(1, self.scheduler.pool.num_pages),
                 **self.totals.as_info(),
                 "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
                 "recent_steps_launched_ahead": sum(s.ahead for s in recent) / len(recent) if recent else 0.0,
-                "recent_tokens_per_s": sum(s.sampled for s in recent) / secs if secs else 0.0,
+                "recent_tokens_per_s": gen_throughput,
                 "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0,
                 # where the loop's time went: blocked on the device (near 1: the device is the bound) and host
                 # time enqueueing steps, both as shares of the steps' wall time
@@ -694,7 +695,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 else 0.0,
                 "recent_device_wait_share": sum(s.wait_s for s in recent) / secs if secs else 0.0,
                 "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0,
-                **self._sglang_server_info(sum(s.sampled for s in recent) / secs if secs else 0.0)}
+                **self._sglang_server_info(gen_throughput)}
 
     def _sglang_server_info(self, gen_throughput: float) -> dict:
         """The keys of sglang's get_server_info that RL frameworks read (its server args and scheduler info)."""
