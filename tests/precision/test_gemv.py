@@ -62,6 +62,29 @@ def test_gemv_mxfp8_weights(M, N, K, rows_per_program):
         close(gemv_triton(x, q, act_mode=act, config=cfg), ref, LOW, x, q.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("N, K", [(6, 5024), (3, 9024), (5, 11264)])
+def test_gemv_large_k_dispatch_config(quant, N, K):
+    """The config the dispatch picks past K = 4096 (no config passed): MXFP8 from a padded K of LARGE_KP holds
+    several whole rows a program on 8 warps (the last block's rows masked), bf16 one row; against the exact products
+    (fp32 sums: a relative error far below a wrong row's or column's) and the same bits twice."""
+    import triton
+    x, w = operands(1, N, K, K)
+    if quant:
+        x = fake_quant(x, "rceil")
+        q = MXFP8Tensor.quantize(w)
+        w = q.dequantize(torch.float32)
+    else:
+        q = w
+    cfg = triton_gemv.gemv_config(N, K, quant)
+    if quant and triton.next_power_of_2(K) >= triton_gemv.LARGE_KP:
+        assert cfg["BN"] > 1 and cfg["num_warps"] == 8
+    y = gemv_triton(x, q, torch.float32)
+    ref = x.double() @ w.double().t()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.equal(gemv_triton(x, q, torch.float32), y)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="round-to-nearest-even casts: GPU only (interpreter rounds "
                     "toward zero)")
 @pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
