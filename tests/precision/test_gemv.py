@@ -81,7 +81,7 @@ def test_gemv_large_k_dispatch_config(quant, N, K):
         assert cfg["BN"] > 1 and cfg["num_warps"] == 8
     y = gemv_triton(x, q, torch.float32)
     ref = x.double() @ w.double().t()
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
     assert torch.equal(gemv_triton(x, q, torch.float32), y)
 
 
