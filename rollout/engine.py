@@ -678,8 +678,11 @@ class Engine(WeightUpdateAPI, ControlsAPI):
         """Engine state and recent figures (the last steps' throughput)."""
         recent = list(self.steps)[-1000:]
         secs = sum(s.seconds for s in recent)
+
+        def per_s(total: float) -> float:  # a sum over the recent steps, per second of their wall time
+            return total / secs if secs else 0.0
         prefix = self.scheduler.prefix
-        gen_throughput = sum(s.sampled for s in recent) / secs if secs else 0.0
+        gen_throughput = per_s(sum(s.sampled for s in recent))
         return {**self.get_model_info(), "paused": self._paused, "memory_released": self._released,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "token_usage": 1.0 - self.scheduler.pool.num_free / max(1, self.scheduler.pool.num_pages),
@@ -687,14 +690,14 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                 "steps": len(self.steps), "overlap_schedule": not self.config.disable_overlap_schedule,
                 "recent_steps_launched_ahead": sum(s.ahead for s in recent) / len(recent) if recent else 0.0,
                 "recent_tokens_per_s": gen_throughput,
-                "recent_computed_tokens_per_s": sum(s.tokens for s in recent) / secs if secs else 0.0,
-                # where the loop's time went: blocked on the device (near 1: the device is the bound) and host
-                # time enqueueing steps, both as shares of the steps' wall time
+                "recent_computed_tokens_per_s": per_s(sum(s.tokens for s in recent)),
                 "prefix_cache_pages": len(prefix) if prefix is not None else 0,
                 "prefix_cache_hit_rate": prefix.hit_tokens / prefix.query_tokens if prefix and prefix.query_tokens
                 else 0.0,
-                "recent_device_wait_share": sum(s.wait_s for s in recent) / secs if secs else 0.0,
-                "recent_launch_share": sum(s.launch_s for s in recent) / secs if secs else 0.0,
+                # where the loop's time went: blocked on the device (near 1: the device is the bound) and host
+                # time enqueueing steps, both as shares of the steps' wall time
+                "recent_device_wait_share": per_s(sum(s.wait_s for s in recent)),
+                "recent_launch_share": per_s(sum(s.launch_s for s in recent)),
                 **self._sglang_server_info(gen_throughput)}
 
     def _sglang_server_info(self, gen_throughput: float) -> dict:
