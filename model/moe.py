@@ -189,7 +189,7 @@ class Experts(nn.Module):
         E..E+S-1, weight 1: the shared output is not scaled by the routed scaling factor; `Gate`'s `shared`)."""
         w13, w2 = ((self.w13_all, self.w2_all) if self.w13_scale_all is None else
                    (MXFP8Tensor(self.w13_all, self.w13_scale_all), MXFP8Tensor(self.w2_all, self.w2_scale_all)))
-        return experts(x_TD, ids_TKS, weights_TKS, w13, w2, self.gemm, x_qdq)
+        return experts(x_TD, ids_TKS, weights_TKS, w13, w2, self.gemm, x_qdq, hosted=self.S)
 
 
 def _mxfp8_triton_stacks(model: nn.Module) -> list[Experts]:

@@ -20,19 +20,21 @@ Weight = torch.Tensor | MXFP8Tensor | QATWeight
 def experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
             w13_EFD: Weight, w2_EDF: Weight, gemm: GemmConfig = REFERENCE, x_qdq: bool = False,
             shared_TD: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-            bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None, hosted: int = 0) -> torch.Tensor:
     """The grouped-expert seam: Triton fused MoE on sm90 (bf16 activations), else the reference (always
     for a trainer's master weights: its per-expert `linear` calls are differentiable). `x_qdq`: x is
     already MXFP8 quantize-dequantized (see `linear`); the gate/up GEMMs skip their activation pass.
     `shared_TD` (the shared experts' output, x's dtype) is added to the result in x's dtype, as
     `experts(...) + shared_TD` would (the fused kernel adds it in its combine pass). `workspace`: bf16 scratch
     the fused kernel may dequantize MXFP8 experts into once for a large call, `bf16_copy` exact bf16 copies of them
-    it runs large calls on (`fused_moe_triton`); the reference path needs neither (same values)."""
+    it runs large calls on (`fused_moe_triton`); the reference path needs neither (same values). `hosted`: the ids'
+    last columns that are hosted shared experts, for the fused kernel's launch order (`fused_moe_triton`)."""
     fused = gemm.backend == "triton" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
     if fused and not isinstance(w13_EFD, QATWeight):
         from .kernels.triton_moe import fused_moe_triton
         return fused_moe_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, gemm.act_mode, gemm.scale_mode,
-                                x_qdq=x_qdq, shared_TD=shared_TD, workspace=workspace, bf16_copy=bf16_copy)
+                                x_qdq=x_qdq, shared_TD=shared_TD, workspace=workspace, bf16_copy=bf16_copy,
+                                hosted=hosted)
     y = experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_EFD, w2_EDF, replace(gemm, backend="torch"), x_qdq)
     return y if shared_TD is None else y + shared_TD
 

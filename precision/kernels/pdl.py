@@ -3,13 +3,15 @@
 A kernel launched with `pdl_args(...)` may be scheduled while the kernel before it on the stream is still
 running; `pdl_wait(PDL)` blocks until that kernel has completed and its writes are visible (griddepcontrol.wait),
 then lets the kernel after it be scheduled in turn (griddepcontrol.launch_dependents). It is each kernel's first
-statement, except in the decode GEMVs, which load weights first: the dense one (`triton_gemv`) its rows, the MoE's
-down kernel (`triton_moe_gemv`) its expert ids and the rows they name. A kernel starts only once the one before it
-has passed its own wait (or completed, without PDL), so every kernel before that one has completed: weights are
-written only between steps (loads, updates), never by the kernel just before a GEMV, and the MoE's expert ids by the
-router, before the gate_up launch that precedes the down launch. So results are those of the serial launch; what is
-saved is the launch gap between back-to-back small kernels (captured into CUDA graphs as programmatic edges) and,
-for the GEMVs, the weight fetch's latency.
+statement, except in the decode GEMVs, which read before it what the kernel just before them does not write: the
+dense one (`triton_gemv`) its weight rows, the MoE's down kernel (`triton_moe_gemv`) its expert ids and the rows
+they name, the MoE's gate_up the rows and input of the hosted shared experts, whose products it computes there (it
+stores after the wait: the kernel before may still read memory its output reuses). A kernel starts only once the
+one before it has passed its own wait (or completed, without PDL), so every kernel before that one has completed:
+weights are written only between steps (loads, updates), never by the kernel just before a GEMV, the MoE's expert
+ids by the router, before the gate_up launch that precedes the down launch, and gate_up's input before the router.
+So results are those of the serial launch; what is saved is the launch gap between back-to-back small kernels
+(captured into CUDA graphs as programmatic edges) and the latency of those early reads.
 Off on CPU, under the Triton interpreter, before sm90, or with `ENABLED` False.
 """
 from __future__ import annotations

@@ -234,14 +234,16 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
                      w13, w2, act_mode: str = "w8a8", scale_mode: str = "rceil",
                      config: dict | None = None, x_qdq: bool = False,
                      shared_TD: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                     bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None, hosted: int = 0) -> torch.Tensor:
     """x_qdq: x is already MXFP8 quantize-dequantized by its producer; only h is quantized here. shared_TD:
     added to the bf16 result in the combine pass (`y + shared_TD` in bf16: two roundings, as torch).
     workspace: a contiguous bf16 buffer of at least 3 * E * F * D elements (w13's and w2's); MXFP8 calls with
     enough rows an expert (`moe_config.dequant_once`, prefill chunks) dequantize w13 and w2 into it once (exact)
     and run the bf16 tiles, the activations still MXFP8 quantize-dequantized as the recipe says.
     bf16_copy: exact bf16 copies (w13 [E, 2F, D], w2 [E, D, F]) of MXFP8 experts that the caller keeps in step with
-    them; calls of `moe_config.copy_serves` size run the bf16 tiles on them (no dequantize pass at all)."""
+    them; calls of `moe_config.copy_serves` size run the bf16 tiles on them (no dequantize pass at all).
+    hosted: the ids' last `hosted` columns are hosted shared experts, x older than the router's launch
+    (`triton_moe_gemv.moe_gemv`; the one-token path only, the same bits)."""
     quant = isinstance(w13, MXFP8Tensor)
     if quant != isinstance(w2, MXFP8Tensor):
         raise TypeError("fused moe: w13 and w2 must share one format")
@@ -268,7 +270,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     s2 = w2.scale.contiguous() if quant else d2
     if config is None and triton_moe_gemv.serves(T, quant):
         return triton_moe_gemv.moe_gemv(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, d13, s13, d2, s2, quant,
-                                        w8a8, quant_x, scale_mode == "floor", y, shared_TD)
+                                        w8a8, quant_x, scale_mode == "floor", y, shared_TD, hosted)
     tiles_quant = quant  # False when the experts are dequantized once for this call: bf16 tiles, QUANT_H kept
     if quant and bf16_copy is not None:
         c13, c2 = bf16_copy

@@ -3,7 +3,8 @@
 
 1. gate_up: program (pair, BN rows of F) holds the BN gate rows and BN up rows of the pair's expert over all of D,
    dots them with the token's x (quantize-dequantized along D first for w8a8 unless its producer did), and writes
-   h = SiLU(gate) * up with the fused kernel's bf16 roundings, unquantized.
+   h = SiLU(gate) * up with the fused kernel's bf16 roundings, unquantized. The pairs of hosted shared experts
+   (their ids fixed, their x older than the router's launch) are computed before the PDL wait, during the router.
 2. down + combine: program (pair, BN rows of D) loads the pair's expert rows before its PDL wait (the expert ids
    come from the router, two launches back, which has completed by then: see `pdl`), then reads the pair's whole
    h row, quantize-dequantizes it along F for w8a8 (the same 32-element blocks, so the same values, as the fused
@@ -36,6 +37,9 @@ from .triton_mxfp8_gemm import MAX_TILES, _split_last, _split_locks, _split_sum
 # both phases (down items waiting on per-pair gate_up counters): 38-57 us at 2-4 programs an SM, no loads in flight
 # across items (gemv_20261201e_moe_persistent.json; engine 1.93-2.42 ms).
 MAX_TOKENS_MXFP8 = 1
+# gate_up computes the hosted shared experts' pairs before its PDL wait (`moe_gemv`'s `hosted`); benchmarks
+# compare with False
+HOSTED_BEFORE_WAIT = True
 MAX_TOKENS_BF16 = 0
 
 
@@ -51,16 +55,41 @@ def _pair_rows(ids_ptr, BN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, D, F, BN: tl.constexpr, KP: tl.constexpr,
-                         QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
-    p, n, e = _pair_rows(ids_ptr, BN)
-    x = _load_x(x_ptr + (p // TOPK).to(tl.int64) * D, D, KP, QUANT_X, FLOOR)
+def _gate_up_h(x_ptr, w_ptr, s_ptr, t, e, n, D, F, BN: tl.constexpr, KP: tl.constexpr, QUANT_W: tl.constexpr,
+               QUANT_X: tl.constexpr, FLOOR: tl.constexpr):
+    """h = SiLU(gate) * up at rows n of token t's pair with expert e, fp32 holding the bf16 values."""
+    x = _load_x(x_ptr + t.to(tl.int64) * D, D, KP, QUANT_X, FLOOR)
     wg, sg = _load_rows(w_ptr, s_ptr, e * 2 * F + n, n < F, D, KP, QUANT_W)
     wu, su = _load_rows(w_ptr, s_ptr, e * 2 * F + F + n, n < F, D, KP, QUANT_W)
     g = _row_dots(wg, sg, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
     u = _row_dots(wu, su, x, BN, KP, QUANT_W).to(tl.bfloat16).to(tl.float32)
-    h = (g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u
+    return (g * tl.sigmoid(g)).to(tl.bfloat16).to(tl.float32) * u
+
+
+@triton.jit
+def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, HOSTED, E, D, F, BN: tl.constexpr,
+                         KP: tl.constexpr, QUANT_W: tl.constexpr, QUANT_X: tl.constexpr, FLOOR: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Program (BN rows, j): the pairs in the order hosted first (every token's last HOSTED columns, experts
+    E - HOSTED .. E - 1), then the routed ones. A hosted pair's expert is known without the router, and x was written
+    before the router's launch (`moe_gemv`), so its program computes h before the PDL wait (the router's launch still
+    running) and only stores after it."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    j = tl.program_id(1)
+    T = tl.num_programs(1) // TOPK
+    R = TOPK - HOSTED
+    if j < T * HOSTED:
+        t = j // HOSTED
+        p = t * TOPK + R + j % HOSTED
+        h = _gate_up_h(x_ptr, w_ptr, s_ptr, t, (E - HOSTED + j % HOSTED).to(tl.int64), n, D, F, BN, KP, QUANT_W,
+                       QUANT_X, FLOOR)
+        pdl_wait(PDL)  # h may reuse memory the router's launch reads: stored after it completes
+    else:
+        pdl_wait(PDL)
+        t = (j - T * HOSTED) // R
+        p = t * TOPK + (j - T * HOSTED) % R
+        h = _gate_up_h(x_ptr, w_ptr, s_ptr, t, tl.load(ids_ptr + p).to(tl.int64), n, D, F, BN, KP, QUANT_W, QUANT_X,
+                       FLOOR)
     tl.store(h_ptr + p.to(tl.int64) * F + n, h.to(tl.bfloat16), mask=n < F)
 
 
@@ -109,10 +138,14 @@ def _tiles(KP: int, matrices: int, elems: int | None, warps: int | None, min_row
 
 def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, d13: torch.Tensor,
              s13: torch.Tensor, d2: torch.Tensor, s2: torch.Tensor, quant: bool, w8a8: bool, quant_x: bool,
-             floor: bool, y: torch.Tensor | None = None, shared_TD: torch.Tensor | None = None) -> torch.Tensor:
+             floor: bool, y: torch.Tensor | None = None, shared_TD: torch.Tensor | None = None,
+             hosted: int = 0) -> torch.Tensor:
     """y [T, D] (x's dtype; into `y` when given): each token's K expert outputs times their top-k weights, summed
     in k order, plus shared_TD [T, D] when given (two bf16 roundings, as the fused MoE's combine).
-    d13 [E, 2F, D] / d2 [E, D, F] contiguous (e4m3 with E8M0 s13 / s2, or bf16 with s = d)."""
+    d13 [E, 2F, D] / d2 [E, D, F] contiguous (e4m3 with E8M0 s13 / s2, or bf16 with s = d).
+    hosted: the last `hosted` columns of every token's ids are the hosted shared experts E - hosted .. E - 1 in
+    order (what `Gate(shared=...)` writes), and x was written before the launch just before this call (the
+    router's): gate_up computes those pairs before its PDL wait, overlapping the router. The same bits either way."""
     E, F2, D = d13.shape
     F = F2 // 2
     T, K = topk_ids_TK.shape
@@ -123,10 +156,14 @@ def moe_gemv(x: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.
     KD, KF = triton.next_power_of_2(D), triton.next_power_of_2(F)
     gu = _tiles(KD, 2, GATE_UP_TILE_ELEMS, GATE_UP_WARPS, GATE_UP_MIN_ROWS)
     dn = _tiles(KF, 1, DOWN_TILE_ELEMS, DOWN_WARPS)
+    if not 0 <= hosted < K:
+        raise ValueError(f"moe gemv: {hosted} hosted shared columns of {K} leave no routed column")
     if T * triton.cdiv(D, dn["BN"]) > MAX_TILES:
         raise ValueError(f"moe gemv: {T} tokens exceed the arrival counters ({MAX_TILES} row blocks)")
-    _gemv_gate_up_kernel[(P, triton.cdiv(F, gu["BN"]))](
-        x, d13, s13, h, ids, K, D, F, KP=KD, QUANT_W=quant, QUANT_X=quant_x, FLOOR=floor, **gu, **pdl_args(x))
+    hosted = hosted if HOSTED_BEFORE_WAIT else 0
+    _gemv_gate_up_kernel[(triton.cdiv(F, gu["BN"]), P)](
+        x, d13, s13, h, ids, K, hosted, E, D, F, KP=KD, QUANT_W=quant, QUANT_X=quant_x, FLOOR=floor, **gu,
+        **pdl_args(x))
     parts = torch.empty(P, D, dtype=torch.float32, device=x.device)
     y = torch.empty(T, D, dtype=x.dtype, device=x.device) if y is None else y
     sh = shared_TD if shared_TD is not None else y

@@ -161,6 +161,14 @@ def test_moe_rows_gemv_matches_reference(quant, T):
     assert y.shape == (T, D) and y.dtype == x.dtype
     assert torch.equal(moe_gemv(*args).cpu(), y)
     assert torch.equal(moe_gemv(*args, shared_TD=shared.to(DEVICE)).cpu(), y + shared)
+    # the last column made the hosted shared expert E - 1 (routed ids below it): its pairs, computed before the
+    # PDL wait in programs ordered first, give the same bits as when routed like the others
+    ids_h = torch.cat([torch.rand(T, E - 1, generator=g).argsort(dim=1)[:, :K - 1].to(torch.int32),
+                       torch.full((T, 1), E - 1, dtype=torch.int32)], 1).to(DEVICE)
+    args_h = (args[0], ids_h) + args[2:]
+    assert torch.equal(moe_gemv(*args_h, hosted=1).cpu(), moe_gemv(*args_h).cpu())
+    with pytest.raises(ValueError, match="hosted"):
+        moe_gemv(*args_h, hosted=K)
     for t in range(T):
         xt = fake_quant(x[t:t + 1].float(), "rceil") if quant else x[t:t + 1].float()
         ref = torch.zeros(D, dtype=torch.float64)
