@@ -48,6 +48,7 @@ from .profile import StepProfiler
 from .request import ENDED, Group, SeqStatus
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingRows, host_to_device, sample_seed
+from .sampling_params import positional_order
 from .scheduler import Scheduler
 from .scoring import score_plan, score_rows
 from .step_builder import StepBuilder
@@ -247,6 +248,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
                  return_routed_experts: bool | list = False, rid: str | list | None = None, stream: bool = False,
                  **sglang_fields):
         """One prompt -> a dict (a list of n dicts when n > 1); a batch -> a list (prompt-major, n each).
+        Positionally also in sglang's order, generate(prompt, sampling_params, input_ids) (`positional_order`).
         stream=True returns an iterator of partial outputs (cumulative), the last one final.
         sglang_fields: `return_text_in_logprobs` (token texts in the logprob tuples), and what sglang clients pass at
         its defaults (`logprob_start_len=-1`, `lora_path` / `image_data` / `custom_logit_processor` /
@@ -281,6 +283,7 @@ class Engine(WeightUpdateAPI, ControlsAPI):
     def _submit(self, prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
                 return_routed_experts, rid, notify=None, **sglang_fields) -> _Call:
         self._check_open()
+        input_ids, sampling_params = positional_order(input_ids, sampling_params)
         unknown = sorted(set(sglang_fields) - SGLANG_FIELDS)
         if unknown:
             raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")

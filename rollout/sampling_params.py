@@ -152,6 +152,18 @@ def per_prompt(sampling_params: Mapping | list | None, n_prompts: int) -> list[S
     return [SamplingParams.from_dict(p) for p in sampling_params]
 
 
+def positional_order(input_ids, sampling_params) -> tuple:
+    """(input_ids, sampling_params) of a generate call given positionally in either order: this API's (prompt,
+    input_ids, sampling_params) or sglang's `Engine.generate(prompt, sampling_params, input_ids)`. Sampling
+    parameters (a dict or a list of dicts) in input_ids' place, with no sampling parameters in the other, are
+    swapped back; token ids are never dicts, so no call means two things."""
+    def params(v) -> bool:
+        return isinstance(v, Mapping) or (isinstance(v, list) and bool(v) and all(isinstance(p, Mapping) for p in v))
+    if params(input_ids) and not params(sampling_params):
+        return sampling_params, input_ids
+    return input_ids, sampling_params
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from ..rollout.sampling_params import positional_order
 from .bucket import dtype_name
 from .receiver import WeightUpdateError
 
@@ -80,7 +81,9 @@ class EngineClient:
                  **sglang_fields):
         """As `Engine.generate`: a dict (one prompt, n = 1) or a list; stream=True -> an iterator of
         cumulative partial outputs, the last one final. sglang_fields (`return_text_in_logprobs`, ...) go in the body
-        as they are; the server names any it refuses."""
+        as they are; the server names any it refuses. Positionally also in sglang's order (prompt, sampling_params,
+        input_ids)."""
+        input_ids, sampling_params = positional_order(input_ids, sampling_params)
         body = {"text": prompt, "input_ids": _plain(input_ids), "sampling_params": sampling_params,
                 "return_logprob": return_logprob, "top_logprobs_num": top_logprobs_num,
                 "return_routed_experts": return_routed_experts, "rid": rid, "stream": stream, **sglang_fields}

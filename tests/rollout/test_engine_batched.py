@@ -103,6 +103,19 @@ def test_async_calls_are_batched_together(engine):
     assert max(s.rows for s in list(engine.steps)[:20]) > 1, "concurrent calls should share steps"
 
 
+def test_positional_arguments_in_either_order(engine):
+    """generate(prompt, input_ids, sampling_params) as DESIGN.md lists them, and sglang's Engine order
+    generate(prompt, sampling_params, input_ids): the same request; a prompt with only sampling params after it."""
+    params = dict(GREEDY, max_new_tokens=4)
+    by_name = engine.generate(input_ids=PROMPTS[2], sampling_params=params)["output_ids"]
+    assert engine.generate(None, PROMPTS[2], params)["output_ids"] == by_name
+    assert engine.generate(None, params, PROMPTS[2])["output_ids"] == by_name
+    assert [o["output_ids"] for o in engine.generate(None, [params, params], PROMPTS[1:3])][1] == by_name
+    assert asyncio.run(engine.async_generate(None, params, PROMPTS[2]))["output_ids"] == by_name
+    with pytest.raises(ValueError, match="exactly one of prompt= or input_ids="):
+        engine.generate(None, params)  # sampling params and no prompt at all
+
+
 def test_streaming_yields_partials_then_final(engine):
     chunks = list(engine.generate(input_ids=PROMPTS[1], sampling_params=dict(GREEDY, max_new_tokens=5), stream=True))
     assert len(chunks) >= 5 and chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 5}

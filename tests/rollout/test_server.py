@@ -98,6 +98,7 @@ def test_generate_returns_logprobs_and_routes(engine, client):
     lps, ref_lps = out["meta_info"]["output_token_logprobs"], ref["meta_info"]["output_token_logprobs"]
     assert len(lps) == 6 and all(isinstance(x, tuple) for x in lps)
     assert [t for _, t, _ in lps] == out["output_ids"] == ref["output_ids"]
+    assert client.generate(None, GREEDY, [0, 9, 8])["output_ids"] == ref["output_ids"]  # sglang's positional order
     assert max(abs(a[0] - b[0]) for a, b in zip(lps, ref_lps)) < 1e-6
     tops = out["meta_info"]["output_top_logprobs"]
     assert len(tops) == 6 and all(len(t) == 3 for t in tops)
