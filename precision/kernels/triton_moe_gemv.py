@@ -1,7 +1,7 @@
 """Fused-MoE GEMV path for one or two decode tokens (sm90): whole weight rows per program, as the dense GEMV
 (`triton_gemv`), over the (token, k) pairs directly (no sort).
 
-1. gate_up: program (pair, BN rows of F) holds the BN gate rows and BN up rows of the pair's expert over all of D,
+1. gate_up: program (BN rows of F, pair) holds the BN gate rows and BN up rows of the pair's expert over all of D,
    dots them with the token's x (quantize-dequantized along D first for w8a8 unless its producer did), and writes
    h = SiLU(gate) * up with the fused kernel's bf16 roundings, unquantized. The pairs of hosted shared experts
    (their ids fixed, their x older than the router's launch) are computed before the PDL wait, during the router.
