@@ -29,7 +29,7 @@ from .moe_align import align_block_size
 from .moe_config import copy_serves, dequant_once, moe_config
 from .pdl import pdl_args, pdl_wait
 from .triton_mxfp8_gemm import (MAX_TILES, _act_qdq, _dequant_tile, _interpreting, _split_last, _split_locks,
-                                _split_sum, _tile_scales, act_qdq_triton, dequant_triton)
+                                _split_sum, _split_sum_unrolled, _tile_scales, act_qdq_triton, dequant_triton)
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,7 @@ def _combine_kernel(p_ptr, y_ptr, s_ptr, s_stride, TOPK: tl.constexpr, D, BD: tl
     t = tl.program_id(0)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = offs < D
-    acc = tl.zeros((BD,), dtype=tl.float32)
-    for k in tl.static_range(TOPK):
-        acc += tl.load(p_ptr + (t * TOPK + k).to(tl.int64) * D + offs, mask=mask, other=0.0)
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = _split_sum_unrolled(p_ptr + (t * TOPK).to(tl.int64) * D + offs, mask, D, TOPK, "").to(y_ptr.dtype.element_ty)
     if SHARED:
         s = tl.load(s_ptr + t.to(tl.int64) * s_stride + offs, mask=mask, other=0.0)
         y = (y.to(tl.float32) + s.to(tl.float32)).to(y_ptr.dtype.element_ty)

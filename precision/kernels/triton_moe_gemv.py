@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .pdl import pdl_args, pdl_wait
 from .triton_gemv import _load_rows, _load_x, _row_dots
-from .triton_mxfp8_gemm import MAX_TILES, _split_last, _split_locks
+from .triton_mxfp8_gemm import MAX_TILES, _split_last, _split_locks, _split_sum_unrolled
 
 # fused_moe_triton takes this path up to this many tokens (0: never). gemv_20261201b.json (H200, CUDA graph, expert
 # weights rotated past L2; vs the tile path's GEMV config): MXFP8 at 1 token moonlight 28.8 -> 26.2 us (routed),
@@ -94,17 +94,6 @@ def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, TOPK, HOSTED, E, D
 
 
 @triton.jit
-def _sum_pairs(p_ptrs, mask, stride, K: tl.constexpr):
-    """`_split_sum`'s k-order fp32 sum of the K partials at p_ptrs + k * stride (the same bits), its K loads issued
-    together: the combine sits at the end of the down kernel's critical path (a runtime-bound loop waited on them
-    in groups of up to four, ptxas sm_90a)."""
-    total = tl.zeros(p_ptrs.shape, dtype=tl.float32)
-    for k in tl.static_range(K):
-        total += tl.load(p_ptrs + k * stride, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
-@triton.jit
 def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, p_ptr, y_ptr, sh_ptr, sh_stride, lock_ptr, ids_ptr, topk_w_ptr,
                       TOPK: tl.constexpr, D, F,
                       BN: tl.constexpr, KP: tl.constexpr, QUANT_W: tl.constexpr, QUANT_H: tl.constexpr,
@@ -117,7 +106,8 @@ def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, p_ptr, y_ptr, sh_ptr, sh_stride, lock
     tl.store(p_ptr + p.to(tl.int64) * D + n, y, mask=n < D)
     t = p // TOPK
     if _split_last(lock_ptr, t * tl.num_programs(1) + tl.program_id(1), TOPK):
-        out = _sum_pairs(p_ptr + (t * TOPK).to(tl.int64) * D + n, n < D, D, TOPK).to(y_ptr.dtype.element_ty)
+        out = _split_sum_unrolled(p_ptr + (t * TOPK).to(tl.int64) * D + n, n < D, D, TOPK, ".cg").to(
+            y_ptr.dtype.element_ty)
         if SHARED:  # torch's add of two bf16 tensors: the sum rounded, plus the shared output, rounded again
             sh = tl.load(sh_ptr + t.to(tl.int64) * sh_stride + n, mask=n < D, other=0.0)
             out = (out.to(tl.float32) + sh.to(tl.float32)).to(y_ptr.dtype.element_ty)

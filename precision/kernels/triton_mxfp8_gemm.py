@@ -102,6 +102,17 @@ def _split_sum(p_ptrs, mask, stride_ys, NSPLIT):
 
 
 @triton.jit
+def _split_sum_unrolled(p_ptrs, mask, stride_ys, NSPLIT: tl.constexpr, CACHE: tl.constexpr):
+    """`_split_sum` for a compile-time NSPLIT (a few partials): the same order, so the same bits, its loads issued
+    together. CACHE: their cache modifier (".cg" for partials this launch's other programs wrote, "" for an
+    earlier launch's)."""
+    total = tl.zeros(p_ptrs.shape, dtype=tl.float32)
+    for i in tl.static_range(NSPLIT):
+        total += tl.load(p_ptrs + i * stride_ys, mask=mask, other=0.0, cache_modifier=CACHE)
+    return total
+
+
+@triton.jit
 def _write_tile(acc, y_ptrs, p_ptrs, mask, lock_ptr, tile, pid_k, stride_ys, NSPLIT):
     """Store an fp32 tile; with split-K (NSPLIT > 1) without a second launch: every split writes its
     fp32 partial, the last one to arrive (per-tile counter) sums all partials in split order --
