@@ -2,6 +2,8 @@
 wait) against cuBLAS bf16 and the MXFP8 dispatch it would replace, on the projections a batch-1 decode step runs.
 
 Bytes = W (bf16 2 B, MXFP8 1 B + 1/32 B scales) + x + y; floor = bytes / the same-run copy bandwidth (read + write).
+`read_us`: the same-run practical floor of one launch, a read-only kernel over the weight's bytes in its rows
+(`benchmarks/read_floor.py`); for the MoE, its gate_up and down weights read by two such launches.
 Two timings per row, both per call in one CUDA graph over weights rotated past L2:
 - `bb`: GEMVs back to back (with PDL, each one's weight stream overlaps the one before);
 - `chain`: each GEMV followed by a small dependent Triton kernel (PDL, as the engine's norms and routers) that
@@ -29,6 +31,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import copies_for, environment, measure_copy_bandwidth, time_graph, write_results  # noqa: E402
+from benchmarks.read_floor import read_us  # noqa: E402
 from mxroll.precision.kernels.pdl import pdl_args, pdl_wait  # noqa: E402
 from mxroll.precision.kernels.triton_gemv import gemv_triton  # noqa: E402
 from mxroll.precision.kernels.triton_mxfp8_gemm import mxfp8_gemm_triton  # noqa: E402
@@ -113,6 +116,7 @@ def run(name: str, M: int, mode: str, configs: list[tuple[int, ...]], bw: float)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     xq = MXFP8Tensor.quantize(x).dequantize(torch.bfloat16)
     floor_us = (wbytes + M * K * 2 + M * N * (4 if out32 else 2)) / bw * 1e6
+    read = read_us(N, K * 2 if mode == "bf16" else K + K // 32)[0]
     rows = []
     for vname, f in variants(mode, out32, configs).items():
         w8a8 = vname.endswith("w8a8")
@@ -130,11 +134,12 @@ def run(name: str, M: int, mode: str, configs: list[tuple[int, ...]], bw: float)
         chain = time_graph(steps)
         rows.append(dict(shape=name, N=N, K=K, M=M, mode=mode, variant=vname, rel_err=rel, same_bits_twice=same,
                          correct=bool(rel < 1e-2 and same), bb_us=bb * 1e6, chain_us=chain * 1e6,
-                         floor_us=floor_us, bb_x_floor=bb * 1e6 / floor_us, GBps_bb=wbytes / bb / 1e9))
+                         floor_us=floor_us, bb_x_floor=bb * 1e6 / floor_us, GBps_bb=wbytes / bb / 1e9,
+                         read_us=read, bb_x_read=bb * 1e6 / read))
         r = rows[-1]
         print(f"{name:24s} M={M} {mode:5s} {vname:22s} bb {r['bb_us']:8.2f} us chain {r['chain_us']:8.2f} us "
-              f"floor {floor_us:7.2f} ({r['bb_x_floor']:.2f}x) {r['GBps_bb']:7.0f} GB/s rel {rel:.1e} "
-              f"{'ok' if r['correct'] else 'WRONG'}", flush=True)
+              f"floor {floor_us:7.2f} ({r['bb_x_floor']:.2f}x) read {read:7.2f} ({r['bb_x_read']:.2f}x) "
+              f"{r['GBps_bb']:7.0f} GB/s rel {rel:.1e} {'ok' if r['correct'] else 'WRONG'}", flush=True)
     return rows
 
 
@@ -181,6 +186,8 @@ def run_moe(name: str, T: int, mode: str, bw: float, tiles: list[int]) -> list[d
     tw = torch.rand(T, K, device="cuda")
     floor_us = (T * K * 3 * F * D * per_el + T * D * 4) / bw * 1e6  # distinct experts a pair: upper bound on bytes
     ref = experts_ref(x, ids, tw, *ws[0], GemmConfig("w8a8"), x_qdq=quant)
+    row = (lambda n: n + n // 32) if quant else (lambda n: 2 * n)
+    read = read_us(T * K * 2 * F, row(D))[0] + read_us(T * K * D, row(F))[0]
     rows = []
     variants = [("tiles", moe_config(T, quant, K, E), None)]
     if triton_moe_gemv.serves(T, quant):
@@ -197,10 +204,11 @@ def run_moe(name: str, T: int, mode: str, bw: float, tiles: list[int]) -> list[d
         t = time_graph([lambda w=w: f(*w) for w in ws])
         rows.append(dict(moe=name, E=E, K=K, D=D, F=F, T=T, mode=mode, variant=vname, rel_err=rel,
                          same_bits_twice=same, correct=bool(rel < 1e-2 and same), us=t * 1e6, floor_us=floor_us,
-                         x_floor=t * 1e6 / floor_us))
+                         x_floor=t * 1e6 / floor_us, read_us=read, x_read=t * 1e6 / read))
         r = rows[-1]
         print(f"moe {name:24s} T={T} {mode:5s} {vname:16s} {r['us']:8.2f} us floor {floor_us:7.2f} "
-              f"({r['x_floor']:.2f}x) rel {rel:.1e} {'ok' if r['correct'] else 'WRONG'}", flush=True)
+              f"({r['x_floor']:.2f}x) read {read:7.2f} ({r['x_read']:.2f}x) rel {rel:.1e} "
+              f"{'ok' if r['correct'] else 'WRONG'}", flush=True)
     del ws
     torch.cuda.empty_cache()
     return rows
