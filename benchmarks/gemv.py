@@ -105,9 +105,10 @@ def run(name: str, M: int, mode: str, configs: list[tuple[int, ...]], bw: float)
     if mode == "mxfp8" and out32:
         return []
     gemm = GemmConfig(backend="triton", bf16_copy=True)
-    wbytes = N * K * (2 if mode == "bf16" else 1 + 1 / 32)
+    row_bytes = K * 2 if mode == "bf16" else K + K // 32  # MXFP8: e4m3 bytes and the E8M0 scales (K % 32 == 0)
+    wbytes = N * row_bytes
     ws = []
-    for _ in range(copies_for(int(wbytes))):
+    for _ in range(copies_for(wbytes)):
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         if mode == "mxfp8":
             q = MXFP8Tensor.quantize(w)
@@ -116,7 +117,7 @@ def run(name: str, M: int, mode: str, configs: list[tuple[int, ...]], bw: float)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     xq = MXFP8Tensor.quantize(x).dequantize(torch.bfloat16)
     floor_us = (wbytes + M * K * 2 + M * N * (4 if out32 else 2)) / bw * 1e6
-    read = read_us(N, K * 2 if mode == "bf16" else K + K // 32)[0]
+    read = read_us(N, row_bytes)[0]
     rows = []
     for vname, f in variants(mode, out32, configs).items():
         w8a8 = vname.endswith("w8a8")
@@ -186,8 +187,7 @@ def run_moe(name: str, T: int, mode: str, bw: float, tiles: list[int]) -> list[d
     tw = torch.rand(T, K, device="cuda")
     floor_us = (T * K * 3 * F * D * per_el + T * D * 4) / bw * 1e6  # distinct experts a pair: upper bound on bytes
     ref = experts_ref(x, ids, tw, *ws[0], GemmConfig("w8a8"), x_qdq=quant)
-    row = (lambda n: n + n // 32) if quant else (lambda n: 2 * n)
-    read = read_us(T * K * 2 * F, row(D))[0] + read_us(T * K * D, row(F))[0]
+    read = read_us(T * K * 2 * F, int(D * per_el))[0] + read_us(T * K * D, int(F * per_el))[0]
     rows = []
     variants = [("tiles", moe_config(T, quant, K, E), None)]
     if triton_moe_gemv.serves(T, quant):
