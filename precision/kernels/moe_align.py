@@ -21,6 +21,7 @@ class Alignment:
     sorted_ids: torch.Tensor  # [R] flat (token * K + k) index per padded row; T*K marks padding
     block_expert: torch.Tensor  # [R / BM] expert of each block; E marks blocks past the end
     BM: int
+    block_first: torch.Tensor  # [R / BM] the first block of each block's expert run (a block past the end: itself)
 
 
 def padded_rows(n: int, num_experts: int, BM: int) -> int:
@@ -57,11 +58,15 @@ def align_block_size_torch(topk_ids_TK: torch.Tensor, num_experts: int, BM: int)
     sorted_ids[pos] = order.to(torch.int32)
     block_start = torch.arange(0, rows, BM, device=flat.device)
     block_expert = torch.searchsorted(torch.cumsum(padded, 0), block_start, right=True).to(torch.int32)
-    return Alignment(sorted_ids, block_expert, BM)
+    blocks = torch.arange(rows // BM, dtype=torch.int32, device=flat.device)
+    run_first = (torch.cat([pstart, pstart.new_zeros(1)]) // BM).to(torch.int32)[block_expert.long()]
+    block_first = torch.where(block_expert < num_experts, run_first, blocks)
+    return Alignment(sorted_ids, block_expert, BM, block_first)
 
 
 def align_block_size_ref(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -> tuple[list[int], list[int]]:
-    """Python reference: rows per expert in token order, each run padded to BM."""
+    """Python reference: rows per expert in token order, each run padded to BM; (row ids, expert of each block).
+    A block's `block_first` is the first block of its run in that expert list (`block_first_ref`)."""
     flat = topk_ids_TK.reshape(-1).tolist()
     ids, experts = [], []
     for e in range(num_experts):
@@ -72,3 +77,14 @@ def align_block_size_ref(topk_ids_TK: torch.Tensor, num_experts: int, BM: int) -
         ids += run
         experts += [e] * (len(run) // BM)
     return ids, experts
+
+
+def block_first_ref(experts: list[int], n_blocks: int) -> list[int]:
+    """The first block of each block's run, from `align_block_size_ref`'s experts; blocks past them: themselves."""
+    out = []
+    for b in range(n_blocks):
+        if b < len(experts):
+            out.append(b if b == 0 or experts[b - 1] != experts[b] else out[b - 1])
+        else:
+            out.append(b)
+    return out

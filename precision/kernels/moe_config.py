@@ -12,6 +12,15 @@ def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) ->
     replaces: moonlight 128 / 512 / 1024 tokens 274 -> 211, 502 -> 378, 694 -> 494 us; deepseek-v3 128 / 256
     tokens 4683 -> 3436, 4786 -> 3667 us). bf16: 16 rows up to r = 12, 32 below 32, 64 below 64, then 128 x 128
     tiles (moonlight 512 / 1024 tokens 395 -> 346, 552 -> 406 us).
+    MXFP8 above r = 12 (GROUP_MIN_ROWS) and below 32: 16-row blocks in groups of two (GROUP=2: a group's first
+    block multiplies both, each weight tile dequantized once), where the 32-row tile (and, at r = 13..16, the
+    16-row one) dequantized a busy expert's weights once per block (moe_group_sweep_20261202c.json, H200, same run,
+    same bits): moonlight 256 tokens (r = 24) uniform 249.0 -> 249.1 us, uneven routing (busiest expert 141 rows)
+    305.9 -> 285.9 (bf16 tiles 297.5); deepseek-v3 512 tokens (r = 16) 4579 -> 3878, uneven 4820 -> 4335. The
+    engine's batch-256 MXFP8 decode step 12.75 / 12.74 -> 12.17 / 12.19 ms (throughput_20261202k_group_*.json,
+    old / new alternating; bf16 12.50). Not below r = 12 (moonlight 128 tokens 191.2 -> 218.6 uniform, 230.0 ->
+    225.5 uneven: the grouped kernel's 255 registers cost its lone blocks occupancy), nor for 64-row tiles (grouped
+    or shorter blocks at moonlight 512 tokens 359-465 us against 279; sweeps _20261202a/b/c).
     Optional keys (compared by benchmarks/moe_split_sweep.py): SPLIT_GU / SPLIT_DOWN split the gate_up / down
     contraction over that many programs (fp32 partials summed in split order: deterministic, not the unsplit
     kernel's bits; off); USE_TMA loads weight tiles by tensor descriptor (on for MXFP8 tiles, below); GEMV replaces
@@ -41,6 +50,8 @@ def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) ->
         return dict(BM=1, BN=64, BK=128, num_warps=4, num_stages=3, GEMV=True)
     r = T * topk / max(1, experts)
     bm = 16 if r <= (16 if quant else 12) else 32 if r < 32 else 64 if r < 64 else 128
+    if quant and GROUP_MIN_ROWS < r < 32:
+        return dict(BM=16, BN=128, BK=64, num_warps=4, num_stages=3, USE_TMA=True, GROUP=2)
     if quant and bm < 128:
         return dict(BM=bm, BN=128, BK=64, num_warps=4, num_stages=3, USE_TMA=True)
     if bm < 128:
@@ -50,6 +61,10 @@ def moe_config(T: int, quant: bool, topk: int, experts: int, hidden: int = 0) ->
         return dict(BM=128, BN=64, BN_DOWN=bn_down, BK=64, num_warps=8, num_stages=3, USE_TMA=True)
     return dict(BM=128, BN=128, BN_DOWN=bn_down, BK=64, num_warps=8, num_stages=3)
 
+
+# MXFP8 tiles from more than this many rows an expert on average up to 32: 16-row blocks in groups of two
+# (`GROUP`, triton_moe.py: a group's weight tiles dequantized once for both blocks); moe_config's docstring
+GROUP_MIN_ROWS = 12
 
 DEQUANT_ONCE_MIN_ROWS = 512
 

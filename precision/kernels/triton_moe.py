@@ -8,6 +8,9 @@
 3. down kernel: h @ w2[e]^T, scaled by the row's top-k weight (routed scaling already fused by
    the router), written to its own (token, k) row; the K rows of a token are then summed in
    order (deterministic; no atomics).
+Optional grouped blocks (config key GROUP, 2 or 4): the first block of each GROUP consecutive blocks of an expert's
+run (`Alignment.block_first`) multiplies all of them, each weight tile loaded and dequantized once; each block keeps
+its own accumulator over the same K steps (the same bits); lone blocks run a loop of their own.
 Optional split-K for decode (config keys, `moe_config`): both kernels spread their contraction over
 several programs; the last to arrive at a tile (an arrival counter, the dense decode GEMM's
 `_split_last`) sums the fp32 partials in split order, so results stay deterministic.
@@ -92,6 +95,63 @@ def _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM: tl.constexpr, PAIRS: tl.constex
 
 
 @triton.jit
+def _group_size(bexp_ptr, bfirst_ptr, pid_b, e, GROUP: tl.constexpr):
+    """Blocks program pid_b multiplies (GROUP > 1): an expert's run of blocks is cut into groups of GROUP from its
+    first block (`Alignment.block_first`); a group's first block leads it (1..GROUP blocks, the run's own), the
+    others get 0 and exit. The leader dequantizes each weight tile once for all its blocks."""
+    n = 1
+    if GROUP > 1:
+        n = tl.where((pid_b - tl.load(bfirst_ptr + pid_b)) % GROUP == 0, 1, 0)
+        for s in tl.static_range(1, GROUP):
+            same = tl.load(bexp_ptr + pid_b + s, mask=pid_b + s < tl.num_programs(0), other=-1) == e
+            n += tl.where(same & (n == s), 1, 0)
+    return n
+
+
+@triton.jit
+def _program(ids_ptr, bexp_ptr, bfirst_ptr, n_rows, E, BM: tl.constexpr, PAIRS: tl.constexpr, GROUP: tl.constexpr):
+    """Program (block, N tile, split), its block (`_block`) and how many blocks it multiplies (`_group_size`): 0 past
+    the last expert's blocks, or for a group's later blocks; the program then exits."""
+    pid_b = tl.program_id(0)
+    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
+    nsub = tl.where(e < E, _group_size(bexp_ptr, bfirst_ptr, pid_b, e, GROUP), 0)
+    return pid_b, tl.program_id(1), tl.program_id(2), rows, rid, valid, e, nsub
+
+
+@triton.jit
+def _sub_block(ids_ptr, b, on, n_rows, BM: tl.constexpr):
+    """Rows of block b when `on` (a group's later block): (row slots, flat (token, k) ids, valid mask)."""
+    rows = b * BM + tl.arange(0, BM)
+    rid = tl.load(ids_ptr + rows, mask=on, other=n_rows)
+    return rows, rid, rid < n_rows
+
+
+@triton.jit
+def _gu_x(x_ptr, rid, valid, TOPK, kk, mask_k, D, BM: tl.constexpr, BK: tl.constexpr, QUANT_X: tl.constexpr,
+          FLOOR: tl.constexpr):
+    """x [BM, BK] bf16 of the rows rid at kk, gathered by token (quantize-dequantized here when QUANT_X)."""
+    tok = rid // TOPK
+    x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+    if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
+        x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _down_h(h_ptr, rows, valid, kk, mask_k, F):
+    """h [BM, BK] of the block's row slots at kk."""
+    return tl.load(h_ptr + rows[:, None].to(tl.int64) * F + kk[None, :], mask=valid[:, None] & mask_k[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _down_out(out_ptr, topk_w_ptr, rid, valid, offs_n, mask_n, D, acc):
+    topk_w = tl.load(topk_w_ptr + rid, mask=valid, other=0.0)[:, None]
+    tl.store(out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :], acc.to(tl.bfloat16).to(tl.float32) * topk_w,
+             mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _gate_up_out(acc_g, acc_u, h_ptrs, mask, BM: tl.constexpr, BN: tl.constexpr, QUANT_H: tl.constexpr,
                  FLOOR: tl.constexpr):
     # bf16 roundings where the reference rounds: GEMM outputs, SiLU, product
@@ -105,29 +165,23 @@ def _gate_up_out(acc_g, acc_u, h_ptrs, mask, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
-def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, n_rows, TOPK, D, F,
-                        E, K_PER_SPLIT, NSPLIT: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr,
-                        USE_TMA: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr):
-    """Split-K (NSPLIT > 1): program (b, n, s) sums D-range s; fp32 gate and up partials go to
-    p [NSPLIT, 2, n_rows, F] by (token, k) row and the last split to arrive sums them in split order
-    (`_split_last`, `_split_sum`) before the epilogue."""
-    pdl_wait(PDL)
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
-    if e >= E:
-        return
-    tok = rid // TOPK
+def _gate_up_loop(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, ids_ptr, pid_b, pid_n, e, nsub, rid, valid, n_rows, TOPK, D,
+                  F, k_start, K_PER_SPLIT, NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  QUANT_W: tl.constexpr, QUANT_H: tl.constexpr, FLOOR: tl.constexpr, QUANT_X: tl.constexpr,
+                  USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+    """The K loop of gate and up over NS (1, 2 or 4) blocks pid_b.. of expert e, each weight tile loaded once for
+    all; blocks past nsub are masked (their x rows read as zeros, nothing stored). Stores h of blocks 1.. itself and
+    returns block 0's fp32 gate and up accumulators. No branch inside the loop: it stays software-pipelined."""
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < F
+    rows1, rid1, valid1 = _sub_block(ids_ptr, pid_b + 1, nsub > 1, n_rows, BM)
+    rows2, rid2, valid2 = _sub_block(ids_ptr, pid_b + 2, nsub > 2, n_rows, BM)
+    rows3, rid3, valid3 = _sub_block(ids_ptr, pid_b + 3, nsub > 3, n_rows, BM)
     w_e = w_ptr + e.to(tl.int64) * 2 * F * D
     ws_e = ws_ptr + e.to(tl.int64) * 2 * F * (D // 32)
-    k_start = pid_k * K_PER_SPLIT
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_g1, acc_u1, acc_g2, acc_u2, acc_g3, acc_u3 = acc_g, acc_u, acc_g, acc_u, acc_g, acc_u
     sg_next = _load_s(ws_e, offs_n, mask_n, k_start, D, QUANT_W, BN, BK)
     su_next = _load_s(ws_e, F + offs_n, mask_n, k_start, D, QUANT_W, BN, BK)
     for k0 in range(0, K_PER_SPLIT, BK):
@@ -137,16 +191,63 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
         su_next = _load_s(ws_e, F + offs_n, mask_n, k + BK, D, QUANT_W, BN, BK)
         kk = k + tl.arange(0, BK)
         mask_k = kk < D  # a split's range ends on a BK multiple: only the contraction's end is masked
-        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + kk[None, :], mask=valid[:, None] & mask_k[None, :],
-                    other=0.0)
-        if QUANT_X:  # decode: quantize the few x rows here instead of in a separate launch
-            x = _act_qdq(x.to(tl.float32), BM, BK, FLOOR)
-        x = x.to(tl.bfloat16)
+        x = _gu_x(x_ptr, rid, valid, TOPK, kk, mask_k, D, BM, BK, QUANT_X, FLOOR)
+        x1, x2, x3 = x, x, x
+        if NS > 1:
+            x1 = _gu_x(x_ptr, rid1, valid1, TOPK, kk, mask_k, D, BM, BK, QUANT_X, FLOOR)
+        if NS > 2:
+            x2 = _gu_x(x_ptr, rid2, valid2, TOPK, kk, mask_k, D, BM, BK, QUANT_X, FLOOR)
+            x3 = _gu_x(x_ptr, rid3, valid3, TOPK, kk, mask_k, D, BM, BK, QUANT_X, FLOOR)
         wg = _load_w(w_e, sg, w_desc, e * 2 * F + pid_n * BN, offs_n, mask_n, k, D, QUANT_W, BN, BK, USE_TMA)
         wu = _load_w(w_e, su, w_desc, e * 2 * F + F + pid_n * BN, F + offs_n, mask_n, k, D, QUANT_W, BN, BK,
                      USE_TMA)
         acc_g = _mac(acc_g, x, wg, GEMV)
         acc_u = _mac(acc_u, x, wu, GEMV)
+        if NS > 1:
+            acc_g1 = _mac(acc_g1, x1, wg, GEMV)
+            acc_u1 = _mac(acc_u1, x1, wu, GEMV)
+        if NS > 2:
+            acc_g2 = _mac(acc_g2, x2, wg, GEMV)
+            acc_u2 = _mac(acc_u2, x2, wu, GEMV)
+            acc_g3 = _mac(acc_g3, x3, wg, GEMV)
+            acc_u3 = _mac(acc_u3, x3, wu, GEMV)
+    if NS > 1:
+        _gate_up_out(acc_g1, acc_u1, h_ptr + rows1[:, None].to(tl.int64) * F + offs_n[None, :],
+                     valid1[:, None] & mask_n[None, :], BM, BN, QUANT_H, FLOOR)
+    if NS > 2:
+        _gate_up_out(acc_g2, acc_u2, h_ptr + rows2[:, None].to(tl.int64) * F + offs_n[None, :],
+                     valid2[:, None] & mask_n[None, :], BM, BN, QUANT_H, FLOOR)
+        _gate_up_out(acc_g3, acc_u3, h_ptr + rows3[:, None].to(tl.int64) * F + offs_n[None, :],
+                     valid3[:, None] & mask_n[None, :], BM, BN, QUANT_H, FLOOR)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, bfirst_ptr, n_rows,
+                        TOPK, D, F, E, K_PER_SPLIT, NSPLIT: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
+                        QUANT_H: tl.constexpr, FLOOR: tl.constexpr, PAIRS: tl.constexpr, QUANT_X: tl.constexpr,
+                        USE_TMA: tl.constexpr, GEMV: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """Split-K (NSPLIT > 1): program (b, n, s) sums D-range s; fp32 gate and up partials go to
+    p [NSPLIT, 2, n_rows, F] by (token, k) row and the last split to arrive sums them in split order
+    (`_split_last`, `_split_sum`) before the epilogue. GROUP (2 or 4, no split): block b leads up to GROUP blocks
+    of its expert (`_group_size`), each weight tile dequantized once for all of them; each block's rows keep
+    their own accumulators, so every row gets the ungrouped kernel's bits."""
+    pdl_wait(PDL)
+    pid_b, pid_n, pid_k, rows, rid, valid, e, nsub = _program(ids_ptr, bexp_ptr, bfirst_ptr, n_rows, E, BM, PAIRS,
+                                                              GROUP)
+    if nsub == 0:
+        return
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < F
+    args = (x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, ids_ptr, pid_b, pid_n, e, nsub, rid, valid, n_rows, TOPK, D, F,
+            pid_k * K_PER_SPLIT, K_PER_SPLIT)
+    if GROUP == 1:
+        acc_g, acc_u = _gate_up_loop(*args, 1, BM, BN, BK, QUANT_W, QUANT_H, FLOOR, QUANT_X, USE_TMA, GEMV)
+    elif nsub == 1:  # a separate loop for lone blocks: they keep the ungrouped kernel's code
+        acc_g, acc_u = _gate_up_loop(*args, 1, BM, BN, BK, QUANT_W, QUANT_H, FLOOR, QUANT_X, USE_TMA, GEMV)
+    else:
+        acc_g, acc_u = _gate_up_loop(*args, GROUP, BM, BN, BK, QUANT_W, QUANT_H, FLOOR, QUANT_X, USE_TMA, GEMV)
     mask = valid[:, None] & mask_n[None, :]
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * F + offs_n[None, :]
     if NSPLIT == 1:
@@ -162,24 +263,19 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, ws_ptr, w_desc, h_ptr, p_ptr, lock_ptr, id
 
 
 @triton.jit
-def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, topk_w_ptr, n_rows, D,
-                     F, E, K_PER_SPLIT, NSPLIT: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
-                     PAIRS: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr):
-    """Split-K as in the gate_up kernel, partials in p [NSPLIT, n_rows, D]."""
-    pdl_wait(PDL)
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows, rid, valid, e = _block(ids_ptr, bexp_ptr, pid_b, n_rows, BM, PAIRS)
-    if e >= E:
-        return
+def _down_loop(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, topk_w_ptr, ids_ptr, pid_b, pid_n, e, nsub, rows, valid, n_rows,
+               D, F, k_start, K_PER_SPLIT, NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               QUANT_W: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr):
+    """The down K loop over NS blocks as `_gate_up_loop`: stores blocks 1.. and returns block 0's accumulator."""
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < D
+    rows1, rid1, valid1 = _sub_block(ids_ptr, pid_b + 1, nsub > 1, n_rows, BM)
+    rows2, rid2, valid2 = _sub_block(ids_ptr, pid_b + 2, nsub > 2, n_rows, BM)
+    rows3, rid3, valid3 = _sub_block(ids_ptr, pid_b + 3, nsub > 3, n_rows, BM)
     w_e = w_ptr + e.to(tl.int64) * D * F
     ws_e = ws_ptr + e.to(tl.int64) * D * (F // 32)
-    k_start = pid_k * K_PER_SPLIT
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc1, acc2, acc3 = acc, acc, acc
     s_next = _load_s(ws_e, offs_n, mask_n, k_start, F, QUANT_W, BN, BK)
     for k0 in range(0, K_PER_SPLIT, BK):
         k = tl.multiple_of(k_start + k0, BK)  # K_PER_SPLIT is a multiple of BK: keeps the loads vectorized
@@ -187,16 +283,56 @@ def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids
         s_next = _load_s(ws_e, offs_n, mask_n, k + BK, F, QUANT_W, BN, BK)
         kk = k + tl.arange(0, BK)
         mask_k = kk < F
-        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + kk[None, :], mask=valid[:, None] & mask_k[None, :],
-                    other=0.0)
+        h = _down_h(h_ptr, rows, valid, kk, mask_k, F)
+        h1, h2, h3 = h, h, h
+        if NS > 1:
+            h1 = _down_h(h_ptr, rows1, valid1, kk, mask_k, F)
+        if NS > 2:
+            h2 = _down_h(h_ptr, rows2, valid2, kk, mask_k, F)
+            h3 = _down_h(h_ptr, rows3, valid3, kk, mask_k, F)
         w = _load_w(w_e, s, w_desc, e * D + pid_n * BN, offs_n, mask_n, k, F, QUANT_W, BN, BK, USE_TMA)
         acc = _mac(acc, h, w, GEMV)
-    mask = valid[:, None] & mask_n[None, :]
-    out_ptrs = out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
-    topk_w = tl.load(topk_w_ptr + rid, mask=valid, other=0.0)[:, None]
-    if NSPLIT == 1:
-        tl.store(out_ptrs, acc.to(tl.bfloat16).to(tl.float32) * topk_w, mask=mask)
+        if NS > 1:
+            acc1 = _mac(acc1, h1, w, GEMV)
+        if NS > 2:
+            acc2 = _mac(acc2, h2, w, GEMV)
+            acc3 = _mac(acc3, h3, w, GEMV)
+    if NS > 1:
+        _down_out(out_ptr, topk_w_ptr, rid1, valid1, offs_n, mask_n, D, acc1)
+    if NS > 2:
+        _down_out(out_ptr, topk_w_ptr, rid2, valid2, offs_n, mask_n, D, acc2)
+        _down_out(out_ptr, topk_w_ptr, rid3, valid3, offs_n, mask_n, D, acc3)
+    return acc
+
+
+@triton.jit
+def _moe_down_kernel(h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, p_ptr, lock_ptr, ids_ptr, bexp_ptr, bfirst_ptr, topk_w_ptr,
+                     n_rows, D, F, E, K_PER_SPLIT, NSPLIT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, QUANT_W: tl.constexpr,
+                     PAIRS: tl.constexpr, USE_TMA: tl.constexpr, GEMV: tl.constexpr, GROUP: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Split-K as in the gate_up kernel, partials in p [NSPLIT, n_rows, D]; GROUP as there."""
+    pdl_wait(PDL)
+    pid_b, pid_n, pid_k, rows, rid, valid, e, nsub = _program(ids_ptr, bexp_ptr, bfirst_ptr, n_rows, E, BM, PAIRS,
+                                                              GROUP)
+    if nsub == 0:
+        return
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < D
+    args = (h_ptr, w_ptr, ws_ptr, w_desc, out_ptr, topk_w_ptr, ids_ptr, pid_b, pid_n, e, nsub, rows, valid, n_rows,
+            D, F, pid_k * K_PER_SPLIT, K_PER_SPLIT)
+    if GROUP == 1:
+        acc = _down_loop(*args, 1, BM, BN, BK, QUANT_W, USE_TMA, GEMV)
+    elif nsub == 1:  # a separate loop for lone blocks: they keep the ungrouped kernel's code
+        acc = _down_loop(*args, 1, BM, BN, BK, QUANT_W, USE_TMA, GEMV)
     else:
+        acc = _down_loop(*args, GROUP, BM, BN, BK, QUANT_W, USE_TMA, GEMV)
+    if NSPLIT == 1:
+        _down_out(out_ptr, topk_w_ptr, rid, valid, offs_n, mask_n, D, acc)
+    else:
+        mask = valid[:, None] & mask_n[None, :]
+        out_ptrs = out_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
+        topk_w = tl.load(topk_w_ptr + rid, mask=valid, other=0.0)[:, None]
         p_ptrs = p_ptr + rid[:, None].to(tl.int64) * D + offs_n[None, :]
         tl.store(p_ptrs + pid_k * n_rows * D, acc, mask=mask)
         if _split_last(lock_ptr, pid_b * tl.num_programs(1) + pid_n, NSPLIT):
@@ -286,6 +422,7 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     bn_down = cfg.pop("BN_DOWN", BN)
     split_gu, split_down = cfg.pop("SPLIT_GU", 1), cfg.pop("SPLIT_DOWN", 1)
     use_tma, gemv = cfg.pop("USE_TMA", False), cfg.pop("GEMV", False)
+    group = cfg.pop("GROUP", 1)
     if use_tma and not tiles_quant:
         raise ValueError("fused moe: USE_TMA is for MXFP8 weight tiles")
     if gemv and BM > 4:
@@ -295,29 +432,32 @@ def fused_moe_triton(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     pairs = T * K <= PAIR_BLOCKS_MAX
     if pairs:  # the kernels index pairs directly: sorted ids unused, experts from the top-k ids
         ids, bexp, R = topk_ids_TK, topk_ids_TK.reshape(-1), T * K * BM
+        bfirst, group = bexp, 1
     else:
         al = align_block_size(topk_ids_TK, E, BM)
-        ids, bexp, R = al.sorted_ids, al.block_expert, al.sorted_ids.numel()
+        ids, bexp, bfirst, R = al.sorted_ids, al.block_expert, al.block_first, al.sorted_ids.numel()
     h = torch.empty(R, F, dtype=torch.bfloat16, device=x.device)
     n_gu, n_down = triton.cdiv(F, BN), triton.cdiv(D, bn_down)
     split_gu, k_gu = _k_split(D, BK, split_gu if R // BM * n_gu <= MAX_TILES else 1)
     split_down, k_down = _k_split(F, BK, split_down if R // BM * n_down <= MAX_TILES else 1)
+    if group not in (1, 2, 4) or (group > 1 and (gemv or max(split_gu, split_down) > 1)):
+        raise ValueError(f"fused moe: GROUP={group} must be 1, 2 or 4, and 1 with GEMV or split-K")
     locks = _split_locks(x.device) if max(split_gu, split_down) > 1 else h
     desc13 = TensorDescriptor.from_tensor(d13.view(E * F2, D), [BN, BK]) if use_tma else None
     desc2 = TensorDescriptor.from_tensor(d2.view(E * D, F), [bn_down, BK]) if use_tma else None
-    log.debug("fused moe T=%d K=%d: BM=%d BN=%d/%d BK=%d split %d/%d tma=%s gemv=%s pairs=%s", T, K, BM, BN, bn_down,
-              BK, split_gu, split_down, use_tma, gemv, pairs)
+    log.debug("fused moe T=%d K=%d: BM=%d BN=%d/%d BK=%d split %d/%d tma=%s gemv=%s pairs=%s group=%d", T, K, BM, BN,
+              bn_down, BK, split_gu, split_down, use_tma, gemv, pairs, group)
     p13 = torch.empty(split_gu, 2, T * K, F, dtype=torch.float32, device=x.device) if split_gu > 1 else h
     _moe_gate_up_kernel[(R // BM, n_gu, split_gu)](
-        x, d13, s13, desc13, h, p13, locks, ids, bexp, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN, BK=BK,
-        QUANT_W=tiles_quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x,
-        USE_TMA=use_tma, GEMV=gemv, **cfg, **pdl_args(x))
+        x, d13, s13, desc13, h, p13, locks, ids, bexp, bfirst, T * K, K, D, F, E, k_gu, split_gu, BM=BM, BN=BN,
+        BK=BK, QUANT_W=tiles_quant, QUANT_H=w8a8, FLOOR=scale_mode == "floor", PAIRS=pairs, QUANT_X=fuse_x,
+        USE_TMA=use_tma, GEMV=gemv, GROUP=group, **cfg, **pdl_args(x))
     out = torch.empty(T * K, D, dtype=torch.float32, device=x.device)
     p2 = torch.empty(split_down, T * K, D, dtype=torch.float32, device=x.device) if split_down > 1 else out
     _moe_down_kernel[(R // BM, n_down, split_down)](
-        h, d2, s2, desc2, out, p2, locks, ids, bexp, topk_weights_TK.float().contiguous(), T * K,
+        h, d2, s2, desc2, out, p2, locks, ids, bexp, bfirst, topk_weights_TK.float().contiguous(), T * K,
         D, F, E, k_down, split_down, BM=BM, BN=bn_down, BK=BK, QUANT_W=tiles_quant, PAIRS=pairs, USE_TMA=use_tma,
-        GEMV=gemv, **cfg, **pdl_args(x))
+        GEMV=gemv, GROUP=group, **cfg, **pdl_args(x))
     return _combine(out, y, shared_TD, K)
 
 

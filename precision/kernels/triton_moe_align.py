@@ -31,7 +31,7 @@ def _chunk_counts_kernel(ids_ptr, ids32_ptr, counts_ptr, N, EP: tl.constexpr, CH
 
 
 @triton.jit
-def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, N, E, n_chunks, n_blocks, BM: tl.constexpr,
+def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, bfirst_ptr, N, E, n_chunks, n_blocks, BM: tl.constexpr,
                   EP: tl.constexpr, CHUNK: tl.constexpr, NCP: tl.constexpr, EPP: tl.constexpr,
                   FUSED: tl.constexpr):
     g = tl.program_id(0)
@@ -62,8 +62,9 @@ def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, N, E, n_chunks, n_b
         dest = base + tl.cumsum(hit.to(tl.int32), 0) - 1
         tl.store(sorted_ptr + dest, offs, mask=hit)
         tl.store(bexp_ptr + dest // BM, tl.zeros([CHUNK], dtype=tl.int32) + e, mask=hit)  # same value if shared
-        # chunk 0 also pads expert e's run to its multiple of BM and writes tail block e (past the last run)
         e_start = tl.sum(tl.where(sel, start, 0), 0)
+        tl.store(bfirst_ptr + dest // BM, tl.zeros([CHUNK], dtype=tl.int32) + e_start // BM, mask=hit)
+        # chunk 0 also pads expert e's run to its multiple of BM and writes tail block e (past the last run)
         pad = e_start + tl.sum(tl.where(sel, cnt, 0), 0) + lane
         run_end = e_start + tl.sum(tl.where(sel, padded, 0), 0)
         tl.store(sorted_ptr + pad, tl.zeros([BM], dtype=tl.int32) + N, mask=first & (pad < run_end))
@@ -71,6 +72,7 @@ def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, N, E, n_chunks, n_b
         tail = first & (e < E) & (tb < n_blocks)
         tl.store(sorted_ptr + tb * BM + lane, tl.zeros([BM], dtype=tl.int32) + N, mask=tail)
         tl.store(bexp_ptr + tb, E, mask=tail)
+        tl.store(bfirst_ptr + tb, tb, mask=tail)
 
 
 def align_config(n: int, num_experts: int) -> dict:
@@ -98,6 +100,7 @@ def align_block_size_triton(topk_ids_TK: torch.Tensor, num_experts: int, BM: int
     n_chunks = max(1, triton.cdiv(n, CHUNK))
     sorted_ids = torch.empty(rows, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(rows // BM, dtype=torch.int32, device=flat.device)
+    block_first = torch.empty_like(block_expert)
     fused = n_chunks == 1
     ids, counts = flat, block_expert  # counts unused when fused
     if not fused:
@@ -105,6 +108,6 @@ def align_block_size_triton(topk_ids_TK: torch.Tensor, num_experts: int, BM: int
         counts = torch.empty(n_chunks, EP, dtype=torch.int32, device=flat.device)
         _chunk_counts_kernel[(n_chunks,)](flat, ids, counts, n, EP=EP, CHUNK=CHUNK, **cfg)
     _place_kernel[(triton.cdiv(E, EPP), n_chunks)](
-        ids, counts, sorted_ids, block_expert, n, E, n_chunks, rows // BM, BM=BM, EP=EP, CHUNK=CHUNK,
+        ids, counts, sorted_ids, block_expert, block_first, n, E, n_chunks, rows // BM, BM=BM, EP=EP, CHUNK=CHUNK,
         NCP=triton.next_power_of_2(n_chunks), EPP=EPP, FUSED=fused, **cfg)
-    return Alignment(sorted_ids, block_expert, BM)
+    return Alignment(sorted_ids, block_expert, BM, block_first)

@@ -125,9 +125,16 @@ def test_moe_config_follows_rows_per_expert():
     for quant in (False, True):
         # 1024 tokens: 96 rows per expert on a moonlight shape (64 experts, top-6), 32 on deepseek-v3 (256, top-8)
         assert moe_config(1024, quant, 6, 64)["BM"] == 128 and moe_config(1024, quant, 8, 256)["BM"] == 64
-        assert moe_config(128, quant, 8, 256)["BM"] == 16 and moe_config(256, quant, 6, 64)["BM"] == 32
-        heights = [moe_config(T, quant, 6, 64)["BM"] for T in range(5, 4097, 7)]
+        assert moe_config(128, quant, 8, 256)["BM"] == 16
+        heights = [moe_config(T, quant, 6, 64)["BM"] * moe_config(T, quant, 6, 64).get("GROUP", 1)
+                   for T in range(5, 4097, 7)]  # rows a program multiplies at most
         assert heights == sorted(heights) and set(heights) == {16, 32, 64, 128}
+    # MXFP8 from 12 rows an expert up to 32: 16-row blocks in groups of two (moonlight 256 tokens: 24 rows);
+    # bf16 keeps 32-row tiles there, and neither format groups elsewhere
+    assert moe_config(256, True, 6, 64) == dict(moe_config(256, True, 6, 64), BM=16, GROUP=2)
+    assert moe_config(256, False, 6, 64)["BM"] == 32 and "GROUP" not in moe_config(256, False, 6, 64)
+    assert [T for T in range(5, 4097) if moe_config(T, True, 6, 64).get("GROUP")] == list(range(129, 342))
+    assert not any(moe_config(T, False, 6, 64).get("GROUP") for T in range(1, 4097, 7))
     # TMA weight loads are for MXFP8 tiles only (the kernel rejects them for bf16 experts)
     assert all(moe_config(T, True, 6, 64).get("USE_TMA") for T in range(5, 4097, 7))
     assert not any(moe_config(T, False, 6, 64).get("USE_TMA") for T in range(1, 4097, 7))
@@ -251,6 +258,28 @@ def test_fused_moe_tma_loads_keep_the_bits():
         x, ids, w, w13, w2 = moe_case(T, 16, 6, 512, 224, True, seed=T)
         y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
         assert torch.equal(fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, USE_TMA=False)), y)
+
+
+@cuda
+@pytest.mark.parametrize("quant", [False, True])
+def test_fused_moe_grouped_blocks_keep_the_bits(quant):
+    """GROUP: the first block of each GROUP consecutive blocks of an expert's run multiplies all of them, each weight
+    tile loaded (and dequantized) once; every block keeps its own accumulator over the same K steps, so the bits are
+    GROUP=1's. Hot routing: one expert with a run of many blocks (groups cut short at its end), others of one or
+    two blocks, empty experts; a shape whose D and F are not multiples of the tiles."""
+    from mxroll.precision.kernels.triton_moe import fused_moe_triton
+    for T, BM, bn, warps in ((60, 16, 128, 4), (150, 32, 128, 8), (300, 64, 128, 8)):
+        x, ids, w, w13, w2 = moe_case(T, 16, 6, 352, 224, quant, hot=True, seed=T)
+        cfg = dict(BM=BM, BN=bn, BK=64, num_warps=warps, num_stages=3, USE_TMA=quant)
+        base = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=cfg)
+        for group in (2, 4):
+            y = fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=dict(cfg, GROUP=group))
+            assert torch.equal(y, base), (T, BM, group)
+        ref = experts_ref(x, ids, w, w13, w2, GemmConfig("w8a8"))
+        assert ((base.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    for bad in (dict(cfg, GROUP=3), dict(cfg, GROUP=2, SPLIT_GU=2)):
+        with pytest.raises(ValueError, match="GROUP"):
+            fused_moe_triton(x, ids, w, w13, w2, "w8a8", config=bad)
 
 
 @cuda

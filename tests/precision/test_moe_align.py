@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mxroll.precision.kernels.moe_align import (align_block_size, align_block_size_ref, align_block_size_torch,
-                                                padded_rows)
+                                                block_first_ref, padded_rows)
 from tests.kernel_device import SKIP_REASON, triton_runs
 
 CUDA = torch.cuda.is_available()
@@ -37,6 +37,12 @@ def check_against_ref(a, ids, E, BM):
     assert a.sorted_ids[:len(ref_ids)].tolist() == ref_ids
     assert a.block_expert[:len(ref_exp)].tolist() == ref_exp
     assert (a.block_expert[len(ref_exp):] == E).all() and (a.sorted_ids[len(ref_ids):] == n).all()
+    assert a.block_first.dtype == torch.int32 and a.block_first.tolist() == block_first_ref(ref_exp, R // BM)
+
+
+def test_block_first_ref():
+    """Runs [2, 2, 5, 7, 7, 7] then two blocks past the end."""
+    assert block_first_ref([2, 2, 5, 7, 7, 7], 8) == [0, 0, 2, 3, 3, 3, 6, 7]
 
 
 @pytest.mark.parametrize("T, K, E, BM", [(5, 2, 8, 4), (1, 6, 64, 16), (33, 3, 4, 16), (7, 1, 1, 8), (64, 8, 256, 16)])
@@ -52,6 +58,7 @@ def test_dispatch_on_cpu_is_the_torch_path():
     ids = routing(9, 3, 12, "hot")
     a, b = align_block_size(ids, 12, 16), align_block_size_torch(ids, 12, 16)
     assert torch.equal(a.sorted_ids, b.sorted_ids) and torch.equal(a.block_expert, b.block_expert)
+    assert torch.equal(a.block_first, b.block_first)
 
 
 def triton_matches(ids, E, BM, config=None):
@@ -62,6 +69,7 @@ def triton_matches(ids, E, BM, config=None):
         check_against_ref(want, ids, E, BM)
     assert torch.equal(got.sorted_ids.cpu(), want.sorted_ids), (ids.shape, E, BM, config)
     assert torch.equal(got.block_expert.cpu(), want.block_expert), (ids.shape, E, BM, config)
+    assert torch.equal(got.block_first.cpu(), want.block_first), (ids.shape, E, BM, config)
 
 
 # (T, K, E, pattern): T*K of 1, 37*3 = 111 (no multiple of anything), E not a power of two, empty experts
@@ -122,3 +130,4 @@ def test_triton_in_a_cuda_graph_follows_new_ids():
             want = align_block_size_torch(new, E, BM)
             assert torch.equal(out.sorted_ids.cpu(), want.sorted_ids), (n_tokens, chunked, pattern)
             assert torch.equal(out.block_expert.cpu(), want.block_expert), (n_tokens, chunked, pattern)
+            assert torch.equal(out.block_first.cpu(), want.block_first), (n_tokens, chunked, pattern)
