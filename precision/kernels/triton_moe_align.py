@@ -7,8 +7,9 @@ of the padded counts of lower experts) plus the rows of earlier chunks in that r
 are a histogram of the single chunk inside the same launch when N <= CHUNK (decode), else a first launch
 writes every chunk's histogram [n_chunks, EP] (and an int32 copy of the ids that the second launch reads
 E/EPP times). Each output element is written by one program, or by several with the same value
-(block_expert of a block that several chunks fill): no atomics, no memset, fixed-size outputs, no host
-synchronisation, so the step is captured in CUDA graphs. Reference: `moe_align.align_block_size_torch`.
+(block_expert and block_first, the first block of its expert's run, of a block that several chunks fill): no
+atomics, no memset, fixed-size outputs, no host synchronisation, so the step is captured in CUDA graphs.
+Reference: `moe_align.align_block_size_torch`.
 Legend: N = T*K flat ids, E experts (EP: bins, a power of two >= 32), BM rows per block.
 """
 from __future__ import annotations
